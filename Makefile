@@ -1,0 +1,34 @@
+# deephash: two commands for a new user. `make demo` runs the main job end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+RUN ?= runs/demo-48
+
+.PHONY: venv test demo bench data clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+data:
+	@bash scripts/get-fashion-mnist.sh
+
+test: venv
+	OMP_NUM_THREADS=2 $(PY) -m pytest -x -q --timeout=600
+
+demo: venv data
+	OMP_NUM_THREADS=2 bash scripts/demo.sh $(RUN)
+
+bench: venv data
+	OMP_NUM_THREADS=2 $(PY) bench/mining.py
+	OMP_NUM_THREADS=2 $(PY) bench/search.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

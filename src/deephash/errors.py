@@ -1,0 +1,27 @@
+"""Errors a user can cause. Each carries a one-line message that names the problem."""
+
+from __future__ import annotations
+
+
+class DeephashError(ValueError):
+    """Base class for every error deephash raises because of bad input."""
+
+
+class DataFormatError(DeephashError):
+    """A file is corrupt, truncated, of the wrong format, or hostile."""
+
+
+class ConfigError(DeephashError):
+    """A configuration is unreadable, has an unknown key or a value of the wrong type."""
+
+
+class CodeLengthError(DeephashError):
+    """Hash codes of one length were given where another length is expected."""
+
+
+class NotFoundError(DeephashError):
+    """A file, run directory, index or data set does not exist."""
+
+
+class TrainingDiverged(DeephashError):
+    """A loss or gradient became NaN or infinite during training."""
