@@ -1,0 +1,185 @@
+"""Built-in backbones: the seed's trunk, a compact BatchNorm CNN for 28x28, a CIFAR ResNet-18, timm.
+
+Each maps float (B, C, H, W) images to (B, out_features) features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deephash.errors import DeephashError, NotFoundError
+from deephash.models.registry import register_backbone
+from deephash.models.seed import EmbeddingNet, seed_convnet
+
+__all__ = ["SeedCNN", "FMnistCNN", "BasicBlock", "ResNetCifar", "timm_backbone"]
+
+
+class SeedCNN(nn.Module):
+    """The seed EmbeddingNet's trunk and its two 256-unit layers: (B, C, 28, 28) -> (B, 256)."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        self.out_features = 256
+        self.convnet = seed_convnet(in_channels)
+        self.fc = nn.Sequential(nn.Linear(64 * 4 * 4, 256), nn.PReLU(), nn.Linear(256, 256), nn.PReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convnet(x).flatten(1))
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class FMnistCNN(nn.Module):
+    """A compact BatchNorm CNN for 28x28 images.
+
+    Stages of 3x3 conv-BN-ReLU blocks with widths ``width * 2**s``; a 2x2 max-pool between
+    stages; global average pooling at the end. With the defaults (width 32, depth (2, 2, 1)) it
+    costs about 22 M multiply-adds per 28x28 image and yields 128 features.
+
+    Args:
+        in_channels: Image channels C.
+        width: Channels of the first stage.
+        depth: Convolutions per stage (its length is the number of stages).
+        dropout: Dropout probability on the pooled features (0 disables it).
+
+    Shapes:
+        forward: float (B, C, H, W) -> float (B, width * 2**(len(depth) - 1)).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, width: int = 32, depth: Sequence[int] = (2, 2, 1), dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if width < 1 or not depth or any(d < 1 for d in depth):
+            raise DeephashError(f"fmnist-cnn needs width >= 1 and every depth >= 1, got {width}, {list(depth)}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for stage, n_convs in enumerate(depth):
+            if stage > 0:
+                layers.append(nn.MaxPool2d(2))
+            c_out = width * 2**stage
+            for _ in range(n_convs):
+                layers += _conv_bn_relu(c_in, c_out)
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.out_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.pool(self.features(x)).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN layers and a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet for 32x32 images: 3x3 stem, no max-pool, four stages of basic blocks.
+
+    Args:
+        in_channels: Image channels C.
+        width: Channels of the first stage; stage s has ``width * 2**s``.
+        blocks: Basic blocks per stage ((2, 2, 2, 2) is ResNet-18).
+
+    Shapes:
+        forward: float (B, C, H, W) -> float (B, width * 8).
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64, blocks: Sequence[int] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, width))
+        stages: list[nn.Module] = []
+        c_in = width
+        for stage, n_blocks in enumerate(blocks):
+            c_out = width * 2**stage
+            for b in range(n_blocks):
+                stages.append(BasicBlock(c_in, c_out, stride=2 if (stage > 0 and b == 0) else 1))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+
+@register_backbone("seed-cnn")
+def seed_cnn(in_channels: int = 1) -> SeedCNN:
+    """The seed's EmbeddingNet trunk with its 256-unit layers (28x28 inputs; 256 features)."""
+    return SeedCNN(in_channels)
+
+
+@register_backbone("seed-embeddingnet")
+def seed_embeddingnet(in_channels: int = 1, embedding_dim: int = 2) -> EmbeddingNet:
+    """The seed's whole EmbeddingNet; its features are the embedding (out_features = embedding_dim)."""
+    return EmbeddingNet(in_channels, embedding_dim)
+
+
+@register_backbone("fmnist-cnn")
+def fmnist_cnn(
+    in_channels: int = 1, width: int = 32, depth: Sequence[int] = (2, 2, 1), dropout: float = 0.0
+) -> FMnistCNN:
+    """Compact BatchNorm CNN for 28x28 images (see `FMnistCNN`)."""
+    return FMnistCNN(in_channels, width, tuple(depth), dropout)
+
+
+@register_backbone("resnet18-cifar")
+def resnet18_cifar(in_channels: int = 3, width: int = 64) -> ResNetCifar:
+    """ResNet-18 for 32x32 images (features: 8 * width, 512 by default)."""
+    return ResNetCifar(in_channels, width, (2, 2, 2, 2))
+
+
+def timm_backbone(
+    model_name: str, in_channels: int = 3, pretrained_path: str | Path | None = None, **params: object
+) -> nn.Module:
+    """A timm model as a feature extractor (``num_classes=0``).
+
+    Args:
+        model_name: A timm model name.
+        in_channels: Image channels C.
+        pretrained_path: Optional local file with the model's state dict (read with
+            ``weights_only=True``); nothing is downloaded.
+        **params: Further keyword arguments of ``timm.create_model``.
+
+    Raises:
+        DeephashError: timm is not installed, or the weights do not fit the model.
+        NotFoundError: ``pretrained_path`` does not exist.
+    """
+    try:
+        import timm
+    except ImportError as exc:
+        raise DeephashError(
+            f"backbone 'timm:{model_name}' needs the timm package; install it with `pip install timm`"
+        ) from exc
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_channels, **params)
+    if pretrained_path is not None:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise NotFoundError(f"pretrained weights {path} do not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise DeephashError(f"weights in {path} lack {len(missing)} parameters of {model_name}, e.g. {missing[0]}")
+    model.out_features = int(model.num_features)
+    return model

@@ -1,0 +1,112 @@
+"""Input normalisation and the heads that turn backbone features into embeddings or hash codes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deephash.errors import DeephashError
+
+__all__ = ["Normalize", "HashHead", "EmbeddingHead", "IdentityHead", "ClassifierHead", "sign_codes"]
+
+
+def sign_codes(x: torch.Tensor) -> torch.Tensor:
+    """Sign with 0 mapped to +1: float tensor of x's shape with values in {-1, +1}."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` on (B, C, H, W) images; mean and std are buffers.
+
+    Args:
+        mean: C values (or one value for every channel).
+        std: C positive values (or one value).
+    """
+
+    def __init__(self, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(list(mean), dtype=torch.float32)
+        std_t = torch.as_tensor(list(std), dtype=torch.float32)
+        if mean_t.ndim != 1 or std_t.ndim != 1 or len(mean_t) == 0 or len(std_t) != len(mean_t):
+            raise DeephashError(f"Normalize needs mean and std of the same length, got {list(mean)} and {list(std)}")
+        if not bool((std_t > 0).all()):
+            raise DeephashError(f"Normalize needs every std > 0, got {list(std)}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class HashHead(nn.Module):
+    """Linear layer to ``bits`` outputs: tanh while training, sign (0 ↦ +1) in eval mode.
+
+    Args:
+        in_features: Feature size F.
+        bits: Code length, any integer >= 8.
+
+    Shapes:
+        forward: float (B, F) -> float (B, bits), in (-1, 1) (train) or {-1, +1} (eval).
+    """
+
+    def __init__(self, in_features: int, bits: int) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 8:
+            raise DeephashError(f"hash codes need an integer number of bits >= 8, got {bits!r}")
+        self.bits = bits
+        self.linear = nn.Linear(in_features, bits)
+
+    def relaxed(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh codes in (-1, 1), whatever the mode: float (B, bits)."""
+        return torch.tanh(self.linear(x))
+
+    def binary(self, x: torch.Tensor) -> torch.Tensor:
+        """±1 codes (0 ↦ +1), whatever the mode: float (B, bits)."""
+        return sign_codes(self.linear(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relaxed(x) if self.training else self.binary(x)
+
+
+class EmbeddingHead(nn.Module):
+    """Linear layer to a ``dim``-dimensional embedding, optionally L2-normalised.
+
+    Shapes:
+        forward: float (B, F) -> float (B, dim).
+    """
+
+    def __init__(self, in_features: int, dim: int, normalize: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.normalize = normalize
+        self.linear = nn.Linear(in_features, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return F.normalize(out, dim=1) if self.normalize else out
+
+
+class IdentityHead(nn.Module):
+    """Passes the backbone's (B, dim) features through unchanged (for the seed's EmbeddingNet)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Linear layer to class logits: float (B, F) -> float (B, n_classes)."""
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.linear = nn.Linear(in_features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
