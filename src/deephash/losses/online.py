@@ -1,0 +1,144 @@
+"""Online metric losses: mine pairs or triplets inside the batch, then average the seed's formulas."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deephash.distances import squared_euclidean
+from deephash.losses.metric import contrastive_terms, triplet_terms
+from deephash.losses.registry import register_loss
+from deephash.mining.pairs import negative_mask, positive_mask
+from deephash.mining.selectors import (
+    SELECTORS,
+    AllTripletSelector,
+    PairSelector,
+    TripletSelector,
+    create_selector,
+)
+
+
+class OnlineContrastiveLoss(nn.Module):
+    """Contrastive loss over the pairs a ``PairSelector`` picks in the batch.
+
+    Args:
+        margin: Euclidean margin for different-class pairs.
+        pair_selector: chooses positive (t = 1) and negative (t = 0) pairs.
+
+    Attributes:
+        num_selected: number of pairs used in the last call (int).
+    """
+
+    def __init__(self, margin: float, pair_selector: PairSelector) -> None:
+        super().__init__()
+        self.margin = margin
+        self.pair_selector = pair_selector
+        self.num_selected: int | torch.Tensor = 0
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` float ``(B, D)``, ``labels`` int64 ``(B,)`` → scalar mean over all pairs."""
+        positives, negatives = self.pair_selector.get_pairs(embeddings, labels)
+        pairs = torch.cat((positives, negatives))
+        self.num_selected = len(pairs)
+        if len(pairs) == 0:
+            return embeddings.sum() * 0
+        target = torch.cat((positives.new_ones(len(positives)), negatives.new_zeros(len(negatives))))
+        terms = contrastive_terms(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]], target, self.margin)
+        return terms.mean()
+
+
+class OnlineTripletLoss(nn.Module):
+    """Triplet loss over the triplets a ``TripletSelector`` picks in the batch.
+
+    With ``AllTripletSelector`` the O(B^3) triplets are never listed: see ``batch_all_triplet_loss``.
+
+    Args:
+        margin: margin in squared-distance units.
+        triplet_selector: chooses ``(anchor, positive, negative)`` triplets.
+
+    Attributes:
+        num_selected: number of triplets used in the last call (int, or a 0-d int64 tensor for
+            the all-triplets selector, which avoids a device sync).
+    """
+
+    def __init__(self, margin: float, triplet_selector: TripletSelector) -> None:
+        super().__init__()
+        self.margin = margin
+        self.triplet_selector = triplet_selector
+        self.num_selected: int | torch.Tensor = 0
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` float ``(B, D)``, ``labels`` int64 ``(B,)`` → scalar mean over triplets."""
+        if isinstance(self.triplet_selector, AllTripletSelector):
+            loss, self.num_selected = batch_all_triplet_loss(embeddings, labels, self.margin)
+            return loss
+        triplets = self.triplet_selector.get_triplets(embeddings, labels)
+        self.num_selected = len(triplets)
+        if len(triplets) == 0:
+            return embeddings.sum() * 0
+        a, p, n = embeddings[triplets[:, 0]], embeddings[triplets[:, 1]], embeddings[triplets[:, 2]]
+        return triplet_terms(a, p, n, self.margin).mean()
+
+
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``relu(d_ap − d_an + margin)`` over every ``a < p`` same-label, ``n`` other-label triplet.
+
+    For each anchor the negative distances are sorted once; for a pair ``(a, p)`` with threshold
+    ``t = d_ap + margin`` the ``k`` negatives below ``t`` (binary search) contribute
+    ``k·t − (sum of the k smallest)``, read from a prefix sum. O(B² log B) time, O(B²) memory.
+
+    Args:
+        embeddings: float ``(B, D)``.
+        labels: int64 ``(B,)``.
+        margin: margin in squared-distance units.
+
+    Returns:
+        ``(loss, count)``: scalar loss (exactly 0 with zero gradients when there is no triplet)
+        and the number of triplets as a 0-d int64 tensor. Zero-loss triplets count.
+    """
+    labels = labels.to(embeddings.device)
+    distances = squared_euclidean(embeddings)
+    positives, negatives = positive_mask(labels), negative_mask(labels)
+    with torch.no_grad():
+        padded, order = torch.sort(distances.masked_fill(~negatives, float("inf")), dim=1)
+        thresholds = distances + margin
+        count = torch.searchsorted(padded, thresholds, side="left")
+    sorted_negatives = distances.gather(1, order).masked_fill(~negatives.gather(1, order), 0)
+    prefix = F.pad(sorted_negatives.double().cumsum(dim=1), (1, 0))
+    hinge_sums = count * (distances.double() + margin) - prefix.gather(1, count)
+    total = (positives.sum(dim=1) * negatives.sum(dim=1)).sum()
+    loss = hinge_sums.masked_fill(~positives, 0).sum() / total.clamp(min=1)
+    return loss.to(embeddings.dtype), total
+
+
+def _resolve_selector(selector: str | object, margin: float, params: dict | None) -> object:
+    """A selector object, built by name (passing ``margin`` when it takes one) if a string."""
+    if not isinstance(selector, str):
+        return selector
+    params = dict(params or {})
+    cls = SELECTORS.get(selector)
+    if cls is not None and "margin" in inspect.signature(cls).parameters:
+        params.setdefault("margin", margin)
+    return create_selector(selector, **params)
+
+
+@register_loss("online-contrastive")
+def online_contrastive(
+    margin: float = 1.0, selector: str | PairSelector = "all-positive", selector_params: dict | None = None
+) -> OnlineContrastiveLoss:
+    """``OnlineContrastiveLoss`` with a selector given by name (``all-positive``, ``hard-negative``) or object."""
+    return OnlineContrastiveLoss(margin, _resolve_selector(selector, margin, selector_params))
+
+
+@register_loss("online-triplet")
+def online_triplet(
+    margin: float = 1.0, selector: str | TripletSelector = "all", selector_params: dict | None = None
+) -> OnlineTripletLoss:
+    """``OnlineTripletLoss`` with a selector given by name (``all``, ``hardest``, ``random``,
+    ``semihard``, ``batch-hard``) or object; ``margin`` is passed on to selectors that take one."""
+    return OnlineTripletLoss(margin, _resolve_selector(selector, margin, selector_params))

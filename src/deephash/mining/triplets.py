@@ -1,0 +1,156 @@
+"""Triplet mining: pure functions of a distance matrix and labels, run without gradients.
+
+Every function returns int64 triplets ``(anchor, positive, negative)`` ``(N, 3)`` on the labels'
+device. Anchor-positive pairs are unordered (``anchor < positive``) except in batch-hard mining,
+which picks one triplet per anchor. The hinge value of a triplet is ``d_ap - d_an + margin``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deephash.mining.pairs import all_positive_pairs, negative_mask, positive_mask, uniform
+
+
+@torch.no_grad()
+def all_triplets(labels: torch.Tensor) -> torch.Tensor:
+    """Every ``(a, p, n)`` with ``a < p`` of one label and ``n`` of another (O(B^3) output).
+
+    Args:
+        labels: int64 ``(B,)``.
+
+    Returns:
+        int64 ``(N, 3)``, ordered by anchor, positive, negative.
+    """
+    pairs = all_positive_pairs(labels)
+    pair_index, negatives = negative_mask(labels)[pairs[:, 0]].nonzero(as_tuple=True)
+    return torch.cat((pairs[pair_index], negatives[:, None]), dim=1)
+
+
+@torch.no_grad()
+def sorted_negative_distances(
+    distances: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each anchor's distances to its negatives, ascending, padded with ``inf``.
+
+    Args:
+        distances: float ``(B, B)``.
+        labels: int64 ``(B,)``.
+
+    Returns:
+        ``(values, order)``: float ``(B, B)`` sorted rows with ``inf`` at non-negatives, and int64
+        ``(B, B)`` column indices such that ``values = distances.gather(1, order)`` where finite.
+    """
+    return torch.sort(distances.masked_fill(~negative_mask(labels), float("inf")), dim=1)
+
+
+@torch.no_grad()
+def hardest_negative_triplets(
+    distances: torch.Tensor, labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """For each pair ``a < p``, the negative with the largest hinge value, kept where it is > 0.
+
+    Args:
+        distances: float ``(B, B)`` squared distances.
+        labels: int64 ``(B,)``.
+        margin: hinge margin (distance units).
+
+    Returns:
+        int64 ``(N, 3)``, at most one per anchor-positive pair.
+    """
+    nearest, negative = distances.masked_fill(~negative_mask(labels), float("inf")).min(dim=1)
+    keep = positive_mask(labels) & (distances - nearest[:, None] + margin > 0)
+    anchor, positive = keep.nonzero(as_tuple=True)
+    return torch.stack((anchor, positive, negative[anchor]), dim=1)
+
+
+@torch.no_grad()
+def random_negative_triplets(
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """For each pair ``a < p``, one uniformly random negative with hinge value > 0.
+
+    Args:
+        distances: float ``(B, B)`` squared distances.
+        labels: int64 ``(B,)``.
+        margin: hinge margin (distance units).
+        generator: source of randomness; ``None`` uses torch's global one.
+
+    Returns:
+        int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
+    """
+    values, order = sorted_negative_distances(distances, labels)
+    end = torch.searchsorted(values, distances + margin, side="left")
+    start = torch.zeros_like(end)
+    return _sample_ranges(order, start, end, labels, generator)
+
+
+@torch.no_grad()
+def semihard_negative_triplets(
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """For each pair ``a < p``, one uniformly random negative with ``0 < hinge < margin``.
+
+    That is ``d_ap < d_an < d_ap + margin``: farther than the positive, yet inside the margin.
+
+    Args:
+        distances: float ``(B, B)`` squared distances.
+        labels: int64 ``(B,)``.
+        margin: hinge margin (distance units).
+        generator: source of randomness; ``None`` uses torch's global one.
+
+    Returns:
+        int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
+    """
+    values, order = sorted_negative_distances(distances, labels)
+    start = torch.searchsorted(values, distances, side="right")
+    end = torch.searchsorted(values, distances + margin, side="left")
+    return _sample_ranges(order, start, end, labels, generator)
+
+
+@torch.no_grad()
+def batch_hard_triplets(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For each anchor with a positive and a negative: its farthest positive and nearest negative.
+
+    Args:
+        distances: float ``(B, B)`` squared distances.
+        labels: int64 ``(B,)``.
+
+    Returns:
+        int64 ``(N, 3)``, one triplet per such anchor, in anchor order.
+    """
+    negatives = negative_mask(labels)
+    positives = ~negatives
+    positives.fill_diagonal_(False)
+    positive = distances.masked_fill(~positives, -float("inf")).argmax(dim=1)
+    negative = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
+    anchor = (positives.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
+    return torch.stack((anchor, positive[anchor], negative[anchor]), dim=1)
+
+
+def _sample_ranges(
+    order: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """For each pair ``a < p`` with ``start < end``, a uniform column of ``order[a, start:end]``.
+
+    Args:
+        order: int64 ``(B, B)`` each anchor's negatives, nearest first.
+        start, end: int64 ``(B, B)`` half-open ranges into ``order[a]`` for pair ``[a, p]``.
+        labels: int64 ``(B,)``.
+        generator: source of randomness, or ``None``.
+    """
+    anchor, positive = (positive_mask(labels) & (end > start)).nonzero(as_tuple=True)
+    low, count = start[anchor, positive], end[anchor, positive] - start[anchor, positive]
+    offset = (uniform(len(anchor), labels.device, generator) * count).long()
+    column = low + torch.minimum(offset, count - 1)
+    return torch.stack((anchor, positive, order[anchor, column]), dim=1)
