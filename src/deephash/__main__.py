@@ -1,0 +1,7 @@
+"""``python -m deephash``: the command line."""
+
+import sys
+
+from deephash.cli import main
+
+sys.exit(main())

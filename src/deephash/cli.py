@@ -1,0 +1,214 @@
+"""The ``deephash`` command line: a thin shell over :mod:`deephash.experiment`.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that registers its arguments and sets
+``handler``; adding a command is adding one such function to ``_COMMANDS``. A user mistake
+(:class:`~deephash.errors.DeephashError`, a missing file) prints one line
+``deephash: error: <message>`` to stderr and exits with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from deephash.errors import DeephashError
+
+EXIT_USAGE = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deephash import experiment
+    from deephash.config import load_config
+
+    source = Path(args.config)
+    if source.is_dir() and (source / "config.toml").is_file():  # `deephash train RUN_DIR --resume`
+        out = Path(args.out) if args.out else source
+        source = source / "config.toml"
+    else:
+        out = None
+    config = load_config(source, args.set)
+    if out is None:
+        out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = experiment.train_run(config, out, resume=args.resume, progress=not args.quiet)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model as a config says; writes a run directory")
+    p.add_argument("config", help="CONFIG.toml, a shipped config name (e.g. fashion-mnist-48), or a run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, the value read as a TOML literal (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from deephash import experiment
+
+    out = experiment.encode_run(args.run, split=args.split, images=args.images, out=args.out)
+    print(f"codes written to {out}")
+    return 0
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="encode a split or an image folder into a code file (.npz)")
+    p.add_argument("run", help="run directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a split of the run's data set (test, train; query/database under a protocol)")
+    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.set_defaults(handler=_cmd_encode)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from deephash import experiment
+
+    metrics = experiment.evaluate_run(args.run, query=args.query, database=args.database, ks=args.k)
+    print(experiment.format_metrics(metrics))
+    print(f"metrics written to {Path(args.run) / 'metrics.json'}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="retrieval metrics of a run; writes RUN_DIR/metrics.json")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--query", help="query split (default: the config's data.query_split)")
+    p.add_argument("--database", help="database split (default: the config's data.database_split)")
+    p.add_argument("--k", type=int, nargs="+", help="cut-offs for mAP@k and P@k (default: the config's eval.ks)")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from deephash import experiment
+
+    out = experiment.build_index(args.run, split=args.split, images=args.images, out=args.out, factory=args.factory)
+    print(f"index written to {out}")
+    return 0
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    from deephash import experiment
+
+    info = experiment.index_info(args.index)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build or inspect a Hamming index")
+    isub = p.add_subparsers(dest="index_command", metavar="{build,info}", required=True)
+    b = isub.add_parser("build", help="encode a split or an image folder and index the codes")
+    b.add_argument("run", help="run directory")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a split of the run's data set")
+    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    b.add_argument("--out", required=True, help="index directory to write")
+    b.add_argument("--factory", default="BFlat", help="FAISS binary index factory string (default: BFlat, exact)")
+    b.set_defaults(handler=_cmd_index_build)
+    i = isub.add_parser("info", help="describe an index directory")
+    i.add_argument("index", help="index directory")
+    i.set_defaults(handler=_cmd_index_info)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from deephash import experiment
+
+    results = experiment.search(args.index, args.run, args.images, k=args.k, radius=args.radius)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(f"query {result['query']}" + (f" (label {result['label']})" if result.get("label") is not None else ""))
+        print(f"  {'rank':>4}  {'id':>8}  {'dist':>4}  label")
+        for hit in result["hits"]:
+            label = hit["class"] if hit.get("class") is not None else hit.get("label", "")
+            path = f"  {hit['path']}" if hit.get("path") else ""
+            print(f"  {hit['rank']:>4}  {hit['id']:>8}  {hit['distance']:>4}  {label}{path}")
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="the nearest indexed items to query images")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--run", required=True, help="run directory of the model that built the index")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or SPLIT:N for item N of a split of the run's data set (e.g. test:0)")
+    p.add_argument("-k", type=int, default=10, help="number of results per query (default 10)")
+    p.add_argument("--radius", type=int, help="return every item within this Hamming distance instead")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_search)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from deephash.report import write_report
+
+    run = Path(args.run)
+    if not (run / "config.toml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.toml)")
+    path = write_report(run)
+    print(f"report written to {path}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.html with its pictures")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(handler=_cmd_report)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of ``_COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="deephash", description="Learn embeddings and binary hash codes for image retrieval."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def _error(message: str) -> int:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
+    print(f"deephash: error: {first}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (DeephashError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, OSError) and exc.filename is not None:
+            return _error(f"{exc.filename}: {exc.strerror}")
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("deephash: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

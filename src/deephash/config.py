@@ -1,0 +1,391 @@
+"""Experiment configuration: a typed TOML schema with defaults, validation and ``--set`` overrides.
+
+A config is a tree of dataclasses. Every key a TOML file may hold is a field below; an unknown key
+or a value of the wrong type is a one-line :class:`~deephash.errors.ConfigError` naming the key and
+the file. ``dump_config`` writes the resolved config (every default filled in) back to TOML, which is
+what a run directory keeps as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deephash.errors import ConfigError, NotFoundError
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "digits", "folder")
+PROTOCOLS = ("", "deephash-cifar10")
+DEVICES_HINT = '"auto", "cpu", "cuda" or "cuda:N"'
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and which splits play which role.
+
+    ``protocol = "deephash-cifar10"`` pools the dataset's train and test images and draws
+    DeepHash-pytorch's split (100 queries and 500 training images per class, the rest database),
+    seeded by ``seed``; the split is saved as ``RUN_DIR/split.npz`` and can be reused with
+    ``split_file``. Its split names are ``query``, ``train`` and ``database``.
+    """
+
+    dataset: str = "fashion-mnist"
+    root: str = ""
+    images: str = ""
+    train_split: str = "train"
+    query_split: str = "test"
+    database_split: str = "train"
+    protocol: str = ""
+    split_file: str = ""
+    limit: int = 0
+    augment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The ``build_model`` spec: backbone, head and input normalisation.
+
+    ``mean``/``std`` empty means: computed per channel from the training images.
+    ``head``: ``hash`` (``bits``), ``embedding`` (``embedding_dim``, optionally L2-``normalize``d)
+    or ``identity`` (the backbone's features, e.g. ``seed-embeddingnet``). ``aux_classes = 0``:
+    no auxiliary classifier.
+    """
+
+    backbone: str = "seed-cnn"
+    backbone_params: dict[str, Any] = field(default_factory=dict)
+    head: str = "hash"
+    bits: int = 48
+    embedding_dim: int = 2
+    normalize: bool = False
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    aux_classes: int = 0
+
+
+@dataclass
+class LossConfig:
+    """A loss from the ``create_loss`` registry and its parameters."""
+
+    name: str = "csq"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SelectorConfig:
+    """A pair/triplet selector from ``create_selector`` (``name = ""``: none)."""
+
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    """Batches: ``balanced`` = n_classes × n_samples per batch; ``random`` = batch_size shuffled."""
+
+    kind: str = "balanced"
+    n_classes: int = 10
+    n_samples: int = 25
+    batch_size: int = 256
+
+
+@dataclass
+class OptimizerConfig:
+    """``adam``, ``adamw`` or ``sgd``."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: ``none``, ``cosine``, ``step`` or ``onecycle`` (params passed on)."""
+
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScheduleConfig:
+    """A loss attribute ramped linearly from ``start`` to ``end`` over ``epochs`` (0 = all)."""
+
+    attribute: str = "quantization_weight"
+    start: float = 0.0
+    end: float = 0.0
+    epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings.
+
+    ``aux_weight``: weight of a cross-entropy term on the aux classifier (``model.aux_classes``).
+    ``final_epochs_no_augment``: the last N epochs train without augmentation.
+    ``eval_every``: compute the loss on the query split every N epochs (0 = never).
+    ``num_threads``: torch CPU threads (0 = leave torch's default).
+    """
+
+    epochs: int = 10
+    log_interval: int = 50
+    aux_weight: float = 0.0
+    final_epochs_no_augment: int = 0
+    eval_every: int = 0
+    num_threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation: ``ks`` for mAP@k/P@k, Hamming ``radius`` for P@r, ``knn_k`` neighbours."""
+
+    ks: list[int] = field(default_factory=lambda: [100, 1000])
+    radius: int = 2
+    knn_k: int = 10
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    schedules: list[ScheduleConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": DATASETS,
+    "data.protocol": PROTOCOLS,
+    "sampler.kind": ("balanced", "random"),
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "scheduler.name": ("none", "cosine", "step", "onecycle"),
+    "model.head": ("hash", "embedding", "identity"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "table"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+
+
+def _value_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against type ``tp`` (ints accepted for floats) and return it converted."""
+
+    def bad() -> ConfigError:
+        name = _type_name(tp)
+        article = "an" if name[0] in "aeiou" else "a"
+        return ConfigError(f"{key} must be {article} {name}, got {_value_name(value)} in {source}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return copy.deepcopy(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is int or tp is str or tp is bool:
+        if type(value) is not tp:
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # pragma: no cover - schema bug
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str, source: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{full}' in {source}{hint}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
+    types_ = _field_types(cls)
+    pre = f"{prefix}." if prefix else ""
+    for key in table:
+        if key not in types_:
+            raise _unknown_key(key, list(types_), pre, source)
+    values = {k: _convert(v, types_[k], f"{pre}{k}", source) for k, v in table.items()}
+    obj = cls(**values)
+    for k in values:
+        choices = _CHOICES.get(f"{pre}{k}")
+        if choices and values[k] not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{pre}{k} must be one of {shown}, got {values[k]!r} in {source}")
+    return obj
+
+
+def _validate(config: Config, source: str) -> None:
+    """Cross-field checks that a type cannot express."""
+    device = config.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device must be {DEVICES_HINT}, got {device!r} in {source}")
+    if config.model.head == "hash" and config.model.bits < 8:
+        raise ConfigError(f"model.bits must be at least 8 for a hash head, got {config.model.bits} in {source}")
+    if config.model.head != "hash" and config.model.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim must be positive, got {config.model.embedding_dim} in {source}")
+    for key, value in (
+        ("train.epochs", config.train.epochs),
+        ("sampler.n_classes", config.sampler.n_classes),
+        ("sampler.n_samples", config.sampler.n_samples),
+        ("sampler.batch_size", config.sampler.batch_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value} in {source}")
+    if config.data.dataset == "folder" and not config.data.images:
+        raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    if config.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is a TOML literal, else taken as a plain string.
+
+    Returns:
+        (key path as a list of names, value).
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(table: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node = table
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text}: '{part}' is not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(table: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Config:
+    """Build and validate a :class:`Config` from a TOML-like table plus ``key=value`` overrides."""
+    table = copy.deepcopy(table)
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(table, path, value, text)
+    source_desc = source if not overrides else f"{source} (with --set)"
+    config = _build(Config, table, "", source_desc)
+    _validate(config, source_desc)
+    return config
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config file path; a bare name like ``fashion-mnist-48`` also finds ``configs/NAME.toml``.
+
+    Looked up in order: the path itself, ``./configs/NAME.toml``, the copies shipped in the package.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.suffix == "" and len(path.parts) == 1:
+        for folder in (Path("configs"), Path(__file__).parent / "configs"):
+            candidate = folder / f"{path.name}.toml"
+            if candidate.is_file():
+                return candidate
+    if path.is_dir():
+        raise NotFoundError(f"config {path} is a directory, not a TOML file")
+    raise NotFoundError(f"config file {path} not found")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a TOML config, apply ``--set`` overrides, validate.
+
+    Raises:
+        NotFoundError: the file does not exist.
+        ConfigError: unreadable TOML, unknown key, wrong type, invalid value.
+    """
+    path = resolve_config_path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(table, str(path), overrides)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain dicts/lists/scalars (what ``dump_config`` writes)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as TOML text; ``load_config`` of it gives back an equal config."""
+    import tomli_w
+
+    return tomli_w.dumps(config_to_dict(config))
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SamplerConfig",
+    "ScheduleConfig",
+    "SchedulerConfig",
+    "SelectorConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_override",
+    "resolve_config_path",
+]
