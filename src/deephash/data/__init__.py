@@ -1,0 +1,44 @@
+"""Data: readers, in-memory data sets, balanced samplers, batched augmentation, pair wrappers."""
+
+from deephash.data.augment import Compose, RandomCrop, RandomHorizontalFlip, build_augment
+from deephash.data.datasets import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    ArrayDataset,
+    ImageFolder,
+    data_search_dirs,
+    load_dataset,
+)
+from deephash.data.loader import BatchLoader
+from deephash.data.pairs import SiameseDataset, SiameseMNIST, TripletCifar, TripletDataset, TripletMNIST
+from deephash.data.samplers import BalancedBatchSampler, BalancedBatchSamplerCifar, DistributedBalancedBatchSampler
+from deephash.data.sources import list_image_folder, parse_cifar_batch, read_cifar_batch, read_idx, read_image
+
+__all__ = [
+    "ArrayDataset",
+    "BalancedBatchSampler",
+    "BalancedBatchSamplerCifar",
+    "BatchLoader",
+    "CIFAR10_CLASSES",
+    "Compose",
+    "DistributedBalancedBatchSampler",
+    "FASHION_MNIST_CLASSES",
+    "ImageFolder",
+    "MNIST_CLASSES",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "SiameseDataset",
+    "SiameseMNIST",
+    "TripletCifar",
+    "TripletDataset",
+    "TripletMNIST",
+    "build_augment",
+    "data_search_dirs",
+    "list_image_folder",
+    "load_dataset",
+    "parse_cifar_batch",
+    "read_cifar_batch",
+    "read_idx",
+    "read_image",
+]
