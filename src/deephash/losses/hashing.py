@@ -269,7 +269,9 @@ def _random_centers(
     used = 0
     while len(kept) < n_classes and used < max_tries:
         block = candidates[used : used + chunk]
-        ok = ((bits - block @ kept.T) / 2 >= min_distance).all(dim=1) if len(kept) else torch.ones(len(block), dtype=torch.bool)
+        ok = torch.ones(len(block), dtype=torch.bool)
+        if len(kept):
+            ok = ((bits - block @ kept.T) / 2 >= min_distance).all(dim=1)
         hits = ok.nonzero().flatten()
         if len(hits) == 0:
             used += len(block)
