@@ -1,0 +1,171 @@
+"""Balanced batch samplers: every batch holds P classes × K samples (the seed's BalancedBatchSampler).
+
+An epoch is ``len(labels) // (P*K)`` batches. Each batch picks P distinct classes uniformly at
+random; each class hands out its items K at a time from a shuffled order, without replacement,
+and is reshuffled when fewer than K unused items remain. One epoch is drawn at once with tensor
+algebra (a random-key sort per class pass), not item by item.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from deephash.errors import DeephashError
+
+
+def _as_label_tensor(labels: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu()
+    tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if tensor.ndim != 1 or tensor.is_floating_point() or tensor.is_complex():
+        raise DeephashError(f"labels must be a 1-D sequence of integers, got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor.to(torch.int64)
+
+
+class _BalancedDraw:
+    """Validated label bookkeeping shared by the single-process and distributed samplers."""
+
+    def __init__(self, labels: torch.Tensor | np.ndarray | Sequence[int], n_classes: int, n_samples: int) -> None:
+        labels = _as_label_tensor(labels)
+        if n_classes < 1 or n_samples < 1:
+            raise DeephashError(f"n_classes and n_samples must be positive, got {n_classes} and {n_samples}")
+        self.classes, inverse, self.counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        if n_classes > len(self.classes):
+            raise DeephashError(
+                f"n_classes={n_classes} exceeds the {len(self.classes)} classes in the labels; lower n_classes"
+            )
+        small = torch.nonzero(self.counts < n_samples).flatten()
+        if len(small):
+            c = int(small[0])
+            raise DeephashError(
+                f"class {int(self.classes[c])} has {int(self.counts[c])} items, fewer than n_samples={n_samples}; "
+                f"lower n_samples to at most {int(self.counts.min())} or drop that class"
+            )
+        self.n_classes, self.n_samples = n_classes, n_samples
+        self.order = torch.argsort(inverse, stable=True)  # dataset indices grouped by class
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.blocks = self.counts // n_samples  # K-blocks per shuffled pass of each class
+        self.n_items = len(labels)
+
+    def draw(self, n_batches: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw ``n_batches`` balanced batches: int64 ``(n_batches, P*K)`` dataset indices."""
+        P, K, C = self.n_classes, self.n_samples, len(self.classes)
+        if n_batches == 0:
+            return torch.empty(0, P * K, dtype=torch.int64)
+        # P distinct classes per batch: the first P of a random permutation of the classes.
+        chosen = torch.rand(n_batches, C, generator=generator).argsort(dim=1)[:, :P].reshape(-1)
+        # occurrence number t of each chosen class within the epoch (its rank among equal classes)
+        by_class = torch.argsort(chosen, stable=True)
+        draws = torch.bincount(chosen, minlength=C)
+        first = torch.cumsum(draws, 0) - draws
+        occurrence = torch.empty_like(chosen)
+        occurrence[by_class] = torch.arange(len(chosen)) - first[chosen[by_class]]
+        # shuffled passes: pass r of class c is one group of that class's indices in random order
+        passes = (draws + self.blocks - 1) // self.blocks
+        group_class = torch.repeat_interleave(torch.arange(C), passes)
+        group_first = torch.cumsum(passes, 0) - passes  # first group of each class
+        sizes = self.counts[group_class]
+        group_offset = torch.cumsum(sizes, 0) - sizes
+        group_of_item = torch.repeat_interleave(torch.arange(len(group_class)), sizes)
+        within = torch.arange(len(group_of_item)) - group_offset[group_of_item]
+        members = self.order[self.starts[group_class][group_of_item] + within]
+        keys = group_of_item.double() + torch.rand(len(group_of_item), generator=generator, dtype=torch.float64)
+        shuffled = members[torch.argsort(keys)]
+        # the t-th draw of class c takes block t % blocks of pass t // blocks
+        blocks = self.blocks[chosen]
+        group = group_first[chosen] + occurrence // blocks
+        start = group_offset[group] + (occurrence % blocks) * K
+        picks = shuffled[start[:, None] + torch.arange(K)]
+        return picks.reshape(n_batches, P * K)
+
+
+def _fresh_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_()))
+
+
+class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batch sampler yielding ``n_classes`` distinct classes × ``n_samples`` items per batch.
+
+    Args:
+        labels: integer labels ``(N,)``: a tensor, numpy array or list.
+        n_classes: P, distinct classes per batch.
+        n_samples: K, items per class per batch.
+        generator: the ``torch.Generator`` to draw from (seed it for reproducible epochs); None
+            seeds a private one from torch's global generator.
+
+    Yields ``len(self) = N // (P*K)`` lists of P*K dataset indices per epoch, grouped by class;
+    every epoch draws new batches.
+
+    Raises:
+        DeephashError (a ValueError): n_classes exceeds the number of classes, or a class has
+            fewer than n_samples items.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        n_classes: int,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self._draw = _BalancedDraw(labels, n_classes, n_samples)
+        self.n_classes, self.n_samples = n_classes, n_samples
+        self.batch_size = n_classes * n_samples
+        self.generator = generator if generator is not None else _fresh_generator()
+
+    def __len__(self) -> int:
+        return self._draw.n_items // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._draw.draw(len(self), self.generator).tolist()
+
+
+BalancedBatchSamplerCifar = BalancedBatchSampler
+
+
+class DistributedBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Balanced batches for one rank of a distributed job.
+
+    Every rank draws the same ``num_replicas × len(self)`` global batches from one generator seeded
+    with ``seed + epoch`` and keeps every ``num_replicas``-th one, starting at its rank: ranks get
+    different batches and agree on the epoch without communicating. Call :meth:`set_epoch` at the
+    start of every epoch, as with ``DistributedSampler``.
+
+    Args:
+        labels: integer labels ``(N,)``.
+        n_classes, n_samples: P and K as in :class:`BalancedBatchSampler`.
+        num_replicas: world size. rank: this process's rank in ``[0, num_replicas)``.
+        seed: base seed, identical on every rank.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        n_classes: int,
+        n_samples: int,
+        num_replicas: int,
+        rank: int,
+        seed: int = 0,
+    ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise DeephashError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self._draw = _BalancedDraw(labels, n_classes, n_samples)
+        self.n_classes, self.n_samples = n_classes, n_samples
+        self.batch_size = n_classes * n_samples
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._draw.n_items // (self.batch_size * self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = self._draw.draw(len(self) * self.num_replicas, generator)
+        yield from batches[self.rank :: self.num_replicas].tolist()
