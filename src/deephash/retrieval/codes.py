@@ -1,0 +1,191 @@
+"""Binary codes: binarise, pack to bytes (most significant bit first), and code files (``.npz``).
+
+A code file holds ``codes`` (packed uint8 ``(N, ceil(bits/8))``), ``labels`` (int64 ``(N,)`` or
+``(N, C)`` multi-hot), ``bits`` (0-d int64) and, only when the ids are not ``0..N-1``, ``ids``
+(int64 ``(N,)``). It is read with ``np.load(allow_pickle=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deephash._io import atomic_savez
+from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError
+
+
+def n_bytes(bits: int) -> int:
+    """Bytes needed to hold ``bits`` bits: ``ceil(bits / 8)``."""
+    return (int(bits) + 7) // 8
+
+
+def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Sign of ``x`` as float ``{-1, +1}`` with ``0 -> +1``; same type and shape as ``x``."""
+    if isinstance(x, torch.Tensor):
+        one = torch.ones((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+        return torch.where(x >= 0, one, -one)
+    x = np.asarray(x)
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
+    return np.where(x >= 0, 1.0, -1.0).astype(dtype)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Pack binary codes into bytes, most significant bit first, zero padded.
+
+    Bit ``j`` of a code goes to byte ``j // 8`` at bit position ``7 - j % 8``
+    (``np.packbits(..., bitorder="big")``).
+
+    Args:
+        codes: ``(N, bits)`` bool, ``{0, 1}`` integers or ``{-1, +1}`` floats (numpy or torch);
+            a value ``> 0`` (or ``True``) is a 1 bit. Apply :func:`binarize` to real values first.
+
+    Returns:
+        uint8 ``(N, ceil(bits / 8))``.
+    """
+    array = _to_numpy(codes)
+    if array.ndim != 2:
+        raise DeephashError(f"codes must be 2-D (N, bits), got shape {array.shape}")
+    if array.dtype != np.bool_:
+        if array.size and not np.isin(array, (-1, 0, 1)).all():
+            raise DeephashError("codes must be bool, {0, 1} or {-1, +1}; call binarize() on real values first")
+        array = array > 0
+    return np.packbits(array, axis=1, bitorder="big")
+
+
+def unpack_codes(packed: torch.Tensor | np.ndarray, bits: int) -> np.ndarray:
+    """Unpack ``uint8 (N, ceil(bits/8))`` codes into ``uint8 (N, bits)`` with values in ``{0, 1}``."""
+    array = _to_numpy(packed)
+    if array.ndim != 2 or array.dtype != np.uint8:
+        raise DeephashError(f"packed codes must be uint8 (N, bytes), got {array.dtype} {array.shape}")
+    if array.shape[1] != n_bytes(bits):
+        raise CodeLengthError(
+            f"packed codes have {array.shape[1]} bytes but {bits}-bit codes need {n_bytes(bits)} bytes"
+        )
+    return np.unpackbits(array, axis=1, count=int(bits), bitorder="big")
+
+
+def padding_is_zero(packed: np.ndarray, bits: int) -> bool:
+    """Whether the unused low bits of the last byte of every code are zero."""
+    spare = n_bytes(bits) * 8 - int(bits)
+    if spare == 0 or packed.shape[0] == 0:
+        return True
+    return not (packed[:, -1] & np.uint8((1 << spare) - 1)).any()
+
+
+@dataclass(frozen=True)
+class CodeSet:
+    """Codes read from a code file.
+
+    Attributes:
+        codes: packed uint8 ``(N, ceil(bits/8))``.
+        labels: int64 ``(N,)`` or multi-hot ``(N, C)``.
+        bits: code length in bits.
+        ids: int64 ``(N,)``; ``0..N-1`` when the file stores none.
+    """
+
+    codes: np.ndarray
+    labels: np.ndarray
+    bits: int
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+
+def save_codes(
+    path: str | os.PathLike,
+    codes: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    bits: int,
+    ids: torch.Tensor | np.ndarray | None = None,
+) -> None:
+    """Write a code file atomically.
+
+    Args:
+        path: destination ``.npz``.
+        codes: packed uint8 ``(N, ceil(bits/8))``, or unpacked ``(N, bits)`` bool/{0,1}/±1 codes
+            (any dtype but uint8), which are packed here.
+        labels: int ``(N,)`` or multi-hot ``(N, C)``; stored as int64.
+        bits: code length in bits (``>= 1``).
+        ids: optional int64 ``(N,)``; stored only when not ``0..N-1``.
+    """
+    bits = int(bits)
+    if bits < 1:
+        raise DeephashError(f"bits must be >= 1, got {bits}")
+    array = _to_numpy(codes)
+    if array.dtype != np.uint8:
+        if array.ndim != 2 or array.shape[1] != bits:
+            raise CodeLengthError(f"unpacked codes have shape {array.shape} but bits is {bits}")
+        array = pack_codes(array)
+    if array.ndim != 2 or array.shape[1] != n_bytes(bits):
+        raise CodeLengthError(f"packed codes have shape {array.shape} but {bits}-bit codes need {n_bytes(bits)} bytes")
+    if not padding_is_zero(array, bits):
+        raise DeephashError(f"packed {bits}-bit codes have non-zero padding bits")
+    label_array = _to_numpy(labels).astype(np.int64)
+    if label_array.ndim not in (1, 2) or label_array.shape[0] != array.shape[0]:
+        raise DeephashError(f"labels of shape {label_array.shape} do not match {array.shape[0]} codes")
+    arrays = {"codes": array, "labels": label_array, "bits": np.array(bits, dtype=np.int64)}
+    if ids is not None:
+        id_array = _to_numpy(ids).astype(np.int64).reshape(-1)
+        if id_array.shape[0] != array.shape[0]:
+            raise DeephashError(f"{id_array.shape[0]} ids do not match {array.shape[0]} codes")
+        if not np.array_equal(id_array, np.arange(array.shape[0])):
+            arrays["ids"] = id_array
+    atomic_savez(path, **arrays)
+
+
+def load_codes(path: str | os.PathLike) -> CodeSet:
+    """Read and validate a code file written by :func:`save_codes`.
+
+    Raises:
+        NotFoundError: the file does not exist.
+        DataFormatError: the file is malformed; the message names the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"code file {path} does not exist")
+
+    def bad(problem: str) -> DataFormatError:
+        return DataFormatError(f"code file {path}: {problem}")
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise bad(f"not a readable .npz file ({error})") from None
+    for key in ("codes", "labels", "bits"):
+        if key not in arrays:
+            raise bad(f"missing key '{key}'")
+    codes, labels, bits_array = arrays["codes"], arrays["labels"], arrays["bits"]
+    if bits_array.shape != () or not np.issubdtype(bits_array.dtype, np.integer) or int(bits_array) < 1:
+        raise bad(f"'bits' must be a positive 0-d integer, got {bits_array.dtype} {bits_array.shape}")
+    bits = int(bits_array)
+    if codes.dtype != np.uint8 or codes.ndim != 2:
+        raise bad(f"'codes' must be uint8 (N, bytes), got {codes.dtype} {codes.shape}")
+    if codes.shape[1] != n_bytes(bits):
+        raise bad(f"'codes' have {codes.shape[1]} bytes per code but {bits} bits need {n_bytes(bits)}")
+    if not padding_is_zero(codes, bits):
+        raise bad(f"padding bits beyond bit {bits} are not zero")
+    if labels.dtype != np.int64 or labels.ndim not in (1, 2):
+        raise bad(f"'labels' must be int64 (N,) or (N, C), got {labels.dtype} {labels.shape}")
+    if labels.shape[0] != codes.shape[0]:
+        raise bad(f"{labels.shape[0]} labels for {codes.shape[0]} codes")
+    if "ids" in arrays:
+        ids = arrays["ids"]
+        if ids.dtype != np.int64 or ids.shape != (codes.shape[0],):
+            raise bad(f"'ids' must be int64 ({codes.shape[0]},), got {ids.dtype} {ids.shape}")
+    else:
+        ids = np.arange(codes.shape[0], dtype=np.int64)
+    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids)

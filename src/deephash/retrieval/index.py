@@ -1,0 +1,394 @@
+"""``HashIndex``: a Hamming index over FAISS's binary indexes, with ids, labels and metadata.
+
+FAISS needs a dimension divisible by 8; codes are packed to whole bytes with zero padding bits in
+both queries and database, so the padded dimension leaves every distance unchanged.
+
+Factories (FAISS's strings): ``"BFlat"`` exact; ``"BHash<b>"`` and ``"BHash<nh>x<b>"`` (multi-hash)
+look up buckets of ``b`` bits; ``"BIVF<nlist>"`` inverted file, trained on the codes of the first
+``add`` unless :meth:`HashIndex.train` was called before. Without FAISS (or with
+``backend="torch"``) only ``"BFlat"`` is available, through the exact torch search.
+
+The index keeps its own copy of the packed codes (``N * ceil(bits/8)`` bytes), so ``remove`` works
+for every factory (hash indexes are rebuilt) and a saved index can be reopened without FAISS.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deephash._io import atomic_replace_dir
+from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError
+from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
+from deephash.retrieval.hamming import hamming_knn, hamming_range
+
+FORMAT_VERSION = 1
+_META_KEYS = {"format_version": int, "bits": int, "factory": str, "count": int, "created": str, "deephash_version": str}
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise DeephashError("this HashIndex needs FAISS: pip install faiss-cpu (or use factory='BFlat', backend='torch')") from None
+    return faiss
+
+
+def faiss_available() -> bool:
+    """Whether ``import faiss`` succeeds."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class HashIndex:
+    """Hamming index of packed binary codes with user ids and optional labels.
+
+    Args:
+        bits: code length in bits (``>= 1``).
+        factory: FAISS binary index factory string (see the module docstring).
+        metadata: free JSON-serialisable description of the model that made the codes; saved as
+            ``meta.json["model"]``.
+        backend: ``"faiss"``, ``"torch"`` (exact, ``"BFlat"`` only) or ``None`` (FAISS when
+            importable, else torch).
+    """
+
+    def __init__(self, bits: int, factory: str = "BFlat", metadata: Any = None, backend: str | None = None) -> None:
+        if int(bits) < 1:
+            raise DeephashError(f"bits must be >= 1, got {bits}")
+        if backend is None:
+            backend = "faiss" if faiss_available() else "torch"
+        if backend not in ("faiss", "torch"):
+            raise DeephashError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+        if backend == "torch" and factory != "BFlat":
+            raise DeephashError(f"index factory {factory!r} needs FAISS (pip install faiss-cpu); the torch backend only does 'BFlat'")
+        self.bits = int(bits)
+        self.factory = factory
+        self.metadata = metadata
+        self.backend = backend
+        self.n_bytes = n_bytes(self.bits)
+        self._codes = np.zeros((0, self.n_bytes), dtype=np.uint8)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._labels: np.ndarray | None = None
+        self._faiss_index: Any = self._new_faiss_index() if backend == "faiss" else None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ntotal(self) -> int:
+        """Number of codes in the index."""
+        return int(self._ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 ``(ntotal,)`` ids in insertion order."""
+        return self._ids.copy()
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Packed uint8 ``(ntotal, ceil(bits/8))`` codes in insertion order."""
+        return self._codes.copy()
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 ``(ntotal,)`` or ``(ntotal, C)`` labels, or ``None`` when none were added."""
+        return None if self._labels is None else self._labels.copy()
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the index can accept codes (only ``BIVF`` needs training)."""
+        return self._faiss_index is None or bool(self._faiss_index.is_trained)
+
+    def _new_faiss_index(self) -> Any:
+        faiss = _import_faiss()
+        try:
+            inner = faiss.index_binary_factory(self.n_bytes * 8, self.factory)
+        except RuntimeError as error:
+            raise DeephashError(f"unknown binary index factory {self.factory!r}: {str(error).splitlines()[-1]}") from None
+        index = faiss.IndexBinaryIDMap2(inner)
+        index.own_fields = True
+        inner.this.disown()
+        return index
+
+    # ------------------------------------------------------------------ input
+    def _packed(self, codes: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+        """Packed uint8 codes from packed uint8 or unpacked (N, bits) bool/{0,1}/±1 input."""
+        array = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2:
+            raise DeephashError(f"{what} must be 2-D, got shape {array.shape}")
+        if array.dtype != np.uint8:
+            if array.shape[1] != self.bits:
+                raise CodeLengthError(f"{what} have {array.shape[1]} bits but the index holds {self.bits}-bit codes")
+            return pack_codes(array)
+        if array.shape[1] != self.n_bytes:
+            raise CodeLengthError(
+                f"{what} have {array.shape[1]} bytes ({array.shape[1] * 8} bits) "
+                f"but the index holds {self.bits}-bit codes ({self.n_bytes} bytes)"
+            )
+        if not padding_is_zero(array, self.bits):
+            raise DeephashError(f"{what} have non-zero padding bits beyond bit {self.bits}")
+        return np.ascontiguousarray(array)
+
+    # ------------------------------------------------------------------ building
+    def train(self, codes: torch.Tensor | np.ndarray) -> None:
+        """Train the index (``BIVF`` only; a no-op for the others) on packed ``(N, B)`` codes."""
+        packed = self._packed(codes, "training codes")
+        if self._faiss_index is None or self._faiss_index.is_trained:
+            return
+        try:
+            self._faiss_index.train(packed)
+        except RuntimeError as error:
+            raise DeephashError(f"training {self.factory} on {len(packed)} codes failed: {str(error).splitlines()[-1]}") from None
+
+    def add(
+        self,
+        codes: torch.Tensor | np.ndarray,
+        ids: torch.Tensor | np.ndarray | None = None,
+        labels: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Add codes.
+
+        Args:
+            codes: packed uint8 ``(N, ceil(bits/8))`` or unpacked ``(N, bits)`` bool/{0,1}/±1.
+            ids: int64 ``(N,)`` unique ids; default consecutive from the largest id + 1 (from
+                ``ntotal`` for an index filled only with default ids).
+            labels: int ``(N,)`` or ``(N, C)``; either every ``add`` has labels or none does.
+        """
+        packed = self._packed(codes, "codes")
+        n = packed.shape[0]
+        if ids is None:
+            start = int(self._ids.max()) + 1 if self.ntotal else 0
+            id_array = np.arange(start, start + n, dtype=np.int64)
+        else:
+            id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64).reshape(-1)
+            if id_array.shape[0] != n:
+                raise DeephashError(f"{id_array.shape[0]} ids for {n} codes")
+            if np.unique(id_array).shape[0] != n or np.isin(id_array, self._ids).any():
+                raise DeephashError("ids must be unique and not already in the index")
+            if (id_array < 0).any():
+                raise DeephashError("ids must be >= 0 (-1 means 'no result')")
+        label_array = None
+        if labels is not None:
+            label_array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+            if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
+                raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
+        if self.ntotal and (label_array is None) != (self._labels is None):
+            raise DeephashError("either every add() passes labels or none does")
+        if self._faiss_index is not None and n:
+            if not self._faiss_index.is_trained:
+                self.train(packed)
+            self._faiss_index.add_with_ids(packed, id_array)
+        self._codes = np.concatenate([self._codes, packed])
+        self._ids = np.concatenate([self._ids, id_array])
+        if label_array is not None:
+            self._labels = label_array if self._labels is None else np.concatenate([self._labels, label_array])
+
+    def remove(self, ids: torch.Tensor | np.ndarray | list[int]) -> int:
+        """Remove the codes with these ids (unknown ids are ignored); returns how many were removed."""
+        id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        keep = ~np.isin(self._ids, id_array)
+        removed = int((~keep).sum())
+        if removed == 0:
+            return 0
+        self._codes, self._ids = self._codes[keep], self._ids[keep]
+        if self._labels is not None:
+            self._labels = self._labels[keep]
+        if self._faiss_index is not None:
+            try:
+                self._faiss_index.remove_ids(_import_faiss().IDSelectorBatch(id_array))
+            except RuntimeError:  # hash indexes cannot remove: rebuild from the kept codes
+                self._faiss_index = self._new_faiss_index()
+                if self.ntotal:
+                    self._faiss_index.add_with_ids(self._codes, self._ids)
+        return removed
+
+    # ------------------------------------------------------------------ search
+    def search(self, codes: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest codes of each query.
+
+        Args:
+            codes: queries, packed uint8 ``(nq, ceil(bits/8))`` or unpacked ``(nq, bits)``.
+            k: neighbours per query (``>= 1``).
+
+        Returns:
+            ``(D, I)``: int32 ``(nq, k)`` Hamming distances and int64 ``(nq, k)`` ids, nearest
+            first; both ``-1`` where fewer than ``k`` results exist. The exact indexes break ties
+            by insertion order in the torch backend; FAISS's order within a tie is its own.
+        """
+        if int(k) < 1:
+            raise DeephashError(f"k must be >= 1, got {k}")
+        packed = self._packed(codes, "query codes")
+        k = int(k)
+        if self._faiss_index is None:
+            distances, positions = hamming_knn(packed, self._codes, k)
+            found = positions >= 0
+            return distances, np.where(found, self._ids[np.maximum(positions, 0)], -1)
+        distances, labels = self._faiss_index.search(packed, k)
+        missing = labels < 0
+        distances = distances.astype(np.int32)
+        distances[missing] = -1
+        return distances, labels.astype(np.int64)
+
+    def range_search(self, codes: torch.Tensor | np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every code within Hamming distance ``<= radius`` (inclusive) of each query.
+
+        Returns:
+            ``(lims, D, I)``: int64 ``(nq + 1,)`` offsets, int32 distances and int64 ids; the
+            results of query ``i`` are ``D[lims[i]:lims[i+1]]``, ``I[lims[i]:lims[i+1]]``, sorted by
+            distance then id.
+        """
+        packed = self._packed(codes, "query codes")
+        radius = int(radius)
+        nq = packed.shape[0]
+        if radius < 0 or self.ntotal == 0:
+            return np.zeros(nq + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        if self._faiss_index is None:
+            lims, distances, positions = hamming_range(packed, self._codes, radius)
+            ids = self._ids[positions]
+        else:  # FAISS's binary radius is strict (d < radius)
+            lims, distances, ids = self._faiss_index.range_search(packed, radius + 1)
+            lims, distances, ids = lims.astype(np.int64), distances.astype(np.int32), ids.astype(np.int64)
+        query = np.repeat(np.arange(nq), np.diff(lims))
+        order = np.lexsort((ids, distances, query))
+        return lims, distances[order], ids[order]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to the folder ``path`` atomically (replacing any old one).
+
+        Files: ``meta.json`` (format_version, bits, factory, count, created (ISO 8601 UTC),
+        deephash_version, model), ``codes.npy``, ``ids.npy``, ``labels.npy`` (when labels were
+        added) and ``index.faiss`` (FAISS backend).
+        """
+        from deephash import __version__
+
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "bits": self.bits,
+                "factory": self.factory,
+                "count": self.ntotal,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                "deephash_version": __version__,
+                "model": self.metadata,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            np.save(tmp / "codes.npy", self._codes)
+            np.save(tmp / "ids.npy", self._ids)
+            if self._labels is not None:
+                np.save(tmp / "labels.npy", self._labels)
+            if self._faiss_index is not None:
+                data = _import_faiss().serialize_index_binary(self._faiss_index)
+                (tmp / "index.faiss").write_bytes(data.tobytes())
+            atomic_replace_dir(tmp, final)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str | None = None) -> HashIndex:
+        """Read an index written by :meth:`save`.
+
+        Args:
+            path: the index folder.
+            backend: as in the constructor; ``None`` uses FAISS when importable and the folder has
+                ``index.faiss``, else the torch search (``BFlat`` only).
+
+        Raises:
+            NotFoundError: the folder does not exist.
+            DataFormatError: a file is missing, unreadable or inconsistent (named in the message).
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise NotFoundError(f"index folder {folder} does not exist")
+
+        def bad(problem: str) -> DataFormatError:
+            return DataFormatError(f"index folder {folder}: {problem}")
+
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise bad("missing meta.json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise bad(f"meta.json is not valid JSON ({error})") from None
+        if not isinstance(meta, dict):
+            raise bad("meta.json must hold an object")
+        for key, kind in _META_KEYS.items():
+            if key not in meta:
+                raise bad(f"meta.json lacks '{key}'")
+            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+                raise bad(f"meta.json '{key}' must be {kind.__name__}, got {type(meta[key]).__name__}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise bad(f"format_version {meta['format_version']} is not supported (expected {FORMAT_VERSION})")
+        bits, count = meta["bits"], meta["count"]
+        if bits < 1 or count < 0:
+            raise bad(f"meta.json has bits={bits}, count={count}")
+
+        def read(name: str, dtype: type, shape: tuple[int, ...] | None) -> np.ndarray:
+            file = folder / name
+            if not file.is_file():
+                raise bad(f"missing {name}")
+            try:
+                array = np.load(file, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise bad(f"{name} is not a readable .npy file ({error})") from None
+            if array.dtype != dtype or (shape is not None and array.shape != shape):
+                want = f"{np.dtype(dtype).name} {shape}" if shape else np.dtype(dtype).name
+                raise bad(f"{name} holds {array.dtype} {array.shape}, expected {want}")
+            return array
+
+        codes = read("codes.npy", np.uint8, (count, n_bytes(bits)))
+        ids = read("ids.npy", np.int64, (count,))
+        if not padding_is_zero(codes, bits):
+            raise bad("codes.npy has non-zero padding bits")
+        if np.unique(ids).shape[0] != count:
+            raise bad("ids.npy holds duplicate ids")
+        labels = None
+        if (folder / "labels.npy").exists():
+            labels = read("labels.npy", np.int64, None)
+            if labels.ndim not in (1, 2) or labels.shape[0] != count:
+                raise bad(f"labels.npy has shape {labels.shape}, expected ({count},) or ({count}, C)")
+        has_faiss_file = (folder / "index.faiss").is_file()
+        if backend is None:
+            backend = "faiss" if has_faiss_file and faiss_available() else "torch"
+        if backend == "faiss" and not has_faiss_file:
+            raise bad("missing index.faiss")
+        try:
+            index = cls(bits, meta["factory"], metadata=meta.get("model"), backend=backend)
+        except DeephashError as error:
+            raise bad(str(error)) from None
+        index._codes, index._ids, index._labels = codes, ids, labels
+        if backend == "faiss":
+            faiss = _import_faiss()
+            raw = np.fromfile(folder / "index.faiss", dtype=np.uint8)
+            try:
+                loaded = faiss.deserialize_index_binary(raw)
+            except RuntimeError:
+                raise bad("index.faiss is not a readable FAISS binary index") from None
+            if loaded.d != n_bytes(bits) * 8 or loaded.ntotal != count:
+                raise bad(f"index.faiss holds {loaded.ntotal} codes of {loaded.d} bits, meta.json says {count} of {bits}")
+            if not isinstance(loaded, faiss.IndexBinaryIDMap2):
+                raise bad("index.faiss is not an id-mapped binary index")
+            if not np.array_equal(faiss.vector_to_array(loaded.id_map), ids):
+                raise bad("index.faiss ids differ from ids.npy")
+            index._faiss_index = loaded
+        return index
