@@ -1,0 +1,237 @@
+"""Benchmark: forward+backward time per batch of every selector with its loss, against peers.
+
+Peers: the seed's per-pair loops (``bench/seed_reference.py``) and pytorch-metric-learning's
+closest miner + loss. Batches are n_classes × n_samples, dim 64, on the CPU with 2 threads.
+Peak memory: the growth of ``ru_maxrss`` (peak resident set size) of a fresh child process over
+its RSS after set-up, for deephash at 64×32. The all-triplets peers (which list O(B³) triplets)
+run in children capped at MEMORY_CAP_GB of address space and TIMEOUT_S seconds.
+
+Usage: ``python bench/mining.py [--quick]``; prints a table and updates BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deephash._io import atomic_write_text  # noqa: E402
+from deephash.losses import create_loss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECTORS = ["all", "hardest", "random", "semihard", "batch-hard", "all-positive", "hard-negative"]
+SHAPES = [(10, 8), (16, 16), (32, 32), (64, 32)]
+DIM, MARGIN, THREADS = 64, 1.0, 2
+MEMORY_CAP_GB, TIMEOUT_S = 10, 90
+PML_EQUIVALENT = {
+    "all": "TripletMarginMiner(all) + TripletMarginLoss",
+    "hardest": "TripletMarginMiner(hard) + TripletMarginLoss",
+    "random": None,
+    "semihard": "TripletMarginMiner(semihard) + TripletMarginLoss",
+    "batch-hard": "BatchHardMiner + TripletMarginLoss",
+    "all-positive": "PairMarginMiner + ContrastiveLoss",
+    "hard-negative": "PairMarginMiner + ContrastiveLoss",
+}
+SECTION = "## Mining (bench/mining.py)"
+
+
+def make_loss(impl: str, name: str):
+    """A callable ``(embeddings, labels) -> scalar loss`` for one implementation."""
+    if impl == "ours":
+        triplet = name not in ("all-positive", "hard-negative")
+        return create_loss("online-triplet" if triplet else "online-contrastive", margin=MARGIN, selector=name)
+    if impl == "seed":
+        from seed_reference import seed_loss
+
+        return seed_loss(name, MARGIN)
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    squared = distances.LpDistance(power=2, normalize_embeddings=False)
+    mean = reducers.MeanReducer()
+    if name in ("all", "hardest", "semihard"):
+        kind = {"all": "all", "hardest": "hard", "semihard": "semihard"}[name]
+        miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=kind, distance=squared)
+        loss = losses.TripletMarginLoss(margin=MARGIN, distance=squared, reducer=mean)
+    elif name == "batch-hard":
+        miner = miners.BatchHardMiner(distance=squared)
+        loss = losses.TripletMarginLoss(margin=MARGIN, distance=squared, reducer=mean)
+    else:
+        miner = miners.PairMarginMiner(pos_margin=0.0, neg_margin=MARGIN)
+        loss = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=MARGIN, reducer=mean)
+    return lambda e, y: loss(e, y, miner(e, y))
+
+
+def make_batch(n_classes: int, n_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(n_samples)
+    embeddings = torch.randn(len(labels), DIM, generator=g) * 0.15
+    return embeddings, labels
+
+
+def time_step(fn, embeddings: torch.Tensor, labels: torch.Tensor, budget_s: float) -> tuple[float, int]:
+    """Median seconds of forward+backward; reps fit ``budget_s`` (at least one, at most 30)."""
+
+    def step() -> float:
+        x = embeddings.clone().requires_grad_(True)
+        start = time.perf_counter()
+        fn(x, labels).backward()
+        return time.perf_counter() - start
+
+    first = step()
+    reps = int(min(30, budget_s // max(first, 1e-9)))
+    if reps < 2:
+        return first, 1
+    return statistics.median(step() for _ in range(reps)), reps
+
+
+def run_child(impl: str, name: str, shape: tuple[int, int], budget_s: float, cap: bool) -> dict:
+    """Time (and measure peak RSS growth) in a fresh process; failures are reported, not hidden."""
+    command = [sys.executable, __file__, "--child", impl, name, str(shape[0]), str(shape[1]), str(budget_s)]
+    if cap:
+        command.append("--cap")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f">{TIMEOUT_S}s"}
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        oom = "MemoryError" in done.stderr or "alloc" in done.stderr.lower() or done.returncode < 0
+        return {"error": f"out of memory (cap {MEMORY_CAP_GB} GB)" if oom else tail[0][:60]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(impl: str, name: str, n_classes: int, n_samples: int, budget_s: float, cap: bool) -> None:
+    if cap:
+        limit = MEMORY_CAP_GB * 1024**3
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(THREADS)
+    embeddings, labels = make_batch(n_classes, n_samples)
+    fn = make_loss(impl, name)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, reps = time_step(fn, embeddings, labels, budget_s)
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"seconds": seconds, "reps": reps, "peak_mb": peak_mb}))
+
+
+def fmt_ms(result: dict) -> str:
+    if "error" in result:
+        return result["error"]
+    return f"{result['seconds'] * 1e3:.2f} ({result['reps']})"
+
+
+def fmt_ratio(peer: dict | None, ours: dict) -> str:
+    if peer is None:
+        return "n/a"
+    if "error" in peer:
+        return f"> (peer {peer['error']})"
+    return f"{peer['seconds'] / ours['seconds']:.1f}×"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller time budgets (for a smoke run)")
+    parser.add_argument("--child", nargs=5, metavar=("IMPL", "NAME", "C", "K", "BUDGET"))
+    parser.add_argument("--cap", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        impl, name, c, k, budget = args.child
+        child(impl, name, int(c), int(k), float(budget), args.cap)
+        return
+    torch.set_num_threads(THREADS)
+    budget = {"ours": 0.5, "pml": 1.0, "seed": 1.5}
+    if args.quick:
+        budget = {key: value / 5 for key, value in budget.items()}
+    rows = []
+    for name in SELECTORS:
+        for shape in SHAPES:
+            embeddings, labels = make_batch(*shape)
+            result = {"ours": dict(zip(("seconds", "reps"), time_step(make_loss("ours", name), embeddings, labels, budget["ours"])))}
+            for impl in ("seed", "pml"):
+                if impl == "pml" and PML_EQUIVALENT[name] is None:
+                    result[impl] = None
+                elif name == "all":  # lists O(B^3) triplets: capped child process
+                    result[impl] = run_child(impl, name, shape, budget[impl], cap=True)
+                else:
+                    seconds, reps = time_step(make_loss(impl, name), embeddings, labels, budget[impl])
+                    result[impl] = {"seconds": seconds, "reps": reps}
+            rows.append((name, shape, result))
+            print(
+                f"{name:>13} {shape[0]:>2}×{shape[1]:<2} ours {fmt_ms(result['ours']):>14} "
+                f"seed {fmt_ms(result['seed']):>22} pml {fmt_ms(result['pml']) if result['pml'] else 'n/a':>22} "
+                f"seed/ours {fmt_ratio(result['seed'], result['ours']):>8} pml/ours {fmt_ratio(result['pml'], result['ours']):>8}",
+                flush=True,
+            )
+    memory = {name: run_child("ours", name, SHAPES[-1], 0.5, cap=False) for name in SELECTORS}
+    for name, result in memory.items():
+        print(f"peak RSS growth {name:>13} 64×32: {result.get('peak_mb', result.get('error'))} MB", flush=True)
+    write_markdown(rows, memory)
+
+
+def _machine() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
+    except OSError:
+        model = platform.processor() or "?"
+    return f"{model}, {THREADS} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_markdown(rows, memory) -> None:
+    import pytorch_metric_learning
+
+    lines = [
+        SECTION,
+        "",
+        f"Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/mining.py` (`make bench`). "
+        f"Date: {datetime.date.today().isoformat()}. Machine: {_machine()}, "
+        f"pytorch-metric-learning {pytorch_metric_learning.__version__}. "
+        "The 2-core CPU was shared with other engineers' jobs while this ran, so times are noisy.",
+        "",
+        f"Forward+backward milliseconds per batch (median, repetitions in brackets), dim {DIM}, margin {MARGIN}, "
+        "embeddings N(0, 0.15²). Ratios are peer time / deephash time (higher is better for deephash). "
+        "Seed: the seed's per-pair loops (`bench/seed_reference.py`; batch-hard in the same loop style, "
+        "the seed has none). PML: pytorch-metric-learning's closest miner + loss with squared Lp distance "
+        "and MeanReducer; it has no random-negative miner (n/a). All-triplets peers list O(B³) triplets "
+        f"and run in a child process capped at {MEMORY_CAP_GB} GB address space and {TIMEOUT_S} s.",
+        "",
+        "| selector | batch | deephash ms | seed ms | PML ms | seed / deephash | PML / deephash |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, shape, r in rows:
+        pml = fmt_ms(r["pml"]) if r["pml"] else "n/a"
+        lines.append(
+            f"| {name} | {shape[0]}×{shape[1]} | {fmt_ms(r['ours'])} | {fmt_ms(r['seed'])} | {pml} | "
+            f"{fmt_ratio(r['seed'], r['ours'])} | {fmt_ratio(r['pml'], r['ours'])} |"
+        )
+    lines += [
+        "",
+        "Peak memory of deephash at 64×32 (B = 2048): growth of the peak resident set size "
+        "(`ru_maxrss`) of a fresh child process over its RSS after imports and set-up, over the timed steps:",
+        "",
+        "| selector | peak RSS growth MB |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | {r['peak_mb']:.0f} |" if "peak_mb" in r else f"| {name} | {r['error']} |" for name, r in memory.items()]
+    section = "\n".join(lines) + "\n"
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
