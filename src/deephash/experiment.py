@@ -618,7 +618,7 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
     Returns:
         The dict written.
     """
-    from deephash.retrieval import evaluate_codes, evaluate_embeddings
+    from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings
 
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
@@ -632,10 +632,11 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
     encode_seconds = time.perf_counter() - tic
     if _is_hash(model):
         metrics = evaluate_codes(q_codes, q_labels, db_codes, db_labels, model.bits, ks=ks,
-                                 radius=config.eval.radius, knn_k=config.eval.knn_k)
+                                 radius=config.eval.radius, knn_k=config.eval.knn_k, splits=(query, database))
         kind = f"hamming ranking of {model.bits}-bit codes"
     else:
-        metrics = evaluate_embeddings(q_codes, q_labels, db_codes, db_labels, ks=ks, knn_k=config.eval.knn_k)
+        metrics = evaluate_embeddings(q_codes, q_labels, db_codes, db_labels, ks=ks, knn_k=config.eval.knn_k,
+                                      splits=(query, database))
         kind = f"euclidean ranking of {q_codes.shape[1]}-d embeddings"
     result = {
         "protocol": {
@@ -692,7 +693,7 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     The index metadata records the run, the source (split or folder) and, for folders, the path
     of every item, so :func:`search` can name them.
     """
-    from deephash.retrieval import HashIndex
+    from deephash.retrieval.index import HashIndex
 
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
@@ -700,23 +701,22 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
         raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs a hash model (model.head = 'hash')")
     dataset = _source_dataset(config, run_dir, split, images)
     codes, labels = encode(model, dataset)
-    index = HashIndex(model.bits, factory=factory)
-    index.add(codes)
-    index.labels = labels
-    index.metadata.update({
-        "model": str(run_dir.resolve()),
+    metadata: dict[str, Any] = {
+        "run": str(run_dir.resolve()),
         "source": f"images:{Path(images).resolve()}" if images is not None else f"split:{split}",
         "classes": list(getattr(model, "classes", []) or dataset.classes or []),
-    })
+    }
     if dataset.paths is not None:
-        index.metadata["paths"] = list(dataset.paths)
+        metadata["paths"] = list(dataset.paths)
+    index = HashIndex(model.bits, factory=factory, metadata=metadata)
+    index.add(codes, labels=labels)
     out = Path(out)
     index.save(out)
     return out
 
 
 def _load_index(index_dir: str | os.PathLike):
-    from deephash.retrieval import HashIndex
+    from deephash.retrieval.index import HashIndex
 
     index_dir = Path(index_dir)
     if not index_dir.is_dir():
@@ -725,17 +725,16 @@ def _load_index(index_dir: str | os.PathLike):
 
 
 def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
-    """What an index holds: bits, size, factory, model run, source, creation time."""
+    """What an index holds: bits, items, factory, the run that made it, the source, the classes."""
     index = _load_index(index_dir)
-    meta = dict(index.metadata)
-    info = {"bits": index.bits, "items": len(index), "factory": meta.pop("factory", getattr(index, "factory", ""))}
-    paths = meta.pop("paths", None)
-    classes = meta.pop("classes", None)
+    meta = dict(index.metadata) if isinstance(index.metadata, dict) else {"model": index.metadata}
+    info: dict[str, Any] = {"bits": index.bits, "items": len(index), "factory": index.factory}
+    paths, classes = meta.pop("paths", None), meta.pop("classes", None)
     info.update(meta)
     if classes:
         info["classes"] = ", ".join(classes)
     if paths:
-        info["paths"] = f"{len(paths)} files"
+        info["paths"] = f"{len(paths)} image files"
     return info
 
 
@@ -794,9 +793,9 @@ def search(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Seq
     device = next(model.parameters()).device
     with torch.inference_mode():
         codes = pack_codes(model(queries.to(device).float().div_(255)).cpu())
-    meta = index.metadata
-    classes, paths = meta.get("classes") or [], meta.get("paths")
-    labels = np.asarray(index.labels) if getattr(index, "labels", None) is not None else None
+    meta = index.metadata if isinstance(index.metadata, dict) else {}
+    classes, paths = meta.get("classes") or getattr(model, "classes", []), meta.get("paths")
+    labels = index.labels
     if radius is not None:
         lims, dist, ids = index.range_search(codes, radius)
         rows = [(dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]) for q in range(len(codes))]
@@ -825,12 +824,8 @@ def search(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Seq
 
 
 def _id_positions(index: Any):
-    """A function mapping an index id to the row of its label/path (ids default to 0..N-1)."""
-    ids = getattr(index, "ids", None)
-    if ids is None:
-        return lambda ident: ident
-    ids = np.asarray(ids)
-    lookup = {int(v): i for i, v in enumerate(ids.tolist())}
+    """A function mapping an index id to its row (for its label and path)."""
+    lookup = {int(v): i for i, v in enumerate(np.asarray(index.ids).tolist())}
     return lookup.get
 
 
