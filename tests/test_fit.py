@@ -374,3 +374,27 @@ def test_read_jsonl_skips_a_torn_last_line_and_the_logger_repairs_it(tmp_path):
     path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
     with pytest.raises(DataFormatError, match=r"m.jsonl, line 2"):
         read_jsonl(path)
+
+
+def test_set_epoch_reaches_the_batch_sampler_of_a_dataloader():
+    seen = []
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __init__(self):
+            self.epoch = None
+
+        def set_epoch(self, epoch):
+            seen.append(epoch)
+
+        def __len__(self):
+            return 2
+
+        def __iter__(self):
+            yield from ([0, 1, 2, 3], [4, 5, 6, 7])
+
+    x, y = blobs(2, 15)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=EpochSampler())
+    model = classifier()
+    fit(loader, None, model, F.nll_loss, torch.optim.SGD(model.parameters(), lr=0.1), None, 4, "cpu", 1,
+        start_epoch=2, progress=False)
+    assert seen == [2, 3]

@@ -261,7 +261,7 @@ def load_checkpoint(
     if rng and state["rng"] is not None:
         _apply(path, "RNG", lambda: torch.set_rng_state(state["rng"]["torch"]))
         cuda_states = state["rng"].get("cuda", [])
-        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count() > 0:
             _apply(path, "CUDA RNG", lambda: torch.cuda.set_rng_state_all(cuda_states))
     return state
 
@@ -390,6 +390,7 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 def _best_of(history: Sequence[dict], monitor: str | None, mode: str) -> float | None:
     best = None
     for record in history:
-        if monitor is not None and monitor in record and _better(float(record[monitor]), best, mode):
-            best = float(record[monitor])
+        value = record.get(monitor) if monitor is not None else None
+        if value is not None and _better(float(value), best, mode):
+            best = float(value)
     return best

@@ -36,7 +36,9 @@ def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
             method(*args)
 
 
-def _prepare_batch(batch: Any, device: torch.device | str) -> tuple[tuple[Tensor, ...], Tensor | None]:
+def _prepare_batch(
+    batch: Any, device: torch.device | str
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """Split a batch into ``(inputs tuple on device, target on device or None)``."""
     data, target = batch
     target = target if len(target) > 0 else None
@@ -75,10 +77,16 @@ def _all_finite(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
     return ok
 
 
-def _diverged(loss: Tensor, epoch: int, n_epochs: int, step: int, n_steps: int | None) -> TrainingDiverged:
+def _diverged(
+    loss: Tensor, epoch: int, n_epochs: int, step: int, n_steps: int | None
+) -> TrainingDiverged:
+    """The error for a non-finite loss or gradient (1-based epoch and step in the message)."""
     value = float(loss.detach())
     where = f"epoch {epoch + 1}/{n_epochs}, step {step}" + (f"/{n_steps}" if n_steps else "")
-    what = f"loss became {value}" if not math.isfinite(value) else f"gradients became non-finite (loss {value:.6g})"
+    if math.isfinite(value):
+        what = f"gradients became non-finite (loss {value:.6g})"
+    else:
+        what = f"loss became {value}"
     return TrainingDiverged(
         f"{what} at {where}; stopped before the optimizer step, weights are those of the previous "
         "step (lower the learning rate or check the data)"
@@ -145,11 +153,13 @@ def train_epoch(
         if interval_steps == log_interval or step == n_steps:
             mean_loss = float(interval_sum) / interval_steps
             toc = time.perf_counter()
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{interval_images / max(toc - tic, 1e-9):.0f}")
+            speed = interval_images / max(toc - tic, 1e-9)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
             _call(callbacks, "on_step_end", epoch, step, mean_loss, interval_images)
             interval_sum, interval_steps, interval_images, tic = 0.0, 0, 0, toc
     if interval_steps:  # a loader without len(): report the tail
-        _call(callbacks, "on_step_end", epoch, step, float(interval_sum) / interval_steps, interval_images)
+        mean_loss = float(interval_sum) / interval_steps
+        _call(callbacks, "on_step_end", epoch, step, mean_loss, interval_images)
     bar.close()
     return (float(epoch_sum) / step if step else float("nan")), total_images
 
@@ -178,6 +188,15 @@ def evaluate_epoch(
     return float(total) / steps if steps else float("nan")
 
 
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on the loader, its sampler or batch sampler where defined."""
+    seen: list[Any] = []
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch") and not any(obj is o for o in seen):
+            seen.append(obj)
+            obj.set_epoch(epoch)
+
+
 def _step_scheduler(scheduler: Any, monitored: float) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(monitored)
@@ -204,7 +223,9 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` for epochs ``start_epoch .. n_epochs - 1`` (the seed's ``fit``).
 
-    Each epoch: ``schedule.apply(loss_fn, epoch, n_epochs)`` for every schedule, a training pass
+    Each epoch: ``schedule.apply(loss_fn, epoch, n_epochs)`` for every schedule, the callbacks'
+    ``on_epoch_start``, ``set_epoch(epoch)`` on the training loader or its (batch) sampler where
+    they have one (as ``DistributedSampler`` needs, also on resume), a training pass
     (one optimizer step per batch), then ``scheduler.step()`` (``step(val_loss or train_loss)`` for
     ``ReduceLROnPlateau``), then validation when ``val_loader`` is given. The model is not moved:
     put it on ``device`` first.
@@ -240,6 +261,7 @@ def fit(
             for schedule in schedules:
                 schedule.apply(loss_fn, epoch, n_epochs)
             _call(callbacks, "on_epoch_start", epoch)
+            _set_epoch(train_loader, epoch)
             lr = float(optimizer.param_groups[0]["lr"])
             tic = time.perf_counter()
             train_loss, n_images = train_epoch(
