@@ -1,0 +1,299 @@
+"""The HTTP search service: a FastAPI shell over :class:`~deephash.serve.service.SearchService`.
+
+Endpoints: ``POST /api/search`` (an uploaded image, a hex code or a database item id),
+``GET /api/items/random``, ``GET /api/items/{id}/image`` (PNG), ``GET /api/info``, ``GET /healthz``,
+``GET /`` (the page, with its files under ``/static``) and FastAPI's ``/openapi.json`` and ``/docs``.
+
+Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is refused with 413
+(declared ``Content-Length`` and the bytes actually streamed are both counted), and a request
+still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from deephash.errors import CodeLengthError, DeephashError, NotFoundError
+from deephash.serve.service import CorruptImageError, ImageTooLargeError, SearchService, UnsupportedImageError, parse_hex_code
+
+MAX_K = 1000
+STATIC_DIR = Path(__file__).parent / "static"
+_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+
+
+# ------------------------------------------------------------------------------ request guard
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from inside ``receive`` when the streamed body passes the limit (becomes a 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes")
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """Pure ASGI middleware: body-size limit (413) and a per-request deadline (503).
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: largest request body, in bytes.
+        timeout_s: seconds a request may take, reading its body included.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+        self.timeout_s = float(timeout_s)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _send_json(send, 413, f"request body of {declared.decode(errors='replace')} bytes is over the limit of {self.max_bytes} bytes")
+            return
+        received = 0
+        started = False
+
+        async def guarded_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with anyio.fail_after(self.timeout_s):
+                await self.app(scope, guarded_receive, tracked_send)
+        except BodyTooLarge as error:
+            if started:
+                raise
+            await _send_json(send, 413, error.detail)
+        except TimeoutError:
+            if started:
+                raise
+            await _send_json(send, 503, f"request took longer than {self.timeout_s:g} s and was stopped")
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+class SearchOptions(BaseModel):
+    """Search options (form fields of an upload)."""
+
+    k: int = Field(10, ge=1, le=MAX_K, description="number of results")
+    radius: int | None = Field(None, ge=0, description="only results within this Hamming distance")
+
+
+class SearchParams(SearchOptions):
+    """The JSON body of ``POST /api/search``: a hex ``code`` or an item ``id``, and options."""
+
+    code: str | None = Field(None, description="packed code as hex, most significant bit first")
+    id: int | None = Field(None, description="search with the stored code of this database item")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchParams:
+        if (self.code is None) == (self.id is None):
+            raise ValueError("give exactly one of 'code' and 'id' (or upload a multipart 'image')")
+        return self
+
+
+class Result(BaseModel):
+    id: int
+    distance: int
+    label: Any = None
+    image_url: str | None = None
+
+
+class Query(BaseModel):
+    id: int | None = None
+    label: Any = None
+    image_url: str | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    bits: int
+    took_ms: float
+    query: Query
+
+
+class Info(BaseModel):
+    bits: int
+    size: int
+    model: str
+    factory: str
+    classes: list[str]
+    input_shape: list[int]
+    has_images: bool
+    max_k: int
+
+
+class Item(BaseModel):
+    id: int
+    label: Any = None
+    image_url: str | None = None
+
+
+_ERRORS = {413: "body or image too large", 415: "not a supported image", 400: "corrupt image or body",
+           422: "bad parameters or code length", 404: "unknown item", 503: "timed out"}
+_SEARCH_BODY = {
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+            "radius": {"type": "integer", "minimum": 0}}}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/SearchParams"}},
+    }},
+}
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+def _status(error: DeephashError) -> int:
+    for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
+                         (NotFoundError, 404)):
+        if isinstance(error, kind):
+            return status
+    return 422  # a code of the wrong length or bad hex: an unprocessable value
+
+
+def create_app(
+    index_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    max_upload_bytes: int = 10_000_000,
+    max_pixels: int = 16_000_000,
+    request_timeout_s: float = 30.0,
+    service: SearchService | None = None,
+) -> FastAPI:
+    """The search web app over an index folder and the run whose model built it.
+
+    Args:
+        index_dir: folder written by ``deephash index build``.
+        run_dir: the run directory of the model.
+        max_upload_bytes: largest request body (413 above it).
+        max_pixels: largest ``width * height`` of an uploaded image (413 above it).
+        request_timeout_s: seconds before a request is answered 503.
+        service: an already loaded service (then the folders are not read).
+    """
+    service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels)
+    workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
+    app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.")
+    app.state.service = service
+    app.add_middleware(RequestGuard, max_bytes=max_upload_bytes, timeout_s=request_timeout_s)
+
+    @app.exception_handler(DeephashError)
+    async def _user_error(request: Request, error: DeephashError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", _CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    def image_url(ident: int) -> str | None:
+        return f"/api/items/{ident}/image" if service.has_image(ident) else None
+
+    async def in_thread(func: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=workers)
+
+    def invalid(errors: list) -> HTTPException:
+        return HTTPException(422, [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors])
+
+    @app.post("/api/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
+              responses={s: {"description": d} for s, d in _ERRORS.items()})
+    async def search(request: Request) -> dict[str, Any]:
+        """Search with an uploaded image (multipart field ``image``), a hex ``code`` or an item ``id``."""
+        started = time.perf_counter()
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        query: dict[str, Any] = {"id": None, "label": None, "image_url": None}
+        params: SearchOptions
+        if kind == "multipart/form-data":
+            async with request.form(max_files=1, max_fields=8) as form:
+                upload = form.get("image")
+                try:
+                    params = SearchOptions.model_validate({"k": form.get("k") or 10, "radius": form.get("radius") or None})
+                except ValidationError as error:
+                    raise invalid(error.errors()) from None
+                if upload is None or isinstance(upload, str):
+                    raise HTTPException(422, "multipart form needs a file field 'image'")
+                data = await upload.read()
+            packed = await in_thread(service.encode_image, data)
+        elif kind == "application/json":
+            try:
+                params = SearchParams.model_validate_json(await request.body())
+            except ValidationError as error:
+                raise invalid(error.errors()) from None
+            if params.code is not None:
+                packed = parse_hex_code(params.code, service.bits)
+            else:
+                packed, label = service.item(params.id)
+                query = {"id": params.id, "label": label, "image_url": image_url(params.id)}
+        else:
+            raise HTTPException(415, "send multipart/form-data with a file field 'image', or application/json with 'code' or 'id'")
+        hits = await in_thread(service.search, packed, params.k, params.radius)
+        return {
+            "results": [{"id": h.id, "distance": h.distance, "label": h.label, "image_url": image_url(h.id)} for h in hits],
+            "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query,
+        }
+
+    @app.get("/api/items/random", response_model=Item)
+    async def random_item() -> dict[str, Any]:
+        """A random database item (for the page's "random item" button)."""
+        ident = service.random_id()
+        return {"id": ident, "label": service.item(ident)[1], "image_url": image_url(ident)}
+
+    @app.get("/api/items/{ident}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}, 404: {}})
+    async def item_image(ident: int) -> Response:
+        """The database image of an item, as PNG."""
+        png = await in_thread(service.image_png, ident)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/api/info", response_model=Info)
+    async def info() -> dict[str, Any]:
+        """What the index holds: bits, size, model, factory, class names."""
+        return {**service.info(), "max_k": MAX_K}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: 200 while the server answers."""
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+__all__ = ["MAX_K", "RequestGuard", "SearchParams", "create_app"]

@@ -1,0 +1,46 @@
+"""``deephash serve INDEX_DIR --run RUN_DIR``: run the search service with uvicorn.
+
+The main CLI registers the command with :func:`add_serve_parser`; ``python -m deephash.serve``
+uses the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the serve arguments to ``parser`` and set ``handler=run_serve``."""
+    parser.add_argument("index", help="index directory (from `deephash index build`)")
+    parser.add_argument("--run", required=True, help="run directory of the model that built the index")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
+    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="largest uploaded image in pixels (default: 16M)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default: 30)")
+    parser.set_defaults(handler=run_serve)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``serve`` subcommand on the main CLI's subparsers."""
+    parser = subparsers.add_parser("serve", help="serve an index over HTTP with a search page")
+    add_arguments(parser)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the index and the run, then serve until interrupted; returns the exit status."""
+    try:
+        import uvicorn
+
+        from deephash.serve.app import create_app
+    except ImportError as error:
+        from deephash.errors import DeephashError
+
+        raise DeephashError(f"serving needs FastAPI and uvicorn: pip install 'deephash[serve]' ({error})") from None
+    app = create_app(args.index, args.run, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
+                     max_pixels=args.max_pixels, request_timeout_s=args.timeout)
+    print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, timeout_graceful_shutdown=5,
+                limit_concurrency=128, log_level="warning")
+    return 0
