@@ -3,8 +3,30 @@
 from deephash.losses.metric import ContrastiveLoss, TripletLoss
 from deephash.losses.online import OnlineContrastiveLoss, OnlineTripletLoss, batch_all_triplet_loss
 from deephash.losses.registry import create_loss, loss_names, register_loss
+from deephash.losses.hashing import (
+    BitBalanceLoss,
+    CSQLoss,
+    DSHLoss,
+    DTSHLoss,
+    QuantizationLoss,
+    bit_balance_loss,
+    hash_centers,
+    quantization_loss,
+)
+from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
+    "BitBalanceLoss",
+    "CSQLoss",
+    "Constant",
+    "DSHLoss",
+    "DTSHLoss",
+    "LinearRamp",
+    "QuantizationLoss",
+    "bit_balance_loss",
+    "build_schedule",
+    "hash_centers",
+    "quantization_loss",
     "ContrastiveLoss",
     "OnlineContrastiveLoss",
     "OnlineTripletLoss",
