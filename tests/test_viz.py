@@ -79,6 +79,16 @@ def test_tsne_small_n_adjusts_perplexity(tmp_path, n):
     assert_png(path)
 
 
+def test_tsne_of_collapsed_codes_places_each_distinct_code_apart():
+    codes = np.ones((30, 8))
+    codes[20:] = -1  # two distinct codes only: no t-SNE (scikit-learn would crash on one)
+    points = tsne_2d(codes, seed=0)
+    assert np.isfinite(points).all()
+    assert np.abs(points[:20].mean(0) - points[20:].mean(0)).max() > 0.5
+    assert points[:20].std(0).max() < 0.2 and points[20:].std(0).max() < 0.2
+    assert np.isfinite(tsne_2d(np.ones((30, 8)))).all()
+
+
 def test_tsne_subsamples(tmp_path):
     rng = np.random.default_rng(0)
     path = plot_tsne(rng.normal(size=(300, 4)), rng.integers(0, 10, 300), FASHION_MNIST_CLASSES,

@@ -135,18 +135,21 @@ def tsne_2d(features: Any, seed: int = 0, perplexity: float = 30.0) -> np.ndarra
     """t-SNE of ``features`` ``(N, D)`` to float ``(N, 2)``; perplexity lowered for small N.
 
     scikit-learn needs ``perplexity < N``; we use ``min(perplexity, (N - 1) / 3)`` (at least 1)
-    so each point has a few effective neighbours. With fewer than 3 points t-SNE is meaningless
-    and the points are placed on a line instead.
+    so each point has a few effective neighbours. With fewer than 3 distinct rows (tiny inputs,
+    or codes that collapsed to one or two values, where scikit-learn's PCA start is undefined
+    and its Barnes-Hut solver crashes) t-SNE is meaningless: each distinct row is placed at its
+    own x position instead, with a little seeded jitter so that coinciding points stay visible.
     """
     x = np.asarray(features, dtype=np.float32)
     n = x.shape[0]
-    if n < 3:
-        return np.stack([np.arange(n, dtype=np.float64), np.zeros(n)], axis=1)
+    group = np.unique(x, axis=0, return_inverse=True)[1].reshape(-1) if n >= 3 else np.arange(n)
+    if group.max(initial=-1) < 2:
+        jitter = np.random.default_rng(seed).normal(scale=0.05, size=(n, 2))
+        return np.stack([group.astype(np.float64), np.zeros(n)], axis=1) + jitter
     from sklearn.manifold import TSNE
 
     perplexity = max(1.0, min(perplexity, (n - 1) / 3.0))
-    init = "pca" if x.shape[1] >= 2 else "random"
-    tsne = TSNE(n_components=2, perplexity=perplexity, init=init, learning_rate="auto",
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
                 random_state=seed)
     return tsne.fit_transform(x).astype(np.float64)
 
@@ -403,30 +406,36 @@ def plot_retrieval_grid(
         label = int(label)
         return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
 
-    cell_w, cell_h = 1.3, 1.6  # inches per image cell (room for the texts above and below)
-    fig = _figure(cell_w * (k + 1), cell_h * max(n_q, 1))
-    frame = max(1, round(queries.shape[1] / 10))
+    # One image for the whole grid (one axes: fast to draw), cells of equal size: column 0 the
+    # queries, column j the j-th results; white margins above and below each image for text.
+    h, w = queries.shape[1:3]
+    frame = max(1, round(h / 10))
+    pad_x, pad_top, pad_bottom = max(1, w // 6), max(2, round(h * 0.3)), max(2, round(h * 0.3))
+    cell_h, cell_w = h + 2 * frame + pad_top + pad_bottom, w + 2 * frame + 2 * pad_x
+    canvas = np.ones((max(n_q, 1) * cell_h, (k + 1) * cell_w, 3))
     for row in range(n_q):
-        cells = [(queries[row], None, "query")]
-        cells += [(results[row, j], CORRECT_RGB if correct[row, j] else WRONG_RGB, j)
-                  for j in range(k)]
-        for col, (image, color, tag) in enumerate(cells):
-            left, bottom = col / (k + 1), 1.0 - (row + 1) / n_q
-            ax = fig.add_axes((left + 0.1 / (k + 1), bottom + 0.18 / n_q,
-                               0.8 / (k + 1), 0.64 / n_q))
-            ax.imshow(_framed(image, color, frame), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if tag == "query":
+        for col in range(k + 1):
+            image = queries[row] if col == 0 else results[row, col - 1]
+            color = None if col == 0 else (CORRECT_RGB if correct[row, col - 1] else WRONG_RGB)
+            top, left = row * cell_h + pad_top, col * cell_w + pad_x
+            canvas[top:top + h + 2 * frame, left:left + w + 2 * frame] = _framed(image, color, frame)
+
+    fig = _figure(1.3 * (k + 1), 1.6 * max(n_q, 1))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    ax.imshow(canvas, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    text = {"ha": "center", "fontsize": 7}
+    for row in range(n_q):
+        for col in range(k + 1):
+            x = (col + 0.5) * cell_w - 0.5
+            above, below = row * cell_h + pad_top - 1.5, (row + 1) * cell_h - pad_bottom + 1
+            if col == 0:
                 top = "query" + (f": {name(query_labels[row])}" if query_labels is not None else "")
-                ax.set_title(top, fontsize=8, fontweight="bold")
-            else:
-                if result_labels is not None:
-                    ax.set_title(name(result_labels[row][tag]), fontsize=7)
-                if distances is not None:
-                    d = np.asarray(distances)[row, tag]
-                    text = f"d={int(d)}" if float(d).is_integer() else f"d={float(d):.3g}"
-                    ax.set_xlabel(text, fontsize=7, labelpad=2)
+                ax.text(x, above, top, va="bottom", fontweight="bold", **text)
+                continue
+            if result_labels is not None:
+                ax.text(x, above, name(np.asarray(result_labels)[row, col - 1]), va="bottom", **text)
+            if distances is not None:
+                d = float(np.asarray(distances)[row, col - 1])
+                ax.text(x, below, f"d={int(d)}" if d.is_integer() else f"d={d:.3g}", va="top", **text)
     return _save(fig, path)

@@ -1,0 +1,280 @@
+"""The run report: ``RUN_DIR/report.html`` with its PNGs in ``RUN_DIR/report/``.
+
+The page opens from disk (relative image paths, inline CSS, no scripts, no external URLs) and
+shows the metrics table with its protocol, a config summary, training curves, the embedding
+scatter (2-D models) or a t-SNE of the codes, precision@k and PR curves, and a retrieval grid.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from deephash._io import atomic_write_text
+from deephash.errors import DataFormatError, NotFoundError
+
+#: Cut-offs of the precision@k plot (those beyond the database size are dropped).
+PLOT_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass
+class Encoded:
+    """One split encoded by a run's model.
+
+    Attributes:
+        features: float32 ``(N, D)``: ±1 codes (hash models) or embeddings.
+        labels: int64 ``(N,)``.
+        images: uint8 ``(N, C, H, W)``.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    images: torch.Tensor
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Model outputs in eval mode for uint8 ``(N, C, H, W)`` images: float32 ``(N, D)``.
+
+    A hash model gives its ±1 codes, an embedding model its embeddings.
+    """
+    device = next(model.parameters()).device
+    outputs = [model(chunk.to(device).float().div_(255)).float().cpu()
+               for chunk in images.split(batch_size)]
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path) -> Encoded:
+    from deephash.experiment import load_split
+
+    dataset = load_split(config, split, run_dir)
+    return Encoded(encode_images(model, dataset.data), dataset.targets, dataset.data)
+
+
+def ranking_distances(q: torch.Tensor, db: torch.Tensor, hamming: bool) -> torch.Tensor:
+    """Distances ``(nq, n)``: Hamming between ±1 codes (``(bits - q·db) / 2``) or Euclidean."""
+    if hamming:
+        return (q.shape[1] - q @ db.T) / 2
+    return torch.cdist(q, db)
+
+
+def rank_database(
+    query: Encoded, database: Encoded, hamming: bool, ks: Sequence[int], chunk: int = 256
+) -> dict[str, torch.Tensor]:
+    """Rank the whole database for every query; ties broken by database order (stable sort).
+
+    Args:
+        query, database: encoded splits.
+        hamming: rank by Hamming distance between ±1 codes (else Euclidean).
+        ks: rank cut-offs, each in ``1..len(database)``.
+        chunk: queries ranked at once (memory ``chunk × len(database)``).
+
+    Returns:
+        ``hits`` int64 ``(nq, len(ks))``: relevant items among the first k results;
+        ``relevant`` int64 ``(nq,)``: relevant items in the database;
+        ``top_ids`` int64 ``(nq, min(10, n))`` and ``top_dist`` float ``(nq, min(10, n))``:
+        the first results and their distances.
+    """
+    cut = torch.as_tensor(list(ks), dtype=torch.int64) - 1
+    parts: dict[str, list[torch.Tensor]] = {"hits": [], "relevant": [], "top_ids": [], "top_dist": []}
+    for start in range(0, len(query.labels), chunk):
+        d = ranking_distances(query.features[start:start + chunk], database.features, hamming)
+        d_sorted, order = torch.sort(d, dim=1, stable=True)
+        cum = (database.labels[order] == query.labels[start:start + chunk, None]).cumsum(dim=1)
+        parts["hits"].append(cum[:, cut])
+        parts["relevant"].append(cum[:, -1])
+        parts["top_ids"].append(order[:, :10])
+        parts["top_dist"].append(d_sorted[:, :10])
+    return {key: torch.cat(value) for key, value in parts.items()}
+
+
+def precision_recall(hits: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean precision@k and recall@k over queries: float64 ``(len(ks),)`` each.
+
+    Queries without any relevant item count as recall 0.
+    """
+    k = torch.as_tensor(list(ks), dtype=torch.float64)
+    hits = hits.double()
+    return (hits / k).mean(0).numpy(), (hits / relevant.double().clamp_min(1)[:, None]).mean(0).numpy()
+
+
+def _pr_ks(n: int) -> list[int]:
+    """About 40 log-spaced cut-offs from 1 to n (inclusive)."""
+    return sorted({int(round(v)) for v in np.geomspace(1, max(n, 1), 40)} | {n})
+
+
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return [row for key, sub in value.items() for row in _flatten(f"{prefix}{key}.", sub)]
+    return [(prefix[:-1], value)]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format(v) for v in value)
+    return str(value)
+
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_format(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataFormatError(f"{path}:{number} is not a JSON line") from None
+    return [r for r in records if isinstance(r, dict)]
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    """``metrics.json``, computed by ``deephash.experiment.evaluate_run`` when missing."""
+    from deephash import experiment
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        experiment.evaluate_run(run_dir)
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise DataFormatError(f"{path} is not valid JSON") from None
+    return metrics if isinstance(metrics, dict) else {}
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; font-size: 0.9em; }
+th { background: #f5f5f5; font-weight: 600; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n"
+    )
+
+
+def _img(path: Path, run_dir: Path, alt: str) -> str:
+    return f'<img src="{html.escape(path.relative_to(run_dir).as_posix())}" alt="{html.escape(alt)}">'
+
+
+def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries: int = 1000) -> Path:
+    """Write ``RUN_DIR/report.html`` and its PNGs under ``RUN_DIR/report/``; idempotent.
+
+    Args:
+        run_dir: a run directory (``config.toml``, ``model.pt``, ``metrics.jsonl``, and
+            ``metrics.json`` after ``deephash evaluate``).
+        max_queries: rows of the retrieval grid (the first query-split items).
+        curve_queries: the first this many queries give the precision@k / PR curves.
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        NotFoundError: the run directory, its config or its model is missing.
+    """
+    from deephash.config import config_to_dict
+    from deephash.experiment import load_run
+    from deephash.viz import (
+        plot_embeddings_2d,
+        plot_pr_curve,
+        plot_precision_at_k,
+        plot_retrieval_grid,
+        plot_training_curves,
+        plot_tsne,
+    )
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise NotFoundError(f"{run_dir} is not a run directory (no config.toml)")
+    model, config = load_run(run_dir, device="cpu")
+    out = run_dir / "report"
+    hamming = bool(getattr(model, "is_hash", False))
+    query_split, db_split = config.data.query_split, config.data.database_split
+    query = _encode_split(model, config, query_split, run_dir)
+    database = _encode_split(model, config, db_split, run_dir)
+    classes = getattr(model, "classes", None) or None
+    sections: list[tuple[str, str]] = []
+
+    result = _metrics(run_dir)
+    protocol = result.get("protocol", {}) if isinstance(result.get("protocol"), dict) else {}
+    metrics = result.get("metrics", {}) if isinstance(result.get("metrics"), dict) else {}
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    sections.append(("Metrics", _table(rows) + "<h3>Protocol</h3>" + _table(list(protocol.items()))))
+
+    config_rows = [(k, v) for k, v in _flatten("", config_to_dict(config)) if v not in ("", [], {})]
+    sections.append(("Configuration", _table(config_rows)))
+
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    curves = plot_training_curves(records, out / "training_curves.png")
+    sections.append(("Training", _img(curves, run_dir, "training curves")))
+
+    if not hamming and query.features.shape[1] == 2:
+        pictures = [plot_embeddings_2d(e.features.numpy(), e.labels.numpy(), classes, out / f"embeddings_{s}.png",
+                                       title=f"{s} embeddings")
+                    for s, e in ((db_split, database), (query_split, query))]
+        sections.append(("Embeddings", "".join(_img(p, run_dir, p.stem) for p in pictures)))
+    else:
+        kind = "codes" if hamming else "embeddings"
+        tsne = plot_tsne(query.features.numpy(), query.labels.numpy(), classes, out / "tsne.png",
+                         title=f"t-SNE of {query_split} {kind}")
+        sections.append((f"t-SNE of the {kind}", _img(tsne, run_dir, "t-SNE")))
+
+    n_curve = min(curve_queries, len(query.labels))
+    subset = Encoded(query.features[:n_curve], query.labels[:n_curve], query.images[:n_curve])
+    n_db = len(database.labels)
+    plot_ks = [k for k in PLOT_KS if k <= n_db]
+    pr_ks = _pr_ks(n_db)
+    ranked = rank_database(subset, database, hamming, plot_ks + pr_ks)
+    top_ids, top_dist = ranked["top_ids"], ranked["top_dist"]
+    precision, recall = precision_recall(ranked["hits"], ranked["relevant"], plot_ks + pr_ks)
+    n_plot = len(plot_ks)
+    pk_png = plot_precision_at_k(plot_ks, precision[:n_plot], out / "precision_at_k.png")
+    pr_png = plot_pr_curve(precision[n_plot:], recall[n_plot:], out / "pr_curve.png",
+                           label=f"{query.features.shape[1]} bits" if hamming else "embeddings")
+    note = (f'<p class="note">The first {n_curve} {html.escape(query_split)} queries against the whole '
+            f"{html.escape(db_split)} database, ranked by {'Hamming' if hamming else 'Euclidean'} distance, "
+            "ties broken by database order; precision and recall at rank cut-offs.</p>")
+    sections.append(("Precision@k and precision-recall",
+                     note + _img(pk_png, run_dir, "precision at k") + _img(pr_png, run_dir, "PR curve")))
+
+    n_grid = min(max_queries, n_curve)
+    if n_grid > 0 and top_ids.shape[1] > 0:
+        ids = top_ids[:n_grid]
+        grid = plot_retrieval_grid(
+            query.images[:n_grid].numpy(), database.images[ids].numpy(),
+            (database.labels[ids] == query.labels[:n_grid, None]).numpy(), out / "retrieval_grid.png",
+            query_labels=query.labels[:n_grid].numpy(), result_labels=database.labels[ids].numpy(),
+            distances=top_dist[:n_grid].numpy(), class_names=classes,
+        )
+        sections.append(("Retrieval examples", '<p class="note">Each row: a query, then its top '
+                         f"{ids.shape[1]} results; green frame = same class, red = different class; "
+                         "d = distance.</p>" + _img(grid, run_dir, "retrieval grid")))
+
+    page = _page(f"deephash report: {config.name}", sections)
+    path = run_dir / "report.html"
+    atomic_write_text(path, page)
+    return path
