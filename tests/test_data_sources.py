@@ -370,3 +370,12 @@ def test_array_dataset_api():
         ArrayDataset(images.float(), [1, 0])
     with pytest.raises(DeephashError, match="2 integer targets"):
         ArrayDataset(images, [1])
+
+
+@pytest.mark.parametrize("value", [np.array([None, 1], dtype=object), np.zeros(2, dtype=[("a", "u1"), ("b", "f4")]), np.zeros(2, "U3")])
+def test_cifar_refuses_unusual_numpy_state(tmp_path, value):
+    """Object, structured and string arrays are never rebuilt: numpy sees no untrusted dtype state."""
+    path = tmp_path / "odd"
+    path.write_bytes(pickle.dumps({b"data": value, b"labels": [0, 1]}, protocol=2))
+    with pytest.raises(DataFormatError, match="not a valid CIFAR batch"):
+        read_cifar_batch(path)

@@ -138,19 +138,76 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+_SAFE_DTYPES = {"u1", "i1", "b1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"}
+
+
+class _DTypeProxy:
+    """Stands in for ``numpy.dtype`` while unpickling: numpy never sees untrusted dtype state."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        self.spec = spec.decode("latin1") if isinstance(spec, bytes) else spec
+        self.order = "|"
+
+    def __setstate__(self, state: Any) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+        self.order = order.decode("latin1") if isinstance(order, bytes) else order
+
+    def resolve(self) -> np.dtype:
+        if self.spec not in _SAFE_DTYPES or self.order not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError(f"refuses numpy dtype {self.spec!r} with byte order {self.order!r}")
+        order = "=" if self.order == "|" else self.order
+        return np.dtype(self.spec).newbyteorder(order)
+
+
+def _build_array(data: Any, dtype: Any, shape: Any, fortran: Any) -> np.ndarray:
+    """A numpy array from validated pickled pieces (plain bytes, a safe dtype, a sane shape)."""
+    if not isinstance(dtype, _DTypeProxy) or not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("array state is not (bytes, dtype)")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
+        raise pickle.UnpicklingError(f"array shape {shape!r} is not a tuple of non-negative integers")
+    resolved = dtype.resolve()
+    if int(np.prod(shape, dtype=object)) * resolved.itemsize != len(data):
+        raise pickle.UnpicklingError(f"array of shape {shape} holds {len(data)} bytes, not {int(np.prod(shape, dtype=object)) * resolved.itemsize}")
+    array = np.frombuffer(bytes(data), dtype=resolved).reshape(shape, order="F" if fortran else "C")
+    return array.astype(resolved.newbyteorder("="))
+
+
+class _ArrayProxy:
+    """Stands in for ``numpy.ndarray`` while unpickling; :func:`_build_array` makes the real one."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("array state is not a 4- or 5-tuple")
+        shape, dtype, fortran, data = state[-4:]
+        self.array = _build_array(data, dtype, shape, fortran)
+
+
+def _reconstruct(cls: Any, shape: Any = (0,), typecode: Any = b"b") -> _ArrayProxy:
+    if cls is not _ArrayProxy:
+        raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+    return _ArrayProxy()
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    order = order.decode("latin1") if isinstance(order, bytes) else order
+    return _build_array(buffer, dtype, shape, order == "F")
+
+
 def _safe_globals() -> dict[tuple[str, str], Any]:
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
     allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1_encode}
     for module in ("numpy.core", "numpy._core"):
-        allowed[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{module}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
+        allowed[(f"{module}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{module}.numeric", "_frombuffer")] = _frombuffer
+    allowed[("numpy", "ndarray")] = _ArrayProxy
+    allowed[("numpy", "dtype")] = _DTypeProxy
     return allowed
+
+
+def _resolve(value: Any) -> Any:
+    """Replace an unpickled array proxy by its array (None when its state never came)."""
+    return value.array if isinstance(value, _ArrayProxy) else value
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -183,10 +240,10 @@ def parse_cifar_batch(data: bytes, path: str | os.PathLike) -> tuple[np.ndarray,
         raise DataFormatError(f"{path}: not a valid CIFAR batch: {message}") from err
     if not isinstance(batch, dict):
         raise DataFormatError(f"{path}: not a CIFAR batch: holds a {type(batch).__name__}, not a dict")
-    images = _key(batch, "data")
-    labels = _key(batch, "labels")
+    images = _resolve(_key(batch, "data"))
+    labels = _resolve(_key(batch, "labels"))
     if labels is None:
-        labels = _key(batch, "fine_labels")
+        labels = _resolve(_key(batch, "fine_labels"))
     if images is None or labels is None:
         raise DataFormatError(f"{path}: not a CIFAR batch: no 'data' and 'labels' (or 'fine_labels') entries")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
@@ -212,6 +269,9 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     The pickle is loaded by a restricted unpickler that admits only numpy arrays and dtypes,
     so a hostile file cannot run code.
+
+    Numpy arrays and dtypes are rebuilt from validated plain pieces, so numpy never receives
+    untrusted pickled state.
 
     Args:
         path: the batch file.
