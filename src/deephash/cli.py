@@ -18,10 +18,10 @@ from pathlib import Path
 from deephash.errors import DeephashError
 
 EXIT_USAGE = 2
+_NPROC_HELP = "processes on this machine (DDP: gloo on CPU, nccl on GPUs); under torchrun leave it at 1"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from deephash import experiment
     from deephash.config import load_config
 
     source = Path(args.config)
@@ -33,8 +33,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(source, args.set)
     if out is None:
         out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = experiment.train_run(config, out, resume=args.resume, progress=not args.quiet)
-    print(f"run written to {run_dir}")
+    from deephash import experiment  # torch is imported only once the config is known to be good
+    from deephash.train.distributed_runner import backend_for, launch
+
+    run_dir = launch(experiment.train_run, args.nproc, (config, out), {"resume": args.resume, "progress": not args.quiet},
+                     backend=backend_for(config.device), result=out)
+    if run_dir is not None:  # None on the other ranks under torchrun
+        print(f"run written to {run_dir}")
     return 0
 
 
@@ -46,14 +51,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from deephash import experiment
 
-    out = experiment.encode_run(args.run, split=args.split, images=args.images, out=args.out)
-    print(f"codes written to {out}")
+    from deephash.train.distributed_runner import launch
+
+    out = launch(experiment.encode_run, args.nproc, (args.run,),
+                 {"split": args.split, "images": args.images, "out": args.out}, result=Path(args.out))
+    if out is not None:  # None on the other ranks under torchrun
+        print(f"codes written to {out}")
     return 0
 
 
@@ -64,6 +74,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--split", help="a split of the run's data set (test, train; query/database under a protocol)")
     source.add_argument("--images", help="a folder with one sub-folder of images per class")
     p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     p.set_defaults(handler=_cmd_encode)
 
 
@@ -88,8 +99,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from deephash import experiment
 
-    out = experiment.build_index(args.run, split=args.split, images=args.images, out=args.out, factory=args.factory)
-    print(f"index written to {out}")
+    from deephash.train.distributed_runner import launch
+
+    out = launch(experiment.build_index, args.nproc, (args.run,),
+                 {"split": args.split, "images": args.images, "out": args.out, "factory": args.factory},
+                 result=Path(args.out))
+    if out is not None:  # None on the other ranks under torchrun
+        print(f"index written to {out}")
     return 0
 
 
@@ -113,6 +129,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--images", help="a folder with one sub-folder of images per class")
     b.add_argument("--out", required=True, help="index directory to write")
     b.add_argument("--factory", default="BFlat", help="FAISS binary index factory string (default: BFlat, exact)")
+    b.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     b.set_defaults(handler=_cmd_index_build)
     i = isub.add_parser("info", help="describe an index directory")
     i.add_argument("index", help="index directory")

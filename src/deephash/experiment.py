@@ -387,7 +387,11 @@ def train_run(
     from deephash.train.callbacks import JsonlLogger
     from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
     from deephash.train.fit import fit
+    from deephash.train import distributed_runner
+    from deephash.train.distributed import is_distributed, is_main_process
 
+    main = is_main_process()  # under DDP (--nproc, torchrun) only rank 0 writes files and shows progress
+    progress = progress and main
     run_dir = Path(out_dir)
     last = run_dir / CHECKPOINT_DIR / "last.pt"
     if resume:
@@ -408,7 +412,8 @@ def train_run(
         mean, std = channel_stats(train_set.data)
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, mean=config.model.mean or mean, std=config.model.std or std))
-    atomic_write_text(run_dir / "config.toml", dump_config(config))
+    if main:
+        atomic_write_text(run_dir / "config.toml", dump_config(config))
 
     n_classes = len(train_set.classes) if train_set.classes else int(train_set.targets.max()) + 1
     model = build_model(model_spec_from_config(config, int(train_set.data.shape[1]))).to(device)
@@ -425,6 +430,8 @@ def train_run(
         batches = BalancedBatchSampler(train_set.targets, s.n_classes, s.n_samples, generator=generators.sampler)
     else:
         batches = RandomBatchSampler(len(train_set), s.batch_size, generators.sampler)
+    if is_distributed():  # disjoint, seeded batches per rank
+        batches = distributed_runner.train_batch_sampler(config, train_set.targets)
     loader = _make_loader(train_set, batches, device, config, generators.augment)
     if len(loader) == 0:
         raise DeephashError(f"{len(train_set)} training images make no batch of the sampler's size; lower the sampler's sizes")
@@ -441,11 +448,13 @@ def train_run(
         state = load_checkpoint(last, model, optimizer, scheduler, generators=generators.all())
         start_epoch, history = int(state["epoch"]), list(state["history"])
 
+    trained, loss_fn, schedules = distributed_runner.wrap_for_training(  # DDP + global-batch loss
+        trained, loss_fn, schedules, config.train.mine_globally)
     monitor = "val_loss" if val_loader is not None else "train_loss"
     hooks: list[Any] = [
-        JsonlLogger(run_dir / "metrics.jsonl"),
+        JsonlLogger(run_dir / "metrics.jsonl", is_main_process=main),
         CheckpointCallback(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, monitor=monitor,
-                           generators=generators.all(), history=history),
+                           generators=generators.all(), history=history, is_main_process=main),
     ]
     if config.train.final_epochs_no_augment > 0 and loader.augment is not None:
         hooks.insert(0, _AugmentSwitch(loader, config.train.epochs, config.train.final_epochs_no_augment))
@@ -456,7 +465,8 @@ def train_run(
         callbacks=[*hooks, *callbacks], progress=progress)
 
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
-    save_model(run_dir / MODEL_FILE, model, config, classes)
+    if main:
+        save_model(run_dir / MODEL_FILE, model, config, classes)
     return run_dir
 
 
@@ -571,6 +581,13 @@ def encode(model: nn.Module, dataset: Any, batch_size: int = 1024,
     return out.numpy().astype(np.float32), labels
 
 
+def _encode_sharded(model: nn.Module, dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`encode` sharded over the ranks of a distributed job; ``(None, None)`` off rank 0."""
+    from deephash.train.distributed_runner import encode_sharded
+
+    return encode_sharded(model, dataset)
+
+
 def _source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None):
     """A split of the run's data (protocol and limit applied), or an image folder sized for the model."""
     if images is not None:
@@ -596,7 +613,9 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     dataset = _source_dataset(config, run_dir, split, images)
-    codes, labels = encode(model, dataset)
+    codes, labels = _encode_sharded(model, dataset)
+    if codes is None:  # another rank of a distributed job: rank 0 writes
+        return Path(out)
     out = Path(out)
     if _is_hash(model):
         save_codes(out, codes, labels, model.bits)
@@ -700,7 +719,9 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     if not _is_hash(model):
         raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs a hash model (model.head = 'hash')")
     dataset = _source_dataset(config, run_dir, split, images)
-    codes, labels = encode(model, dataset)
+    codes, labels = _encode_sharded(model, dataset)
+    if codes is None:  # another rank of a distributed job: rank 0 writes
+        return Path(out)
     metadata: dict[str, Any] = {
         "run": str(run_dir.resolve()),
         "source": f"images:{Path(images).resolve()}" if images is not None else f"split:{split}",
@@ -756,7 +777,7 @@ def _query_images(config: Config, run_dir: Path, items: Sequence[str], shape: tu
             labels.append(int(dataset.targets[i]))
         else:
             mode = "L" if shape[0] == 1 else "RGB"
-            images.append(torch.from_numpy(read_image(item, mode=mode, size=tuple(shape[1:]))))
+            images.append(torch.from_numpy(read_image(item, mode=mode, size=tuple(shape[1:])).copy()))
             labels.append(None)
     return torch.stack(images), labels
 

@@ -1,0 +1,320 @@
+"""The ``deephash`` command line end to end on a tiny fake Fashion-MNIST written by the tests.
+
+Oracles: codes recomputed from ``model.pt`` with numpy's own bit packing, Hamming distances by a
+popcount loop, mAP by a per-query loop, the protocol split by counting, and an uninterrupted run
+for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deephash import experiment
+from deephash.cli import main
+from deephash.config import load_config
+from deephash.errors import NotFoundError
+
+N_CLASSES, N_TRAIN, N_TEST = 3, 16, 8  # per class
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """IDX files of 3 classes of 28x28 noise with a bright class-dependent band."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for prefix, per_class in (("train", N_TRAIN), ("t10k", N_TEST)):
+        labels = rng.permutation(np.repeat(np.arange(N_CLASSES), per_class))
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for c in range(N_CLASSES):
+            images[labels == c, 3 + 8 * c: 9 + 8 * c, 4:24] += 180
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        data["train" if prefix == "train" else "test"] = (images.astype(np.uint8), labels.astype(np.int64))
+    return data
+
+
+CONFIG = """
+name = "tiny"
+seed = 3
+device = "cpu"
+[data]
+dataset = "fashion-mnist"
+root = "{root}"
+augment = {{ crop_padding = 2, hflip = true }}
+[model]
+backbone = "fmnist-cnn"
+backbone_params = {{ width = 4, depth = [1, 1] }}
+bits = 12
+[loss]
+name = "csq"
+[sampler]
+n_classes = 3
+n_samples = 8
+[train]
+epochs = 2
+log_interval = 1
+final_epochs_no_augment = 1
+[eval]
+ks = [5, 48]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = _fake_fashion_mnist(base / "fmnist")
+    config = base / "tiny.toml"
+    config.write_text(CONFIG.format(root=base / "fmnist"), encoding="utf-8")
+    return base, config, data
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    base, config, _ = tiny
+    out = base / "run"
+    assert main(["train", str(config), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _popcount_distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    return np.array([[sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(x, y)) for y in db] for x in q])
+
+
+def test_train_writes_a_run_directory(run, tiny):
+    _, config_path, _ = tiny
+    saved = load_config(run / "config.toml")
+    original = load_config(config_path)
+    assert saved.model.bits == 12 and len(saved.model.mean) == 1 and 0 < saved.model.std[0] < 1
+    assert saved.model.mean != original.model.mean  # resolved from the training images
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line for line in lines if line["type"] == "epoch"]
+    steps = [line for line in lines if line["type"] == "step"]
+    n_batches = (N_CLASSES * N_TRAIN) // (3 * 8)
+    assert [e["epoch"] for e in epochs] == [0, 1] and len(steps) == 2 * n_batches
+    assert all(np.isfinite(e["train_loss"]) for e in epochs)
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    saved_model = torch.load(run / "model.pt", weights_only=True)
+    assert set(saved_model) == {"spec", "state_dict", "config", "classes"}
+    assert saved_model["spec"]["bits"] == 12 and saved_model["classes"][0] == "T-shirt/top"
+
+
+def test_encode_writes_the_codes_of_the_model(run, tiny, tmp_path):
+    _, _, data = tiny
+    out = tmp_path / "q.npz"
+    assert main(["encode", str(run), "--split", "test", "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        codes, labels, bits = f["codes"], f["labels"], int(f["bits"])
+    assert codes.dtype == np.uint8 and codes.shape == (N_CLASSES * N_TEST, 2) and bits == 12
+    np.testing.assert_array_equal(labels, data["test"][1])
+    # Oracle: the model rebuilt from model.pt, signs packed by numpy (MSB first, zero padded).
+    from deephash.models import build_model
+
+    saved = torch.load(run / "model.pt", weights_only=True)
+    model = build_model(saved["spec"])
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        u = model.eval()(torch.from_numpy(data["test"][0][:, None]).float() / 255).numpy()
+    np.testing.assert_array_equal(codes, np.packbits(u >= 0, axis=1))
+
+
+def test_index_build_info_and_search_match_brute_force(run, tiny, tmp_path, capsys):
+    _, _, data = tiny
+    index = tmp_path / "index"
+    assert main(["index", "build", str(run), "--split", "train", "--out", str(index)]) == 0
+    assert main(["index", "info", str(index)]) == 0
+    info = capsys.readouterr().out
+    assert "bits     12" in info and f"items    {N_CLASSES * N_TRAIN}" in info
+    assert main(["encode", str(run), "--split", "train", "--out", str(tmp_path / "db.npz")]) == 0
+    assert main(["encode", str(run), "--split", "test", "--out", str(tmp_path / "q.npz")]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "--run", str(run), "test:0", "test:5", "-k", "7", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    db, q = np.load(tmp_path / "db.npz"), np.load(tmp_path / "q.npz")
+    expected = _popcount_distances(q["codes"][[0, 5]], db["codes"])
+    for row, result in zip(expected, results):
+        hits = result["hits"]
+        assert [h["rank"] for h in hits] == list(range(1, 8))
+        assert [h["distance"] for h in hits] == sorted(row)[:7]
+        assert all(row[h["id"]] == h["distance"] for h in hits)
+        assert all(h["label"] == data["train"][1][h["id"]] for h in hits)
+    assert results[0]["label"] == data["test"][1][0]
+    # Radius search: every item within the radius, inclusive.
+    radius = int(expected[0].min())
+    assert main(["search", str(index), "--run", str(run), "test:0", "--radius", str(radius), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert sorted(h["id"] for h in hits) == np.flatnonzero(expected[0] <= radius).tolist()
+    # An image file gives the same answer as the split item it shows; the table names classes.
+    from PIL import Image
+
+    Image.fromarray(data["test"][0][0]).save(tmp_path / "q0.png")
+    assert main(["search", str(index), "--run", str(run), str(tmp_path / "q0.png"), "-k", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["hits"] == results[0]["hits"]
+    assert main(["search", str(index), "--run", str(run), "test:0", "-k", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and len(table.strip().splitlines()) == 5
+
+
+def test_image_folder_index_keeps_file_paths(run, tiny, tmp_path, capsys):
+    from PIL import Image
+
+    _, _, data = tiny
+    folder = tmp_path / "images"
+    images, labels = data["test"]
+    for i in range(6):
+        (folder / f"class{labels[i]}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"class{labels[i]}" / f"{i}.png")
+    assert main(["index", "build", str(run), "--images", str(folder), "--out", str(tmp_path / "fi")]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "fi"), "--run", str(run), str(folder / f"class{labels[0]}" / "0.png"),
+                 "-k", "6", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert len(hits) == 6 and all(Path(h["path"]).is_file() for h in hits)
+    assert sorted(Path(h["path"]).name for h in hits) == [f"{i}.png" for i in range(6)]
+    # the item itself is at distance 0
+    assert any(h["distance"] == 0 and Path(h["path"]).name == "0.png" for h in hits)
+
+
+def test_evaluate_writes_metrics_matching_a_per_query_loop(run, tiny, capsys):
+    _, _, data = tiny
+    assert main(["evaluate", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@all/tie-aware" in printed and "mAP@all/stable" in printed
+    result = json.loads((run / "metrics.json").read_text())
+    protocol = result["protocol"]
+    assert (protocol["query_split"], protocol["n_query"]) == ("test", N_CLASSES * N_TEST)
+    assert (protocol["database_split"], protocol["n_database"]) == ("train", N_CLASSES * N_TRAIN)
+    assert protocol["ks"] == [5, 48] and "tie-aware" in protocol["ties"]
+    metrics = result["metrics"]
+    for key in ("mAP@all/tie-aware", "mAP@5/stable", "P@5/tie-aware", "P@r<=2", "kNN-acc@10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # Oracle: stable-order mAP@all by a loop over queries.
+    model, config = experiment.load_run(run)
+    q_codes, q_labels = experiment.encode(model, experiment.load_split(config, "test"))
+    db_codes, db_labels = experiment.encode(model, experiment.load_split(config, "train"))
+    dist = _popcount_distances(q_codes, db_codes)
+    aps = []
+    for i in range(len(q_codes)):
+        rel = db_labels[np.argsort(dist[i], kind="stable")] == q_labels[i]
+        aps.append(np.mean(np.cumsum(rel)[rel] / (np.flatnonzero(rel) + 1)))
+    assert metrics["mAP@all/stable"] == pytest.approx(np.mean(aps), abs=1e-9)
+
+
+def test_report_writes_html(run):
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert "<html" in html.lower() and len(html) > 500
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
+    """DTSH with a random-negative selector and augmentation: every generator is exercised."""
+    _, config_path, _ = tiny
+    overrides = ["train.epochs=3", "loss.name=dtsh", "selector.name=random", "selector.params={margin = 2.0}",
+                 "train.final_epochs_no_augment=0"]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    assert main(["train", str(config_path), "--out", str(whole), "--quiet", *sets]) == 0
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            if epoch == 0:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
+    assert not (parted / "model.pt").exists()
+    assert main(["train", str(config_path), "--out", str(parted), "--quiet", "--resume", *sets]) == 0
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(parted / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(path: Path) -> list[float]:
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [line["train_loss"] for line in lines if line["type"] == "epoch"]
+
+    assert losses(whole) == losses(parted) and len(losses(whole)) == 3
+
+
+def test_protocol_split_counts_and_determinism():
+    labels = np.repeat(np.arange(4), [30, 25, 40, 12])
+    split = experiment.protocol_split(labels, n_query=3, n_train=10, seed=5)
+    assert split == split | {}  # a plain dict
+    everything = np.concatenate([split["query"], split["train"], split["database"]])
+    assert np.array_equal(np.sort(everything), np.arange(len(labels)))
+    for c, total in enumerate([30, 25, 40, 12]):
+        assert (labels[split["query"]] == c).sum() == 3
+        assert (labels[split["train"]] == c).sum() == min(10, total - 3)  # class 3 has only 12
+        assert (labels[split["database"]] == c).sum() == max(total - 13, 0)
+    again = experiment.protocol_split(labels, 3, 10, seed=5)
+    other = experiment.protocol_split(labels, 3, 10, seed=6)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert not np.array_equal(split["query"], other["query"])
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def _one_line_error(capsys, argv: list[str], expected: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deephash: error: "), err
+    assert expected in lines[0], lines[0]
+    return lines[0]
+
+
+def test_user_errors_exit_2_with_one_line(tiny, run, tmp_path, capsys):
+    base, config_path, _ = tiny
+    _one_line_error(capsys, ["train", str(tmp_path / "missing.toml")], "missing.toml not found")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nbitz = 3\n")
+    _one_line_error(capsys, ["train", str(bad)], "unknown key 'model.bitz'")
+    bad.write_text("[model]\nbits = 'many'\n")
+    _one_line_error(capsys, ["train", str(bad)], "model.bits must be an integer, got str 'many'")
+    bad.write_text("[model\n")
+    _one_line_error(capsys, ["train", str(bad)], "not valid TOML")
+    _one_line_error(capsys, ["train", str(config_path), "--out", str(run)], "already holds a run")
+    _one_line_error(capsys, ["train", str(config_path), "--out", str(tmp_path / "fresh"), "--resume"],
+                    "cannot resume")
+    _one_line_error(capsys, ["encode", str(tmp_path / "norun"), "--split", "test", "--out", str(tmp_path / "x.npz")],
+                    "does not exist")
+    _one_line_error(capsys, ["evaluate", str(tmp_path)], "not a finished run")
+    _one_line_error(capsys, ["search", str(tmp_path / "noindex"), "--run", str(run), "test:0"], "noindex")
+    _one_line_error(capsys, ["encode", str(run), "--split", "validation", "--out", str(tmp_path / "x.npz")],
+                    "unknown split")
+    # no data found: an image-folder data set whose folder holds no images
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    _one_line_error(capsys, ["train", str(config_path), "--out", str(tmp_path / "r"), "--set", "data.dataset=folder",
+                             "--set", f"data.images={tmp_path / 'empty'}"], "no images found")
+    # a run whose code length differs from the index's
+    from deephash.retrieval.index import HashIndex
+
+    other = HashIndex(24)
+    other.add(np.zeros((2, 3), dtype=np.uint8))
+    other.save(tmp_path / "index24")
+    _one_line_error(capsys, ["search", str(tmp_path / "index24"), "--run", str(run), "test:0"],
+                    "12-bit codes but index")
+    with pytest.raises(NotFoundError):  # --debug lets the exception (and its traceback) through
+        main(["--debug", "encode", str(tmp_path / "norun"), "--split", "test", "--out", str(tmp_path / "x.npz")])
+
+
+def test_python_m_deephash_reports_one_line_and_status_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deephash", "train", str(tmp_path / "nope.toml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"deephash: error: config file {tmp_path / 'nope.toml'} not found"]
+    assert result.stdout == ""
