@@ -28,10 +28,7 @@ ZERO = "0000"  # the all-zero 12-bit code: 2 bytes
 
 
 def make_tiny_run(root: Path, bits: int = BITS) -> tuple[Path, Path]:
-    """A run (untrained tiny CNN on scikit-learn's 8x8 digits) and an index over its train split.
-
-    Written as ``experiment.save_model`` and ``experiment.build_index`` write them.
-    """
+    """A run (untrained tiny CNN on scikit-learn's 8x8 digits) and an index over its train split."""
     config = config_from_dict({
         "data": {"dataset": "digits"},
         "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": bits},
@@ -42,11 +39,7 @@ def make_tiny_run(root: Path, bits: int = BITS) -> tuple[Path, Path]:
     run_dir, index_dir = root / "run", root / "index"
     run_dir.mkdir(parents=True)
     experiment.save_model(run_dir / "model.pt", model, config, CLASSES)
-    dataset = experiment.load_split(config, "train", run_dir)
-    codes, labels = experiment.encode(model, dataset)
-    index = HashIndex(bits, "BFlat", metadata={"model": str(run_dir), "source": "split:train", "classes": CLASSES})
-    index.add(codes, labels=labels)
-    index.save(index_dir)
+    experiment.build_index(run_dir, split="train", out=index_dir)
     return run_dir, index_dir
 
 
@@ -248,6 +241,30 @@ def test_slow_request_times_out_and_server_stays_up(env):
         response = client.post("/api/search", json={"code": ZERO})
         assert response.status_code == 503 and "0.2 s" in response.json()["detail"]
         healthy(client)
+
+
+def test_image_folder_index_serves_the_files(env, tmp_path):
+    rng = np.random.default_rng(5)
+    originals = {}
+    for name in ("cat", "dog"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(2):
+            path = tmp_path / "folder" / name / f"{i}.png"
+            pixels = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+            originals[str(path)] = pixels
+    index_dir = experiment.build_index(env["run"], images=tmp_path / "folder", out=tmp_path / "folder-index")
+    with TestClient(create_app(index_dir, env["run"])) as client:
+        body = client.post("/api/search", json={"id": 3, "k": 4}).json()
+        assert sorted(r["id"] for r in body["results"]) == [0, 1, 2, 3]
+        meta = HashIndex.load(index_dir).metadata
+        names, paths = meta["classes"], meta["paths"]  # names: build_index's choice (the run's classes first)
+        assert body["query"]["label"] == names[1] and {r["label"] for r in body["results"]} == {names[0], names[1]}
+        for ident in range(4):
+            png = client.get(f"/api/items/{ident}/image")
+            assert png.status_code == 200
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png.content))), originals[paths[ident]])
+        assert client.get("/api/items/4/image").status_code == 404
 
 
 def test_index_and_run_of_different_code_lengths_are_refused(env, tmp_path):

@@ -192,7 +192,10 @@ class SearchService:
             images = [str(p) for p in meta["paths"]]
         elif str(meta.get("source", "")).startswith("split:"):
             images = experiment.load_split(config, str(meta["source"])[len("split:"):], run_dir).data
-        shape = experiment.model_input_shape(model, config, run_dir)
+        if isinstance(images, torch.Tensor):
+            shape = tuple(images.shape[1:])
+        else:  # an image folder: the size the run's training images had
+            shape = experiment.model_input_shape(config, run_dir)
         classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
         spec = getattr(model, "spec", None) or {}
         return cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
