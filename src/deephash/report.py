@@ -40,23 +40,17 @@ class Encoded:
     images: torch.Tensor
 
 
-@torch.no_grad()
-def encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Model outputs in eval mode for uint8 ``(N, C, H, W)`` images: float32 ``(N, D)``.
-
-    A hash model gives its ±1 codes, an embedding model its embeddings.
-    """
-    device = next(model.parameters()).device
-    outputs = [model(chunk.to(device).float().div_(255)).float().cpu()
-               for chunk in images.split(batch_size)]
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
-
-
 def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path) -> Encoded:
-    from deephash.experiment import load_split
+    """Encode a split with ``deephash.experiment.encode``; hash codes unpacked to ±1 floats."""
+    from deephash.experiment import encode, load_split
+    from deephash.retrieval.codes import unpack_codes
 
     dataset = load_split(config, split, run_dir)
-    return Encoded(encode_images(model, dataset.data), dataset.targets, dataset.data)
+    codes, labels = encode(model, dataset)
+    bits = getattr(model, "bits", None)
+    if bits is not None:
+        codes = unpack_codes(codes, bits).astype(np.float32) * 2 - 1
+    return Encoded(torch.from_numpy(codes), torch.from_numpy(labels), dataset.data)
 
 
 def ranking_distances(q: torch.Tensor, db: torch.Tensor, hamming: bool) -> torch.Tensor:
@@ -130,19 +124,6 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataFormatError(f"{path}:{number} is not a JSON line") from None
-    return [r for r in records if isinstance(r, dict)]
-
-
 def _metrics(run_dir: Path) -> dict[str, Any]:
     """``metrics.json``, computed by ``deephash.experiment.evaluate_run`` when missing."""
     from deephash import experiment
@@ -198,6 +179,7 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     """
     from deephash.config import config_to_dict
     from deephash.experiment import load_run
+    from deephash.train import read_jsonl
     from deephash.viz import (
         plot_embeddings_2d,
         plot_pr_curve,
@@ -210,7 +192,7 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise NotFoundError(f"{run_dir} is not a run directory (no config.toml)")
-    model, config = load_run(run_dir, device="cpu")
+    model, config = load_run(run_dir)
     out = run_dir / "report"
     hamming = bool(getattr(model, "is_hash", False))
     query_split, db_split = config.data.query_split, config.data.database_split
@@ -228,7 +210,8 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     config_rows = [(k, v) for k, v in _flatten("", config_to_dict(config)) if v not in ("", [], {})]
     sections.append(("Configuration", _table(config_rows)))
 
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    log = run_dir / "metrics.jsonl"
+    records = read_jsonl(log) if log.is_file() else []
     curves = plot_training_curves(records, out / "training_curves.png")
     sections.append(("Training", _img(curves, run_dir, "training curves")))
 

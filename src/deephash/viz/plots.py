@@ -33,7 +33,7 @@ CORRECT_RGB = (0.0, 0.75, 0.0)
 WRONG_RGB = (0.85, 0.0, 0.0)
 
 # Keys of an epoch record that are not metrics to plot.
-_NON_METRIC_KEYS = {"epoch", "step", "seconds", "images_per_s", "lr", "time", "kind", "split"}
+_NON_METRIC_KEYS = {"epoch", "step", "seconds", "images_per_s", "lr", "time", "kind", "split", "images"}
 
 
 def _figure(width: float, height: float) -> Any:
