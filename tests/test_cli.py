@@ -60,8 +60,13 @@ augment = {{ crop_padding = 2, hflip = true }}
 backbone = "fmnist-cnn"
 backbone_params = {{ width = 4, depth = [1, 1] }}
 bits = 12
+aux_classes = 10
 [loss]
 name = "csq"
+[[schedules]]
+attribute = "quantization_weight"
+start = 0.0
+end = 0.5
 [sampler]
 n_classes = 3
 n_samples = 8
@@ -69,6 +74,7 @@ n_samples = 8
 epochs = 2
 log_interval = 1
 final_epochs_no_augment = 1
+aux_weight = 0.5
 [eval]
 ks = [5, 48]
 """
@@ -111,6 +117,7 @@ def test_train_writes_a_run_directory(run, tiny):
     saved_model = torch.load(run / "model.pt", weights_only=True)
     assert set(saved_model) == {"spec", "state_dict", "config", "classes"}
     assert saved_model["spec"]["bits"] == 12 and saved_model["classes"][0] == "T-shirt/top"
+    assert saved_model["spec"]["aux_classes"] == 10 and any(k.startswith("aux.") for k in saved_model["state_dict"])
 
 
 def test_encode_writes_the_codes_of_the_model(run, tiny, tmp_path):
@@ -318,3 +325,42 @@ def test_python_m_deephash_reports_one_line_and_status_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"deephash: error: config file {tmp_path / 'nope.toml'} not found"]
     assert result.stdout == ""
+
+
+def test_embedding_run_encodes_embeddings_and_refuses_a_hamming_index(tiny, tmp_path, capsys):
+    """The seed's 2-D triplet config: online triplet loss, semihard selector, validation every epoch."""
+    base, _, data = tiny
+    repo_config = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-2d-triplet.toml"
+    out = tmp_path / "run2d"
+    sets = [f"data.root={base / 'fmnist'}", "sampler.n_classes=3", "sampler.n_samples=8", "train.epochs=1",
+            "train.eval_every=1", "device=cpu"]
+    assert main(["train", str(repo_config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["type"] == "epoch" and np.isfinite(epoch["val_loss"])
+    assert main(["encode", str(out), "--split", "test", "--out", str(tmp_path / "e.npz")]) == 0
+    model, _ = experiment.load_run(out)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(data["test"][0][:, None]).float() / 255).numpy()
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as f:
+        assert sorted(f.files) == ["embeddings", "labels"]
+        assert f["embeddings"].dtype == np.float32 and f["embeddings"].shape == (N_CLASSES * N_TEST, 2)
+        np.testing.assert_allclose(f["embeddings"], expected, rtol=1e-5, atol=1e-6)
+    _one_line_error(capsys, ["index", "build", str(out), "--split", "train", "--out", str(tmp_path / "i")],
+                    "needs a hash model")
+
+
+def test_aux_classification_loss_adds_weighted_cross_entropy():
+    torch.manual_seed(0)
+    u, logits, labels = torch.randn(6, 8), torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def inner(x, y):
+        return (x**2).mean() + y.float().mean()
+
+    class Inner(torch.nn.Module):
+        def forward(self, x, y):
+            return inner(x, y)
+
+    loss = experiment.AuxClassificationLoss(Inner(), weight=0.3)
+    log_p = logits - logits.exp().sum(1, keepdim=True).log()
+    expected = inner(u, labels) - 0.3 * log_p[torch.arange(6), labels].mean()
+    assert torch.allclose(loss(u, logits, labels), expected, atol=1e-6)

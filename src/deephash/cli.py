@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -144,7 +145,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
         return 0
     for result in results:
-        print(f"query {result['query']}" + (f" (label {result['label']})" if result.get("label") is not None else ""))
+        known = result.get("class") or result.get("label")
+        print(f"query {result['query']}" + (f" ({known})" if known is not None else ""))
         print(f"  {'rank':>4}  {'id':>8}  {'dist':>4}  label")
         for hit in result["hits"]:
             label = hit["class"] if hit.get("class") is not None else hit.get("label", "")
@@ -220,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.filename is not None:
             return _error(f"{exc.filename}: {exc.strerror}")
         return _error(str(exc))
+    except BrokenPipeError:  # `deephash search ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -590,14 +590,12 @@ def _encode_sharded(model: nn.Module, dataset: Any) -> tuple[np.ndarray | None, 
 
 def _source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None):
     """A split of the run's data (protocol and limit applied), or an image folder sized for the model."""
-    if images is not None:
-        from deephash.data.datasets import ImageFolder
+    if images is None:
+        return load_split(config, split, run_dir)
+    from deephash.data.datasets import ImageFolder
 
-        ds0 = load_split(config, config.data.train_split, run_dir) if config.data.dataset != "folder" else None
-        size = tuple(ds0.data.shape[2:]) if ds0 is not None else None
-        grayscale = None if ds0 is None else ds0.data.shape[1] == 1
-        return ImageFolder(images, image_size=size, grayscale=grayscale, train=False)
-    return load_split(config, split, run_dir)
+    channels, height, width = model_input_shape(config, run_dir)
+    return ImageFolder(images, image_size=(height, width), grayscale=channels == 1, train=False)
 
 
 def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str | os.PathLike | None = None,
@@ -809,7 +807,7 @@ def search(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Seq
         raise DeephashError(f"{run_dir} holds an embedding model; search needs the hash model that built the index")
     if model.bits != index.bits:
         raise CodeLengthError(f"{run_dir} makes {model.bits}-bit codes but index {index_dir} holds {index.bits}-bit codes")
-    shape = tuple(model_input_shape(model, config, run_dir))
+    shape = tuple(model_input_shape(config, run_dir))
     queries, query_labels = _query_images(config, run_dir, images, shape)
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -850,7 +848,7 @@ def _id_positions(index: Any):
     return lookup.get
 
 
-def model_input_shape(model: nn.Module, config: Config, run_dir: Path) -> tuple[int, int, int]:
+def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images the run's model was trained on."""
     if config.data.dataset in ("fashion-mnist", "mnist"):
         return (1, 28, 28)
