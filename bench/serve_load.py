@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ms = np.asarray(latencies) * 1000
     p50, p99 = (float(np.percentile(ms, q)) for q in (50, 99)) if len(ms) else (float("nan"), float("nan"))
     server_ms = float(np.median(took)) if took else float("nan")
-    command = "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    threads = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    command = f"{threads} python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = (
         f"{SECTION}\n\n"
         f"`{command.strip()}` on {dt.date.today().isoformat()}; {cpu_model()}, {os.cpu_count()} logical CPUs "

@@ -106,6 +106,9 @@ def test_info_health_page_and_schema(env):
     assert info["model"] == "fmnist-cnn" and info["classes"] == CLASSES and info["input_shape"] == [1, 8, 8]
     schema = client.get("/openapi.json").json()
     assert {"/api/search", "/api/info", "/healthz", "/api/items/{ident}/image"} <= set(schema["paths"])
+    body = schema["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    assert "image" in body["multipart/form-data"]["schema"]["properties"]
+    assert {"code", "id", "k", "radius"} <= set(body["application/json"]["schema"]["properties"])
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert '/static/app.js' in page.text and 'id="results"' in page.text
@@ -154,6 +157,8 @@ def test_search_by_code_and_radius(env):
         body = client.post("/api/search", json={"code": packed.tobytes().hex().upper(), "k": 1000, "radius": 3}).json()
         check_against_brute_force(body, packed, env, 1000, radius=3)
         assert all(r["distance"] <= 3 for r in body["results"])
+    body = client.post("/api/search", json={"code": ZERO, "k": 50, "radius": 10**30}).json()
+    check_against_brute_force(body, np.zeros((1, 2), np.uint8), env, 50)
 
 
 def test_search_by_item_and_random_item(env):
@@ -185,6 +190,8 @@ BAD_REQUESTS = {
     "not json": (lambda c: c.post("/api/search", content=b"{oops", headers={"content-type": "application/json"}), 422),
     "no image field": (lambda c: c.post("/api/search", files={"other": ("a.png", b"x")}), 422),
     "unknown item search": (lambda c: c.post("/api/search", json={"id": 99999}), 404),
+    "huge item id": (lambda c: c.post("/api/search", json={"id": 10**30}), 404),
+    "huge item image": (lambda c: c.get(f"/api/items/{10**30}/image"), 404),
     "unknown item image": (lambda c: c.get("/api/items/99999/image"), 404),
     "negative item image": (lambda c: c.get("/api/items/-1/image"), 404),
     "text upload": (lambda c: c.post("/api/search", files={"image": ("a.png", b"hello, not an image", "image/png")}), 415),

@@ -169,9 +169,12 @@ _SEARCH_BODY = {
             "image": {"type": "string", "format": "binary"},
             "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             "radius": {"type": "integer", "minimum": 0}}}},
-        "application/json": {"schema": {"$ref": "#/components/schemas/SearchParams"}},
+        "application/json": {"schema": None},  # SearchParams, filled in below
     }},
 }
+
+
+_SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchParams.model_json_schema()
 
 
 # ------------------------------------------------------------------------------ the app

@@ -254,7 +254,8 @@ class SearchService:
         Raises:
             NotFoundError: no item with this id.
         """
-        position = int(self._positions(np.array([ident], dtype=np.int64))[0])
+        in_range = -(2**63) <= ident < 2**63
+        position = int(self._positions(np.array([ident], dtype=np.int64))[0]) if in_range else -1
         if position < 0:
             raise NotFoundError(f"no item with id {ident} in the index")
         return self._codes[position:position + 1], self.label_of(position)
@@ -273,7 +274,7 @@ class SearchService:
         distances, ids = self.index.search(packed, int(k))
         keep = ids[0] >= 0
         if radius is not None:
-            keep &= distances[0] <= int(radius)
+            keep &= distances[0] <= min(int(radius), self.bits)
         distances, ids = distances[0][keep], ids[0][keep]
         positions = self._positions(ids)
         return [Hit(int(i), int(d), self.label_of(int(p)), self.has_image(int(i)))
