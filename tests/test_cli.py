@@ -241,8 +241,16 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
             if epoch == 0:
                 raise KeyboardInterrupt
 
+    class InterruptMidEpoch:  # the run is killed during epoch 1, after logging a step of it
+        def on_step_end(self, epoch, step, loss, n_images):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         experiment.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False,
+                             callbacks=[InterruptMidEpoch()])
     assert not (parted / "model.pt").exists()
     assert main(["train", str(config_path), "--out", str(parted), "--quiet", "--resume", *sets]) == 0
     a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
@@ -254,6 +262,28 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
         return [line["train_loss"] for line in lines if line["type"] == "epoch"]
 
     assert losses(whole) == losses(parted) and len(losses(whole)) == 3
+    steps = [(e["epoch"], e["step"]) for e in map(json.loads, (parted / "metrics.jsonl").read_text().splitlines())
+             if e["type"] == "step"]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_split_protocol_is_drawn_once_saved_and_reusable(tiny, tmp_path, monkeypatch):
+    base, config_path, data = tiny
+    monkeypatch.setitem(experiment.PROTOCOLS, "deephash-cifar10", (2, 5))  # per class, for the tiny data
+    config = load_config(config_path, ["data.protocol=deephash-cifar10"])
+    query = experiment.load_split(config, "query", tmp_path / "run")
+    saved = np.load(tmp_path / "run" / "split.npz", allow_pickle=False)
+    assert len(query) == 2 * N_CLASSES and len(saved["train"]) == 5 * N_CLASSES
+    assert len(saved["database"]) == N_CLASSES * (N_TRAIN + N_TEST) - 7 * N_CLASSES
+    pooled_labels = np.concatenate([data["train"][1], data["test"][1]])
+    np.testing.assert_array_equal(query.targets.numpy(), pooled_labels[saved["query"]])
+    # a run with another seed but the kept split file gets the same split
+    other = load_config(config_path, ["data.protocol=deephash-cifar10", "seed=99",
+                                      f"data.split_file={tmp_path / 'run' / 'split.npz'}"])
+    database = experiment.load_split(other, "database", tmp_path / "other")
+    np.testing.assert_array_equal(database.targets.numpy(), pooled_labels[saved["database"]])
+    with pytest.raises(Exception, match="not one of protocol"):
+        experiment.load_split(config, "test", tmp_path / "run")
 
 
 def test_protocol_split_counts_and_determinism():

@@ -388,7 +388,7 @@ def train_run(
     from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
     from deephash.train.fit import fit
     from deephash.train import distributed_runner
-    from deephash.train.distributed import is_distributed, is_main_process
+    from deephash.train.distributed import barrier, is_distributed, is_main_process
 
     main = is_main_process()  # under DDP (--nproc, torchrun) only rank 0 writes files and shows progress
     progress = progress and main
@@ -447,6 +447,7 @@ def train_run(
     if resume:
         state = load_checkpoint(last, model, optimizer, scheduler, generators=generators.all())
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        _trim_log(run_dir / "metrics.jsonl", start_epoch)
 
     trained, loss_fn, schedules = distributed_runner.wrap_for_training(  # DDP + global-batch loss
         trained, loss_fn, schedules, config.train.mine_globally)
@@ -467,7 +468,20 @@ def train_run(
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
     if main:
         save_model(run_dir / MODEL_FILE, model, config, classes)
+    barrier()  # under DDP every rank returns once the run directory is complete
     return run_dir
+
+
+def _trim_log(path: Path, start_epoch: int) -> None:
+    """Drop log lines of epochs after the checkpoint (a run killed mid-epoch logged some steps)."""
+    from deephash.train.callbacks import read_jsonl
+
+    if not path.is_file():
+        return
+    entries = read_jsonl(path)
+    kept = [e for e in entries if int(e.get("epoch", 0)) < start_epoch]
+    if len(kept) != len(entries) or not path.read_bytes().endswith(b"\n"):
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
 def _make_loader(dataset: Any, batches: Any, device: torch.device, config: Config, generator: torch.Generator | None) -> Any:
