@@ -130,6 +130,8 @@ class TrainConfig:
     ``final_epochs_no_augment``: the last N epochs train without augmentation.
     ``eval_every``: compute the loss on the query split every N epochs (0 = never).
     ``num_threads``: torch CPU threads (0 = leave torch's default).
+    ``mine_globally``: under DDP, mine and apply the loss on the global batch (every rank's
+    outputs gathered, gradients flowing back); false: on each rank's local batch.
     """
 
     epochs: int = 10
@@ -138,6 +140,7 @@ class TrainConfig:
     final_epochs_no_augment: int = 0
     eval_every: int = 0
     num_threads: int = 0
+    mine_globally: bool = True
 
 
 @dataclass
