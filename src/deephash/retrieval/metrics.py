@@ -118,10 +118,9 @@ def _harmonic(n: int) -> torch.Tensor:
 def _histograms(dist: torch.Tensor, rel: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query counts of all and of relevant items at each distance: float64 ``(c, levels)`` each."""
     c = dist.shape[0]
-    keys = (torch.arange(c)[:, None] * levels + dist).reshape(-1)
-    total = torch.bincount(keys, minlength=c * levels).reshape(c, levels).double()
-    relevant = torch.bincount(keys, weights=rel.reshape(-1).double(), minlength=c * levels).reshape(c, levels)
-    return total, relevant
+    keys = ((torch.arange(c)[:, None] * levels + dist) * 2 + rel).reshape(-1)
+    counts = torch.bincount(keys, minlength=c * levels * 2).reshape(c, levels, 2).double()
+    return counts.sum(2), counts[:, :, 1]
 
 
 def _expected_precision_sum(n_before: torch.Tensor, r_before: torch.Tensor, m: torch.Tensor, x: torch.Tensor, harmonic: torch.Tensor) -> torch.Tensor:
@@ -186,12 +185,9 @@ def _tie_aware_counts(total: torch.Tensor, relevant: torch.Tensor, ks: Sequence[
 def _stable_order(dist: torch.Tensor, length: int) -> torch.Tensor:
     """int64 ``(c, length)`` database positions of the first ``length`` items in stable order."""
     n = dist.shape[1]
-    if not dist.is_floating_point():
-        if length < n:
-            keys = dist * n + torch.arange(n)
-            return torch.topk(keys, length, dim=1, largest=False, sorted=True).indices
+    if not dist.is_floating_point():  # numpy's stable sort of uint8 is a radix sort: O(n)
         small = dist.numpy().astype(np.uint8 if int(dist.max()) < 256 else np.int32)
-        return torch.from_numpy(np.argsort(small, axis=1, kind="stable"))  # radix sort for uint8
+        return torch.from_numpy(np.argsort(small, axis=1, kind="stable")[:, :length])
     return torch.sort(dist, dim=1, stable=True).indices[:, :length]
 
 
