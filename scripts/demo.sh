@@ -20,7 +20,7 @@ else
   "$DH" train "$CONFIG" --out "$RUN"
 fi
 
-echo "== evaluating: 10,000 test queries against the 60,000 training images"
+echo "== evaluating: test images as queries, training images as the database"
 "$DH" evaluate "$RUN"
 
 echo "== building the Hamming index of the training images"

@@ -200,8 +200,11 @@ def test_evaluate_writes_metrics_matching_a_per_query_loop(run, tiny, capsys):
     _, _, data = tiny
     assert main(["evaluate", str(run)]) == 0
     printed = capsys.readouterr().out
-    assert "mAP@all/tie-aware" in printed and "mAP@all/stable" in printed
     result = json.loads((run / "metrics.json").read_text())
+    header = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["metric"])
+    row = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["mAP@all"])
+    assert header == ["metric", "tie-aware", "stable", "value"]
+    assert row[1:3] == [f"{result['metrics']['mAP@all/tie-aware']:.4f}", f"{result['metrics']['mAP@all/stable']:.4f}"]
     protocol = result["protocol"]
     assert (protocol["query_split"], protocol["n_query"]) == ("test", N_CLASSES * N_TEST)
     assert (protocol["database_split"], protocol["n_database"]) == ("train", N_CLASSES * N_TRAIN)

@@ -703,14 +703,24 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    """The scalar metrics of :func:`evaluate_run`'s result as an aligned two-column table."""
+    """:func:`evaluate_run`'s result as a table: one row per metric, one column per tie rule."""
     p = result["protocol"]
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in result["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        base, _, rule = key.rpartition("/")
+        if rule not in ("tie-aware", "stable"):
+            base, rule = key, "value"
+        rows.setdefault(base, {})[rule] = float(value)
+    columns = [c for c in ("tie-aware", "stable", "value") if any(c in r for r in rows.values())]
+    width = max([len(k) for k in rows] + [6])
     lines = [f"{p['dataset']}: {p['n_query']} queries ({p['query_split']}) vs {p['n_database']} "
-             f"database items ({p['database_split']}), {p['ranking']}"]
-    scalars = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    width = max((len(k) for k in scalars), default=0)
-    for key, value in scalars.items():
-        lines.append(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+             f"database items ({p['database_split']}), {p['ranking']}",
+             f"  {'metric':<{width}}" + "".join(f"  {c:>9}" for c in columns)]
+    for name, values in rows.items():
+        cells = "".join(f"  {values[c]:>9.4f}" if c in values else f"  {'-':>9}" for c in columns)
+        lines.append(f"  {name:<{width}}{cells}")
     return "\n".join(lines)
 
 
