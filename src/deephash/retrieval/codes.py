@@ -8,7 +8,6 @@ A code file holds ``codes`` (packed uint8 ``(N, ceil(bits/8))``), ``labels`` (in
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +162,9 @@ def load_codes(path: str | os.PathLike) -> CodeSet:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise bad(f"not a readable .npz file ({error})") from None
+    except Exception as error:  # noqa: BLE001 - zip and .npy header parsing raise SyntaxError, TokenError...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise bad(f"not a readable .npz file ({first})") from None
     for key in ("codes", "labels", "bits"):
         if key not in arrays:
             raise bad(f"missing key '{key}'")

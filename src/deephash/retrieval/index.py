@@ -349,8 +349,9 @@ class HashIndex:
                 raise bad(f"missing {name}")
             try:
                 array = np.load(file, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as error:
-                raise bad(f"{name} is not a readable .npy file ({error})") from None
+            except Exception as error:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError...
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise bad(f"{name} is not a readable .npy file ({first})") from None
             if array.dtype != dtype or (shape is not None and array.shape != shape):
                 want = f"{np.dtype(dtype).name} {shape}" if shape else np.dtype(dtype).name
                 raise bad(f"{name} holds {array.dtype} {array.shape}, expected {want}")
