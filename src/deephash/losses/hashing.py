@@ -1,8 +1,9 @@
 """Deep hashing losses on relaxed codes u in (-1, 1): DTSH, DSH, CSQ, and regularisers.
 
 Every loss is called as ``loss(u, labels)`` with ``u`` float (B, bits) relaxed codes (e.g. tanh
-outputs) and ``labels`` int64 (B,), and returns a scalar tensor. Loss weights are plain attributes
-(``quantization_weight``) so that schedules (`deephash.losses.schedules`) can change them.
+outputs) and ``labels`` int64 (B,), and returns a scalar tensor (float32 for float16/bfloat16
+``u``, which is upcast so that margins and saturated codes stay finite). Loss weights are plain
+attributes (``quantization_weight``) so that schedules (`deephash.losses.schedules`) can change them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deephash.errors import CodeLengthError, DeephashError
+from deephash.losses.metric import upcast_half
 from deephash.losses.registry import register_loss
 
 __all__ = [
@@ -127,6 +129,7 @@ class DTSHLoss(nn.Module):
     def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``u`` float (B, bits), ``labels`` int64 (B,) -> scalar."""
         _check_bits(u, None)
+        u = upcast_half(u)
         triplets = self.triplet_selector.get_triplets(u.detach(), labels)
         self.num_selected = int(triplets.shape[0])
         quant = (u - _sign(u)).pow(2).sum(dim=1).mean()
@@ -179,6 +182,7 @@ class DSHLoss(nn.Module):
     def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``u`` float (B, bits), ``labels`` int64 (B,) -> scalar."""
         _check_bits(u, self.bits)
+        u = upcast_half(u)
         b = u.shape[0]
         reg = (u.abs() - 1).abs().sum(dim=1).mean()
         self.num_selected = b * (b - 1) // 2
@@ -287,6 +291,9 @@ def _random_centers(
     return kept
 
 
+_CSQ_EPS = 1e-6
+
+
 @register_loss("csq")
 class CSQLoss(nn.Module):
     """Central similarity quantization (Yuan et al., CVPR 2020).
@@ -336,6 +343,10 @@ class CSQLoss(nn.Module):
     def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``u`` float (B, bits), ``labels`` int64 (B,) or multi-hot (B, K) -> scalar."""
         _check_bits(u, self.bits)
+        u = upcast_half(u)
         target = (self.targets(labels, u.dtype) + 1) / 2
-        center = F.binary_cross_entropy((u + 1) / 2, target)
+        # p is kept 1e-6 away from 0 and 1: BCE's gradient 1/(p(1-p)) at a saturated wrong bit would
+        # be ~1e12 (inf once cast back to a float16 u); tanh's own gradient is 0 there anyway.
+        p = ((u + 1) / 2).clamp(_CSQ_EPS, 1 - _CSQ_EPS)
+        center = F.binary_cross_entropy(p, target)
         return center + self.quantization_weight * quantization_loss(u)

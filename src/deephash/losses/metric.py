@@ -10,6 +10,13 @@ from deephash.distances import safe_sqrt
 from deephash.losses.registry import register_loss
 
 
+def upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 when it is float16/bfloat16 (losses compute there: margins such as 1e6 and
+    squared distances overflow half precision), else ``x`` unchanged; gradients flow back in
+    ``x``'s dtype."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def contrastive_terms(
     x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor, margin: float
 ) -> torch.Tensor:
@@ -61,6 +68,7 @@ class ContrastiveLoss(nn.Module):
         """``x1, x2`` float ``(N, D)``, ``target`` ``(N,)`` 1 = same class → scalar."""
         if len(x1) == 0:
             return (x1.sum() + x2.sum()) * 0
+        x1, x2 = upcast_half(x1), upcast_half(x2)
         return contrastive_terms(x1, x2, target, self.margin).mean()
 
 
@@ -80,4 +88,5 @@ class TripletLoss(nn.Module):
         """``anchor, positive, negative`` float ``(N, D)`` → scalar."""
         if len(anchor) == 0:
             return (anchor.sum() + positive.sum() + negative.sum()) * 0
+        anchor, positive, negative = upcast_half(anchor), upcast_half(positive), upcast_half(negative)
         return triplet_terms(anchor, positive, negative, self.margin).mean()

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deephash.distances import squared_euclidean
-from deephash.losses.metric import contrastive_terms, triplet_terms
+from deephash.losses.metric import contrastive_terms, triplet_terms, upcast_half
 from deephash.losses.registry import register_loss
 from deephash.mining.pairs import negative_mask, positive_mask
 from deephash.mining.selectors import (
@@ -40,6 +40,7 @@ class OnlineContrastiveLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings`` float ``(B, D)``, ``labels`` int64 ``(B,)`` → scalar mean over all pairs."""
+        embeddings = upcast_half(embeddings)
         positives, negatives = self.pair_selector.get_pairs(embeddings, labels)
         pairs = torch.cat((positives, negatives))
         self.num_selected = len(pairs)
@@ -72,6 +73,7 @@ class OnlineTripletLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings`` float ``(B, D)``, ``labels`` int64 ``(B,)`` → scalar mean over triplets."""
+        embeddings = upcast_half(embeddings)
         if isinstance(self.triplet_selector, AllTripletSelector):
             loss, self.num_selected = batch_all_triplet_loss(embeddings, labels, self.margin)
             return loss
