@@ -302,8 +302,8 @@ class CSQLoss(nn.Module):
 
         loss = BCE(p, t) averaged over bits and batch + quantization_weight · mean((|u| − 1)²),
 
-    as in DeepHash-pytorch's CSQ. BCE uses ``F.binary_cross_entropy`` (logs clamped at −100, so
-    saturated codes u = ±1 stay finite). Multi-label targets (B, K) multi-hot use the center
+    as in DeepHash-pytorch's CSQ. BCE is written out on p clamped to [1e-6, 1 − 1e-6], so saturated
+    codes u = ±1 keep a finite loss and gradient, and a NaN u gives a NaN loss (fit stops on it). Multi-label targets (B, K) multi-hot use the center
     sign(Σ of the label centers) with 0 ↦ +1.
 
     Args:
@@ -347,6 +347,7 @@ class CSQLoss(nn.Module):
         target = (self.targets(labels, u.dtype) + 1) / 2
         # p is kept 1e-6 away from 0 and 1: BCE's gradient 1/(p(1-p)) at a saturated wrong bit would
         # be ~1e12 (inf once cast back to a float16 u); tanh's own gradient is 0 there anyway.
+        # BCE written out: F.binary_cross_entropy raises on NaN input, hiding divergence from fit.
         p = ((u + 1) / 2).clamp(_CSQ_EPS, 1 - _CSQ_EPS)
-        center = F.binary_cross_entropy(p, target)
+        center = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
         return center + self.quantization_weight * quantization_loss(u)
