@@ -179,3 +179,22 @@ def test_non_finite_batch_stops_by_epoch_and_step_and_keeps_the_last_checkpoint(
     state = load_checkpoint(tmp_path / "ck" / "last.pt", fresh, rng=False)
     assert state["epoch"] == 1
     assert all(torch.equal(v, seen[3][k]) for k, v in fresh.state_dict().items())
+
+
+def test_absurd_learning_rate_exits_2_naming_epoch_and_step(tmp_path, capsys):
+    """``deephash train`` with lr = 1e30: exit status 2, one line naming the epoch and step, no model."""
+    from test_kill_resume import CONFIG, write_tiny_fashion_mnist
+
+    from deephash.cli import main
+
+    write_tiny_fashion_mnist(tmp_path / "data")
+    config = tmp_path / "diverge.toml"
+    config.write_text(CONFIG.format(root=tmp_path / "data", epochs=3), encoding="utf-8")
+    capsys.readouterr()
+    status = main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet",
+                   "--set", "optimizer.lr=1e30", "--set", "optimizer.name=sgd"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("deephash: error:"), err
+    assert "epoch 1/3, step" in err and "became" in err, err
+    assert not (tmp_path / "run" / "model.pt").exists()
