@@ -44,7 +44,7 @@ def start_server(index_dir: Path, run_dir: Path, log: Path) -> tuple[subprocess.
     """Start ``python -m deephash.serve`` on a free loopback port; wait until /healthz answers."""
     port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deephash.serve", str(index_dir), "--run", str(run_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), "--run", str(run_dir),
                                  "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -184,8 +184,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_report)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from deephash.serve.cli import add_serve_parser  # argparse only; FastAPI loads when serving
+
+    add_serve_parser(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report,
+    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report, _add_serve,
 ]
 
 
