@@ -229,3 +229,64 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="labels"):
         mean_average_precision(pack_codes(q_bits), ql[:2], pack_codes(db_bits), dl, bits=8)
     assert math.isfinite(mean_average_precision(pack_codes(q_bits), ql, pack_codes(db_bits), dl, bits=8, k=100))
+
+
+# ---------------------------------------------------------------- fast paths against the references
+@pytest.mark.parametrize("bits", [5, 48, 64, 130, 300])
+def test_small_distances_match_brute_force_and_the_torch_fallback(bits, monkeypatch):
+    from deephash.retrieval.hamming import as_words, small_distances
+
+    rng = np.random.default_rng(bits)
+    q_bits, db_bits = rng.integers(0, 2, (6, bits)).astype(bool), rng.integers(0, 2, (9, bits)).astype(bool)
+    q_w, db_w = as_words(torch.from_numpy(pack_codes(q_bits))).numpy(), as_words(torch.from_numpy(pack_codes(db_bits))).numpy()
+    got = small_distances(q_w, db_w)
+    assert got.dtype == (np.uint8 if bits <= 192 else np.uint16)
+    np.testing.assert_array_equal(got, _distances(q_bits, db_bits))
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # numpy < 2
+    np.testing.assert_array_equal(small_distances(q_w, db_w), _distances(q_bits, db_bits))
+
+
+def test_many_small_chunks_give_the_references(monkeypatch):
+    from deephash.retrieval import metrics
+
+    q_bits, db_bits, ql, dl = _random_case(21, nq=23, n=40, bits=6, classes=3)
+    args = (pack_codes(q_bits), ql, pack_codes(db_bits), dl, 6)
+    whole = evaluate_codes(*args, ks=(5, 17))
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 40 * 4)  # 4 queries per chunk, 6 chunks
+    chunked = evaluate_codes(*args, ks=(5, 17))
+    for key, value in whole.items():
+        assert chunked[key] == (value if key == "protocol" else pytest.approx(value, abs=1e-12))
+    for k in (None, 17):
+        name = f"mAP@{'all' if k is None else k}/stable"
+        assert chunked[name] == pytest.approx(_reference_stable_map(q_bits, db_bits, ql, dl, k), abs=1e-12)
+
+
+def test_arbitrary_label_values_and_the_relevance_bit_histograms(monkeypatch):
+    """Negative, large and query-only labels; the class histograms and the relevance-bit fallback agree."""
+    from deephash.retrieval import metrics
+
+    q_bits, db_bits, ql, dl = _random_case(8, nq=4, n=8, bits=3, classes=3)
+    values = np.array([-7, 10**12, 3])
+    ql, dl = values[ql], values[dl]
+    ql[0] = 99  # no relevant item in the database
+    args = (pack_codes(q_bits), ql, pack_codes(db_bits), dl, 3)
+    for k in (None, 3):
+        expected = _reference_tie_aware_map(q_bits, db_bits, ql, dl, k)
+        assert mean_average_precision(*args, k=k) == pytest.approx(expected, abs=1e-12)
+        assert mean_average_precision(*args, k=k, ties="stable") == pytest.approx(
+            _reference_stable_map(q_bits, db_bits, ql, dl, k), abs=1e-12)
+    table = evaluate_codes(*args, ks=(3,), knn_k=3)
+    monkeypatch.setattr(metrics, "MAX_CLASS_CELLS", 0)  # force the (distance, relevant) bincount
+    fallback = evaluate_codes(*args, ks=(3,), knn_k=3)
+    for key, value in table.items():
+        assert fallback[key] == (value if key == "protocol" else pytest.approx(value, abs=1e-12))
+    assert mean_average_precision(*args) == pytest.approx(_reference_tie_aware_map(q_bits, db_bits, ql, dl, None), abs=1e-12)
+
+
+def test_evaluate_codes_multi_label_matches_the_references():
+    q_bits, db_bits, ql, dl = _random_case(12, nq=3, n=7, bits=3, classes=3, multi=True)
+    table = evaluate_codes(pack_codes(q_bits), ql, pack_codes(db_bits), dl, 3, ks=(4,), knn_k=None)
+    for k in (None, 4):
+        name = "all" if k is None else k
+        assert table[f"mAP@{name}/tie-aware"] == pytest.approx(_reference_tie_aware_map(q_bits, db_bits, ql, dl, k), abs=1e-12)
+        assert table[f"mAP@{name}/stable"] == pytest.approx(_reference_stable_map(q_bits, db_bits, ql, dl, k), abs=1e-12)

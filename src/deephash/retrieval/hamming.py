@@ -58,6 +58,30 @@ def word_distances(q_words: torch.Tensor, db_words: torch.Tensor) -> torch.Tenso
     return out
 
 
+def small_distances(q_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
+    """Hamming distances between word codes in the narrowest dtype, for the metrics.
+
+    Args:
+        q_words: uint64 (or int64) ``(nq, W)`` codes, as :func:`as_words` makes them.
+        db_words: the same for ``(n, W)``.
+
+    Returns:
+        ``(nq, n)`` distances: uint8 when ``64 * W <= 255``, else uint16. numpy's ``bitwise_count``
+        (numpy >= 2) when present, else the torch SWAR popcount.
+    """
+    q_words, db_words = q_words.view(np.uint64), db_words.view(np.uint64)
+    dtype = np.uint8 if 64 * q_words.shape[1] <= 255 else np.uint16
+    if not hasattr(np, "bitwise_count"):  # numpy < 2
+        out = word_distances(torch.from_numpy(q_words.view(np.int64)), torch.from_numpy(db_words.view(np.int64)))
+        return out.numpy().astype(dtype)
+    xor = np.bitwise_xor(q_words[:, None, 0], db_words[None, :, 0])
+    out = np.bitwise_count(xor).astype(dtype, copy=False)
+    for w in range(1, q_words.shape[1]):  # a few words at most
+        np.bitwise_xor(q_words[:, None, w], db_words[None, :, w], out=xor)
+        out += np.bitwise_count(xor)
+    return out
+
+
 def _check_widths(q: torch.Tensor, db: torch.Tensor) -> None:
     if q.shape[1] != db.shape[1]:
         raise CodeLengthError(f"query codes have {q.shape[1]} bytes but database codes have {db.shape[1]} bytes")

@@ -34,9 +34,14 @@ import torch
 
 from deephash.errors import CodeLengthError, DeephashError
 from deephash.retrieval.codes import n_bytes
-from deephash.retrieval.hamming import as_words, word_distances
+from deephash.retrieval.hamming import as_words, small_distances
 
-CHUNK = 256  # queries per chunk
+#: Distance-matrix elements per chunk of queries (peak memory about 30 bytes each).
+CHUNK_ELEMENTS = 1 << 24
+#: Upper bound on queries per chunk.
+MAX_CHUNK = 2048
+#: Above this many (distance, class) cells per query, histograms use a relevance bit instead.
+MAX_CLASS_CELLS = 1 << 14
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -61,27 +66,48 @@ def _relevance(q_labels: torch.Tensor, db_labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Problem:
-    """Queries and database prepared once: distance function inputs and labels."""
+    """Queries and database prepared once: distance inputs and labels.
 
-    q: torch.Tensor
-    db: torch.Tensor
+    Single labels are also renumbered to classes ``0..C-1`` (``q_class``/``db_class``: uint8, int32 beyond 256), so
+    relevance is ``db_class == q_class`` and one bincount gives every per-class histogram.
+    """
+
+    q: Any  # uint64 words (N, W) as numpy for Hamming; float32 tensor (N, D) for real
+    db: Any
     q_labels: torch.Tensor
     db_labels: torch.Tensor
     n_levels: int  # number of distinct distance values for Hamming (bits + 1); 0 for real
+    q_class: np.ndarray | None = None
+    db_class: np.ndarray | None = None
+    n_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.q_labels.dim() == 1:
+            classes = torch.unique(torch.cat([self.q_labels, self.db_labels]), return_inverse=True)[1].to(torch.int32)
+            self.n_classes = int(classes.max()) + 1 if classes.numel() else 0
+            small = classes.numpy().astype(np.uint8 if self.n_classes <= 256 else np.int32)  # cheaper gathers
+            self.q_class, self.db_class = small[: len(self.q_labels)], small[len(self.q_labels):]
 
     @property
     def n(self) -> int:
         return self.db.shape[0]
 
     def chunks(self) -> Any:
-        """Yield ``(slice, distances (c, n), relevance bool (c, n))`` over query chunks."""
-        for start in range(0, self.q.shape[0], CHUNK):
-            rows = slice(start, start + CHUNK)
+        """Yield ``(slice, distances (c, n))``: numpy uint8/uint16 for Hamming, float64 tensor for real."""
+        step = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(self.n, 1)))
+        for start in range(0, self.q.shape[0], step):
+            rows = slice(start, start + step)
             if self.n_levels:
-                dist = word_distances(self.q[rows], self.db).to(torch.int64)
+                yield rows, small_distances(self.q[rows], self.db)
             else:
-                dist = torch.cdist(self.q[rows], self.db).double()
-            yield rows, dist, _relevance(self.q_labels[rows], self.db_labels)
+                yield rows, torch.cdist(self.q[rows], self.db).double()
+
+    def relevant_counts(self, rows: slice) -> torch.Tensor | None:
+        """float64 ``(c,)`` relevant items in the database per query (single labels), else None."""
+        if self.q_class is None:
+            return None
+        per_class = np.bincount(self.db_class, minlength=self.n_classes)
+        return torch.from_numpy(per_class[self.q_class[rows]].astype(np.float64))
 
 
 def _codes_problem(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int) -> _Problem:
@@ -95,7 +121,7 @@ def _codes_problem(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, b
         raise DeephashError("the database is empty")
     ql, dl = _tensor(q_labels).long(), _tensor(db_labels).long()
     _check_labels(ql, dl, q.shape[0], db.shape[0])
-    return _Problem(as_words(q), as_words(db), ql, dl, int(bits) + 1)
+    return _Problem(as_words(q).numpy(), as_words(db).numpy(), ql, dl, int(bits) + 1)
 
 
 def _real_problem(q_emb: Any, q_labels: Any, db_emb: Any, db_labels: Any) -> _Problem:
@@ -115,11 +141,26 @@ def _harmonic(n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- tie-aware (histograms)
-def _histograms(dist: torch.Tensor, rel: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query counts of all and of relevant items at each distance: float64 ``(c, levels)`` each."""
-    c = dist.shape[0]
-    keys = ((torch.arange(c)[:, None] * levels + dist) * 2 + rel).reshape(-1)
-    counts = torch.bincount(keys, minlength=c * levels * 2).reshape(c, levels, 2).double()
+def _histograms(problem: _Problem, rows: slice, dist: np.ndarray, rel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query counts of all and of relevant items at each distance: float64 ``(c, levels)`` each.
+
+    Single labels with few classes: one bincount over ``(query, distance, database class)`` cells,
+    then the query's own class gives the relevant counts (no relevance matrix). Otherwise one
+    bincount over ``(query, distance, relevant)`` with ``rel()`` the bool ``(c, n)`` relevance.
+    """
+    c, levels = dist.shape[0], problem.n_levels
+    if problem.q_class is not None and levels * problem.n_classes <= MAX_CLASS_CELLS:
+        cells = problem.n_classes
+        keys = dist.astype(np.int32)
+        keys *= cells
+        keys += problem.db_class[None, :]
+        keys += (np.arange(c, dtype=np.int32) * (levels * cells))[:, None]
+        counts = torch.bincount(torch.from_numpy(keys).view(-1), minlength=c * levels * cells).view(c, levels, cells)
+        own = torch.from_numpy(problem.q_class[rows]).long()[:, None, None].expand(c, levels, 1)
+        return counts.sum(2).double(), counts.gather(2, own)[:, :, 0].double()
+    keys = torch.from_numpy(dist.astype(np.int64))
+    keys = ((torch.arange(c)[:, None] * levels + keys) * 2 + rel()).view(-1)
+    counts = torch.bincount(keys, minlength=c * levels * 2).view(c, levels, 2).double()
     return counts.sum(2), counts[:, :, 1]
 
 
@@ -182,23 +223,38 @@ def _tie_aware_counts(total: torch.Tensor, relevant: torch.Tensor, ks: Sequence[
 
 
 # ---------------------------------------------------------------- stable order
-def _stable_order(dist: torch.Tensor, length: int) -> torch.Tensor:
+def _stable_order(dist: Any, length: int) -> np.ndarray:
     """int64 ``(c, length)`` database positions of the first ``length`` items in stable order."""
-    n = dist.shape[1]
-    if not dist.is_floating_point():  # numpy's stable sort of uint8 is a radix sort: O(n)
-        small = dist.numpy().astype(np.uint8 if int(dist.max()) < 256 else np.int32)
-        return torch.from_numpy(np.argsort(small, axis=1, kind="stable")[:, :length])
-    return torch.sort(dist, dim=1, stable=True).indices[:, :length]
+    if isinstance(dist, np.ndarray):  # numpy's stable sort of 8/16-bit integers is a radix sort: O(n)
+        return np.argsort(dist, axis=1, kind="stable")[:, :length]
+    return torch.sort(dist, dim=1, stable=True).indices[:, :length].numpy()
 
 
-def _stable_ap(rel_sorted: torch.Tensor, ks: Sequence[int | None]) -> torch.Tensor:
-    """AP@k per query for each k (``None`` = all), float64 ``(c, len(ks))``, from sorted relevance."""
-    rel = rel_sorted.double()
-    cum = torch.cumsum(rel, 1)
-    sums = torch.cumsum(cum / torch.arange(1, rel.shape[1] + 1, dtype=torch.float64) * rel, 1)
-    idx = torch.tensor([(rel.shape[1] if k is None else min(k, rel.shape[1])) - 1 for k in ks])
-    r_k, s_k = cum[:, idx], sums[:, idx]
-    return torch.where(r_k > 0, s_k / r_k.clamp(min=1), torch.zeros_like(r_k))
+def _sorted_relevance(problem: _Problem, rows: slice, order: np.ndarray, rel: Any) -> np.ndarray:
+    """bool ``(c, length)``: relevance of the items in ranked order."""
+    if problem.q_class is not None:
+        return problem.db_class[order] == problem.q_class[rows, None]
+    return rel().gather(1, torch.from_numpy(order)).numpy()
+
+
+def _stable_ap(rel_sorted: np.ndarray, ks: Sequence[int | None]) -> torch.Tensor:
+    """AP@k per query for each k (``None`` = all), float64 ``(c, len(ks))``, from sorted relevance.
+
+    Works on the relevant positions only: the i-th relevant item of a row at rank p adds i / p.
+    """
+    c, length = rel_sorted.shape
+    rows, cols = np.nonzero(rel_sorted)  # row-major: ranks ascend within each row
+    per_row = np.bincount(rows, minlength=c)
+    nth = np.arange(1, len(rows) + 1) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    precision = nth / (cols + 1.0)
+    ap = []
+    for k in ks:
+        top = length if k is None else min(k, length)
+        keep = slice(None) if top == length else cols < top
+        r_k = per_row if top == length else np.bincount(rows[keep], minlength=c)
+        s_k = np.bincount(rows[keep], weights=precision[keep], minlength=c)
+        ap.append(np.where(r_k > 0, s_k / np.maximum(r_k, 1), 0.0))
+    return torch.from_numpy(np.stack(ap, 1)) if ap else torch.zeros(c, 0, dtype=torch.float64)
 
 
 def _knn_predict(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -216,51 +272,69 @@ def _run(
     *,
     map_ks: Sequence[int | None] = (),
     count_ks: Sequence[int] = (),
-    ties: str = "tie-aware",
+    ties: Sequence[str] = ("tie-aware",),
     radii: Sequence[int] = (),
     knn_k: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-query statistics over all chunks (float64 tensors, queries along dim 0)."""
-    if ties not in ("tie-aware", "stable"):
-        raise DeephashError(f"ties must be 'tie-aware' or 'stable', got {ties!r}")
+    """Per-query statistics over all chunks (float64 tensors, queries along dim 0).
+
+    One distance matrix, one histogram and one stable order per chunk feed every metric asked
+    for. Keys: ``"R"``; ``"ap/<rule>"`` ``(nq, len(map_ks))`` and ``"hits/<rule>"``
+    ``(nq, len(count_ks))`` for each rule in ``ties`` (real embeddings: always stable order, keyed
+    by the rule asked); ``"ball"``/``"ball_rel"`` ``(nq, len(radii))``; ``"knn"`` ``(nq,)``.
+    """
+    for rule in ties:
+        if rule not in ("tie-aware", "stable"):
+            raise DeephashError(f"ties must be 'tie-aware' or 'stable', got {rule!r}")
     for k in [*[k for k in map_ks if k is not None], *count_ks, *([knn_k] if knn_k else [])]:
         if int(k) < 1:
             raise DeephashError(f"k must be >= 1, got {k}")
-    tie_aware = ties == "tie-aware" and problem.n_levels > 0
-    harmonic = _harmonic(problem.n) if tie_aware and map_ks else None
-    n_classes = int(max(problem.q_labels.max(), problem.db_labels.max())) + 1 if knn_k else 0
-    if knn_k and problem.q_labels.dim() != 1:
+    if knn_k and problem.q_class is None:
         raise DeephashError("kNN accuracy needs single labels (N,), not multi-hot labels")
+    hamming = problem.n_levels > 0
+    aware = [rule for rule in ties if rule == "tie-aware" and hamming]
+    ordered = [rule for rule in ties if rule not in aware]
+    harmonic = _harmonic(problem.n) if aware and map_ks else None
+    wanted = ([problem.n if k is None else k for k in map_ks] + list(count_ks) if ordered else []) + [knn_k or 0]
+    length = min(max(wanted), problem.n)
     out: dict[str, list[torch.Tensor]] = {}
-    for rows, dist, rel in problem.chunks():
-        stats: dict[str, torch.Tensor] = {"R": rel.sum(1).double()}
-        if problem.n_levels and (tie_aware or radii):
-            total, relevant = _histograms(dist, rel, problem.n_levels)
+    for rows, dist in problem.chunks():
+        cache: dict[str, torch.Tensor] = {}
+
+        def rel() -> torch.Tensor:  # the relevance matrix, built at most once per chunk
+            if "rel" not in cache:
+                cache["rel"] = _relevance(problem.q_labels[rows], problem.db_labels)
+            return cache["rel"]
+
+        counts = problem.relevant_counts(rows)
+        stats: dict[str, torch.Tensor] = {"R": rel().sum(1).double() if counts is None else counts}
+        if hamming and (aware or radii):
+            total, relevant = _histograms(problem, rows, dist, rel)
             if radii:
                 cum_t, cum_r = torch.cumsum(total, 1), torch.cumsum(relevant, 1)
                 idx = torch.tensor([min(max(r, 0), problem.n_levels - 1) for r in radii])
                 neg = torch.tensor([r < 0 for r in radii])
                 stats["ball"] = torch.where(neg, 0.0, cum_t[:, idx])
                 stats["ball_rel"] = torch.where(neg, 0.0, cum_r[:, idx])
-        if tie_aware:
-            if map_ks:
-                stats["ap"] = torch.stack([_tie_aware_ap(total, relevant, k, harmonic) for k in map_ks], 1)
-            if count_ks:
-                stats["hits"] = _tie_aware_counts(total, relevant, count_ks)
-        need_order = (not tie_aware and (map_ks or count_ks)) or knn_k
-        if need_order:
-            wanted = [problem.n if k is None else k for k in map_ks if not tie_aware] + [*([] if tie_aware else count_ks), knn_k or 0]
-            length = min(max(wanted), problem.n)
+            for rule in aware:
+                if map_ks:
+                    stats[f"ap/{rule}"] = torch.stack([_tie_aware_ap(total, relevant, k, harmonic) for k in map_ks], 1)
+                if count_ks:
+                    stats[f"hits/{rule}"] = _tie_aware_counts(total, relevant, count_ks)
+        if length > 0:
             order = _stable_order(dist, length)
-            rel_sorted = rel.gather(1, order)
-            if not tie_aware and map_ks:
-                stats["ap"] = _stable_ap(rel_sorted, map_ks)
-            if not tie_aware and count_ks:
-                cum = torch.cumsum(rel_sorted.double(), 1)
-                stats["hits"] = cum[:, [min(k, length) - 1 for k in count_ks]]
+            rel_sorted = _sorted_relevance(problem, rows, order, rel)
+            ap = _stable_ap(rel_sorted, map_ks) if ordered and map_ks else None
+            hits = [np.count_nonzero(rel_sorted[:, : min(k, length)], axis=1) for k in count_ks] if ordered else []
+            for rule in ordered:
+                if ap is not None:
+                    stats[f"ap/{rule}"] = ap
+                if hits:
+                    stats[f"hits/{rule}"] = torch.from_numpy(np.stack(hits, 1).astype(np.float64))
             if knn_k:
-                pred = _knn_predict(problem.db_labels[order[:, : min(knn_k, length)]], n_classes)
-                stats["knn"] = (pred == problem.q_labels[rows]).double()
+                neighbours = torch.from_numpy(problem.db_class[order[:, : min(knn_k, length)]]).long()
+                pred = _knn_predict(neighbours, problem.n_classes)
+                stats["knn"] = (pred == torch.from_numpy(problem.q_class[rows]).long()).double()
         for key, value in stats.items():
             out.setdefault(key, []).append(value)
     return {key: torch.cat(values) for key, values in out.items()}
@@ -287,22 +361,23 @@ def mean_average_precision(
         k: cut-off; ``None`` ranks the whole database.
         ties: ``"tie-aware"`` (expected value over random orders within ties) or ``"stable"``.
     """
-    stats = _run(_codes_problem(q_codes, q_labels, db_codes, db_labels, bits), map_ks=[k], ties=ties)
-    return _mean(stats["ap"][:, 0])
+    stats = _run(_codes_problem(q_codes, q_labels, db_codes, db_labels, bits), map_ks=[k], ties=(ties,))
+    return _mean(stats[f"ap/{ties}"][:, 0])
 
 
 def precision_at_k(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, ks: Sequence[int], ties: str = "tie-aware") -> np.ndarray:
     """Mean precision@k for each k in ``ks``: float64 ``(len(ks),)``."""
-    stats = _run(_codes_problem(q_codes, q_labels, db_codes, db_labels, bits), count_ks=list(ks), ties=ties)
-    k = torch.tensor([min(v, _tensor(db_codes).shape[0]) for v in ks], dtype=torch.float64)
-    return (stats["hits"] / k).mean(0).numpy()
+    problem = _codes_problem(q_codes, q_labels, db_codes, db_labels, bits)
+    stats = _run(problem, count_ks=list(ks), ties=(ties,))
+    k = torch.tensor([min(v, problem.n) for v in ks], dtype=torch.float64)
+    return (stats[f"hits/{ties}"] / k).mean(0).numpy()
 
 
 def recall_at_k(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, ks: Sequence[int], ties: str = "tie-aware") -> np.ndarray:
     """Mean recall@k for each k in ``ks`` over queries with a relevant item: float64 ``(len(ks),)``."""
-    stats = _run(_codes_problem(q_codes, q_labels, db_codes, db_labels, bits), count_ks=list(ks), ties=ties)
+    stats = _run(_codes_problem(q_codes, q_labels, db_codes, db_labels, bits), count_ks=list(ks), ties=(ties,))
     has = stats["R"] > 0
-    return (stats["hits"][has] / stats["R"][has, None]).mean(0).numpy()
+    return (stats[f"hits/{ties}"][has] / stats["R"][has, None]).mean(0).numpy()
 
 
 def precision_within_radius(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, radius: int = 2) -> tuple[float, float]:
@@ -347,37 +422,35 @@ def evaluate_codes(
     bits: int,
     ks: Sequence[int] = (100, 1000),
     radius: int = 2,
-    knn_k: int = 10,
+    knn_k: int | None = 10,
     splits: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The standard table for Hamming ranking in two passes (tie-aware and stable).
+    """The standard table for Hamming ranking in one pass over the distances (both tie rules).
 
     Keys: ``"mAP@all/tie-aware"``, ``"mAP@all/stable"``, ``"mAP@<k>/tie-aware"``,
     ``"mAP@<k>/stable"``, ``"P@<k>/tie-aware"``, ``"P@<k>/stable"``, ``"R@<k>/tie-aware"``,
     ``"P@r<=<radius>"``, ``"P@r<=<radius>/empty"``, ``"kNN-acc@<knn_k>"``, and ``"protocol"`` (a
     sentence naming the splits given as ``(query, database)``, relevance and tie rules).
+    ``knn_k=None`` leaves kNN accuracy out (needed for multi-hot labels).
     """
     problem = _codes_problem(q_codes, q_labels, db_codes, db_labels, bits)
     ks = [int(k) for k in ks]
     map_ks: list[int | None] = [None, *ks]
     result: dict[str, Any] = {}
     capped = torch.tensor([min(k, problem.n) for k in ks], dtype=torch.float64)
+    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("tie-aware", "stable"), radii=[radius], knn_k=knn_k)
     for ties in ("tie-aware", "stable"):
-        stats = _run(
-            problem, map_ks=map_ks, count_ks=ks, ties=ties,
-            radii=[radius] if ties == "tie-aware" else (), knn_k=knn_k if ties == "stable" else None,
-        )
         for j, k in enumerate(map_ks):
-            result[f"mAP@{'all' if k is None else k}/{ties}"] = _mean(stats["ap"][:, j])
+            result[f"mAP@{'all' if k is None else k}/{ties}"] = _mean(stats[f"ap/{ties}"][:, j])
         for j, k in enumerate(ks):
-            result[f"P@{k}/{ties}"] = _mean(stats["hits"][:, j] / capped[j])
-            result[f"R@{k}/{ties}"] = _mean(stats["hits"][:, j] / stats["R"].clamp(min=1), stats["R"] > 0)
+            result[f"P@{k}/{ties}"] = _mean(stats[f"hits/{ties}"][:, j] / capped[j])
+            result[f"R@{k}/{ties}"] = _mean(stats[f"hits/{ties}"][:, j] / stats["R"].clamp(min=1), stats["R"] > 0)
         if ties == "tie-aware":
             ball, hits = stats["ball"][:, 0], stats["ball_rel"][:, 0]
             result[f"P@r<={radius}"] = _mean(torch.where(ball > 0, hits / ball.clamp(min=1), 0.0))
             result[f"P@r<={radius}/empty"] = _mean((ball == 0).double())
-        else:
-            result[f"kNN-acc@{knn_k}"] = _mean(stats["knn"])
+    if knn_k:
+        result[f"kNN-acc@{knn_k}"] = _mean(stats["knn"])
     query, database = splits or ("queries", "database")
     result["protocol"] = (
         f"{int(bits)}-bit codes; queries: {query} ({problem.q.shape[0]}), database: {database} ({problem.n}); "
@@ -391,7 +464,7 @@ def evaluate_codes(
 # ---------------------------------------------------------------- public: real embeddings
 def mean_average_precision_real(q_emb: Any, q_labels: Any, db_emb: Any, db_labels: Any, k: int | None = None) -> float:
     """mAP@k of Euclidean ranking of real embeddings (ties broken by database position)."""
-    return _mean(_run(_real_problem(q_emb, q_labels, db_emb, db_labels), map_ks=[k], ties="stable")["ap"][:, 0])
+    return _mean(_run(_real_problem(q_emb, q_labels, db_emb, db_labels), map_ks=[k], ties=("stable",))["ap/stable"][:, 0])
 
 
 def evaluate_embeddings(
@@ -410,13 +483,13 @@ def evaluate_embeddings(
     problem = _real_problem(q_emb, q_labels, db_emb, db_labels)
     ks = [int(k) for k in ks]
     map_ks: list[int | None] = [None, *ks]
-    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties="stable", knn_k=knn_k)
+    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("stable",), knn_k=knn_k)
     result: dict[str, Any] = {}
     for j, k in enumerate(map_ks):
-        result[f"mAP@{'all' if k is None else k}"] = _mean(stats["ap"][:, j])
+        result[f"mAP@{'all' if k is None else k}"] = _mean(stats["ap/stable"][:, j])
     for j, k in enumerate(ks):
-        result[f"P@{k}"] = _mean(stats["hits"][:, j] / min(k, problem.n))
-        result[f"R@{k}"] = _mean(stats["hits"][:, j] / stats["R"].clamp(min=1), stats["R"] > 0)
+        result[f"P@{k}"] = _mean(stats["hits/stable"][:, j] / min(k, problem.n))
+        result[f"R@{k}"] = _mean(stats["hits/stable"][:, j] / stats["R"].clamp(min=1), stats["R"] > 0)
     result[f"kNN-acc@{knn_k}"] = _mean(stats["knn"])
     query, database = splits or ("queries", "database")
     result["protocol"] = (
