@@ -13,6 +13,7 @@ from deephash.losses.hashing import (
     hash_centers,
     quantization_loss,
 )
+from deephash.losses.orthohash import OrthoHashLoss
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DSHLoss",
     "DTSHLoss",
     "LinearRamp",
+    "OrthoHashLoss",
     "QuantizationLoss",
     "bit_balance_loss",
     "build_schedule",
