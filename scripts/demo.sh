@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job end to end (`make demo`): train the 48-bit Fashion-MNIST config into RUN_DIR
-# (resuming when RUN_DIR holds a checkpoint), evaluate, build the index, search three test images,
-# write the report and say where it is. Usage: scripts/demo.sh [RUN_DIR]
+# The main job end to end (`make demo`):
+#  1. the seed's demo: a 2-D EmbeddingNet trained with the online triplet loss and semi-hard
+#     negatives; prints kNN accuracy on the test set and draws the train and test 2-D embeddings;
+#  2. the retrieval job: train the 48-bit Fashion-MNIST config into RUN_DIR (resuming when RUN_DIR
+#     holds a checkpoint), evaluate, build the index, search three test images, write the report.
+# Usage: scripts/demo.sh [RUN_DIR]   (DEMO_SKIP_2D=1 skips step 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/demo-48}"
@@ -10,15 +13,29 @@ DH=.venv/bin/deephash
 [ -x "$DH" ] || { echo "demo: $DH not found; run 'make venv' first" >&2; exit 1; }
 start=$(date +%s)
 
-if [ -f "$RUN/model.pt" ]; then
-  echo "== $RUN already trained; skipping training"
-elif [ -f "$RUN/checkpoints/last.pt" ]; then
-  echo "== resuming $RUN from its last checkpoint"
-  "$DH" train "$CONFIG" --out "$RUN" --resume
-else
-  echo "== training $CONFIG into $RUN"
-  "$DH" train "$CONFIG" --out "$RUN"
+run_stage() {  # run_stage CONFIG RUN_DIR [--set ...]: train (or resume, or skip when finished)
+  local config=$1 run=$2; shift 2
+  if [ -f "$run/model.pt" ]; then
+    echo "== $run already trained; skipping training"
+  elif [ -f "$run/checkpoints/last.pt" ]; then
+    echo "== resuming $run from its last checkpoint"
+    "$DH" train "$config" --out "$run" --resume "$@"
+  else
+    echo "== training $config into $run"
+    "$DH" train "$config" --out "$run" "$@"
+  fi
+}
+
+if [ -z "${DEMO_SKIP_2D:-}" ]; then
+  RUN2D="${RUN}-2d"
+  run_stage configs/fashion-mnist-2d-triplet.toml "$RUN2D" --set train.epochs=2
+  echo "== 2-D embedding: kNN accuracy on the test set (database: training set)"
+  "$DH" evaluate "$RUN2D"
+  "$DH" report "$RUN2D" >/dev/null
+  echo "2-D embedding plots: $(cd "$RUN2D" && pwd)/report/"
 fi
+
+run_stage "$CONFIG" "$RUN"
 
 echo "== evaluating: test images as queries, training images as the database"
 "$DH" evaluate "$RUN"
