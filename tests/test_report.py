@@ -139,3 +139,33 @@ def test_rank_database_matches_brute_force(hamming):
     precision, recall = precision_recall(out["hits"], out["relevant"], ks)
     assert recall[-1] == pytest.approx(float((out["relevant"] > 0).double().mean()))
     assert precision[-1] == pytest.approx(float(out["relevant"].double().mean() / 30))
+
+
+def test_rank_database_long_codes_use_the_same_stable_order():
+    gen = torch.Generator().manual_seed(3)
+    q, db = torch.randn(5, 300, generator=gen).sign(), torch.randn(40, 300, generator=gen).sign()
+    db[7] = db[2]  # a tie: database order decides
+    q_labels, db_labels = torch.randint(0, 2, (5,), generator=gen), torch.randint(0, 2, (40,), generator=gen)
+    empty = torch.empty(0)
+    out = rank_database(Encoded(q, q_labels, empty), Encoded(db, db_labels, empty), True, [1, 40])
+    for i in range(5):
+        dist = ((q[i] != db).sum(1)).tolist()
+        order = sorted(range(40), key=lambda j: (dist[j], j))
+        assert out["top_ids"][i].tolist() == order[:10]
+        assert out["top_dist"][i].tolist() == [dist[j] for j in order[:10]]
+
+
+def test_scatter_sample_is_a_seeded_uniform_subset_in_split_order():
+    from deephash.report import scatter_sample
+
+    features = torch.arange(100, dtype=torch.float32).reshape(50, 2)
+    labels = torch.arange(50) % 5
+    encoded = Encoded(features, labels, torch.empty(0))
+    points, kept = scatter_sample(encoded, max_points=20, seed=1)
+    rows = points[:, 0].astype(int) // 2
+    assert len(set(rows.tolist())) == 20 and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(kept, labels.numpy()[rows])
+    np.testing.assert_array_equal(scatter_sample(encoded, max_points=20, seed=1)[0], points)
+    everything, all_labels = scatter_sample(encoded, max_points=50)
+    np.testing.assert_array_equal(everything, features.numpy())
+    np.testing.assert_array_equal(all_labels, labels.numpy())

@@ -23,6 +23,8 @@ from deephash.errors import DataFormatError, NotFoundError
 
 #: Cut-offs of the precision@k plot (those beyond the database size are dropped).
 PLOT_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+#: Points of a 2-D embedding scatter; larger splits show a seeded uniform sample of this size.
+SCATTER_POINTS = 10_000
 
 
 @dataclass
@@ -77,17 +79,36 @@ def rank_database(
         ``top_ids`` int64 ``(nq, min(10, n))`` and ``top_dist`` float ``(nq, min(10, n))``:
         the first results and their distances.
     """
-    cut = torch.as_tensor(list(ks), dtype=torch.int64) - 1
+    cut = np.asarray(list(ks), dtype=np.int64) - 1
+    db_labels = database.labels.numpy()
+    if db_labels.size and 0 <= db_labels.min() and db_labels.max() < 256:
+        db_labels = db_labels.astype(np.uint8)  # cheaper gathers
     parts: dict[str, list[torch.Tensor]] = {"hits": [], "relevant": [], "top_ids": [], "top_dist": []}
     for start in range(0, len(query.labels), chunk):
         d = ranking_distances(query.features[start:start + chunk], database.features, hamming)
-        d_sorted, order = torch.sort(d, dim=1, stable=True)
-        cum = (database.labels[order] == query.labels[start:start + chunk, None]).cumsum(dim=1)
-        parts["hits"].append(cum[:, cut])
-        parts["relevant"].append(cum[:, -1])
-        parts["top_ids"].append(order[:, :10])
-        parts["top_dist"].append(d_sorted[:, :10])
+        if hamming:  # integer distances: numpy's stable sort of 8/16-bit integers is a radix sort
+            small = d.round().numpy().astype(np.uint8 if query.features.shape[1] <= 255 else np.uint16)
+            order = np.argsort(small, axis=1, kind="stable")
+        else:
+            order = torch.sort(d, dim=1, stable=True).indices.numpy()
+        rel = db_labels[order] == query.labels[start:start + chunk, None].numpy()
+        cum = np.cumsum(rel, axis=1, dtype=np.int32)
+        top = torch.from_numpy(order[:, :10])
+        parts["hits"].append(torch.from_numpy(cum[:, cut].astype(np.int64)))
+        parts["relevant"].append(torch.from_numpy(cum[:, -1].astype(np.int64)))
+        parts["top_ids"].append(top)
+        parts["top_dist"].append(d.gather(1, top))
     return {key: torch.cat(value) for key, value in parts.items()}
+
+
+def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` rows of a split for a scatter: float ``(m, D)`` features, int ``(m,)`` labels.
+
+    A seeded uniform sample without replacement, in split order (class proportions and density kept).
+    """
+    n = len(encoded.labels)
+    keep = np.arange(n) if n <= max_points else np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    return encoded.features.numpy()[keep], encoded.labels.numpy()[keep]
 
 
 def precision_recall(hits: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -216,9 +237,12 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     sections.append(("Training", _img(curves, run_dir, "training curves")))
 
     if not hamming and query.features.shape[1] == 2:
-        pictures = [plot_embeddings_2d(e.features.numpy(), e.labels.numpy(), classes, out / f"embeddings_{s}.png",
-                                       title=f"{s} embeddings")
-                    for s, e in ((db_split, database), (query_split, query))]
+        pictures = []
+        for split, encoded in ((db_split, database), (query_split, query)):
+            points, labels = scatter_sample(encoded)
+            shown = "" if len(labels) == len(encoded.labels) else f" ({len(labels):,} of {len(encoded.labels):,}, uniform sample)"
+            pictures.append(plot_embeddings_2d(points, labels, classes, out / f"embeddings_{split}.png",
+                                               title=f"{split} embeddings{shown}"))
         sections.append(("Embeddings", "".join(_img(p, run_dir, p.stem) for p in pictures)))
     else:
         kind = "codes" if hamming else "embeddings"
