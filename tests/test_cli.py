@@ -397,3 +397,30 @@ def test_aux_classification_loss_adds_weighted_cross_entropy():
     log_p = logits - logits.exp().sum(1, keepdim=True).log()
     expected = inner(u, labels) - 0.3 * log_p[torch.arange(6), labels].mean()
     assert torch.allclose(loss(u, logits, labels), expected, atol=1e-6)
+
+
+def test_split_codes_are_cached_per_model_and_rebuilt_when_the_model_changes(run, monkeypatch):
+    import deephash.experiment as experiment
+
+    model, config = experiment.load_run(run)
+    split = config.data.query_split
+    cache = Path(run) / "codes" / f"{split}.npz"
+    cache.unlink(missing_ok=True)
+    calls = []
+    real_encode = experiment.encode
+    monkeypatch.setattr(experiment, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+
+    first = experiment.encode_split(run, model, config, split)
+    again = experiment.encode_split(run, model, config, split)
+    assert len(calls) == 1 and cache.is_file()
+    direct = real_encode(model, experiment.load_split(config, split, run))
+    for got in (first, again):
+        assert np.array_equal(got[0], direct[0]) and np.array_equal(got[1], direct[1])
+
+    with np.load(cache, allow_pickle=False) as stored:  # a cache of another model is not trusted
+        arrays = {k: stored[k] for k in stored.files}
+    arrays["model_sha256"] = np.str_("0" * 64)
+    arrays["codes"] = np.zeros_like(arrays["codes"])
+    np.savez(cache, **arrays)
+    rebuilt = experiment.encode_split(run, model, config, split)
+    assert len(calls) == 2 and np.array_equal(rebuilt[0], direct[0])

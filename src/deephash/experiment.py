@@ -15,10 +15,12 @@ The command line is a thin shell over these functions. A run directory holds:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -595,6 +597,41 @@ def encode(model: nn.Module, dataset: Any, batch_size: int = 1024,
     return out.numpy().astype(np.float32), labels
 
 
+def encode_split(run_dir: str | os.PathLike, model: nn.Module, config: Config, split: str,
+                 dataset: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode` of one split of a run's data, cached in ``run_dir/codes/SPLIT.npz``.
+
+    The cache records the SHA-256 of ``model.pt``; a cache written by another model (a retrained
+    or resumed run) is ignored and replaced, so ``evaluate``, ``index build`` and ``report`` encode
+    each split once per model. Written atomically, read with ``allow_pickle=False``.
+
+    Returns:
+        ``(codes, labels)`` as :func:`encode` returns them.
+    """
+    run_dir = Path(run_dir)
+    stamp = _model_digest(run_dir)
+    cache = run_dir / "codes" / f"{split}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as stored:
+                if str(stored["model_sha256"]) == stamp:
+                    return stored["codes"], stored["labels"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a stale or torn cache is simply rebuilt
+    dataset = dataset if dataset is not None else load_split(config, split, run_dir)
+    codes, labels = encode(model, dataset)
+    atomic_savez(cache, codes=codes, labels=labels, model_sha256=np.str_(stamp))
+    return codes, labels
+
+
+def _model_digest(run_dir: Path) -> str:
+    digest = hashlib.sha256()
+    with open(run_dir / "model.pt", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _encode_sharded(model: nn.Module, dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """:func:`encode` sharded over the ranks of a distributed job; ``(None, None)`` off rank 0."""
     from deephash.train.distributed_runner import encode_sharded
@@ -658,8 +695,8 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
     ks = [int(k) for k in (ks or config.eval.ks)]
     q_set, db_set = load_split(config, query, run_dir), load_split(config, database, run_dir)
     tic = time.perf_counter()
-    q_codes, q_labels = encode(model, q_set)
-    db_codes, db_labels = encode(model, db_set)
+    q_codes, q_labels = encode_split(run_dir, model, config, query, q_set)
+    db_codes, db_labels = encode_split(run_dir, model, config, database, db_set)
     encode_seconds = time.perf_counter() - tic
     if _is_hash(model):
         metrics = evaluate_codes(q_codes, q_labels, db_codes, db_labels, model.bits, ks=ks,
@@ -741,7 +778,12 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     if not _is_hash(model):
         raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs a hash model (model.head = 'hash')")
     dataset = _source_dataset(config, run_dir, split, images)
-    codes, labels = _encode_sharded(model, dataset)
+    from deephash.train.distributed import is_distributed
+
+    if images is None and not is_distributed():
+        codes, labels = encode_split(run_dir, model, config, split, dataset)
+    else:
+        codes, labels = _encode_sharded(model, dataset)
     if codes is None:  # another rank of a distributed job: rank 0 writes
         return Path(out)
     metadata: dict[str, Any] = {

@@ -43,12 +43,12 @@ class Encoded:
 
 
 def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path) -> Encoded:
-    """Encode a split with ``deephash.experiment.encode``; hash codes unpacked to ±1 floats."""
-    from deephash.experiment import encode, load_split
+    """Encode a split (cached by ``deephash.experiment.encode_split``); hash codes unpacked to ±1 floats."""
+    from deephash.experiment import encode_split, load_split
     from deephash.retrieval.codes import unpack_codes
 
     dataset = load_split(config, split, run_dir)
-    codes, labels = encode(model, dataset)
+    codes, labels = encode_split(run_dir, model, config, split, dataset)
     bits = getattr(model, "bits", None)
     if bits is not None:
         codes = unpack_codes(codes, bits).astype(np.float32) * 2 - 1
