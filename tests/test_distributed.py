@@ -69,6 +69,9 @@ lr = 0.01
 [train]
 epochs = 2
 log_interval = 2
+# one intra-op thread in every rank: the spawned run and the forked resume (a forked child of a
+# process that already used its thread pool runs single-threaded) must add up floats alike
+num_threads = 1
 """
 
 N_TRAIN, N_TEST = 204, 101  # 204 // (16 * 2) = 6 batches per rank; test shards of 51 and 50
