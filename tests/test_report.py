@@ -80,7 +80,8 @@ def test_report_of_a_hash_run(tmp_path):
     with Image.open(run / "report" / "retrieval_grid.png") as grid:
         assert grid.height == 3 * 160  # three query rows of 1.6 inches at 100 dpi
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.toml", "model.pt", "metrics.jsonl", "metrics.json", "report", "report.html"])
+        ["codes", "config.toml", "model.pt", "metrics.jsonl", "metrics.json", "report", "report.html"])
+    assert sorted(p.name for p in (run / "codes").iterdir()) == ["test.npz", "train.npz"]  # encode cache
 
 
 def test_report_of_a_2d_embedding_run_evaluates_when_metrics_are_missing(tmp_path, monkeypatch):
