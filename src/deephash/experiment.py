@@ -418,7 +418,7 @@ def train_run(
         atomic_write_text(run_dir / "config.toml", dump_config(config))
 
     n_classes = len(train_set.classes) if train_set.classes else int(train_set.targets.max()) + 1
-    model = build_model(model_spec_from_config(config, int(train_set.data.shape[1]))).to(device)
+    model = fast_layout(build_model(model_spec_from_config(config, int(train_set.data.shape[1]))).to(device))
     loss_fn = build_loss(config, n_classes, generators.selector).to(device)
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer)
@@ -557,7 +557,20 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
         raise DataFormatError(f"{path} is not a deephash model file ({message})") from None
     model.classes = list(saved.get("classes", []))
     target = resolve_device(config.device) if device is None else torch.device(device)
-    return model.to(target).eval(), config
+    return fast_layout(model.to(target)).eval(), config
+
+
+def fast_layout(model: nn.Module) -> nn.Module:
+    """The model in channels-last memory layout when it lives on the CPU (in place; returned).
+
+    oneDNN's CPU convolutions run faster on NHWC tensors: measured here, fmnist-cnn trains about
+    1.5x and encodes about 1.7x faster (BENCHMARKS.md). Values are unchanged; inputs are converted
+    in ``RetrievalModel.features``. Other devices keep their layout.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
 
 
 # ----------------------------------------------------------------------------------------- encoding

@@ -45,6 +45,8 @@ class RetrievalModel(nn.Module):
         tanh codes in train mode and ±1 codes in eval mode.
     """
 
+    channels_last: bool = False  # set by deephash.experiment.fast_layout along with the parameters' layout
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -78,8 +80,15 @@ class RetrievalModel(nn.Module):
         return self.head.bits if isinstance(self.head, HashHead) else self.head.dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of [0, 1] images: float (B, F)."""
-        return self.backbone(self.normalize(x))
+        """Backbone features of [0, 1] images: float (B, F).
+
+        Images follow the layout of the model's parameters: a model moved to channels-last
+        memory (``deephash.experiment.fast_layout``) gets channels-last inputs.
+        """
+        x = self.normalize(x)
+        if x.dim() == 4 and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
