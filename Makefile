@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 RUN ?= runs/demo-48
 
-.PHONY: venv test demo bench data clean
+.PHONY: venv test demo demo-2d bench data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,13 @@ test: venv
 demo: venv data
 	OMP_NUM_THREADS=2 bash scripts/demo.sh $(RUN)
 
+demo-2d: venv data
+	OMP_NUM_THREADS=2 DEMO_2D=1 bash scripts/demo.sh $(RUN)
+
 bench: venv data
 	OMP_NUM_THREADS=2 $(PY) bench/mining.py
 	OMP_NUM_THREADS=2 $(PY) bench/search.py
+	OMP_NUM_THREADS=2 $(PY) bench/layout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
