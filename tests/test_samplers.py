@@ -102,6 +102,11 @@ def test_distributed_ranks():
                 counts = Counter(labels[i] for i in batch)
                 assert len(counts) == P and set(counts.values()) == {K}
         assert per_rank[0] != per_rank[1]
+        for step in zip(*per_rank):  # one global step: disjoint items, one balanced global batch
+            items = [i for batch in step for i in batch]
+            assert len(set(items)) == len(items) == P * K * W
+            counts = Counter(labels[i] for i in items)
+            assert len(counts) == P and set(counts.values()) == {K * W}
     again = DistributedBalancedBatchSampler(labels, P, K, W, 1, seed=5)
     assert list(again) == epochs[0][1]
     with pytest.raises(DeephashError, match="rank"):

@@ -129,10 +129,12 @@ BalancedBatchSamplerCifar = BalancedBatchSampler
 class DistributedBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Balanced batches for one rank of a distributed job.
 
-    Every rank draws the same ``num_replicas × len(self)`` global batches from one generator seeded
-    with ``seed + epoch`` and keeps every ``num_replicas``-th one, starting at its rank: ranks get
-    different batches and agree on the epoch without communicating. Call :meth:`set_epoch` at the
-    start of every epoch, as with ``DistributedSampler``.
+    Every rank draws the same global batches from one generator seeded with ``seed + epoch``: P
+    classes × ``n_samples · num_replicas`` items each, the items of a class taken without
+    repetition. Rank r keeps the r-th run of ``n_samples`` items of every class, so at each step
+    the ranks hold disjoint items of the same P classes (together one balanced global batch, what
+    global-batch mining sees) and agree on the epoch without communicating. Call
+    :meth:`set_epoch` at the start of every epoch, as with ``DistributedSampler``.
 
     Args:
         labels: integer labels ``(N,)``.
@@ -152,7 +154,7 @@ class DistributedBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise DeephashError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        self._draw = _BalancedDraw(labels, n_classes, n_samples)
+        self._draw = _BalancedDraw(labels, n_classes, n_samples * num_replicas)
         self.n_classes, self.n_samples = n_classes, n_samples
         self.batch_size = n_classes * n_samples
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
@@ -167,5 +169,6 @@ class DistributedBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = self._draw.draw(len(self) * self.num_replicas, generator)
-        yield from batches[self.rank :: self.num_replicas].tolist()
+        P, K, W = self.n_classes, self.n_samples, self.num_replicas
+        batches = self._draw.draw(len(self), generator).view(-1, P, W, K)  # grouped by class
+        yield from batches[:, :, self.rank, :].reshape(-1, P * K).tolist()
