@@ -2,13 +2,14 @@
 
 Per-pair Python loops over ``itertools.combinations`` of each label group, with numpy on the CPU:
 the algorithm ``bench/mining.py`` compares deephash against. Re-written here from the seed's
-description; not used by the library. ``SeedBatchHardTripletSelector`` does not exist in the seed:
-it is the same per-anchor loop style applied to batch-hard mining, so batch-hard has a loop baseline.
+description; not used by the library. The seed has no batch-hard selector:
+``SeedBatchHardTripletSelector`` is the seed's per-pair loop applied to batch-hard mining, and
+``SeedAnchorLoopBatchHardTripletSelector`` a stronger loop with one vectorised step per anchor.
 """
 
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations, permutations
 
 import numpy as np
 import torch
@@ -112,7 +113,33 @@ class SeedFunctionNegativeTripletSelector:
 
 
 class SeedBatchHardTripletSelector:
-    """Not in the seed: batch-hard mining written in the seed's per-anchor loop style."""
+    """Not in the seed: batch-hard mining in the seed's per-pair loop.
+
+    As the seed's selectors do, it walks every anchor-positive pair of each label (both orders,
+    since each anchor needs all its positives) and takes the pair's row of distances to the
+    negatives; per anchor it keeps the farthest positive and that row's nearest negative.
+    """
+
+    def get_triplets(self, embeddings, labels):
+        distance_matrix = pdist(embeddings.detach().cpu())
+        labels = labels.cpu().numpy()
+        best = {}  # anchor -> (d_ap, positive, negative)
+        for label in set(labels):
+            label_mask = labels == label
+            label_indices = np.where(label_mask)[0]
+            negative_indices = np.where(np.logical_not(label_mask))[0]
+            if len(label_indices) < 2 or len(negative_indices) == 0:
+                continue
+            for anchor, positive in permutations(label_indices, 2):
+                ap_distance = float(distance_matrix[anchor, positive])
+                an_distances = distance_matrix[torch.LongTensor([anchor]), torch.LongTensor(negative_indices)].numpy()
+                if anchor not in best or ap_distance > best[anchor][0]:
+                    best[anchor] = (ap_distance, positive, negative_indices[np.argmin(an_distances)])
+        return torch.LongTensor(np.array([[a, p, n] for a, (_, p, n) in sorted(best.items())]))
+
+
+class SeedAnchorLoopBatchHardTripletSelector:
+    """A stronger loop baseline for batch-hard: one vectorised numpy step per anchor."""
 
     def get_triplets(self, embeddings, labels):
         distance_matrix = pdist(embeddings.detach().cpu()).numpy()
@@ -165,6 +192,8 @@ def seed_loss(name: str, margin: float = 1.0) -> nn.Module:
         return SeedOnlineTripletLoss(margin, SeedAllTripletSelector())
     if name == "batch-hard":
         return SeedOnlineTripletLoss(margin, SeedBatchHardTripletSelector())
+    if name == "batch-hard-anchor-loop":
+        return SeedOnlineTripletLoss(margin, SeedAnchorLoopBatchHardTripletSelector())
     if name == "all-positive":
         return SeedOnlineContrastiveLoss(margin, SeedAllPositivePairSelector())
     if name == "hard-negative":

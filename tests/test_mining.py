@@ -17,7 +17,9 @@ from deephash.mining import (
     RandomNegativeTripletSelector,
     SemihardNegativeTripletSelector,
     create_selector,
+    random_negative_pairs,
 )
+from deephash.mining.pairs import hardest_negative_pairs, positive_mask
 
 MARGIN = 1.0
 
@@ -184,3 +186,39 @@ def test_registry_errors() -> None:
     with pytest.raises(DeephashError, match="hardest"):
         create_selector("hardest", margin=1.0, bogus=2)
     assert isinstance(create_selector("all-positive", balance=False), AllPositivePairSelector)
+
+
+def test_random_negative_pairs_sparse_sample_is_uniform() -> None:
+    """Few positives among many negatives: the rejection-sampling path (4·n ≤ Q)."""
+    labels = torch.arange(8).repeat_interleave(2)  # 8 positive pairs, 112 negative pairs
+    _, negatives = _brute_pairs(labels)
+    counts = dict.fromkeys(negatives, 0)
+    generator = torch.Generator().manual_seed(0)
+    draws = 3000
+    for _ in range(draws):
+        sample = _rows(random_negative_pairs(labels, 8, generator))
+        assert len(sample) == 8 == len(set(sample)) and set(sample) <= set(negatives)
+        for pair in sample:
+            counts[pair] += 1
+    expected = draws * 8 / len(negatives)  # 214.3, standard deviation about 14
+    assert all(abs(c - expected) < 6 * expected**0.5 for c in counts.values()), counts
+    first = random_negative_pairs(labels, 8, torch.Generator().manual_seed(5))
+    assert torch.equal(first, random_negative_pairs(labels, 8, torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("pattern", ["random", "sample-sees-small", "sample-sees-large"])
+def test_hardest_negative_pairs_large_batch_matches_full_topk(pattern) -> None:
+    """B = 400: the quantile pre-filter subsamples every 2nd value; its set equals a full top-n."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(20).repeat_interleave(20)
+    distances = torch.rand(400, 400, generator=g)
+    if pattern != "random":  # the strided sample sees only even flat indices
+        even = torch.arange(400 * 400).reshape(400, 400) % 2 == 0
+        small_on_even = pattern == "sample-sees-small"
+        distances = torch.where(even == small_on_even, distances * 0.01, 1 + distances)
+    distances = (distances + distances.T) / 2
+    n = int(positive_mask(labels).sum())
+    candidates = torch.triu(labels[:, None] != labels[None, :], diagonal=1)
+    expected = torch.topk(distances.masked_fill(~candidates, float("inf")).flatten(), n, largest=False).indices
+    got = hardest_negative_pairs(distances, labels, n)
+    assert sorted((got[:, 0] * 400 + got[:, 1]).tolist()) == sorted(expected.tolist())

@@ -35,10 +35,9 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.T
         float ``(N, M)``, same dtype and device as ``x``.
     """
     x_sq = x.pow(2).sum(1)
-    if y is None:
-        gram = x @ x.T
-        dist = (x_sq[:, None] + x_sq[None, :] - 2 * gram).clamp(min=0)
-        return dist.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), 0)
+    if y is None:  # -2·x·xᵀ + |x_j|² in one addmm, then in place: + |x_i|², clamp, zero diagonal
+        dist = torch.addmm(x_sq[None, :], x, x.T, alpha=-2).add_(x_sq[:, None]).clamp_(min=0)
+        return dist.fill_diagonal_(0)
     y_sq = y.pow(2).sum(1)
     return (x_sq[:, None] + y_sq[None, :] - 2 * (x @ y.T)).clamp(min=0)
 

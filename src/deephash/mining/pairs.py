@@ -73,9 +73,24 @@ def random_negative_pairs(
     Returns:
         int64 ``(min(n, Q), 2)``.
     """
-    negatives = all_negative_pairs(labels)
-    order = randperm(len(negatives), labels.device, generator)
-    return negatives[order[:n]]
+    size = len(labels)
+    counts = torch.unique(labels, return_counts=True)[1]
+    total = (size * size - int(counts.pow(2).sum())) // 2
+    if 4 * n > total:  # a large share of all pairs: permute the full list
+        negatives = all_negative_pairs(labels)
+        return negatives[randperm(len(negatives), labels.device, generator)[:n]]
+    # A small share: draw flat indices of the B×B grid uniformly, keep distinct pairs i < j with
+    # different labels (each kept draw is uniform over those pairs), repeat until n are distinct,
+    # then take a uniform n-subset of them. By symmetry the result is a uniform n-subset.
+    found = labels.new_empty(0)
+    while len(found) < n:
+        draws = 2 * (n - len(found)) * size * size // total + 64
+        flat = randint(size * size, draws, labels.device, generator)
+        i, j = flat // size, flat % size
+        flat = flat[(i < j) & (labels[i] != labels[j])]
+        found = torch.unique(torch.cat((found, flat)))
+    flat = found[randperm(len(found), labels.device, generator)[:n]]
+    return torch.stack((flat // size, flat % size), dim=1)
 
 
 @torch.no_grad()
@@ -93,9 +108,30 @@ def hardest_negative_pairs(distances: torch.Tensor, labels: torch.Tensor, n: int
     size = len(labels)
     candidates = torch.triu(negative_mask(labels), diagonal=1)
     flat = distances.masked_fill(~candidates, float("inf")).flatten()
-    values, index = torch.topk(flat, min(n, flat.numel()), largest=False)
-    index = index[values.isfinite()]
+    n = min(n, flat.numel())
+    index = _below_estimated_quantile(flat, n)
+    values, top = torch.topk(flat[index], n, largest=False)
+    index = index[top[values.isfinite()]]
     return torch.stack((index // size, index % size), dim=1)
+
+
+def _below_estimated_quantile(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of a subset of ``flat`` that surely holds its ``n`` smallest values.
+
+    A full top-n over B² values is slow when n is large. The n/len quantile is estimated on an
+    evenly strided subsample (no randomness), padded by a safety factor; when fewer than n values
+    fall below it the threshold rises, ending with every index. The subset is exact, only its
+    size depends on the estimate.
+    """
+    stride = max(1, len(flat) // 65536)
+    sample = flat[::stride]
+    for share in (1.5, 3.0):
+        rank = min(len(sample) - 1, int(share * n / stride) + 16)
+        threshold = torch.kthvalue(sample, rank + 1).values
+        below = (flat <= threshold).nonzero().squeeze(1)
+        if len(below) >= n:
+            return below
+    return torch.arange(len(flat), device=flat.device)
 
 
 def randperm(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -103,6 +139,13 @@ def randperm(n: int, device: torch.device, generator: torch.Generator | None) ->
     if generator is None:
         return torch.randperm(n, device=device)
     return torch.randperm(n, generator=generator, device=generator.device).to(device)
+
+
+def randint(high: int, n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """int64 ``(n,)`` uniform in ``[0, high)`` drawn from ``generator``, placed on ``device``."""
+    if generator is None:
+        return torch.randint(high, (n,), device=device)
+    return torch.randint(high, (n,), generator=generator, device=generator.device).to(device)
 
 
 def uniform(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:

@@ -83,9 +83,9 @@ def random_negative_triplets(
         int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
     """
     values, order = sorted_negative_distances(distances, labels)
-    end = torch.searchsorted(values, distances + margin, side="left")
-    start = torch.zeros_like(end)
-    return _sample_ranges(order, start, end, labels, generator)
+    anchor, positive, d_ap = _pairs_with_distances(distances, labels)
+    end = _count_below(values, anchor, d_ap + margin, side="left")
+    return _sample_ranges(order, anchor, positive, torch.zeros_like(end), end, generator)
 
 
 @torch.no_grad()
@@ -109,9 +109,10 @@ def semihard_negative_triplets(
         int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
     """
     values, order = sorted_negative_distances(distances, labels)
-    start = torch.searchsorted(values, distances, side="right")
-    end = torch.searchsorted(values, distances + margin, side="left")
-    return _sample_ranges(order, start, end, labels, generator)
+    anchor, positive, d_ap = _pairs_with_distances(distances, labels)
+    start = _count_below(values, anchor, d_ap, side="right")
+    end = _count_below(values, anchor, d_ap + margin, side="left")
+    return _sample_ranges(order, anchor, positive, start, end, generator)
 
 
 @torch.no_grad()
@@ -125,32 +126,65 @@ def batch_hard_triplets(distances: torch.Tensor, labels: torch.Tensor) -> torch.
     Returns:
         int64 ``(N, 3)``, one triplet per such anchor, in anchor order.
     """
-    negatives = negative_mask(labels)
-    positives = ~negatives
-    positives.fill_diagonal_(False)
-    positive = distances.masked_fill(~positives, -float("inf")).argmax(dim=1)
-    negative = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
-    anchor = (positives.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
+    same = labels[:, None] == labels[None, :]
+    farthest, positive = torch.where(same, distances, -float("inf")).fill_diagonal_(-float("inf")).max(dim=1)
+    nearest, negative = torch.where(same, float("inf"), distances).min(dim=1)
+    anchor = ((farthest > -float("inf")) & (nearest < float("inf"))).nonzero().squeeze(1)
     return torch.stack((anchor, positive[anchor], negative[anchor]), dim=1)
+
+
+def _pairs_with_distances(
+    distances: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pair ``a < p`` of one label as ``(anchor, positive, d_ap)``, each ``(P,)``, anchor-major."""
+    anchor, positive = positive_mask(labels).nonzero(as_tuple=True)
+    return anchor, positive, distances[anchor, positive]
+
+
+def _count_below(values: torch.Tensor, anchor: torch.Tensor, queries: torch.Tensor, side: str) -> torch.Tensor:
+    """``searchsorted(values[anchor[i]], queries[i], side)`` for every i, in one batched call.
+
+    Only the P queries are searched (not all B² pairs): they are laid out in a ``(B, m)`` matrix,
+    one row per anchor (m = the most pairs of any anchor), so that torch's batched searchsorted
+    runs once. ``anchor`` must be sorted (anchor-major pairs).
+
+    Args:
+        values: float ``(B, B)`` rows sorted ascending.
+        anchor: int64 ``(P,)`` sorted row of each query.
+        queries: float ``(P,)``.
+        side: ``"left"`` (count of values < q) or ``"right"`` (count of values <= q).
+
+    Returns:
+        int64 ``(P,)``.
+    """
+    if len(anchor) == 0:
+        return anchor.clone()
+    per_row = torch.bincount(anchor, minlength=len(values))
+    first = torch.cumsum(per_row, 0) - per_row
+    slot = torch.arange(len(anchor), device=anchor.device) - first[anchor]
+    grid = queries.new_zeros(len(values), int(per_row.max()))
+    grid[anchor, slot] = queries
+    return torch.searchsorted(values, grid, side=side)[anchor, slot]
 
 
 def _sample_ranges(
     order: torch.Tensor,
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
-    labels: torch.Tensor,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """For each pair ``a < p`` with ``start < end``, a uniform column of ``order[a, start:end]``.
+    """For each pair with ``start < end``, a uniform column of ``order[anchor, start:end]``.
 
     Args:
         order: int64 ``(B, B)`` each anchor's negatives, nearest first.
-        start, end: int64 ``(B, B)`` half-open ranges into ``order[a]`` for pair ``[a, p]``.
-        labels: int64 ``(B,)``.
+        anchor, positive: int64 ``(P,)`` the pairs.
+        start, end: int64 ``(P,)`` half-open ranges into ``order[anchor]``.
         generator: source of randomness, or ``None``.
     """
-    anchor, positive = (positive_mask(labels) & (end > start)).nonzero(as_tuple=True)
-    low, count = start[anchor, positive], end[anchor, positive] - start[anchor, positive]
-    offset = (uniform(len(anchor), labels.device, generator) * count).long()
+    keep = end > start
+    anchor, positive, low, count = anchor[keep], positive[keep], start[keep], (end - start)[keep]
+    offset = (uniform(len(anchor), order.device, generator) * count).long()
     column = low + torch.minimum(offset, count - 1)
     return torch.stack((anchor, positive, order[anchor, column]), dim=1)

@@ -1,0 +1,38 @@
+"""The loop baselines of bench/mining.py pick what deephash picks, so its ratios compare like with like."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from seed_reference import seed_loss  # noqa: E402
+
+from deephash.losses import create_loss  # noqa: E402
+
+
+def _batch(n_classes: int, n_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(n_samples)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    return torch.randn(len(labels), 8, generator=g, dtype=torch.float64), labels
+
+
+@pytest.mark.parametrize("reference", ["batch-hard", "batch-hard-anchor-loop"])
+def test_batch_hard_loops_match_deephash(reference) -> None:
+    embeddings, labels = _batch(5, 4)
+    ours = create_loss("online-triplet", margin=1.0, selector="batch-hard")
+    seed = seed_loss(reference, 1.0)
+    assert torch.equal(seed.triplet_selector.get_triplets(embeddings, labels), ours.triplet_selector.get_triplets(embeddings, labels))
+    assert torch.allclose(seed(embeddings, labels), ours(embeddings, labels), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["hardest", "all"])
+def test_seed_triplet_loops_give_deephash_loss(name) -> None:
+    embeddings, labels = _batch(4, 5, seed=1)
+    ours = create_loss("online-triplet", margin=1.0, selector=name)
+    assert torch.allclose(seed_loss(name, 1.0)(embeddings, labels), ours(embeddings, labels), atol=1e-10)
