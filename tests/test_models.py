@@ -107,6 +107,12 @@ def test_backbone_parameters_and_errors():
         create_backbone("nope")
     with pytest.raises(ConfigError, match="fmnist-cnn"):
         create_backbone("fmnist-cnn", colour=True)
+    flat = create_backbone("fmnist-cnn", width=8, depth=(1, 1, 1), fc=32)
+    assert flat.out_features == 32 and flat.fc[0].in_features == 32 * 7 * 7
+    flat.eval()
+    assert flat(images(b=3)).shape == (3, 32)
+    with pytest.raises(DeephashError, match="pool a 28x28 image to nothing"):
+        create_backbone("fmnist-cnn", width=8, depth=(1,) * 6, fc=32)
 
 
 def test_timm_backbone():

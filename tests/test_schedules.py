@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from deephash.errors import ConfigError
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
@@ -46,3 +49,32 @@ def test_build_schedule():
         build_schedule({"type": "cosine", "attribute": "a"})
     with pytest.raises(ConfigError, match="epochs"):
         LinearRamp("a", 0, 1, epochs=0)
+
+
+def test_warmup_cosine_rates_by_step() -> None:
+    from deephash.experiment import WarmupCosineLR
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    schedule = WarmupCosineLR(optimizer, lr=1.0, n_epochs=2, warmup=0.25, eta_min=0.1)
+    rates = [schedule.rate(epoch, step, 4) for epoch in range(2) for step in range(1, 5)]  # T = 8, W = 2
+    expected = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)]
+    assert rates == pytest.approx(expected, abs=1e-12)
+    schedule.on_batch_start(1, 2, 4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected[5])
+    with pytest.raises(ConfigError, match="warmup must be in"):
+        WarmupCosineLR(optimizer, 1.0, 2, warmup=1.0)
+
+
+def test_warmup_cosine_from_config() -> None:
+    from deephash.config import config_from_dict
+    from deephash.experiment import build_batch_scheduler, build_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    config = config_from_dict({"optimizer": {"lr": 0.5}, "train": {"epochs": 3},
+                               "scheduler": {"name": "warmup-cosine", "params": {"warmup": 0.0}}})
+    assert build_scheduler(config, optimizer) is None
+    schedule = build_batch_scheduler(config, optimizer)
+    assert schedule.rate(0, 1, 10) == pytest.approx(0.5) and schedule.rate(2, 10, 10) == pytest.approx(0.25 * (1 + math.cos(math.pi * 29 / 30)))
+    bad = config_from_dict({"scheduler": {"name": "warmup-cosine", "params": {"warm": 0.1}}})
+    with pytest.raises(ConfigError, match="unknown parameter 'warm'"):
+        build_batch_scheduler(bad, optimizer)

@@ -106,7 +106,8 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule: ``none``, ``cosine``, ``step`` or ``onecycle`` (params passed on)."""
+    """Learning-rate schedule: ``none``, ``cosine``, ``step``, ``onecycle`` (epoch-wise, params passed on) or
+    ``warmup-cosine`` (every batch; params ``warmup`` share of the steps, ``eta_min``)."""
 
     name: str = "none"
     params: dict[str, Any] = field(default_factory=dict)
@@ -176,7 +177,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": PROTOCOLS,
     "sampler.kind": ("balanced", "random"),
     "optimizer.name": ("adam", "adamw", "sgd"),
-    "scheduler.name": ("none", "cosine", "step", "onecycle"),
+    "scheduler.name": ("none", "cosine", "step", "onecycle", "warmup-cosine"),
     "model.head": ("hash", "embedding", "identity"),
 }
 

@@ -281,15 +281,56 @@ def build_optimizer(config: Config, params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
+class WarmupCosineLR:
+    """Per-batch learning rate: linear warm-up, then a cosine decay to ``eta_min``.
+
+    A ``fit`` callback (``on_batch_start``), not an epoch-wise scheduler: the rate of step t of T
+    (over the whole run) is ``lr·(t+1)/W`` for t < W = ``warmup``·T, then
+    ``eta_min + (lr − eta_min)·(1 + cos(π·(t − W)/(T − W)))/2``. It is a function of the epoch
+    and the step alone, so a resumed run gets exactly the rates of an uninterrupted one.
+
+    Args:
+        optimizer: whose parameter groups get the rate.
+        lr: peak rate (``optimizer.lr`` of the config).
+        n_epochs: epochs of the run.
+        warmup: share of all steps spent warming up, in [0, 1).
+        eta_min: final rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, n_epochs: int, warmup: float = 0.1,
+                 eta_min: float = 0.0) -> None:
+        if not 0 <= warmup < 1:
+            raise ConfigError(f"scheduler warmup-cosine: warmup must be in [0, 1), got {warmup}")
+        self.optimizer, self.lr, self.n_epochs, self.warmup, self.eta_min = optimizer, lr, n_epochs, warmup, eta_min
+
+    def rate(self, epoch: int, step: int, n_steps: int) -> float:
+        """Rate of ``step`` (1-based) of ``epoch`` (0-based), ``n_steps`` steps an epoch."""
+        total = max(1, self.n_epochs * n_steps)
+        t, warm = epoch * n_steps + step - 1, int(self.warmup * total)
+        if t < warm:
+            return self.lr * (t + 1) / warm
+        progress = min(1.0, (t - warm) / max(1, total - warm))
+        return self.eta_min + (self.lr - self.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def on_batch_start(self, epoch: int, step: int, n_steps: int | None) -> None:
+        rate = self.rate(epoch, step, n_steps or 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
+
 def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
     """An epoch-wise LR scheduler (``fit`` steps it once per epoch), or None.
 
     ``cosine``: CosineAnnealingLR over ``train.epochs`` (params: ``eta_min``); ``step``: StepLR
     (params: ``step_size``, ``gamma``); ``onecycle``: OneCycleLR with one step per epoch (params:
-    ``max_lr`` defaults to ``optimizer.lr``, ``pct_start``, ...).
+    ``max_lr`` defaults to ``optimizer.lr``, ``pct_start``, ...). ``warmup-cosine`` changes the
+    rate every batch: it is a `WarmupCosineLR` callback (params: ``warmup``, ``eta_min``), and
+    this returns None for it.
     """
     s, epochs = config.scheduler, config.train.epochs
     params = dict(s.params)
+    if s.name == "warmup-cosine":
+        return None
     try:
         if s.name == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.pop("T_max", epochs), **params)
@@ -301,6 +342,16 @@ def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
     except TypeError as exc:
         raise ConfigError(f"scheduler {s.name!r}: bad parameters {sorted(s.params)} ({exc})") from None
     return None
+
+
+def build_batch_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
+    """The `WarmupCosineLR` callback of a ``warmup-cosine`` config."""
+    params = dict(config.scheduler.params)
+    unknown = sorted(set(params) - {"warmup", "eta_min"})
+    if unknown:
+        raise ConfigError(f"scheduler warmup-cosine: unknown parameter {unknown[0]!r}; known: warmup, eta_min")
+    return WarmupCosineLR(optimizer, config.optimizer.lr, config.train.epochs,
+                          float(params.get("warmup", 0.1)), float(params.get("eta_min", 0.0)))
 
 
 class RandomBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -459,6 +510,8 @@ def train_run(
         CheckpointCallback(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, monitor=monitor,
                            generators=generators.all(), history=history, is_main_process=main),
     ]
+    if config.scheduler.name == "warmup-cosine":
+        hooks.insert(0, build_batch_scheduler(config, optimizer))
     if config.train.final_epochs_no_augment > 0 and loader.augment is not None:
         hooks.insert(0, _AugmentSwitch(loader, config.train.epochs, config.train.final_epochs_no_augment))
     if val_loader is not None:

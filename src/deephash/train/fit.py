@@ -133,6 +133,7 @@ def train_epoch(
     bar = tqdm(train_loader, total=n_steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch",
                disable=not progress, leave=False, dynamic_ncols=True)
     for step, batch in enumerate(bar, start=1):
+        _call(callbacks, "on_batch_start", epoch, step, n_steps)
         data, target = _prepare_batch(batch, device)
         optimizer.zero_grad(set_to_none=True)
         outputs, targets, loss_outputs = _forward(model, loss_fn, data, target)
