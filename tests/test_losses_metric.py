@@ -250,3 +250,23 @@ def test_registry() -> None:
         create_loss("triplet", bogus=1)
     with pytest.raises(ValueError, match="already registered"):
         register_loss("triplet")(TripletLoss)
+
+
+@pytest.mark.parametrize("n_pairs", [3, 400])  # 3·32 < 20²: explicit differences; 400·32 ≥ 20²: the distance matrix
+def test_pair_squared_distances_both_paths_match_loops(n_pairs) -> None:
+    from deephash.losses.online import pair_squared_distances
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    e[7] = e[3]  # a duplicate row: distance 0, finite gradient
+    first = torch.randint(0, 20, (n_pairs,), generator=g)
+    second = torch.randint(0, 20, (n_pairs,), generator=g)
+    first[0], second[0] = 3, 7
+    weights = torch.rand(n_pairs, generator=g, dtype=torch.float64)
+    x = e.clone().requires_grad_()
+    (pair_squared_distances(x, first, second) * weights).sum().backward()
+    y = e.clone().requires_grad_()
+    expected = torch.stack([(y[i] - y[j]).pow(2).sum() for i, j in zip(first.tolist(), second.tolist())])
+    (expected * weights).sum().backward()
+    assert torch.allclose(pair_squared_distances(e, first, second), expected.detach(), atol=1e-12)
+    assert torch.allclose(x.grad, y.grad, atol=1e-10)

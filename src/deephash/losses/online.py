@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deephash.distances import squared_euclidean
-from deephash.losses.metric import contrastive_terms, triplet_terms, upcast_half
+from deephash.distances import safe_sqrt, squared_euclidean
+from deephash.losses.metric import upcast_half
 from deephash.losses.registry import register_loss
 from deephash.mining.pairs import negative_mask, positive_mask
 from deephash.mining.selectors import (
@@ -46,9 +46,10 @@ class OnlineContrastiveLoss(nn.Module):
         self.num_selected = len(pairs)
         if len(pairs) == 0:
             return embeddings.sum() * 0
-        target = torch.cat((positives.new_ones(len(positives)), negatives.new_zeros(len(negatives))))
-        terms = contrastive_terms(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]], target, self.margin)
-        return terms.mean()
+        squared = pair_squared_distances(embeddings, pairs[:, 0], pairs[:, 1])
+        positive_terms = squared[: len(positives)]
+        negative_terms = F.relu(self.margin - safe_sqrt(squared[len(positives):])).pow(2)
+        return 0.5 * torch.cat((positive_terms, negative_terms)).mean()
 
 
 class OnlineTripletLoss(nn.Module):
@@ -81,8 +82,27 @@ class OnlineTripletLoss(nn.Module):
         self.num_selected = len(triplets)
         if len(triplets) == 0:
             return embeddings.sum() * 0
-        a, p, n = embeddings[triplets[:, 0]], embeddings[triplets[:, 1]], embeddings[triplets[:, 2]]
-        return triplet_terms(a, p, n, self.margin).mean()
+        anchor = triplets[:, 0]
+        squared = pair_squared_distances(embeddings, torch.cat((anchor, anchor)), triplets[:, 1:].T.flatten())
+        d_ap, d_an = squared.split(len(triplets))
+        return F.relu(d_ap - d_an + self.margin).mean()
+
+
+def pair_squared_distances(embeddings: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``|e[first[i]] − e[second[i]]|²`` for every i, with gradients: float ``(N,)``.
+
+    Many pairs among few rows (N ≥ B²/32, e.g. every positive pair of a large balanced batch) are
+    read from the B×B distance matrix, one matrix product whose backward is two more; fewer pairs
+    are computed from explicit differences, whose gathers and scatter-adds cost O(N·D). Both agree
+    to float rounding; the matrix clamps at 0, so duplicate rows get a finite gradient either way.
+
+    Args:
+        embeddings: float ``(B, D)``.
+        first, second: int64 ``(N,)`` row indices.
+    """
+    if len(first) * 32 >= len(embeddings) ** 2:
+        return squared_euclidean(embeddings)[first, second]
+    return (embeddings[first] - embeddings[second]).pow(2).sum(1)
 
 
 def batch_all_triplet_loss(
