@@ -88,6 +88,9 @@ class OnlineTripletLoss(nn.Module):
         return F.relu(d_ap - d_an + self.margin).mean()
 
 
+GRAM_PAIRS_PER_ENTRY = 32  # pairs read from the B×B matrix once N·this ≥ B² (bench/mining.py)
+
+
 def pair_squared_distances(embeddings: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``|e[first[i]] − e[second[i]]|²`` for every i, with gradients: float ``(N,)``.
 
@@ -100,7 +103,7 @@ def pair_squared_distances(embeddings: torch.Tensor, first: torch.Tensor, second
         embeddings: float ``(B, D)``.
         first, second: int64 ``(N,)`` row indices.
     """
-    if len(first) * 32 >= len(embeddings) ** 2:
+    if len(first) * GRAM_PAIRS_PER_ENTRY >= len(embeddings) ** 2:
         return squared_euclidean(embeddings)[first, second]
     return (embeddings[first] - embeddings[second]).pow(2).sum(1)
 
