@@ -252,7 +252,7 @@ def test_registry() -> None:
         register_loss("triplet")(TripletLoss)
 
 
-@pytest.mark.parametrize("n_pairs", [3, 400])  # 3·32 < 20²: explicit differences; 400·32 ≥ 20²: the distance matrix
+@pytest.mark.parametrize("n_pairs", [3, 400])  # 3·64 < 20²: explicit differences; 400·64 ≥ 20²: the distance matrix
 def test_pair_squared_distances_both_paths_match_loops(n_pairs) -> None:
     from deephash.losses.online import pair_squared_distances
 

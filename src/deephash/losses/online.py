@@ -88,13 +88,13 @@ class OnlineTripletLoss(nn.Module):
         return F.relu(d_ap - d_an + self.margin).mean()
 
 
-GRAM_PAIRS_PER_ENTRY = 32  # pairs read from the B×B matrix once N·this ≥ B² (bench/mining.py)
+GRAM_PAIRS_PER_ENTRY = 64  # pairs read from the B×B matrix once N·this ≥ B² (bench/mining.py)
 
 
 def pair_squared_distances(embeddings: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``|e[first[i]] − e[second[i]]|²`` for every i, with gradients: float ``(N,)``.
 
-    Many pairs among few rows (N ≥ B²/32, e.g. every positive pair of a large balanced batch) are
+    Many pairs among few rows (N ≥ B²/64, e.g. every positive pair of a large balanced batch) are
     read from the B×B distance matrix, one matrix product whose backward is two more; fewer pairs
     are computed from explicit differences, whose gathers and scatter-adds cost O(N·D). Both agree
     to float rounding; the matrix clamps at 0, so duplicate rows get a finite gradient either way.
