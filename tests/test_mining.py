@@ -222,3 +222,11 @@ def test_hardest_negative_pairs_large_batch_matches_full_topk(pattern) -> None:
     expected = torch.topk(distances.masked_fill(~candidates, float("inf")).flatten(), n, largest=False).indices
     got = hardest_negative_pairs(distances, labels, n)
     assert sorted((got[:, 0] * 400 + got[:, 1]).tolist()) == sorted(expected.tolist())
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_pair_selectors_on_batches_without_pairs(size) -> None:
+    e, labels = torch.randn(size, 4), torch.arange(size)  # every class a singleton (or no item)
+    for selector in (HardNegativePairSelector(), AllPositivePairSelector(generator=torch.Generator().manual_seed(0))):
+        positives, negatives = selector.get_pairs(e, labels)
+        assert positives.shape == negatives.shape == (0, 2)

@@ -109,6 +109,8 @@ def hardest_negative_pairs(distances: torch.Tensor, labels: torch.Tensor, n: int
     candidates = torch.triu(negative_mask(labels), diagonal=1)
     flat = distances.masked_fill(~candidates, float("inf")).flatten()
     n = min(n, flat.numel())
+    if n == 0:
+        return labels.new_empty((0, 2), dtype=torch.int64)
     index = _below_estimated_quantile(flat, n)
     values, top = torch.topk(flat[index], n, largest=False)
     index = index[top[values.isfinite()]]
