@@ -30,7 +30,11 @@ def contrastive_terms(
     Returns:
         float ``(N,)``; finite gradients also where ``d = 0``.
     """
-    squared = (x1 - x2).pow(2).sum(1)
+    return contrastive_from_squared((x1 - x2).pow(2).sum(1), target, margin)
+
+
+def contrastive_from_squared(squared: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """`contrastive_terms` from squared distances ``d²`` float ``(N,)``; ``target`` ``(N,)``, 1 = same class."""
     t = target.to(squared.dtype)
     return 0.5 * (t * squared + (1 - t) * F.relu(margin - safe_sqrt(squared)).pow(2))
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deephash.distances import safe_sqrt, squared_euclidean
-from deephash.losses.metric import upcast_half
+from deephash.distances import squared_euclidean
+from deephash.losses.metric import contrastive_from_squared, upcast_half
 from deephash.losses.registry import register_loss
 from deephash.mining.pairs import negative_mask, positive_mask
 from deephash.mining.selectors import (
@@ -46,10 +46,9 @@ class OnlineContrastiveLoss(nn.Module):
         self.num_selected = len(pairs)
         if len(pairs) == 0:
             return embeddings.sum() * 0
+        target = torch.cat((positives.new_ones(len(positives)), negatives.new_zeros(len(negatives))))
         squared = pair_squared_distances(embeddings, pairs[:, 0], pairs[:, 1])
-        positive_terms = squared[: len(positives)]
-        negative_terms = F.relu(self.margin - safe_sqrt(squared[len(positives):])).pow(2)
-        return 0.5 * torch.cat((positive_terms, negative_terms)).mean()
+        return contrastive_from_squared(squared, target, self.margin).mean()
 
 
 class OnlineTripletLoss(nn.Module):

@@ -158,17 +158,7 @@ def seed_embeddingnet(in_channels: int = 1, embedding_dim: int = 2) -> Embedding
     return EmbeddingNet(in_channels, embedding_dim)
 
 
-@register_backbone("fmnist-cnn")
-def fmnist_cnn(
-    in_channels: int = 1,
-    width: int = 32,
-    depth: Sequence[int] = (2, 2, 1),
-    dropout: float = 0.0,
-    fc: int = 0,
-    image_size: int = 28,
-) -> FMnistCNN:
-    """Compact BatchNorm CNN for 28x28 images (see `FMnistCNN`)."""
-    return FMnistCNN(in_channels, width, tuple(depth), dropout, fc, image_size)
+register_backbone("fmnist-cnn")(FMnistCNN)  # the class is its own factory (see `FMnistCNN`)
 
 
 @register_backbone("resnet18-cifar")
