@@ -7,7 +7,8 @@ Methods other than ``recipe`` drop the auxiliary classifier and the loss setting
 and train for ``--epochs`` epochs with the recipe's backbone, data, optimizer and schedule, so
 that only the loss (and its selector) differs between them.
 
-``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online triplet loss and
+``dtsh-ramp`` is DTSH on all triplets with the quantization weight ramped from 1 to 16 over the
+epochs (per bit; the seed fork's best finding). ``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online triplet loss and
 semihard negatives; its sign is the hash code, and the same embeddings ranked by Euclidean
 distance give the real-valued baseline.
 
@@ -34,6 +35,7 @@ from deephash.retrieval.metrics import evaluate_codes
 ROOT = Path(__file__).resolve().parents[1]
 SELECTORS = ["all", "hardest", "random", "semihard", "batch-hard"]
 PLAIN = ["model.aux_classes=0", "train.aux_weight=0.0"]
+METHODS = ["recipe", "csq", "dsh", *(f"dtsh-{s}" for s in SELECTORS), "dtsh-ramp", "triplet-sign"]
 
 
 def overrides(method: str, bits: int, epochs: int) -> list[str]:
@@ -45,6 +47,11 @@ def overrides(method: str, bits: int, epochs: int) -> list[str]:
         return common + ['loss.name="csq"', "loss.params={quantization_weight=1e-4}"]
     if method == "dsh":
         return common + ['loss.name="dsh"', "loss.params={}"]
+    if method == "dtsh-ramp":
+        # the seed fork's schedule, quantization weight 1 -> 16, read per bit: our λ multiplies the
+        # sum over bits of (b − u)², DeepHash-pytorch's and the fork's the mean over bits
+        return common + ['loss.name="dtsh"', "loss.params={}", 'selector.name="all"',
+                         f"schedules=[{{attribute=\"quantization_weight\",start={1 / bits!r},end={16 / bits!r}}}]"]
     if method.startswith("dtsh-"):
         selector = method.removeprefix("dtsh-")
         # α = bits/4 in inner-product units is bits in squared-distance units (|a−b|² = 2·bits − 4θ for ±1 codes)
@@ -107,7 +114,7 @@ def fmt(value) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bits", default="48", help="comma-separated code lengths")
-    parser.add_argument("--methods", default="recipe,csq,dsh," + ",".join(f"dtsh-{s}" for s in SELECTORS) + ",triplet-sign")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epochs", type=int, default=2, help="epochs of every method but the recipe")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "methods")
     args = parser.parse_args()

@@ -36,3 +36,20 @@ def test_seed_triplet_loops_give_deephash_loss(name) -> None:
     embeddings, labels = _batch(4, 5, seed=1)
     ours = create_loss("online-triplet", margin=1.0, selector=name)
     assert torch.allclose(seed_loss(name, 1.0)(embeddings, labels), ours(embeddings, labels), atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [16, 48])
+def test_every_bench_method_is_a_valid_config(bits) -> None:
+    """bench/methods.py's cells are shipped configs plus --set overrides: each must load."""
+    from methods import METHODS, ROOT, overrides
+
+    from deephash.config import load_config
+
+    for method in METHODS:
+        config = load_config(ROOT / "configs" / f"fashion-mnist-{bits}.toml", overrides(method, bits, 2))
+        assert config.model.bits == bits
+        if method != "recipe":
+            assert config.train.epochs == 2 and config.model.aux_classes == 0
+    ramp = load_config(ROOT / "configs" / f"fashion-mnist-{bits}.toml", overrides("dtsh-ramp", bits, 2))
+    assert ramp.loss.name == "dtsh" and ramp.schedules[0].attribute == "quantization_weight"
+    assert ramp.schedules[0].start * bits == pytest.approx(1.0) and ramp.schedules[0].end * bits == pytest.approx(16.0)

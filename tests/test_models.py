@@ -115,6 +115,59 @@ def test_backbone_parameters_and_errors():
         create_backbone("fmnist-cnn", width=8, depth=(1,) * 6, fc=32)
 
 
+
+def test_space_to_depth_stem_is_a_stride_2_convolution_of_the_image():
+    """Oracle: a 3x3 convolution of the 2x2-folded image equals a 6x6, stride-2 convolution of the
+    image itself whose kernel interleaves the folded kernel's four channels."""
+    torch.manual_seed(0)
+    net = create_backbone("fmnist-cnn", width=8, depth=(1, 2), fc=16, stem="space-to-depth")
+    conv = net.features[1]
+    assert isinstance(net.features[0], torch.nn.PixelUnshuffle) and conv.in_channels == 4
+    x = images(b=3)
+    folded = conv(net.features[0](x))
+    w = conv.weight.detach()  # (8, 4, 3, 3); folded channel 2i + j holds pixel offset (i, j)
+    kernel = torch.zeros(8, 1, 6, 6)
+    for i in range(2):
+        for j in range(2):
+            kernel[:, 0, i::2, j::2] = w[:, 2 * i + j]
+    direct = torch.nn.functional.conv2d(x, kernel, stride=2, padding=2)
+    assert torch.allclose(folded, direct, atol=1e-5)
+    # the same output size as the pooling stem, one max-pool fewer
+    pooled = create_backbone("fmnist-cnn", width=8, depth=(1, 2), fc=16)
+    assert net.fc[0].in_features == pooled.fc[0].in_features == 16 * 14 * 14
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.features) == 0
+    assert net.eval()(x).shape == (3, 16)
+    with pytest.raises(DeephashError, match="unknown stem 'fold'"):
+        create_backbone("fmnist-cnn", stem="fold")
+    with pytest.raises(DeephashError, match="space-to-depth stem needs >= 2 stages and an even image size"):
+        create_backbone("fmnist-cnn", depth=(2,), stem="space-to-depth")
+    with pytest.raises(DeephashError, match="got 3 stages and 27"):
+        create_backbone("fmnist-cnn", image_size=27, stem="space-to-depth")
+
+
+def test_pool_first_computes_the_same_function_when_batchnorm_scales_are_positive():
+    """max-pool commutes with BatchNorm (eval, positive scale) and ReLU, both increasing maps."""
+    torch.manual_seed(0)
+    after = create_backbone("fmnist-cnn", width=8, depth=(1, 2, 1), fc=16)
+    first = create_backbone("fmnist-cnn", width=8, depth=(1, 2, 1), fc=16, pool_first=True)
+    layers = lambda net: [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]  # noqa: E731
+    for bn in (m for m in layers(after) if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.weight.data.uniform_(0.5, 2.0)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    for source, target in zip(layers(after), layers(first), strict=True):
+        target.load_state_dict(source.state_dict())
+    first.fc.load_state_dict(after.fc.state_dict())
+    kinds = lambda net: [type(m).__name__ for m in net.features]  # noqa: E731
+    assert kinds(first)[:4] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert kinds(after)[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    x = images(b=5)
+    assert torch.allclose(after.eval()(x), first.eval()(x), atol=1e-5)
+    # a negative scale breaks the identity: the option is a different network, not a reordering
+    layers(first)[1].weight.data[0] = -1.0
+    assert not torch.allclose(after(x), first(x), atol=1e-3)
+
 def test_timm_backbone():
     if importlib.util.find_spec("timm") is None:
         with pytest.raises(DeephashError, match="timm"):
