@@ -41,12 +41,12 @@ class FMnistCNN(nn.Module):
     Stages of 3x3 conv-BN-ReLU blocks with widths ``width * 2**s``; a 2x2 max-pool between
     stages. With ``stem="space-to-depth"`` the image is first folded into 2x2 blocks
     (``PixelUnshuffle(2)``: (C, H, W) -> (4C, H/2, W/2), nothing lost) and the first stage runs at
-    half resolution in place of the first max-pool: the same output size, about 1.3x faster
-    training on the CPU, because the full-resolution BatchNorm, ReLU and pooling passes are
-    memory-bound (measured in BENCHMARKS.md). The last feature map is either averaged (``fc = 0``: global average pooling, features
-    = the last width) or flattened into a fully connected layer of ``fc`` units with BatchNorm and
-    ReLU, which keeps where things are in the image and lets the network fit its training set
-    much sooner (measured in BENCHMARKS.md). With the defaults (width 32, depth (2, 2, 1)) the
+    half resolution in place of the first max-pool: the same output size, 1.12x faster training
+    on the CPU, because the full-resolution BatchNorm, ReLU and pooling passes are memory-bound
+    (``bench/layout.py``; it cost mAP in one run, BENCHMARKS.md). The last feature map is either
+    averaged (``fc = 0``: global average pooling, features = the last width) or flattened into a
+    fully connected layer of ``fc`` units with BatchNorm and ReLU, which keeps where things are in
+    the image and lets the network fit its training set much sooner (measured in BENCHMARKS.md). With the defaults (width 32, depth (2, 2, 1)) the
     convolutions cost about 22 M multiply-adds per 28x28 image.
 
     Args:
@@ -62,7 +62,8 @@ class FMnistCNN(nn.Module):
         pool_first: Max-pool each stage's last convolution before its BatchNorm and ReLU rather
             than after them: the same function when BatchNorm's scale is positive (max commutes
             with an increasing map), with the statistics taken on the pooled map, and the
-            memory-bound BatchNorm and ReLU passes on a quarter of the pixels.
+            memory-bound BatchNorm and ReLU passes on a quarter of the pixels (1.08x faster
+            training of the Fashion-MNIST recipe's network, ``bench/layout.py``).
 
     Shapes:
         forward: float (B, C, image_size, image_size) -> float (B, out_features), out_features =
