@@ -8,7 +8,8 @@ and train for ``--epochs`` epochs with the recipe's backbone, data, optimizer an
 that only the loss (and its selector) differs between them.
 
 ``dtsh-ramp`` is DTSH on all triplets with the quantization weight ramped from 1 to 16 over the
-epochs (per bit; the seed fork's best finding). ``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online triplet loss and
+epochs (per bit; the seed fork's best finding); ``dtsh-ramp-<selector>`` the same with another
+selector. ``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online triplet loss and
 semihard negatives; its sign is the hash code, and the same embeddings ranked by Euclidean
 distance give the real-valued baseline.
 
@@ -35,7 +36,8 @@ from deephash.retrieval.metrics import evaluate_codes
 ROOT = Path(__file__).resolve().parents[1]
 SELECTORS = ["all", "hardest", "random", "semihard", "batch-hard"]
 PLAIN = ["model.aux_classes=0", "train.aux_weight=0.0"]
-METHODS = ["recipe", "csq", "dsh", *(f"dtsh-{s}" for s in SELECTORS), "dtsh-ramp", "triplet-sign"]
+METHODS = ["recipe", "csq", "dsh", *(f"dtsh-{s}" for s in SELECTORS), "dtsh-ramp",
+           *(f"dtsh-ramp-{s}" for s in SELECTORS[1:]), "triplet-sign"]
 
 
 def overrides(method: str, bits: int, epochs: int) -> list[str]:
@@ -47,16 +49,20 @@ def overrides(method: str, bits: int, epochs: int) -> list[str]:
         return common + ['loss.name="csq"', "loss.params={quantization_weight=1e-4}"]
     if method == "dsh":
         return common + ['loss.name="dsh"', "loss.params={}"]
-    if method == "dtsh-ramp":
-        # the seed fork's schedule, quantization weight 1 -> 16, read per bit: our λ multiplies the
-        # sum over bits of (b − u)², DeepHash-pytorch's and the fork's the mean over bits
-        return common + ['loss.name="dtsh"', "loss.params={}", 'selector.name="all"',
-                         f"schedules=[{{attribute=\"quantization_weight\",start={1 / bits!r},end={16 / bits!r}}}]"]
     if method.startswith("dtsh-"):
-        selector = method.removeprefix("dtsh-")
+        # dtsh-<selector>: λ = 1; dtsh-ramp[-<selector>] (all triplets by default): the seed fork's
+        # schedule, quantization weight 1 -> 16, read per bit, because our λ multiplies the sum over
+        # bits of (b − u)² where DeepHash-pytorch's and the fork's multiply the mean over bits
+        rest = method.removeprefix("dtsh-")
+        ramp = rest == "ramp" or rest.startswith("ramp-")
+        selector = rest.removeprefix("ramp").removeprefix("-") if ramp else rest
+        selector = selector or "all"
+        if selector not in SELECTORS:
+            raise SystemExit(f"unknown selector in {method!r}; known: {', '.join(SELECTORS)}")
         # α = bits/4 in inner-product units is bits in squared-distance units (|a−b|² = 2·bits − 4θ for ±1 codes)
         margin = [f"selector.params={{margin={float(bits)}}}"] if selector in ("hardest", "random", "semihard") else []
-        return common + ['loss.name="dtsh"', "loss.params={}", f'selector.name="{selector}"'] + margin
+        schedule = [f"schedules=[{{attribute=\"quantization_weight\",start={1 / bits!r},end={16 / bits!r}}}]"] if ramp else []
+        return common + ['loss.name="dtsh"', "loss.params={}", f'selector.name="{selector}"'] + margin + schedule
     if method == "triplet-sign":
         return common + ['model.head="embedding"', f"model.embedding_dim={bits}", 'loss.name="online-triplet"',
                          "loss.params={margin=1.0}", 'selector.name="semihard"']
