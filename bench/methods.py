@@ -9,9 +9,9 @@ that only the loss (and its selector) differs between them.
 
 ``dtsh-ramp`` is DTSH on all triplets with the quantization weight ramped from 1 to 16 over the
 epochs (per bit; the seed fork's best finding); ``dtsh-ramp-<selector>`` the same with another
-selector. ``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online triplet loss and
-semihard negatives; its sign is the hash code, and the same embeddings ranked by Euclidean
-distance give the real-valued baseline.
+selector. ``triplet-sign`` trains an embedding head of ``bits`` dimensions with the online
+triplet loss and semihard negatives; its sign is the hash code, and the same embeddings ranked by
+Euclidean distance give the real-valued baseline.
 
 Usage: ``python bench/methods.py --bits 48 --methods dtsh-semihard,dsh,csq --epochs 2 [--out DIR]``;
 prints a Markdown table (rows appended to ``OUT/results.jsonl`` as they finish; a rerun skips cells
