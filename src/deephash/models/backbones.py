@@ -46,8 +46,9 @@ class FMnistCNN(nn.Module):
     (``bench/layout.py``; it cost mAP in one run, BENCHMARKS.md). The last feature map is either
     averaged (``fc = 0``: global average pooling, features = the last width) or flattened into a
     fully connected layer of ``fc`` units with BatchNorm and ReLU, which keeps where things are in
-    the image and lets the network fit its training set much sooner (measured in BENCHMARKS.md). With the defaults (width 32, depth (2, 2, 1)) the
-    convolutions cost about 22 M multiply-adds per 28x28 image.
+    the image and lets the network fit its training set much sooner (measured in BENCHMARKS.md).
+    With the defaults (width 32, depth (2, 2, 1)) the convolutions cost about 22 M multiply-adds per
+    28x28 image.
 
     Args:
         in_channels: Image channels C.

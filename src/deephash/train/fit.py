@@ -228,8 +228,8 @@ def fit(
     ``on_epoch_start``, ``set_epoch(epoch)`` on the training loader or its (batch) sampler where
     they have one (as ``DistributedSampler`` needs, also on resume), a training pass
     (one optimizer step per batch, each preceded by the callbacks'
-    ``on_batch_start(epoch, step, n_steps)``, e.g. a per-batch learning rate), then ``scheduler.step()`` (``step(val_loss or train_loss)`` for
-    ``ReduceLROnPlateau``), then validation when ``val_loader`` is given. The model is not moved:
+    ``on_batch_start(epoch, step, n_steps)``, e.g. a per-batch learning rate), then
+    ``scheduler.step()`` (``step(val_loss or train_loss)`` for ``ReduceLROnPlateau``), then validation when ``val_loader`` is given. The model is not moved:
     put it on ``device`` first.
 
     Args:
