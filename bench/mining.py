@@ -81,6 +81,16 @@ def make_batch(n_classes: int, n_samples: int, seed: int = 0) -> tuple[torch.Ten
     return embeddings, labels
 
 
+def measure(impl: str, name: str, embeddings: torch.Tensor, labels: torch.Tensor, budget_s: float,
+            capped_shape: tuple[int, int] | None = None) -> dict:
+    """``{"seconds", "reps"}`` of one implementation: in this process, or, given ``capped_shape``,
+    in a memory- and time-capped child (`run_child`) that rebuilds the batch of that shape."""
+    if capped_shape is not None:
+        return run_child(impl, name, capped_shape, budget_s, cap=True)
+    seconds, reps = time_step(make_loss(impl, name), embeddings, labels, budget_s)
+    return {"seconds": seconds, "reps": reps}
+
+
 def time_step(fn, embeddings: torch.Tensor, labels: torch.Tensor, budget_s: float) -> tuple[float, int]:
     """Median seconds of forward+backward over warm steps that fit ``budget_s`` (at most 30).
 
@@ -180,18 +190,15 @@ def main() -> None:
     for name in SELECTORS:
         for shape in SHAPES:
             embeddings, labels = make_batch(*shape)
-            result = {"ours": dict(zip(("seconds", "reps"), time_step(make_loss("ours", name), embeddings, labels, budget["ours"])))}
+            result = {"ours": measure("ours", name, embeddings, labels, budget["ours"])}
             for impl in ("seed", "pml"):
                 if impl == "pml" and PML_EQUIVALENT[name] is None:
                     result[impl] = None
-                elif name == "all" or shape == SHAPES[-1]:  # O(B^3) lists, or minutes a step: capped child
-                    result[impl] = run_child(impl, name, shape, budget[impl], cap=True)
-                else:
-                    seconds, reps = time_step(make_loss(impl, name), embeddings, labels, budget[impl])
-                    result[impl] = {"seconds": seconds, "reps": reps}
+                else:  # O(B^3) lists, or minutes a step: capped child
+                    capped = name == "all" or shape == SHAPES[-1]
+                    result[impl] = measure(impl, name, embeddings, labels, budget[impl], shape if capped else None)
             if name == "batch-hard":  # the seed has no batch-hard: also a stronger, per-anchor loop
-                anchor = run_child("anchor-loop", name, shape, budget["seed"], cap=True) if shape == SHAPES[-1] else \
-                    dict(zip(("seconds", "reps"), time_step(make_loss("anchor-loop", name), embeddings, labels, budget["seed"])))
+                anchor = measure("anchor-loop", name, embeddings, labels, budget["seed"], shape if shape == SHAPES[-1] else None)
                 anchor_rows.append((shape, result["ours"], anchor))
             rows.append((name, shape, result))
             print(
