@@ -105,7 +105,7 @@ def _encode_rate(model: torch.nn.Module, channels: int, size: int, batch: int, b
 
 def encoding_rows(batch: int, batches: int) -> list[dict]:
     """Every registered backbone at its defaults, then the shipped Fashion-MNIST 48-bit network as
-    `deephash encode` runs it (whole model to packed-code inputs, channels-last on the CPU)."""
+    `deephash encode` runs it (the whole model: normalisation, backbone, hash head; channels-last)."""
     from deephash.config import load_config
     from deephash.experiment import fast_layout, model_spec_from_config
     from deephash.models import build_model
