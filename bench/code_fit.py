@@ -23,7 +23,8 @@ import numpy as np
 
 from deephash.config import load_config
 from deephash.retrieval import mean_average_precision
-from deephash.retrieval.codes import unpack_codes
+from deephash.retrieval.codes import pack_codes, unpack_codes
+from deephash.retrieval.hamming import hamming_distances
 
 
 def code_fit(run: Path) -> dict[str, float]:
@@ -32,17 +33,16 @@ def code_fit(run: Path) -> dict[str, float]:
             np.load(run / "codes" / "train.npz", allow_pickle=False) as d:
         q_packed, q_labels, d_packed, d_labels = q["codes"], q["labels"], d["codes"], d["labels"]
     bits = load_config(run / "config.toml").model.bits
-    q_bits = unpack_codes(q_packed, bits) > 0
-    d_bits = unpack_codes(d_packed, bits) > 0
+    d_bits = unpack_codes(d_packed, bits)
     classes = np.unique(d_labels)
-    centers = np.stack([d_bits[d_labels == c].mean(0) > 0.5 for c in classes])
+    centers = pack_codes(np.stack([d_bits[d_labels == c].mean(0) > 0.5 for c in classes]))
 
     def nearest(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distance = (codes[:, None, :] != centers[None]).sum(-1)
+        distance = hamming_distances(codes, centers)
         return classes[distance.argmin(1)], distance.min(1)
 
-    d_pred, d_dist = nearest(d_bits)
-    q_pred, _ = nearest(q_bits)
+    d_pred, d_dist = nearest(d_packed)
+    q_pred, _ = nearest(q_packed)
     right = q_pred == q_labels
 
     def split_map(mask: np.ndarray) -> float:
@@ -50,13 +50,15 @@ def code_fit(run: Path) -> dict[str, float]:
             return float("nan")
         return float(mean_average_precision(q_packed[mask], q_labels[mask], d_packed, d_labels, bits))
 
+    share, ap_right, ap_wrong = float(right.mean()), split_map(right), split_map(~right)
     return {
         "db_nearest_own": float((d_pred == d_labels).mean()),
         "db_on_center": float(((d_pred == d_labels) & (d_dist == 0)).mean()),
-        "query_nearest_own": float(right.mean()),
-        "ap_right": split_map(right),
-        "ap_wrong": split_map(~right),
-        "map": float(mean_average_precision(q_packed, q_labels, d_packed, d_labels, bits)),
+        "query_nearest_own": share,
+        "ap_right": ap_right,
+        "ap_wrong": ap_wrong,
+        # mAP@all is the mean of the per-query APs: the two groups' means weighted by their shares
+        "map": sum(w * ap for w, ap in ((share, ap_right), (1 - share, ap_wrong)) if w > 0),
     }
 
 

@@ -53,3 +53,42 @@ def test_every_bench_method_is_a_valid_config(bits) -> None:
     ramp = load_config(ROOT / "configs" / f"fashion-mnist-{bits}.toml", overrides("dtsh-ramp", bits, 2))
     assert ramp.loss.name == "dtsh" and ramp.schedules[0].attribute == "quantization_weight"
     assert ramp.schedules[0].start * bits == pytest.approx(1.0) and ramp.schedules[0].end * bits == pytest.approx(16.0)
+
+
+def test_code_fit_shares_and_map_split(tmp_path) -> None:
+    """bench/code_fit.py: shares against a per-item loop, its mAP against the metric on all queries."""
+    import numpy as np
+
+    from code_fit import code_fit
+
+    from deephash.retrieval import mean_average_precision
+    from deephash.retrieval.codes import pack_codes
+
+    bits, rng = 12, np.random.default_rng(0)
+    centers = rng.integers(0, 2, (3, bits))
+    def noisy(labels: np.ndarray, flips: int) -> np.ndarray:
+        codes = centers[labels].copy()
+        for row in codes:
+            row[rng.choice(bits, rng.integers(0, flips + 1), replace=False)] ^= 1
+        return codes
+    d_labels, q_labels = rng.integers(0, 3, 300), rng.integers(0, 3, 60)
+    d_codes, q_codes = noisy(d_labels, 3), noisy(q_labels, 6)
+    (tmp_path / "codes").mkdir()
+    np.savez(tmp_path / "codes" / "train.npz", codes=pack_codes(d_codes), labels=d_labels)
+    np.savez(tmp_path / "codes" / "test.npz", codes=pack_codes(q_codes), labels=q_labels)
+    (tmp_path / "config.toml").write_text(f"[model]\nbits = {bits}\n")
+
+    row = code_fit(tmp_path)
+
+    majority = [(d_codes[d_labels == c].mean(0) > 0.5).astype(int) for c in range(3)]
+    def nearest(code) -> tuple[int, int]:
+        distances = [sum(int(a != b) for a, b in zip(code, m)) for m in majority]
+        return distances.index(min(distances)), min(distances)
+    d_near = [nearest(c) for c in d_codes]
+    q_right = [nearest(c)[0] == y for c, y in zip(q_codes, q_labels)]
+    assert row["db_nearest_own"] == pytest.approx(np.mean([p == y for (p, _), y in zip(d_near, d_labels)]))
+    assert row["db_on_center"] == pytest.approx(np.mean([p == y and d == 0 for (p, d), y in zip(d_near, d_labels)]))
+    assert row["query_nearest_own"] == pytest.approx(np.mean(q_right))
+    assert 0 < row["query_nearest_own"] < 1  # both groups are present
+    whole = mean_average_precision(pack_codes(q_codes), q_labels, pack_codes(d_codes), d_labels, bits)
+    assert row["map"] == pytest.approx(whole, abs=1e-12)

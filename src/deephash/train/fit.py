@@ -226,11 +226,11 @@ def fit(
 
     Each epoch: ``schedule.apply(loss_fn, epoch, n_epochs)`` for every schedule, the callbacks'
     ``on_epoch_start``, ``set_epoch(epoch)`` on the training loader or its (batch) sampler where
-    they have one (as ``DistributedSampler`` needs, also on resume), a training pass
-    (one optimizer step per batch, each preceded by the callbacks'
-    ``on_batch_start(epoch, step, n_steps)``, e.g. a per-batch learning rate), then
-    ``scheduler.step()`` (``step(val_loss or train_loss)`` for ``ReduceLROnPlateau``), then validation when ``val_loader`` is given. The model is not moved:
-    put it on ``device`` first.
+    they have one (as ``DistributedSampler`` needs, also on resume), a training pass (one
+    optimizer step per batch, each preceded by the callbacks' ``on_batch_start(epoch, step,
+    n_steps)``, e.g. a per-batch learning rate), then ``scheduler.step()``
+    (``step(val_loss or train_loss)`` for ``ReduceLROnPlateau``), then validation when
+    ``val_loader`` is given. The model is not moved: put it on ``device`` first.
 
     Args:
         train_loader: iterable of ``(data, target)`` batches (see the module docstring).
