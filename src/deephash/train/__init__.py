@@ -9,6 +9,7 @@ from deephash.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from deephash.train.ema import WeightAverage
 from deephash.train.fit import evaluate_epoch, fit, train_epoch
 from deephash.train.metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric
 
@@ -21,6 +22,7 @@ __all__ = [
     "JsonlLogger",
     "Metric",
     "StopTraining",
+    "WeightAverage",
     "evaluate_epoch",
     "fit",
     "latest_checkpoint",

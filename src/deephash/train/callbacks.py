@@ -3,6 +3,9 @@
 A callback is any object with some of these methods (all optional), called in list order:
 
 - ``on_epoch_start(epoch)``: ``epoch`` is the 0-based epoch index.
+- ``on_batch_start(epoch, step, n_steps)`` / ``on_batch_end(epoch, step, n_steps)``: before the
+  forward pass / after the optimizer step of every batch (``step`` 1-based, ``n_steps`` the
+  loader's length or ``None``).
 - ``on_step_end(epoch, step, loss_value, n_images)``: every ``log_interval`` steps and after the
   epoch's last step; ``step`` counts the batches done in this epoch (1-based), ``loss_value`` is
   the mean batch loss since the previous call, ``n_images`` the images fed since then.

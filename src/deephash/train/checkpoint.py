@@ -21,7 +21,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -298,7 +298,8 @@ class CheckpointCallback:
         generators: sampler/augmentation generators saved with each checkpoint.
         is_main_process: write files only when true.
         history: records of earlier epochs (a resumed run's ``state["history"]``).
-        extra: plain data stored in every checkpoint (e.g. the resolved config).
+        extra: plain data stored in every checkpoint (e.g. the resolved config), or a function
+            returning it at each save (state that changes during training, e.g. a weight average).
     """
 
     def __init__(
@@ -313,7 +314,7 @@ class CheckpointCallback:
         generators: Sequence[torch.Generator] = (),
         is_main_process: bool = True,
         history: Sequence[dict] = (),
-        extra: dict | None = None,
+        extra: dict | Callable[[], dict] | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -338,6 +339,9 @@ class CheckpointCallback:
     def best_path(self) -> Path:
         return self.directory / "best.pt"
 
+    def _extra(self) -> dict | None:
+        return self.extra() if callable(self.extra) else self.extra
+
     def on_epoch_start(self, epoch: int) -> None:
         self._in_epoch = True
 
@@ -360,7 +364,7 @@ class CheckpointCallback:
             return
         data = checkpoint_bytes(
             checkpoint_state(self.model, self.optimizer, self.scheduler, epoch + 1, self.history,
-                             self.extra, generators=self.generators)
+                             self._extra(), generators=self.generators)
         )
         if due:
             atomic_write_bytes(self.last_path, data)
@@ -375,7 +379,7 @@ class CheckpointCallback:
         last_epoch = history[-1]["epoch"]
         if self._last_saved_epoch != last_epoch:
             save_checkpoint(self.last_path, self.model, self.optimizer, self.scheduler,
-                            last_epoch + 1, self.history, self.extra, generators=self.generators)
+                            last_epoch + 1, self.history, self._extra(), generators=self.generators)
             self._last_saved_epoch = last_epoch
 
 

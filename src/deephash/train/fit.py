@@ -142,6 +142,7 @@ def train_epoch(
         if not bool(_all_finite(loss, params)):
             raise _diverged(loss, epoch, n_epochs, step, n_steps)
         optimizer.step()
+        _call(callbacks, "on_batch_end", epoch, step, n_steps)
 
         for metric in metrics:
             metric(outputs, targets, loss_outputs)
@@ -228,7 +229,8 @@ def fit(
     ``on_epoch_start``, ``set_epoch(epoch)`` on the training loader or its (batch) sampler where
     they have one (as ``DistributedSampler`` needs, also on resume), a training pass (one
     optimizer step per batch, each preceded by the callbacks' ``on_batch_start(epoch, step,
-    n_steps)``, e.g. a per-batch learning rate), then ``scheduler.step()``
+    n_steps)``, e.g. a per-batch learning rate, and followed by their ``on_batch_end(epoch, step,
+    n_steps)``, e.g. a weight average), then ``scheduler.step()``
     (``step(val_loss or train_loss)`` for ``ReduceLROnPlateau``), then validation when
     ``val_loader`` is given. The model is not moved: put it on ``device`` first.
 
