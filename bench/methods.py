@@ -3,7 +3,8 @@
 Each cell is the shipped config ``configs/fashion-mnist-{bits}.toml`` with ``--set`` overrides
 (printed with the results), trained into ``OUT/{bits}-{method}`` and evaluated as `deephash
 evaluate` does: the 10,000 test images against the 60,000 training images, Hamming ranking.
-Methods other than ``recipe`` drop the auxiliary classifier and the loss settings of the recipe,
+Methods other than ``recipe`` drop the auxiliary classifier (and with it the ``posterior`` code
+rule: their codes are the sign of the hash head) and the loss settings of the recipe,
 and train for ``--epochs`` epochs with the recipe's backbone, data, optimizer and schedule, so
 that only the loss (and its selector) differs between them.
 
@@ -35,7 +36,7 @@ from deephash.retrieval.metrics import evaluate_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 SELECTORS = ["all", "hardest", "random", "semihard", "batch-hard"]
-PLAIN = ["model.aux_classes=0", "train.aux_weight=0.0"]
+PLAIN = ["model.aux_classes=0", "train.aux_weight=0.0", 'model.code_rule="sign"']
 METHODS = ["recipe", "csq", "dsh", *(f"dtsh-{s}" for s in SELECTORS), "dtsh-ramp",
            *(f"dtsh-ramp-{s}" for s in SELECTORS[1:]), "triplet-sign"]
 

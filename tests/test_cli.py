@@ -21,7 +21,7 @@ import torch
 from deephash import experiment
 from deephash.cli import main
 from deephash.config import load_config
-from deephash.errors import NotFoundError
+from deephash.errors import ConfigError, DataFormatError, NotFoundError
 
 N_CLASSES, N_TRAIN, N_TEST = 3, 16, 8  # per class
 
@@ -397,6 +397,84 @@ def test_aux_classification_loss_adds_weighted_cross_entropy():
     log_p = logits - logits.exp().sum(1, keepdim=True).log()
     expected = inner(u, labels) - 0.3 * log_p[torch.arange(6), labels].mean()
     assert torch.allclose(loss(u, logits, labels), expected, atol=1e-6)
+
+
+def test_aux_label_smoothing_mixes_the_uniform_target():
+    torch.manual_seed(1)
+    u, logits, labels = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1])
+    loss = experiment.AuxClassificationLoss(lambda x, y: x.sum() * 0, weight=2.0, label_smoothing=0.3)
+    log_p = logits - logits.exp().sum(1, keepdim=True).log()
+    target = torch.full((5, 3), 0.3 / 3)
+    target[torch.arange(5), labels] += 0.7
+    expected = -2.0 * (target * log_p).sum(1).mean()
+    assert torch.allclose(loss(u, logits, labels), expected, atol=1e-6)
+
+
+def test_weight_average_is_saved_as_the_model_and_resumes_exactly(tiny, tmp_path):
+    _, config_path, _ = tiny
+    overrides = ["train.epochs=2", "train.ema_decay=0.9", "train.aux_label_smoothing=0.1",
+                 "train.final_epochs_no_augment=0"]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    experiment.train_run(load_config(config_path, overrides), whole, progress=False)
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
+    experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(parted / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
+    average = last["extra"]["weight_average"]["average"]
+    assert all(torch.equal(a[k], average[k]) for k in a)  # the saved model is the average ...
+    moved = {k for k in a if not torch.equal(a[k], last["model"][k])}
+    assert {k for k in a if k.endswith(".weight")} <= moved  # ... not the last weights
+
+    stripped = dict(last, extra={})
+    torch.save(stripped, parted / "checkpoints" / "last.pt")
+    with pytest.raises(DataFormatError, match="holds no weight average"):
+        experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
+
+
+def test_posterior_code_rule_trains_stores_the_loss_centers_and_encodes(tiny, tmp_path):
+    _, config_path, data = tiny
+    overrides = ["train.epochs=1", 'model.code_rule="posterior"', "model.code_temperature=2.0"]
+    out = tmp_path / "posterior"
+    assert main(["train", str(config_path), "--out", str(out), "--quiet", *[a for o in overrides for a in ("--set", o)]]) == 0
+    config = load_config(out / "config.toml")
+    saved = torch.load(out / "model.pt", weights_only=True)
+    centers = experiment.build_loss(config, config.model.aux_classes).loss.centers  # the 10 class names
+    assert torch.equal(saved["state_dict"]["code_centers"], centers)
+    assert main(["encode", str(out), "--split", "test", "--out", str(tmp_path / "q.npz")]) == 0
+    with np.load(tmp_path / "q.npz", allow_pickle=False) as q:
+        codes, bits = q["codes"], int(q["bits"])
+    assert bits == 12 and len(codes) == len(data["test"][1])
+    model, _ = experiment.load_run(out)
+    with torch.no_grad():
+        x = torch.from_numpy(data["test"][0][:64]).float().div(255)[:, None]
+        logits = model.aux(model.features(x))
+    from deephash.models.posterior_codes import posterior_path_codes
+    from deephash.retrieval.codes import pack_codes
+    assert np.array_equal(codes[:64], pack_codes(posterior_path_codes(logits, centers, 2.0)))
+
+
+@pytest.mark.parametrize("overrides", [['model.code_rule="posterior"', 'loss.name="dsh"'],
+                                       ['model.code_rule="posterior"', "train.aux_weight=0.0"],
+                                       ['model.code_rule="nearest"']])
+def test_posterior_code_rule_needs_csq_and_a_trained_classifier(tiny, overrides):
+    _, config_path, _ = tiny
+    with pytest.raises(ConfigError, match="code_rule"):
+        load_config(config_path, overrides)
+
+
+@pytest.mark.parametrize("key", ["train.ema_decay=1.0", "train.aux_label_smoothing=-0.1"])
+def test_out_of_range_averaging_and_smoothing_are_config_errors(tiny, key):
+    _, config_path, _ = tiny
+    with pytest.raises(ConfigError, match=key.split("=")[0]):
+        load_config(config_path, [key])
 
 
 def test_split_codes_are_cached_per_model_and_rebuilt_when_the_model_changes(run, monkeypatch):

@@ -54,7 +54,9 @@ class ModelConfig:
     ``mean``/``std`` empty means: computed per channel from the training images.
     ``head``: ``hash`` (``bits``), ``embedding`` (``embedding_dim``, optionally L2-``normalize``d)
     or ``identity`` (the backbone's features, e.g. ``seed-embeddingnet``). ``aux_classes = 0``:
-    no auxiliary classifier.
+    no auxiliary classifier. ``code_rule``: ``sign`` (of the hash head) or ``posterior`` (codes on
+    the Hamming path between the aux classifier's two likeliest classes' CSQ hash centers, at
+    softmax temperature ``code_temperature``; see ``deephash.models.posterior_codes``).
     """
 
     backbone: str = "seed-cnn"
@@ -66,6 +68,8 @@ class ModelConfig:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     aux_classes: int = 0
+    code_rule: str = "sign"
+    code_temperature: float = 1.0
 
 
 @dataclass
@@ -128,6 +132,9 @@ class TrainConfig:
     """Training loop settings.
 
     ``aux_weight``: weight of a cross-entropy term on the aux classifier (``model.aux_classes``).
+    ``aux_label_smoothing``: label smoothing of that cross-entropy, in [0, 1).
+    ``ema_decay``: keep an exponential moving average of the weights, updated after every
+    optimizer step with this decay in [0, 1), and save it as the run's model (0 = off).
     ``final_epochs_no_augment``: the last N epochs train without augmentation.
     ``eval_every``: compute the loss on the query split every N epochs (0 = never).
     ``num_threads``: torch CPU threads (0 = leave torch's default).
@@ -138,6 +145,8 @@ class TrainConfig:
     epochs: int = 10
     log_interval: int = 50
     aux_weight: float = 0.0
+    aux_label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     final_epochs_no_augment: int = 0
     eval_every: int = 0
     num_threads: int = 0
@@ -179,6 +188,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adam", "adamw", "sgd"),
     "scheduler.name": ("none", "cosine", "step", "onecycle", "warmup-cosine"),
     "model.head": ("hash", "embedding", "identity"),
+    "model.code_rule": ("sign", "posterior"),
 }
 
 
@@ -281,6 +291,17 @@ def _validate(config: Config, source: str) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value} in {source}")
+    if config.model.code_rule == "posterior":
+        m = config.model
+        if (m.head != "hash" or m.aux_classes < 2 or config.train.aux_weight <= 0 or config.loss.name != "csq"
+                or not m.code_temperature > 0):
+            raise ConfigError(
+                "model.code_rule = 'posterior' needs head = 'hash', aux_classes >= 2 with train.aux_weight > 0 (a trained "
+                f"classifier), loss.name = 'csq' (its hash centers) and code_temperature > 0 in {source}")
+    if not 0.0 <= config.train.aux_label_smoothing < 1.0:
+        raise ConfigError(f"train.aux_label_smoothing must be in [0, 1), got {config.train.aux_label_smoothing} in {source}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
     if config.optimizer.lr <= 0:

@@ -182,6 +182,8 @@ def model_spec_from_config(config: Config, in_channels: int) -> dict[str, Any]:
         "mean": list(m.mean) or [0.0] * in_channels,
         "std": list(m.std) or [1.0] * in_channels,
         "aux_classes": m.aux_classes or None,
+        "code_rule": m.code_rule,
+        "code_temperature": m.code_temperature,
     }
 
 
@@ -202,19 +204,22 @@ class AuxClassificationLoss(nn.Module):
     Args:
         loss: the retrieval loss, called on the relaxed codes / embeddings ``u`` float (B, D).
         weight: weight of the cross-entropy term on the aux logits float (B, K).
+        label_smoothing: that cross-entropy's label smoothing, in [0, 1).
     """
 
-    def __init__(self, loss: nn.Module, weight: float) -> None:
+    def __init__(self, loss: nn.Module, weight: float, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.loss = loss
         self.weight = weight
+        self.label_smoothing = label_smoothing
 
     @property
     def num_selected(self) -> Any:
         return getattr(self.loss, "num_selected", None)
 
     def forward(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(u, labels) + self.weight * nn.functional.cross_entropy(logits, labels)
+        ce = nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return self.loss(u, labels) + self.weight * ce
 
 
 class _InnerSchedule:
@@ -267,7 +272,7 @@ def build_loss(config: Config, n_classes: int, selector_generator: torch.Generat
         params[key] = selector
     loss = create_loss(name, **params)
     if config.model.aux_classes and config.train.aux_weight > 0:
-        loss = AuxClassificationLoss(loss, config.train.aux_weight)
+        loss = AuxClassificationLoss(loss, config.train.aux_weight, config.train.aux_label_smoothing)
     return loss
 
 
@@ -439,6 +444,7 @@ def train_run(
     from deephash.models import build_model
     from deephash.train.callbacks import JsonlLogger
     from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
+    from deephash.train.ema import WeightAverage
     from deephash.train.fit import fit
     from deephash.train import distributed_runner
     from deephash.train.distributed import barrier, is_distributed, is_main_process
@@ -471,6 +477,8 @@ def train_run(
     n_classes = len(train_set.classes) if train_set.classes else int(train_set.targets.max()) + 1
     model = fast_layout(build_model(model_spec_from_config(config, int(train_set.data.shape[1]))).to(device))
     loss_fn = build_loss(config, n_classes, generators.selector).to(device)
+    if config.model.code_rule == "posterior":  # the codes are drawn from the loss's class hash centers
+        model.set_code_centers(getattr(loss_fn, "loss", loss_fn).centers)
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer)
     schedules = [LinearRamp(r.attribute, r.start, r.end, r.epochs or None) for r in config.schedules]
@@ -497,9 +505,12 @@ def train_run(
 
     history: list[dict] = []
     start_epoch = 0
+    average = WeightAverage(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
     if resume:
         state = load_checkpoint(last, model, optimizer, scheduler, generators=generators.all())
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        if average is not None:
+            _restore_average(average, state, last)
         _trim_log(run_dir / "metrics.jsonl", start_epoch)
 
     trained, loss_fn, schedules = distributed_runner.wrap_for_training(  # DDP + global-batch loss
@@ -508,8 +519,11 @@ def train_run(
     hooks: list[Any] = [
         JsonlLogger(run_dir / "metrics.jsonl", is_main_process=main),
         CheckpointCallback(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, monitor=monitor,
-                           generators=generators.all(), history=history, is_main_process=main),
+                           generators=generators.all(), history=history, is_main_process=main,
+                           extra=None if average is None else lambda: {"weight_average": average.state_dict()}),
     ]
+    if average is not None:
+        hooks.insert(0, average)
     if config.scheduler.name == "warmup-cosine":
         hooks.insert(0, build_batch_scheduler(config, optimizer))
     if config.train.final_epochs_no_augment > 0 and loader.augment is not None:
@@ -521,10 +535,23 @@ def train_run(
         callbacks=[*hooks, *callbacks], progress=progress)
 
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
+    if average is not None:
+        average.copy_to(model)
     if main:
         save_model(run_dir / MODEL_FILE, model, config, classes)
     barrier()  # under DDP every rank returns once the run directory is complete
     return run_dir
+
+
+def _restore_average(average: Any, state: dict, path: Path) -> None:
+    """Continue the weight average stored in a checkpoint's ``extra``."""
+    saved = state["extra"].get("weight_average")
+    if not isinstance(saved, dict):
+        raise DataFormatError(f"checkpoint {path} holds no weight average, but train.ema_decay is set")
+    try:
+        average.load_state_dict(saved)
+    except (KeyError, RuntimeError, TypeError) as error:
+        raise DataFormatError(f"checkpoint {path} holds a weight average that does not fit the model ({error})") from None
 
 
 def _trim_log(path: Path, start_epoch: int) -> None:

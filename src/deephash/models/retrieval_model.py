@@ -11,6 +11,7 @@ from torch import nn
 
 from deephash.errors import ConfigError
 from deephash.models.heads import ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
+from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.registry import create_backbone
 
 __all__ = ["RetrievalModel", "build_model", "model_spec", "SPEC_DEFAULTS"]
@@ -26,7 +27,10 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "mean": [0.0],
     "std": [1.0],
     "aux_classes": None,
+    "code_rule": "sign",
+    "code_temperature": 1.0,
 }
+CODE_RULES = ("sign", "posterior")
 
 
 class RetrievalModel(nn.Module):
@@ -39,11 +43,17 @@ class RetrievalModel(nn.Module):
         std: Per-channel standard deviation the images are divided by.
         aux_classes: If set, a linear classifier on the backbone features (for recipes that
             add a classification loss), used by `forward_with_logits`.
+        code_rule: How a hash model makes its ±1 codes: ``"sign"`` of the hash head, or
+            ``"posterior"``: `posterior_path_codes` of the aux classifier's logits over the
+            class hash centers (``code_centers``, set with `set_code_centers`).
+        code_temperature: The softmax temperature of the ``"posterior"`` rule.
 
     Shapes:
         forward: float (B, C, H, W) in [0, 1] -> float (B, D); for a hash head D = bits,
         tanh codes in train mode and ±1 codes in eval mode.
     """
+
+    code_centers: torch.Tensor
 
     channels_last: bool = False  # set by deephash.experiment.fast_layout along with the parameters' layout
 
@@ -54,6 +64,8 @@ class RetrievalModel(nn.Module):
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
         aux_classes: int | None = None,
+        code_rule: str = "sign",
+        code_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -63,6 +75,26 @@ class RetrievalModel(nn.Module):
             ClassifierHead(backbone.out_features, aux_classes) if aux_classes else None
         )
         self.spec: dict[str, Any] | None = None
+        if code_rule not in CODE_RULES:
+            raise ConfigError(f"code_rule must be one of {CODE_RULES}, got {code_rule!r}")
+        if code_rule == "posterior":
+            if not isinstance(head, HashHead) or not aux_classes or aux_classes < 2:
+                raise ConfigError("code_rule 'posterior' needs a hash head and aux_classes >= 2")
+            if not code_temperature > 0:
+                raise ConfigError(f"code_temperature must be positive, got {code_temperature}")
+            self.register_buffer("code_centers", torch.zeros(aux_classes, head.bits))
+        self.code_rule = code_rule
+        self.code_temperature = float(code_temperature)
+
+    def set_code_centers(self, centers: torch.Tensor) -> None:
+        """Store the class hash centers of the ``"posterior"`` rule: ±1 float (aux_classes, bits)."""
+        if self.code_rule != "posterior":
+            raise ConfigError("code centers are used by code_rule 'posterior' only")
+        if tuple(centers.shape) != tuple(self.code_centers.shape) or not bool((centers.abs() == 1).all()):
+            raise ConfigError(
+                f"code centers must be ±1 of shape {tuple(self.code_centers.shape)} (aux_classes, bits), "
+                f"got {tuple(centers.shape)}")
+        self.code_centers.copy_(centers.to(self.code_centers))
 
     @property
     def is_hash(self) -> bool:
@@ -91,7 +123,14 @@ class RetrievalModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        feats = self.features(x)
+        if self.code_rule == "posterior" and not self.training:
+            return self._posterior_codes(feats)
+        return self.head(feats)
+
+    def _posterior_codes(self, feats: torch.Tensor) -> torch.Tensor:
+        assert self.aux is not None  # checked in __init__
+        return posterior_path_codes(self.aux(feats), self.code_centers, self.code_temperature).to(feats.dtype)
 
     def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Same as forward (the seed's interface)."""
@@ -105,9 +144,12 @@ class RetrievalModel(nn.Module):
         return self.head(feats), self.aux(feats)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """±1 codes (0 ↦ +1), float (B, D): the eval-mode sign of a hash head, or the sign of
-        the embedding for other heads. The backbone runs in whatever mode the model is in."""
+        """±1 codes (0 ↦ +1), float (B, D): the eval-mode codes of a hash head (its sign, or the
+        ``"posterior"`` rule's codes), or the sign of the embedding for other heads. The backbone
+        runs in whatever mode the model is in."""
         feats = self.features(x)
+        if self.code_rule == "posterior":
+            return self._posterior_codes(feats)
         if isinstance(self.head, HashHead):
             return self.head.binary(feats)
         return sign_codes(self.head(feats))
@@ -135,7 +177,8 @@ def build_model(spec: Mapping[str, Any]) -> RetrievalModel:
     """Build a RetrievalModel from a spec (a config table); missing keys take `SPEC_DEFAULTS`.
 
     Keys: backbone, backbone_params, in_channels, head ("hash" | "embedding" | "identity"),
-    bits, embedding_dim, normalize, mean, std, aux_classes. ``{"backbone": "seed-embeddingnet",
+    bits, embedding_dim, normalize, mean, std, aux_classes, code_rule ("sign" | "posterior"),
+    code_temperature. ``{"backbone": "seed-embeddingnet",
     "embedding_dim": 2}`` is the seed's EmbeddingNet with an identity head.
 
     Raises:
@@ -153,7 +196,8 @@ def build_model(spec: Mapping[str, Any]) -> RetrievalModel:
         head = EmbeddingHead(backbone.out_features, s["embedding_dim"], normalize=bool(s["normalize"]))
     else:
         head = IdentityHead(backbone.out_features)
-    model = RetrievalModel(backbone, head, s["mean"], s["std"], aux_classes=s["aux_classes"])
+    model = RetrievalModel(backbone, head, s["mean"], s["std"], aux_classes=s["aux_classes"],
+                           code_rule=s["code_rule"], code_temperature=s["code_temperature"])
     model.spec = s
     return model
 
