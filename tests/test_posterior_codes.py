@@ -100,6 +100,8 @@ def test_model_rule_errors_name_the_problem():
     with pytest.raises(ConfigError, match="code_rule"):
         build_model({**SPEC, "code_rule": "nearest"})
     model = build_model(SPEC)
+    with pytest.raises(ConfigError, match="set_code_centers"):
+        model.eval()(torch.rand(2, 1, 28, 28))
     with pytest.raises(ConfigError, match=r"\(3, 12\)"):
         model.set_code_centers(hash_centers(4, 12, seed=0))
     with pytest.raises(ConfigError, match="posterior"):

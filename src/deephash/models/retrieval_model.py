@@ -130,6 +130,8 @@ class RetrievalModel(nn.Module):
 
     def _posterior_codes(self, feats: torch.Tensor) -> torch.Tensor:
         assert self.aux is not None  # checked in __init__
+        if not bool((self.code_centers.abs() == 1).all()):  # still the zeros of __init__
+            raise ConfigError("code_rule 'posterior' has no class hash centers: call set_code_centers first")
         return posterior_path_codes(self.aux(feats), self.code_centers, self.code_temperature).to(feats.dtype)
 
     def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
