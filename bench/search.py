@@ -105,9 +105,10 @@ def _encode_rate(model: torch.nn.Module, channels: int, size: int, batch: int, b
 
 def encoding_rows(batch: int, batches: int) -> list[dict]:
     """Every registered backbone at its defaults, then the shipped Fashion-MNIST 48-bit network as
-    `deephash encode` runs it (the whole model: normalisation, backbone, hash head; channels-last)."""
+    `deephash encode` runs it (the whole model: normalisation, backbone, aux head and posterior
+    codes as the config sets them; channels-last)."""
     from deephash.config import load_config
-    from deephash.experiment import fast_layout, model_spec_from_config
+    from deephash.experiment import build_loss, fast_layout, model_spec_from_config
     from deephash.models import build_model
     from deephash.models.registry import create_backbone, list_backbones
 
@@ -119,7 +120,11 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
                      "images_per_s": _encode_rate(model, channels, size, batch, batches)})
         print(rows[-1], flush=True)
     config_path = ROOT / "configs" / "fashion-mnist-48.toml"
-    model = fast_layout(build_model(model_spec_from_config(load_config(config_path), 1))).eval()
+    config = load_config(config_path)
+    model = build_model(model_spec_from_config(config, 1))
+    if config.model.code_rule == "posterior":  # as training sets them: the CSQ loss's class centers
+        model.set_code_centers(build_loss(config, config.model.aux_classes).loss.centers)
+    model = fast_layout(model).eval()
     rows.append({"name": f"{config_path.relative_to(ROOT)} (whole model)", "input": "1x28x28",
                  "images_per_s": _encode_rate(model, 1, 28, batch, batches)})
     print(rows[-1], flush=True)
