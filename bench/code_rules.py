@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from deephash.config import Config
 from deephash.experiment import build_loss, encode, fast_layout, load_run, load_split
 from deephash.models import build_model, model_spec
 from deephash.retrieval.metrics import evaluate_codes
@@ -27,14 +28,15 @@ from deephash.retrieval.metrics import evaluate_codes
 COLUMNS = ["mAP tie-aware", "mAP stable", "mAP@1000", "P@100", "P@r≤2", "empty r≤2", "kNN acc"]
 
 
-def with_rule(run: Path, rule: str, temperature: float = 1.0) -> torch.nn.Module:
-    """The run's trained network with ``code_rule = rule`` (eval mode, CPU layout)."""
-    model, config = load_run(run)
+def with_rule(model: torch.nn.Module, config: Config, rule: str, temperature: float = 1.0) -> torch.nn.Module:
+    """A copy of a run's trained ``model`` with ``code_rule = rule`` (eval mode, CPU layout)."""
     spec = model_spec(model)
     spec.update(code_rule=rule, code_temperature=temperature)
     rebuilt = build_model(spec)
     state = {k: v for k, v in model.state_dict().items() if k != "code_centers"}
-    rebuilt.load_state_dict(state, strict=False)
+    result = rebuilt.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"code_centers"}:
+        raise RuntimeError(f"the rebuilt model does not fit the trained weights: {result}")
     if rule == "posterior":
         rebuilt.set_code_centers(build_loss(config, int(spec["aux_classes"])).loss.centers)
     rebuilt.classes = getattr(model, "classes", [])
@@ -43,11 +45,11 @@ def with_rule(run: Path, rule: str, temperature: float = 1.0) -> torch.nn.Module
 
 def rows(run: Path, temperatures: list[float]) -> list[dict]:
     """One row of metrics per encoding rule of ``run``."""
-    _, config = load_run(run)
+    trained, config = load_run(run)
     query, database = load_split(config, config.data.query_split, run), load_split(config, config.data.database_split, run)
     out = []
     for rule, temperature in [("sign", 1.0), *(("posterior", t) for t in temperatures)]:
-        model = with_rule(run, rule, temperature)
+        model = with_rule(trained, config, rule, temperature)
         q_codes, q_labels = encode(model, query)
         db_codes, db_labels = encode(model, database)
         m = evaluate_codes(q_codes, q_labels, db_codes, db_labels, config.model.bits, ks=[100, 1000],

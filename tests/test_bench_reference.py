@@ -92,3 +92,29 @@ def test_code_fit_shares_and_map_split(tmp_path) -> None:
     assert 0 < row["query_nearest_own"] < 1  # both groups are present
     whole = mean_average_precision(pack_codes(q_codes), q_labels, pack_codes(d_codes), d_labels, bits)
     assert row["map"] == pytest.approx(whole, abs=1e-12)
+
+
+def test_code_rules_rebuilds_the_same_weights_under_each_rule() -> None:
+    """bench/code_rules.py: the sign copy encodes as the hash head, the posterior copy as the rule."""
+    from code_rules import with_rule
+
+    from deephash.config import load_config
+    from deephash.experiment import build_loss, model_spec_from_config
+    from deephash.models import build_model, posterior_path_codes
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-16.toml")
+    torch.manual_seed(0)
+    trained = build_model(model_spec_from_config(config, 1))  # a posterior model, as the config says
+    centers = build_loss(config, 10).loss.centers
+    trained.set_code_centers(centers)
+    trained.eval()
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        for p in trained.aux.parameters():  # spread the untrained logits, so the temperature matters
+            p.mul_(100)
+        features = trained.features(x)
+        expected_sign = trained.head.binary(features)
+        expected_posterior = posterior_path_codes(trained.aux(features), centers, 2.0)
+        assert torch.equal(with_rule(trained, config, "sign")(x), expected_sign)
+        assert torch.equal(with_rule(trained, config, "posterior", 2.0)(x), expected_posterior)
+    assert not torch.equal(expected_sign, expected_posterior)
