@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from deephash.config import Config
-from deephash.experiment import build_loss, encode, fast_layout, load_run, load_split
+from deephash.models import fast_layout
+from deephash.runs import encode, load_run, load_split
+from deephash.runs.components import build_loss
 from deephash.models import build_model, model_spec
 from deephash.retrieval.metrics import evaluate_codes
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from deephash.experiment import fast_layout
+from deephash.models import fast_layout
 from deephash.models import build_model
 
 SPECS = {

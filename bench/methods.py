@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from deephash.config import load_config
-from deephash.experiment import encode_split, evaluate_run, load_run, load_split, train_run
+from deephash.runs import encode_split, evaluate_run, load_run, load_split, train_run
 from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.metrics import evaluate_codes
 

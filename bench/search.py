@@ -108,7 +108,8 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
     `deephash encode` runs it (the whole model: normalisation, backbone, aux head and posterior
     codes as the config sets them; channels-last)."""
     from deephash.config import load_config
-    from deephash.experiment import build_loss, fast_layout, model_spec_from_config
+    from deephash.models import fast_layout
+    from deephash.runs.components import build_loss
     from deephash.models import build_model
     from deephash.models.registry import create_backbone, list_backbones
 
@@ -121,7 +122,7 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
         print(rows[-1], flush=True)
     config_path = ROOT / "configs" / "fashion-mnist-48.toml"
     config = load_config(config_path)
-    model = build_model(model_spec_from_config(config, 1))
+    model = build_model(config.model)
     if config.model.code_rule == "posterior":  # as training sets them: the CSQ loss's class centers
         model.set_code_centers(build_loss(config, config.model.aux_classes).loss.centers)
     model = fast_layout(model).eval()

@@ -14,6 +14,7 @@ not change the cost of a search; they make the results meaningless, which a load
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import asyncio
 import datetime as dt
@@ -39,19 +40,19 @@ def build_demo(root: Path, dataset: str, bits: int) -> tuple[Path, Path]:
     """A run with an untrained small CNN and an index over ``dataset``'s train split."""
     import torch
 
-    from deephash import experiment
+    from deephash import runs
     from deephash.config import config_from_dict
     from deephash.models import build_model
     config = config_from_dict({"data": {"dataset": dataset}, "device": "cpu",
                                "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 8}, "bits": bits}})
     torch.manual_seed(0)
-    dataset_train = experiment.load_split(config, "train")
-    model = build_model(experiment.model_spec_from_config(config, dataset_train.data.shape[1])).eval()
+    dataset_train = runs.load_split(config, "train")
+    model = build_model(dataclasses.replace(config.model, in_channels=dataset_train.data.shape[1])).eval()
     run_dir, index_dir = root / "run", root / "index"
     run_dir.mkdir(parents=True)
     classes = dataset_train.classes or []
-    experiment.save_model(run_dir / "model.pt", model, config, classes)
-    experiment.build_index(run_dir, split="train", out=index_dir)
+    runs.save_model(run_dir / "model.pt", model, config, classes)
+    runs.build_index(run_dir, split="train", out=index_dir)
     return run_dir, index_dir
 
 
@@ -59,10 +60,10 @@ def query_pngs(run_dir: Path, n: int) -> list[bytes]:
     """PNG files of ``n`` test-split images of the run's data set (queries the index has not seen)."""
     from PIL import Image
 
-    from deephash import experiment
+    from deephash import runs
 
-    _, config = experiment.load_run(run_dir, device="cpu")
-    images = experiment.load_split(config, config.data.query_split, run_dir).data[:n].numpy()
+    _, config = runs.load_run(run_dir, device="cpu")
+    images = runs.load_split(config, config.data.query_split, run_dir).data[:n].numpy()
     out = []
     for image in images:
         buffer = io.BytesIO()

@@ -99,12 +99,12 @@ def test_code_rules_rebuilds_the_same_weights_under_each_rule() -> None:
     from code_rules import with_rule
 
     from deephash.config import load_config
-    from deephash.experiment import build_loss, model_spec_from_config
+    from deephash.runs.components import build_loss
     from deephash.models import build_model, posterior_path_codes
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-16.toml")
     torch.manual_seed(0)
-    trained = build_model(model_spec_from_config(config, 1))  # a posterior model, as the config says
+    trained = build_model(config.model)  # a posterior model, as the config says
     centers = build_loss(config, 10).loss.centers
     trained.set_code_centers(centers)
     trained.eval()

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from deephash import experiment
+from deephash import runs
+from deephash.data.splits import SPLIT_PROTOCOLS, protocol_split
+from deephash.losses.aux import AuxClassificationLoss
+from deephash.runs.components import build_loss
 from deephash.cli import main
 from deephash.config import load_config
 from deephash.errors import ConfigError, DataFormatError, NotFoundError
@@ -213,9 +216,9 @@ def test_evaluate_writes_metrics_matching_a_per_query_loop(run, tiny, capsys):
     for key in ("mAP@all/tie-aware", "mAP@5/stable", "P@5/tie-aware", "P@r<=2", "kNN-acc@10"):
         assert 0.0 <= metrics[key] <= 1.0, key
     # Oracle: stable-order mAP@all by a loop over queries.
-    model, config = experiment.load_run(run)
-    q_codes, q_labels = experiment.encode(model, experiment.load_split(config, "test"))
-    db_codes, db_labels = experiment.encode(model, experiment.load_split(config, "train"))
+    model, config = runs.load_run(run)
+    q_codes, q_labels = runs.encode(model, runs.load_split(config, "test"))
+    db_codes, db_labels = runs.encode(model, runs.load_split(config, "train"))
     dist = _popcount_distances(q_codes, db_codes)
     aps = []
     for i in range(len(q_codes)):
@@ -250,9 +253,9 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiment.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
+        runs.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
     with pytest.raises(KeyboardInterrupt):
-        experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False,
+        runs.train_run(load_config(config_path, overrides), parted, resume=True, progress=False,
                              callbacks=[InterruptMidEpoch()])
     assert not (parted / "model.pt").exists()
     assert main(["train", str(config_path), "--out", str(parted), "--quiet", "--resume", *sets]) == 0
@@ -272,9 +275,10 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
 
 def test_split_protocol_is_drawn_once_saved_and_reusable(tiny, tmp_path, monkeypatch):
     base, config_path, data = tiny
-    monkeypatch.setitem(experiment.PROTOCOLS, "deephash-cifar10", (2, 5))  # per class, for the tiny data
+    monkeypatch.setitem(SPLIT_PROTOCOLS._factories, "deephash-cifar10",  # 2 queries, 5 training images per class
+                        lambda labels, seed: protocol_split(labels, 2, 5, seed))
     config = load_config(config_path, ["data.protocol=deephash-cifar10"])
-    query = experiment.load_split(config, "query", tmp_path / "run")
+    query = runs.load_split(config, "query", tmp_path / "run")
     saved = np.load(tmp_path / "run" / "split.npz", allow_pickle=False)
     assert len(query) == 2 * N_CLASSES and len(saved["train"]) == 5 * N_CLASSES
     assert len(saved["database"]) == N_CLASSES * (N_TRAIN + N_TEST) - 7 * N_CLASSES
@@ -283,15 +287,15 @@ def test_split_protocol_is_drawn_once_saved_and_reusable(tiny, tmp_path, monkeyp
     # a run with another seed but the kept split file gets the same split
     other = load_config(config_path, ["data.protocol=deephash-cifar10", "seed=99",
                                       f"data.split_file={tmp_path / 'run' / 'split.npz'}"])
-    database = experiment.load_split(other, "database", tmp_path / "other")
+    database = runs.load_split(other, "database", tmp_path / "other")
     np.testing.assert_array_equal(database.targets.numpy(), pooled_labels[saved["database"]])
     with pytest.raises(Exception, match="not one of protocol"):
-        experiment.load_split(config, "test", tmp_path / "run")
+        runs.load_split(config, "test", tmp_path / "run")
 
 
 def test_protocol_split_counts_and_determinism():
     labels = np.repeat(np.arange(4), [30, 25, 40, 12])
-    split = experiment.protocol_split(labels, n_query=3, n_train=10, seed=5)
+    split = protocol_split(labels, n_query=3, n_train=10, seed=5)
     assert split == split | {}  # a plain dict
     everything = np.concatenate([split["query"], split["train"], split["database"]])
     assert np.array_equal(np.sort(everything), np.arange(len(labels)))
@@ -299,8 +303,8 @@ def test_protocol_split_counts_and_determinism():
         assert (labels[split["query"]] == c).sum() == 3
         assert (labels[split["train"]] == c).sum() == min(10, total - 3)  # class 3 has only 12
         assert (labels[split["database"]] == c).sum() == max(total - 13, 0)
-    again = experiment.protocol_split(labels, 3, 10, seed=5)
-    other = experiment.protocol_split(labels, 3, 10, seed=6)
+    again = protocol_split(labels, 3, 10, seed=5)
+    other = protocol_split(labels, 3, 10, seed=6)
     assert all(np.array_equal(split[k], again[k]) for k in split)
     assert not np.array_equal(split["query"], other["query"])
 
@@ -371,11 +375,11 @@ def test_embedding_run_encodes_embeddings_and_refuses_a_hamming_index(tiny, tmp_
     epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert epoch["type"] == "epoch" and np.isfinite(epoch["val_loss"])
     assert main(["encode", str(out), "--split", "test", "--out", str(tmp_path / "e.npz")]) == 0
-    model, _ = experiment.load_run(out)
+    model, _ = runs.load_run(out)
     with torch.no_grad():
         expected = model(torch.from_numpy(data["test"][0][:, None]).float() / 255).numpy()
     with np.load(tmp_path / "e.npz", allow_pickle=False) as f:
-        assert sorted(f.files) == ["embeddings", "labels"]
+        assert sorted(f.files) == ["embeddings", "ids", "labels"] and (f["ids"] == np.arange(len(f["labels"]))).all()
         assert f["embeddings"].dtype == np.float32 and f["embeddings"].shape == (N_CLASSES * N_TEST, 2)
         np.testing.assert_allclose(f["embeddings"], expected, rtol=1e-5, atol=1e-6)
     _one_line_error(capsys, ["index", "build", str(out), "--split", "train", "--out", str(tmp_path / "i")],
@@ -393,7 +397,7 @@ def test_aux_classification_loss_adds_weighted_cross_entropy():
         def forward(self, x, y):
             return inner(x, y)
 
-    loss = experiment.AuxClassificationLoss(Inner(), weight=0.3)
+    loss = AuxClassificationLoss(Inner(), weight=0.3)
     log_p = logits - logits.exp().sum(1, keepdim=True).log()
     expected = inner(u, labels) - 0.3 * log_p[torch.arange(6), labels].mean()
     assert torch.allclose(loss(u, logits, labels), expected, atol=1e-6)
@@ -402,7 +406,7 @@ def test_aux_classification_loss_adds_weighted_cross_entropy():
 def test_aux_label_smoothing_mixes_the_uniform_target():
     torch.manual_seed(1)
     u, logits, labels = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1])
-    loss = experiment.AuxClassificationLoss(lambda x, y: x.sum() * 0, weight=2.0, label_smoothing=0.3)
+    loss = AuxClassificationLoss(lambda x, y: x.sum() * 0, weight=2.0, label_smoothing=0.3)
     log_p = logits - logits.exp().sum(1, keepdim=True).log()
     target = torch.full((5, 3), 0.3 / 3)
     target[torch.arange(5), labels] += 0.7
@@ -415,15 +419,15 @@ def test_weight_average_is_saved_as_the_model_and_resumes_exactly(tiny, tmp_path
     overrides = ["train.epochs=2", "train.ema_decay=0.9", "train.aux_label_smoothing=0.1",
                  "train.final_epochs_no_augment=0"]
     whole, parted = tmp_path / "whole", tmp_path / "parted"
-    experiment.train_run(load_config(config_path, overrides), whole, progress=False)
+    runs.train_run(load_config(config_path, overrides), whole, progress=False)
 
     class Interrupt:
         def on_epoch_end(self, epoch, record):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiment.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
-    experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
+        runs.train_run(load_config(config_path, overrides), parted, progress=False, callbacks=[Interrupt()])
+    runs.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
     a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(parted / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -436,7 +440,7 @@ def test_weight_average_is_saved_as_the_model_and_resumes_exactly(tiny, tmp_path
     stripped = dict(last, extra={})
     torch.save(stripped, parted / "checkpoints" / "last.pt")
     with pytest.raises(DataFormatError, match="holds no weight average"):
-        experiment.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
+        runs.train_run(load_config(config_path, overrides), parted, resume=True, progress=False)
 
 
 def test_posterior_code_rule_trains_stores_the_loss_centers_and_encodes(tiny, tmp_path):
@@ -446,13 +450,13 @@ def test_posterior_code_rule_trains_stores_the_loss_centers_and_encodes(tiny, tm
     assert main(["train", str(config_path), "--out", str(out), "--quiet", *[a for o in overrides for a in ("--set", o)]]) == 0
     config = load_config(out / "config.toml")
     saved = torch.load(out / "model.pt", weights_only=True)
-    centers = experiment.build_loss(config, config.model.aux_classes).loss.centers  # the 10 class names
+    centers = build_loss(config, config.model.aux_classes).loss.centers  # the 10 class names
     assert torch.equal(saved["state_dict"]["code_centers"], centers)
     assert main(["encode", str(out), "--split", "test", "--out", str(tmp_path / "q.npz")]) == 0
     with np.load(tmp_path / "q.npz", allow_pickle=False) as q:
         codes, bits = q["codes"], int(q["bits"])
     assert bits == 12 and len(codes) == len(data["test"][1])
-    model, _ = experiment.load_run(out)
+    model, _ = runs.load_run(out)
     with torch.no_grad():
         x = torch.from_numpy(data["test"][0][:64]).float().div(255)[:, None]
         logits = model.aux(model.features(x))
@@ -478,20 +482,20 @@ def test_out_of_range_averaging_and_smoothing_are_config_errors(tiny, key):
 
 
 def test_split_codes_are_cached_per_model_and_rebuilt_when_the_model_changes(run, monkeypatch):
-    import deephash.experiment as experiment
+    import deephash.runs.encoding as encoding
 
-    model, config = experiment.load_run(run)
+    model, config = runs.load_run(run)
     split = config.data.query_split
     cache = Path(run) / "codes" / f"{split}.npz"
     cache.unlink(missing_ok=True)
     calls = []
-    real_encode = experiment.encode
-    monkeypatch.setattr(experiment, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    real_encode = runs.encode
+    monkeypatch.setattr(encoding, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
 
-    first = experiment.encode_split(run, model, config, split)
-    again = experiment.encode_split(run, model, config, split)
+    first = runs.encode_split(run, model, config, split)
+    again = runs.encode_split(run, model, config, split)
     assert len(calls) == 1 and cache.is_file()
-    direct = real_encode(model, experiment.load_split(config, split, run))
+    direct = real_encode(model, runs.load_split(config, split, run))
     for got in (first, again):
         assert np.array_equal(got[0], direct[0]) and np.array_equal(got[1], direct[1])
 
@@ -500,5 +504,5 @@ def test_split_codes_are_cached_per_model_and_rebuilt_when_the_model_changes(run
     arrays["model_sha256"] = np.str_("0" * 64)
     arrays["codes"] = np.zeros_like(arrays["codes"])
     np.savez(cache, **arrays)
-    rebuilt = experiment.encode_split(run, model, config, split)
+    rebuilt = runs.encode_split(run, model, config, split)
     assert len(calls) == 2 and np.array_equal(rebuilt[0], direct[0])

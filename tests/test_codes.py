@@ -62,7 +62,7 @@ def test_code_file_round_trip(tmp_path, multi):
     assert loaded.bits == 12 and loaded.labels.dtype == np.int64
     np.testing.assert_array_equal(loaded.ids, np.arange(6))
     with np.load(tmp_path / "a.npz", allow_pickle=False) as raw:
-        assert set(raw.files) == {"codes", "labels", "bits"} and raw["bits"].shape == ()
+        assert set(raw.files) == {"codes", "labels", "bits", "ids"} and raw["bits"].shape == ()
     save_codes(tmp_path / "b.npz", torch.ones(6, 12), torch.from_numpy(np.asarray(labels)), 12, ids=np.arange(10, 16))
     loaded = load_codes(tmp_path / "b.npz")
     np.testing.assert_array_equal(loaded.ids, np.arange(10, 16))

@@ -34,7 +34,8 @@ from deephash.train.distributed import (
     spawn_workers,
     world_size,
 )
-from deephash.train.distributed_runner import DistributedRandomBatchSampler, launch
+from deephash.data.samplers import DistributedRandomBatchSampler
+from deephash.train.distributed import launch
 
 WORLD = 2
 BITS = 8
@@ -171,12 +172,12 @@ def _job(out: Path, config_path: Path, full_run: Path) -> None:
     assert world_size() == WORLD
     _gradient_cases(out)
 
-    from deephash import experiment
+    from deephash import runs
     from deephash.config import load_config
 
     writes = _record_checkpoint_writes(out)
     resumed = out / "resumed"
-    experiment.train_run(load_config(config_path), resumed, progress=False, callbacks=[_StopAfterFirstEpoch()])
+    runs.train_run(load_config(config_path), resumed, progress=False, callbacks=[_StopAfterFirstEpoch()])
     interrupted = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     assert cli.main(["train", str(resumed), "--resume", "--quiet"]) == 0
     (out / f"writes-rank{rank()}.json").write_text(json.dumps({"writes": writes, "interrupted_at": interrupted}))

@@ -2,7 +2,7 @@
 
 import torch
 
-from deephash.experiment import fast_layout
+from deephash.models import fast_layout
 from deephash.models import build_model
 
 

@@ -21,7 +21,6 @@ import torch
 import deephash
 from deephash.cli import main
 from deephash.config import load_config
-from deephash.experiment import model_spec_from_config
 from deephash.models import build_model
 from deephash.train.checkpoint import load_checkpoint
 
@@ -96,7 +95,7 @@ def _kill_during_checkpoint_write(command: list[str], checkpoints: Path, timeout
 
 def _assert_run_folder_loadable(run: Path) -> int:
     config = load_config(run / "config.toml")
-    model = build_model(model_spec_from_config(config, 1))
+    model = build_model(config.model)
     state = load_checkpoint(run / "checkpoints" / "last.pt", model, rng=False,
                             generators=[torch.Generator() for _ in range(3)])
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -141,7 +140,7 @@ ALLOWED = {
     ("retrieval/index.py", "np.save(tmp / 'ids.npy', self._ids)"): "same temporary folder",
     ("retrieval/index.py", "np.save(tmp / 'labels.npy', self._labels)"): "same temporary folder",
     ("retrieval/index.py", "(tmp / 'index.faiss').write_bytes(data.tobytes())"): "same temporary folder",
-    ("experiment.py", "index.save(out)"): "HashIndex.save, atomic (above)",
+    ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
     ("viz/plots.py", "fig.savefig(buffer, format='png', dpi=dpi)"): "into an io.BytesIO, then atomic_write_bytes",
     ("serve/service.py", "picture.save(out, format='PNG')"): "into an io.BytesIO returned as bytes",

@@ -13,12 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from deephash import experiment
+from deephash import runs
+import deephash.report as report_module
 from deephash._io import atomic_torch_save, atomic_write_text
 from deephash.config import config_from_dict, config_to_dict, dump_config
 from deephash.errors import NotFoundError
 from deephash.models import build_model, model_spec
-from deephash.report import Encoded, precision_recall, rank_database, write_report
+from deephash.report import Encoded, nearest, write_report
+from deephash.retrieval import pack_codes
+from deephash.retrieval.metrics import precision_recall_curve_at_k
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -93,7 +96,7 @@ def test_report_of_a_2d_embedding_run_evaluates_when_metrics_are_missing(tmp_pat
         atomic_write_text(Path(run_dir) / "metrics.json",
                           json.dumps({"protocol": {"query_split": "test"}, "metrics": {"knn_accuracy": 0.8765}}))
 
-    monkeypatch.setattr(experiment, "evaluate_run", fake_evaluate_run)
+    monkeypatch.setattr(report_module, "evaluate_run", fake_evaluate_run)
     page = write_report(run, max_queries=2).read_text()
     assert calls == [run] and "0.8765" in page
     names = {Path(s).name for s in images_in(page)}
@@ -115,58 +118,50 @@ def test_missing_run_pieces(tmp_path):
 
 
 @pytest.mark.parametrize("hamming", [True, False])
-def test_rank_database_matches_brute_force(hamming):
+def test_curves_and_grid_neighbours_match_brute_force(hamming):
+    """The report's curves come from the metrics engine and its grid from the search engine:
+    both against a per-query loop (stable ties: database order)."""
     gen = torch.Generator().manual_seed(1)
-    dim = 6
-    make = lambda n: torch.randn(n, dim, generator=gen)
-    q, db = make(7), make(30)
-    if hamming:
-        q, db = torch.where(q >= 0, 1.0, -1.0), torch.where(db >= 0, 1.0, -1.0)
-    q_labels, db_labels = torch.randint(0, 3, (7,), generator=gen), torch.randint(0, 3, (30,), generator=gen)
-    empty = torch.empty(0)
+    dim = 16
+    q, db = torch.randn(7, dim, generator=gen), torch.randn(30, dim, generator=gen)
+    db[5] = db[2]  # tied items
+    q_labels, db_labels = torch.randint(0, 3, (7,), generator=gen).numpy(), torch.randint(0, 3, (30,), generator=gen).numpy()
     ks = [1, 3, 10, 30]
-    out = rank_database(Encoded(q, q_labels, empty), Encoded(db, db_labels, empty), hamming, ks, chunk=3)
+    if hamming:
+        q_pm, db_pm = torch.where(q >= 0, 1.0, -1.0), torch.where(db >= 0, 1.0, -1.0)
+        query, database, bits = Encoded(pack_codes(q_pm), q_labels, torch.empty(0)), Encoded(pack_codes(db_pm), db_labels, torch.empty(0)), dim
+        dist = (q_pm[:, None, :] != db_pm[None]).sum(-1).double().numpy()
+    else:
+        query, database, bits = Encoded(q.numpy(), q_labels, torch.empty(0)), Encoded(db.numpy(), db_labels, torch.empty(0)), None
+        dist = torch.cdist(q.double(), db.double()).numpy()
+    precision, recall = precision_recall_curve_at_k(query.features, q_labels, database.features, db_labels, ks, bits=bits)
+    ids, distances = nearest(query, database, bits)
+    want_p, want_r = [], []
     for i in range(7):
-        if hamming:
-            dist = [sum(a != b for a, b in zip(q[i].tolist(), db[j].tolist())) for j in range(30)]
-        else:
-            dist = [float(np.linalg.norm(q[i].numpy() - db[j].numpy())) for j in range(30)]
-        order = sorted(range(30), key=lambda j: (round(dist[j], 5), j))  # ties: database order
-        assert out["top_ids"][i].tolist() == order[:10]
-        np.testing.assert_allclose(out["top_dist"][i].numpy(), [dist[j] for j in order[:10]], rtol=1e-5)
-        for c, k in enumerate(ks):
-            assert out["hits"][i, c] == sum(int(db_labels[j] == q_labels[i]) for j in order[:k])
-        assert out["relevant"][i] == int((db_labels == q_labels[i]).sum())
-    precision, recall = precision_recall(out["hits"], out["relevant"], ks)
-    assert recall[-1] == pytest.approx(float((out["relevant"] > 0).double().mean()))
-    assert precision[-1] == pytest.approx(float(out["relevant"].double().mean() / 30))
-
-
-def test_rank_database_long_codes_use_the_same_stable_order():
-    gen = torch.Generator().manual_seed(3)
-    q, db = torch.randn(5, 300, generator=gen).sign(), torch.randn(40, 300, generator=gen).sign()
-    db[7] = db[2]  # a tie: database order decides
-    q_labels, db_labels = torch.randint(0, 2, (5,), generator=gen), torch.randint(0, 2, (40,), generator=gen)
-    empty = torch.empty(0)
-    out = rank_database(Encoded(q, q_labels, empty), Encoded(db, db_labels, empty), True, [1, 40])
-    for i in range(5):
-        dist = ((q[i] != db).sum(1)).tolist()
-        order = sorted(range(40), key=lambda j: (dist[j], j))
-        assert out["top_ids"][i].tolist() == order[:10]
-        assert out["top_dist"][i].tolist() == [dist[j] for j in order[:10]]
+        order = sorted(range(30), key=lambda j: (round(dist[i, j], 5), j))  # ties: database order
+        relevant = db_labels == q_labels[i]
+        want_p.append([relevant[order[:k]].sum() / k for k in ks])
+        want_r.append([relevant[order[:k]].sum() / relevant.sum() for k in ks] if relevant.any() else None)
+        np.testing.assert_allclose(distances[i], [dist[i, j] for j in order[:10]], rtol=1e-5)
+        if not hamming:
+            assert ids[i].tolist() == order[:10]
+        else:  # FAISS orders a tie its own way: the same distance, and every id within its tie group
+            assert all(dist[i, j] == d for j, d in zip(ids[i], distances[i]))
+    np.testing.assert_allclose(precision, np.mean(want_p, axis=0))
+    np.testing.assert_allclose(recall, np.mean([r for r in want_r if r is not None], axis=0))
 
 
 def test_scatter_sample_is_a_seeded_uniform_subset_in_split_order():
     from deephash.report import scatter_sample
 
-    features = torch.arange(100, dtype=torch.float32).reshape(50, 2)
-    labels = torch.arange(50) % 5
+    features = np.arange(100, dtype=np.float32).reshape(50, 2)
+    labels = np.arange(50) % 5
     encoded = Encoded(features, labels, torch.empty(0))
     points, kept = scatter_sample(encoded, max_points=20, seed=1)
     rows = points[:, 0].astype(int) // 2
     assert len(set(rows.tolist())) == 20 and (np.diff(rows) > 0).all()
-    np.testing.assert_array_equal(kept, labels.numpy()[rows])
+    np.testing.assert_array_equal(kept, labels[rows])
     np.testing.assert_array_equal(scatter_sample(encoded, max_points=20, seed=1)[0], points)
     everything, all_labels = scatter_sample(encoded, max_points=50)
-    np.testing.assert_array_equal(everything, features.numpy())
-    np.testing.assert_array_equal(all_labels, labels.numpy())
+    np.testing.assert_array_equal(everything, features)
+    np.testing.assert_array_equal(all_labels, labels)

@@ -52,7 +52,7 @@ def test_build_schedule():
 
 
 def test_warmup_cosine_rates_by_step() -> None:
-    from deephash.experiment import WarmupCosineLR
+    from deephash.train.optim import WarmupCosineLR
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     schedule = WarmupCosineLR(optimizer, lr=1.0, n_epochs=2, warmup=0.25, eta_min=0.1)
@@ -67,14 +67,15 @@ def test_warmup_cosine_rates_by_step() -> None:
 
 def test_warmup_cosine_from_config() -> None:
     from deephash.config import config_from_dict
-    from deephash.experiment import build_batch_scheduler, build_scheduler
+    from deephash.runs.components import build_scheduler
+    from deephash.train.optim import split_schedule
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     config = config_from_dict({"optimizer": {"lr": 0.5}, "train": {"epochs": 3},
                                "scheduler": {"name": "warmup-cosine", "params": {"warmup": 0.0}}})
-    assert build_scheduler(config, optimizer) is None
-    schedule = build_batch_scheduler(config, optimizer)
+    schedule = build_scheduler(config, optimizer)
+    assert split_schedule(schedule) == (None, schedule)
     assert schedule.rate(0, 1, 10) == pytest.approx(0.5) and schedule.rate(2, 10, 10) == pytest.approx(0.25 * (1 + math.cos(math.pi * 29 / 30)))
     bad = config_from_dict({"scheduler": {"name": "warmup-cosine", "params": {"warm": 0.1}}})
-    with pytest.raises(ConfigError, match="unknown parameter 'warm'"):
-        build_batch_scheduler(bad, optimizer)
+    with pytest.raises(ConfigError, match="'warm'"):
+        build_scheduler(bad, optimizer)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fastapi.testclient import TestClient
 
-from deephash import experiment
+from deephash import runs
 from deephash.config import config_from_dict
 from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
@@ -35,11 +35,11 @@ def make_tiny_run(root: Path, bits: int = BITS) -> tuple[Path, Path]:
         "device": "cpu",
     })
     torch.manual_seed(0)
-    model = build_model(experiment.model_spec_from_config(config, 1)).eval()
+    model = build_model(config.model).eval()
     run_dir, index_dir = root / "run", root / "index"
     run_dir.mkdir(parents=True)
-    experiment.save_model(run_dir / "model.pt", model, config, CLASSES)
-    experiment.build_index(run_dir, split="train", out=index_dir)
+    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
+    runs.build_index(run_dir, split="train", out=index_dir)
     return run_dir, index_dir
 
 
@@ -70,8 +70,8 @@ def png_with_size(width: int, height: int) -> bytes:
 def env(tmp_path_factory):
     run_dir, index_dir = make_tiny_run(tmp_path_factory.mktemp("serve"))
     index = HashIndex.load(index_dir)
-    model, config = experiment.load_run(run_dir, device="cpu")
-    dataset = experiment.load_split(config, "train", run_dir)
+    model, config = runs.load_run(run_dir, device="cpu")
+    dataset = runs.load_split(config, "train", run_dir)
     app = create_app(index_dir, run_dir, max_upload_bytes=200_000, max_pixels=250_000, request_timeout_s=30)
     with TestClient(app) as client:
         yield {"client": client, "codes": index.codes, "ids": index.ids, "labels": index.labels,
@@ -260,7 +260,7 @@ def test_image_folder_index_serves_the_files(env, tmp_path):
             pixels = rng.integers(0, 256, (20, 12, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(path)
             originals[str(path)] = pixels
-    index_dir = experiment.build_index(env["run"], images=tmp_path / "folder", out=tmp_path / "folder-index")
+    index_dir = runs.build_index(env["run"], images=tmp_path / "folder", out=tmp_path / "folder-index")
     with TestClient(create_app(index_dir, env["run"])) as client:
         body = client.post("/api/search", json={"id": 3, "k": 4}).json()
         assert sorted(r["id"] for r in body["results"]) == [0, 1, 2, 3]

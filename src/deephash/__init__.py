@@ -49,7 +49,7 @@ from deephash.models import (
 from deephash.retrieval import HashIndex, mean_average_precision, pack_codes, unpack_codes
 from deephash.train import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, fit
 
-__version__ = "0.1.0"
+from deephash._version import __version__
 
 __all__ = [
     "AccumulatedAccuracyMetric",

@@ -1,4 +1,4 @@
-"""The ``deephash`` command line: a thin shell over :mod:`deephash.experiment`.
+"""The ``deephash`` command line: a thin shell over :mod:`deephash.runs`.
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that registers its arguments and sets
 ``handler``; adding a command is adding one such function to ``_COMMANDS``. A user mistake
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deephash.errors import DeephashError
+from deephash.errors import DeephashError, first_line
 
 EXIT_USAGE = 2
 _NPROC_HELP = "processes on this machine (DDP: gloo on CPU, nccl on GPUs); under torchrun leave it at 1"
@@ -34,10 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(source, args.set)
     if out is None:
         out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from deephash import experiment  # torch is imported only once the config is known to be good
-    from deephash.train.distributed_runner import backend_for, launch
+    from deephash.runs import train_run
+    from deephash.train.distributed import backend_for, launch
 
-    run_dir = launch(experiment.train_run, args.nproc, (config, out), {"resume": args.resume, "progress": not args.quiet},
+    run_dir = launch(train_run, args.nproc, (config, out), {"resume": args.resume, "progress": not args.quiet},
                      backend=backend_for(config.device), result=out)
     if run_dir is not None:  # None on the other ranks under torchrun
         print(f"run written to {run_dir}")
@@ -57,11 +57,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from deephash import experiment
+    from deephash.runs import encode_run
+    from deephash.train.distributed import launch
 
-    from deephash.train.distributed_runner import launch
-
-    out = launch(experiment.encode_run, args.nproc, (args.run,),
+    out = launch(encode_run, args.nproc, (args.run,),
                  {"split": args.split, "images": args.images, "out": args.out}, result=Path(args.out))
     if out is not None:  # None on the other ranks under torchrun
         print(f"codes written to {out}")
@@ -80,10 +79,10 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from deephash import experiment
+    from deephash.runs import evaluate_run, format_metrics
 
-    metrics = experiment.evaluate_run(args.run, query=args.query, database=args.database, ks=args.k)
-    print(experiment.format_metrics(metrics))
+    metrics = evaluate_run(args.run, query=args.query, database=args.database, ks=args.k)
+    print(format_metrics(metrics))
     print(f"metrics written to {Path(args.run) / 'metrics.json'}")
     return 0
 
@@ -98,11 +97,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
-    from deephash import experiment
+    from deephash.runs import build_index
+    from deephash.train.distributed import launch
 
-    from deephash.train.distributed_runner import launch
-
-    out = launch(experiment.build_index, args.nproc, (args.run,),
+    out = launch(build_index, args.nproc, (args.run,),
                  {"split": args.split, "images": args.images, "out": args.out, "factory": args.factory},
                  result=Path(args.out))
     if out is not None:  # None on the other ranks under torchrun
@@ -111,9 +109,9 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
-    from deephash import experiment
+    from deephash.runs import index_info
 
-    info = experiment.index_info(args.index)
+    info = index_info(args.index)
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
@@ -138,9 +136,10 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from deephash import experiment
+    from deephash.runs import search_run
 
-    results = experiment.search(args.index, args.run, args.images, k=args.k, radius=args.radius)
+    k = args.k if args.k is not None else (None if args.radius is not None else 10)
+    results = search_run(args.index, args.run, args.images, k=k, radius=args.radius)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -161,8 +160,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run directory of the model that built the index")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, or SPLIT:N for item N of a split of the run's data set (e.g. test:0)")
-    p.add_argument("-k", type=int, default=10, help="number of results per query (default 10)")
-    p.add_argument("--radius", type=int, help="return every item within this Hamming distance instead")
+    p.add_argument("-k", type=int, help="at most this many results per query (default 10; no limit with --radius)")
+    p.add_argument("--radius", type=int, help="only items within this Hamming distance (inclusive)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_search)
 
@@ -208,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    first = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
-    print(f"deephash: error: {first}", file=sys.stderr)
+    print(f"deephash: error: {first_line(message) or 'unknown error'}", file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from deephash.errors import ConfigError, NotFoundError
+from deephash.models.spec import ModelSpec
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "digits", "folder")
-PROTOCOLS = ("", "deephash-cifar10")
+#: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
+ModelConfig = ModelSpec
 DEVICES_HINT = '"auto", "cpu", "cuda" or "cuda:N"'
 
 
@@ -45,31 +46,6 @@ class DataConfig:
     split_file: str = ""
     limit: int = 0
     augment: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ModelConfig:
-    """The ``build_model`` spec: backbone, head and input normalisation.
-
-    ``mean``/``std`` empty means: computed per channel from the training images.
-    ``head``: ``hash`` (``bits``), ``embedding`` (``embedding_dim``, optionally L2-``normalize``d)
-    or ``identity`` (the backbone's features, e.g. ``seed-embeddingnet``). ``aux_classes = 0``:
-    no auxiliary classifier. ``code_rule``: ``sign`` (of the hash head) or ``posterior`` (codes on
-    the Hamming path between the aux classifier's two likeliest classes' CSQ hash centers, at
-    softmax temperature ``code_temperature``; see ``deephash.models.posterior_codes``).
-    """
-
-    backbone: str = "seed-cnn"
-    backbone_params: dict[str, Any] = field(default_factory=dict)
-    head: str = "hash"
-    bits: int = 48
-    embedding_dim: int = 2
-    normalize: bool = False
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-    aux_classes: int = 0
-    code_rule: str = "sign"
-    code_temperature: float = 1.0
 
 
 @dataclass
@@ -170,7 +146,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     loss: LossConfig = field(default_factory=LossConfig)
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -181,15 +157,29 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": DATASETS,
-    "data.protocol": PROTOCOLS,
-    "sampler.kind": ("balanced", "random"),
-    "optimizer.name": ("adam", "adamw", "sgd"),
-    "scheduler.name": ("none", "cosine", "step", "onecycle", "warmup-cosine"),
-    "model.head": ("hash", "embedding", "identity"),
-    "model.code_rule": ("sign", "posterior"),
-}
+def _choices() -> dict[str, list[str]]:
+    """Keys whose value must be a registered name, and the names: read from the registries when a
+    config is validated (so ``import deephash.config`` itself stays light)."""
+    from deephash.data.datasets import DATASETS
+    from deephash.data.samplers import BATCH_SAMPLERS
+    from deephash.data.splits import SPLIT_PROTOCOLS
+    from deephash.losses.registry import LOSSES
+    from deephash.mining.selectors import SELECTORS
+    from deephash.models.heads import HEADS
+    from deephash.models.retrieval_model import CODE_RULES
+    from deephash.train.optim import OPTIMIZERS, SCHEDULERS
+
+    return {
+        "data.dataset": DATASETS.names(),
+        "data.protocol": ["", *SPLIT_PROTOCOLS.names()],
+        "sampler.kind": BATCH_SAMPLERS.names(),
+        "optimizer.name": OPTIMIZERS.names(),
+        "scheduler.name": SCHEDULERS.names(),
+        "model.head": HEADS.names(),
+        "model.code_rule": CODE_RULES.names(),
+        "loss.name": LOSSES.names(),
+        "selector.name": ["", *SELECTORS.names()],
+    }
 
 
 def _type_name(tp: Any) -> str:
@@ -266,8 +256,9 @@ def _build(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
             raise _unknown_key(key, list(types_), pre, source)
     values = {k: _convert(v, types_[k], f"{pre}{k}", source) for k, v in table.items()}
     obj = cls(**values)
+    choices_of = _choices()
     for k in values:
-        choices = _CHOICES.get(f"{pre}{k}")
+        choices = choices_of.get(f"{pre}{k}")
         if choices and values[k] not in choices:
             shown = ", ".join(repr(c) for c in choices)
             raise ConfigError(f"{pre}{k} must be one of {shown}, got {values[k]!r} in {source}")
@@ -398,6 +389,7 @@ def dump_config(config: Config) -> str:
 __all__ = [
     "Config",
     "DataConfig",
+    "ModelSpec",
     "EvalConfig",
     "LossConfig",
     "ModelConfig",

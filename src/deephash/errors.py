@@ -25,3 +25,15 @@ class NotFoundError(DeephashError):
 
 class TrainingDiverged(DeephashError):
     """A loss or gradient became NaN or infinite during training."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error's message, or its type's name when it has none.
+
+    Library errors (a corrupt zip, a bad tensor) can carry multi-line messages; deephash's own
+    errors and the command line show one line.
+    """
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""

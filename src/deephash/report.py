@@ -19,7 +19,23 @@ import numpy as np
 import torch
 
 from deephash._io import atomic_write_text
+from deephash.config import config_to_dict
 from deephash.errors import DataFormatError, NotFoundError
+from deephash.retrieval.codes import unpack_codes
+from deephash.retrieval.index import HashIndex
+from deephash.retrieval.metrics import precision_recall_curve_at_k
+from deephash.retrieval.search import search
+from deephash.runs import encode_split, evaluate_run, load_run, load_split
+from deephash.runs.layout import CONFIG_FILE, LOG_FILE, METRICS_FILE
+from deephash.train import read_jsonl
+from deephash.viz import (
+    plot_embeddings_2d,
+    plot_pr_curve,
+    plot_precision_at_k,
+    plot_retrieval_grid,
+    plot_training_curves,
+    plot_tsne,
+)
 
 #: Cut-offs of the precision@k plot (those beyond the database size are dropped).
 PLOT_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -32,73 +48,21 @@ class Encoded:
     """One split encoded by a run's model.
 
     Attributes:
-        features: float32 ``(N, D)``: ±1 codes (hash models) or embeddings.
+        features: packed uint8 ``(N, ceil(bits/8))`` codes (hash models) or float32 ``(N, D)`` embeddings.
         labels: int64 ``(N,)``.
         images: uint8 ``(N, C, H, W)``.
     """
 
-    features: torch.Tensor
-    labels: torch.Tensor
+    features: np.ndarray
+    labels: np.ndarray
     images: torch.Tensor
 
 
 def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path) -> Encoded:
-    """Encode a split (cached by ``deephash.experiment.encode_split``); hash codes unpacked to ±1 floats."""
-    from deephash.experiment import encode_split, load_split
-    from deephash.retrieval.codes import unpack_codes
-
+    """Encode a split (cached by ``deephash.runs.encode_split``): packed codes or embeddings."""
     dataset = load_split(config, split, run_dir)
     codes, labels = encode_split(run_dir, model, config, split, dataset)
-    bits = getattr(model, "bits", None)
-    if bits is not None:
-        codes = unpack_codes(codes, bits).astype(np.float32) * 2 - 1
-    return Encoded(torch.from_numpy(codes), torch.from_numpy(labels), dataset.data)
-
-
-def ranking_distances(q: torch.Tensor, db: torch.Tensor, hamming: bool) -> torch.Tensor:
-    """Distances ``(nq, n)``: Hamming between ±1 codes (``(bits - q·db) / 2``) or Euclidean."""
-    if hamming:
-        return (q.shape[1] - q @ db.T) / 2
-    return torch.cdist(q, db)
-
-
-def rank_database(
-    query: Encoded, database: Encoded, hamming: bool, ks: Sequence[int], chunk: int = 256
-) -> dict[str, torch.Tensor]:
-    """Rank the whole database for every query; ties broken by database order (stable sort).
-
-    Args:
-        query, database: encoded splits.
-        hamming: rank by Hamming distance between ±1 codes (else Euclidean).
-        ks: rank cut-offs, each in ``1..len(database)``.
-        chunk: queries ranked at once (memory ``chunk × len(database)``).
-
-    Returns:
-        ``hits`` int64 ``(nq, len(ks))``: relevant items among the first k results;
-        ``relevant`` int64 ``(nq,)``: relevant items in the database;
-        ``top_ids`` int64 ``(nq, min(10, n))`` and ``top_dist`` float ``(nq, min(10, n))``:
-        the first results and their distances.
-    """
-    cut = np.asarray(list(ks), dtype=np.int64) - 1
-    db_labels = database.labels.numpy()
-    if db_labels.size and 0 <= db_labels.min() and db_labels.max() < 256:
-        db_labels = db_labels.astype(np.uint8)  # cheaper gathers
-    parts: dict[str, list[torch.Tensor]] = {"hits": [], "relevant": [], "top_ids": [], "top_dist": []}
-    for start in range(0, len(query.labels), chunk):
-        d = ranking_distances(query.features[start:start + chunk], database.features, hamming)
-        if hamming:  # integer distances: numpy's stable sort of 8/16-bit integers is a radix sort
-            small = d.round().numpy().astype(np.uint8 if query.features.shape[1] <= 255 else np.uint16)
-            order = np.argsort(small, axis=1, kind="stable")
-        else:
-            order = torch.sort(d, dim=1, stable=True).indices.numpy()
-        rel = db_labels[order] == query.labels[start:start + chunk, None].numpy()
-        cum = np.cumsum(rel, axis=1, dtype=np.int32)
-        top = torch.from_numpy(order[:, :10])
-        parts["hits"].append(torch.from_numpy(cum[:, cut].astype(np.int64)))
-        parts["relevant"].append(torch.from_numpy(cum[:, -1].astype(np.int64)))
-        parts["top_ids"].append(top)
-        parts["top_dist"].append(d.gather(1, top))
-    return {key: torch.cat(value) for key, value in parts.items()}
+    return Encoded(codes, labels, dataset.data)
 
 
 def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,17 +72,21 @@ def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int
     """
     n = len(encoded.labels)
     keep = np.arange(n) if n <= max_points else np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
-    return encoded.features.numpy()[keep], encoded.labels.numpy()[keep]
+    return np.asarray(encoded.features)[keep], encoded.labels[keep]
 
 
-def precision_recall(hits: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean precision@k and recall@k over queries: float64 ``(len(ks),)`` each.
-
-    Queries without any relevant item count as recall 0.
-    """
-    k = torch.as_tensor(list(ks), dtype=torch.float64)
-    hits = hits.double()
-    return (hits / k).mean(0).numpy(), (hits / relevant.double().clamp_min(1)[:, None]).mean(0).numpy()
+def nearest(query: Encoded, database: Encoded, bits: int | None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` nearest database rows and their distances, int64 / float ``(nq, k')``:
+    through the search engine (a ``HashIndex``) for codes, by Euclidean distance for embeddings."""
+    k = min(k, len(database.labels))
+    if bits is not None:
+        index = HashIndex(bits)
+        index.add(database.features)
+        found = search(index, query.features, k)
+        return np.stack([f.positions for f in found]), np.stack([f.distances for f in found]).astype(np.float64)
+    d = torch.cdist(torch.from_numpy(query.features), torch.from_numpy(database.features))
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return order.numpy(), d.gather(1, order).numpy()
 
 
 def _pr_ks(n: int) -> list[int]:
@@ -146,12 +114,10 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
-    """``metrics.json``, computed by ``deephash.experiment.evaluate_run`` when missing."""
-    from deephash import experiment
-
-    path = run_dir / "metrics.json"
+    """``metrics.json``, computed by ``deephash.runs.evaluate_run`` when missing."""
+    path = run_dir / METRICS_FILE
     if not path.is_file():
-        experiment.evaluate_run(run_dir)
+        evaluate_run(run_dir)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
@@ -198,24 +164,13 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     Raises:
         NotFoundError: the run directory, its config or its model is missing.
     """
-    from deephash.config import config_to_dict
-    from deephash.experiment import load_run
-    from deephash.train import read_jsonl
-    from deephash.viz import (
-        plot_embeddings_2d,
-        plot_pr_curve,
-        plot_precision_at_k,
-        plot_retrieval_grid,
-        plot_training_curves,
-        plot_tsne,
-    )
-
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise NotFoundError(f"{run_dir} is not a run directory (no config.toml)")
     model, config = load_run(run_dir)
     out = run_dir / "report"
     hamming = bool(getattr(model, "is_hash", False))
+    bits = model.bits if hamming else None
     query_split, db_split = config.data.query_split, config.data.database_split
     query = _encode_split(model, config, query_split, run_dir)
     database = _encode_split(model, config, db_split, run_dir)
@@ -231,12 +186,12 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     config_rows = [(k, v) for k, v in _flatten("", config_to_dict(config)) if v not in ("", [], {})]
     sections.append(("Configuration", _table(config_rows)))
 
-    log = run_dir / "metrics.jsonl"
+    log = run_dir / LOG_FILE
     records = read_jsonl(log) if log.is_file() else []
     curves = plot_training_curves(records, out / "training_curves.png")
     sections.append(("Training", _img(curves, run_dir, "training curves")))
 
-    if not hamming and query.features.shape[1] == 2:
+    if not hamming and np.asarray(query.features).shape[1] == 2:
         pictures = []
         for split, encoded in ((db_split, database), (query_split, query)):
             points, labels = scatter_sample(encoded)
@@ -246,7 +201,8 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
         sections.append(("Embeddings", "".join(_img(p, run_dir, p.stem) for p in pictures)))
     else:
         kind = "codes" if hamming else "embeddings"
-        tsne = plot_tsne(query.features.numpy(), query.labels.numpy(), classes, out / "tsne.png",
+        points = unpack_codes(query.features, bits).astype(np.float32) * 2 - 1 if hamming else query.features
+        tsne = plot_tsne(points, query.labels, classes, out / "tsne.png",
                          title=f"t-SNE of {query_split} {kind}")
         sections.append((f"t-SNE of the {kind}", _img(tsne, run_dir, "t-SNE")))
 
@@ -255,27 +211,28 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     n_db = len(database.labels)
     plot_ks = [k for k in PLOT_KS if k <= n_db]
     pr_ks = _pr_ks(n_db)
-    ranked = rank_database(subset, database, hamming, plot_ks + pr_ks)
-    top_ids, top_dist = ranked["top_ids"], ranked["top_dist"]
-    precision, recall = precision_recall(ranked["hits"], ranked["relevant"], plot_ks + pr_ks)
+    precision, recall = precision_recall_curve_at_k(subset.features, subset.labels, database.features, database.labels,
+                                                    plot_ks + pr_ks, bits=bits, ties="stable")
     n_plot = len(plot_ks)
     pk_png = plot_precision_at_k(plot_ks, precision[:n_plot], out / "precision_at_k.png")
     pr_png = plot_pr_curve(precision[n_plot:], recall[n_plot:], out / "pr_curve.png",
-                           label=f"{query.features.shape[1]} bits" if hamming else "embeddings")
+                           label=f"{bits} bits" if hamming else "embeddings")
     note = (f'<p class="note">The first {n_curve} {html.escape(query_split)} queries against the whole '
             f"{html.escape(db_split)} database, ranked by {'Hamming' if hamming else 'Euclidean'} distance, "
-            "ties broken by database order; precision and recall at rank cut-offs.</p>")
+            "ties broken by database order; precision and recall at rank cut-offs (recall over the "
+            "queries that have a relevant item, as <code>deephash.retrieval.metrics</code> defines it).</p>")
     sections.append(("Precision@k and precision-recall",
                      note + _img(pk_png, run_dir, "precision at k") + _img(pr_png, run_dir, "PR curve")))
 
     n_grid = min(max_queries, n_curve)
-    if n_grid > 0 and top_ids.shape[1] > 0:
-        ids = top_ids[:n_grid]
+    grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid])
+    ids, distances = nearest(grid_query, database, bits) if n_grid > 0 else (np.zeros((0, 0), np.int64), None)
+    if n_grid > 0 and ids.shape[1] > 0:
         grid = plot_retrieval_grid(
-            query.images[:n_grid].numpy(), database.images[ids].numpy(),
-            (database.labels[ids] == query.labels[:n_grid, None]).numpy(), out / "retrieval_grid.png",
-            query_labels=query.labels[:n_grid].numpy(), result_labels=database.labels[ids].numpy(),
-            distances=top_dist[:n_grid].numpy(), class_names=classes,
+            query.images[:n_grid].numpy(), database.images[torch.from_numpy(ids)].numpy(),
+            database.labels[ids] == query.labels[:n_grid, None], out / "retrieval_grid.png",
+            query_labels=query.labels[:n_grid], result_labels=database.labels[ids],
+            distances=distances, class_names=classes,
         )
         sections.append(("Retrieval examples", '<p class="note">Each row: a query, then its top '
                          f"{ids.shape[1]} results; green frame = same class, red = different class; "

@@ -18,13 +18,15 @@ import torch
 
 from deephash.data.sources import list_image_folder, parse_cifar_batch, read_cifar_batch, read_idx, read_image
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
+from deephash.registry import Registry
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "digits")
+#: The named data sets: ``factory(split=..., root=...) -> ArrayDataset``.
+DATASETS: Registry[ArrayDataset] = Registry("data set")
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -137,7 +139,7 @@ def _canonical(name: str) -> str:
     key = name.lower().replace("_", "-")
     key = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
     if key not in DATASETS:
-        raise NotFoundError(f"unknown data set {name!r}; known: {', '.join(DATASETS)} (or use ImageFolder for a folder)")
+        raise NotFoundError(f"unknown data set {name!r}; known: {', '.join(DATASETS.names())}")
     return key
 
 
@@ -253,10 +255,12 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     """Load a named data set into memory.
 
     Args:
-        name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or ``"digits"`` (scikit-learn's 8×8
-            digits, a fixed seeded 80/20 split, for quick tests).
+        name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"``, ``"digits"`` (scikit-learn's 8×8
+            digits, a fixed seeded 80/20 split, for quick tests) or ``"folder"`` (an image folder:
+            ``root``, or ``root/split`` when that sub-folder exists).
         split: ``"train"`` or ``"test"``.
-        root: a folder searched first (see :func:`data_search_dirs` for the rest).
+        root: a folder searched first (see :func:`data_search_dirs` for the rest); the image folder
+            itself for ``"folder"``.
 
     Returns:
         An :class:`ArrayDataset`: images uint8 ``(N, 1, 28, 28)`` (MNIST-like), ``(N, 3, 32, 32)``
@@ -270,15 +274,39 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     key = _canonical(name)
     if split not in ("train", "test"):
         raise DeephashError(f"unknown split {split!r} for {key}; use 'train' or 'test'")
-    if key == "digits":
-        images, labels = _load_digits(split)
-        classes: Sequence[str] = MNIST_CLASSES
-    elif key == "cifar10":
-        images, labels = _load_cifar10(split, data_search_dirs(key, root))
-        classes = CIFAR10_CLASSES
-    else:
-        images, labels = _load_idx_pair(key, split, data_search_dirs(key, root))
-        classes = FASHION_MNIST_CLASSES if key == "fashion-mnist" else MNIST_CLASSES
+    return DATASETS.create(key, split=split, root=root)
+
+
+@DATASETS.register("fashion-mnist")
+def _fashion_mnist(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+    images, labels = _load_idx_pair("fashion-mnist", split, data_search_dirs("fashion-mnist", root))
+    return _labelled("fashion-mnist", split, images, labels, FASHION_MNIST_CLASSES)
+
+
+@DATASETS.register("mnist")
+def _mnist(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+    return _labelled("mnist", split, *_load_idx_pair("mnist", split, data_search_dirs("mnist", root)), MNIST_CLASSES)
+
+
+@DATASETS.register("cifar10")
+def _cifar10(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+    return _labelled("cifar10", split, *_load_cifar10(split, data_search_dirs("cifar10", root)), CIFAR10_CLASSES)
+
+
+@DATASETS.register("digits")
+def _digits(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+    return _labelled("digits", split, *_load_digits(split), MNIST_CLASSES)
+
+
+@DATASETS.register("folder")
+def _folder(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+    if root is None:
+        raise DeephashError("data set 'folder' needs the image folder as root (data.images in a config)")
+    folder = Path(root)
+    return ImageFolder(folder / split if (folder / split).is_dir() else folder, train=split == "train")
+
+
+def _labelled(key: str, split: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ArrayDataset:
     if len(labels) and labels.max() >= len(classes):
         raise DataFormatError(f"{key} {split}: label {labels.max()} out of range for {len(classes)} classes")
     return ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, name=f"{key}/{split}", train=split == "train")

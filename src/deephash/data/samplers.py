@@ -1,5 +1,8 @@
-"""Balanced batch samplers: every batch holds P classes × K samples (the seed's BalancedBatchSampler).
+"""Batch samplers: balanced (P classes × K samples, the seed's BalancedBatchSampler) and random,
+each in a single-process and a distributed (one rank's share) form, chosen by name through
+:data:`BATCH_SAMPLERS`.
 
+Balanced batches:
 An epoch is ``len(labels) // (P*K)`` batches. Each batch picks P distinct classes uniformly at
 random; each class hands out its items K at a time from a shuffled order, without replacement,
 and is reshuffled when fewer than K unused items remain. One epoch is drawn at once with tensor
@@ -14,6 +17,11 @@ import numpy as np
 import torch
 
 from deephash.errors import DeephashError
+from deephash.registry import Registry
+
+#: ``factory(labels, n_classes=, n_samples=, batch_size=, generator=, seed=, rank=, world=)``: the batch
+#: sampler of ``sampler.kind``; with ``world > 1`` the rank's disjoint share, seeded by ``seed + epoch``.
+BATCH_SAMPLERS: Registry[torch.utils.data.Sampler] = Registry("sampler kind")
 
 
 def _as_label_tensor(labels: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
@@ -172,3 +180,66 @@ class DistributedBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         P, K, W = self.n_classes, self.n_samples, self.num_replicas
         batches = self._draw.draw(len(self), generator).view(-1, P, W, K)  # grouped by class
         yield from batches[:, :, self.rank, :].reshape(-1, P * K).tolist()
+
+
+class RandomBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches of ``batch_size`` indices from ``generator``; a last batch of < 2 is dropped."""
+
+    def __init__(self, n_items: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n_items, self.batch_size, self.generator = n_items, batch_size, generator
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_items, self.batch_size)
+        return full + (rest >= 2)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n_items, generator=self.generator)
+        for batch in order.split(self.batch_size)[: len(self)]:
+            yield batch.tolist()
+
+
+class DistributedRandomBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled full batches of ``batch_size`` for one rank: the random sampler of a DDP job.
+
+    Every rank draws the same permutation from a generator seeded with ``seed + epoch``, cuts it
+    into ``num_replicas × len(self)`` full batches (the rest of the epoch is dropped, so every rank
+    has batches of one size) and keeps every ``num_replicas``-th, starting at its rank. Call
+    :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, num_replicas: int, rank: int, seed: int = 0) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise DeephashError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        if batch_size < 1:
+            raise DeephashError(f"batch_size must be positive, got {batch_size}")
+        self.n_items, self.batch_size = n_items, batch_size
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_items // (self.batch_size * self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self) * self.num_replicas
+        order = torch.randperm(self.n_items, generator=generator)[: n * self.batch_size]
+        yield from order.reshape(n, self.batch_size)[self.rank :: self.num_replicas].tolist()
+
+
+@BATCH_SAMPLERS.register("balanced")
+def _balanced(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int, generator: torch.Generator,
+              seed: int, rank: int = 0, world: int = 1) -> torch.utils.data.Sampler:
+    if world > 1:
+        return DistributedBalancedBatchSampler(labels, n_classes, n_samples, world, rank, seed=seed)
+    return BalancedBatchSampler(labels, n_classes, n_samples, generator=generator)
+
+
+@BATCH_SAMPLERS.register("random")
+def _random(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int, generator: torch.Generator,
+            seed: int, rank: int = 0, world: int = 1) -> torch.utils.data.Sampler:
+    if world > 1:
+        return DistributedRandomBatchSampler(len(labels), batch_size, world, rank, seed=seed)
+    return RandomBatchSampler(len(labels), batch_size, generator)

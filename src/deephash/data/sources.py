@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from deephash.errors import DataFormatError, NotFoundError
+from deephash.errors import DataFormatError, NotFoundError, first_line
 
 #: IDX type code -> big-endian numpy dtype.
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -236,8 +236,7 @@ def parse_cifar_batch(data: bytes, path: str | os.PathLike) -> tuple[np.ndarray,
     try:
         batch = _RestrictedUnpickler(io.BytesIO(data)).load()
     except Exception as err:  # the pickle machinery raises many types; none may leak
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataFormatError(f"{path}: not a valid CIFAR batch: {message}") from err
+        raise DataFormatError(f"{path}: not a valid CIFAR batch: {first_line(err)}") from err
     if not isinstance(batch, dict):
         raise DataFormatError(f"{path}: not a CIFAR batch: holds a {type(batch).__name__}, not a dict")
     images = _resolve(_key(batch, "data"))
@@ -321,8 +320,76 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
+#: Formats a query upload may have; anything else is refused before decoding.
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+
+class UnsupportedImageError(DataFormatError):
+    """The upload is not an image in one of :data:`UPLOAD_FORMATS` (HTTP 415)."""
+
+
+class CorruptImageError(DataFormatError):
+    """The upload looks like an image but does not decode (HTTP 400)."""
+
+
+class ImageTooLargeError(DataFormatError):
+    """The image has more pixels than allowed, e.g. a decompression bomb (HTTP 413)."""
+
+
+def _pixels(image: Any, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+    """A loaded Pillow image converted (``L``/``RGB``; None: L for grey, else RGB) and resized
+    (bilinear, ``(height, width)``; None keeps it): uint8 ``(C, H, W)``. The one pixel path of
+    every decoder here."""
+    from PIL import Image
+
+    target = mode or ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+    image = image.convert(target)
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
+    """Decode an uploaded image and fit it to a model's input.
+
+    The pixel count is checked from the header, before any pixel data is decompressed.
+
+    Args:
+        data: the file's bytes.
+        shape: the model's ``(C, H, W)``; C = 1 converts to grey, C = 3 to RGB.
+        max_pixels: the largest ``width * height`` accepted.
+
+    Returns:
+        uint8 ``(C, H, W)``.
+
+    Raises:
+        UnsupportedImageError, CorruptImageError, ImageTooLargeError.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedImageError(f"not an image of a supported type ({', '.join(UPLOAD_FORMATS)})") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"image refused: more than {max_pixels} pixels (possible decompression bomb)") from None
+    except Exception as error:  # Pillow raises many types on a corrupt header
+        raise CorruptImageError(f"image header does not decode: {first_line(error)}") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"image of {width}x{height} pixels refused: the limit is {max_pixels} pixels")
+        try:
+            image.load()
+            channels, rows, cols = shape
+            return _pixels(image, "L" if channels == 1 else "RGB", (rows, cols))
+        except Exception as error:
+            raise CorruptImageError(f"image does not decode: {first_line(error)}") from None
+
+
 def read_image(path: str | os.PathLike, mode: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode one image with Pillow, refusing decompression bombs.
+    """Decode one image file with Pillow, refusing decompression bombs.
 
     Args:
         path: the image file.
@@ -340,16 +407,10 @@ def read_image(path: str | os.PathLike, mode: str | None = None, size: tuple[int
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                target = mode or ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-                image = image.convert(target)
-                if size is not None and (image.height, image.width) != tuple(size):
-                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
+                return _pixels(image, mode, size)
     except FileNotFoundError as err:
         raise NotFoundError(f"{path}: no such file") from err
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise DataFormatError(f"{path}: refused: image too large (possible decompression bomb)") from err
     except Exception as err:  # Pillow raises many types on corrupt input
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataFormatError(f"{path}: cannot decode image: {message}") from err
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        raise DataFormatError(f"{path}: cannot decode image: {first_line(err)}") from err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +11,6 @@ from deephash.losses.metric import contrastive_from_squared, upcast_half
 from deephash.losses.registry import register_loss
 from deephash.mining.pairs import negative_mask, positive_mask
 from deephash.mining.selectors import (
-    SELECTORS,
     AllTripletSelector,
     PairSelector,
     TripletSelector,
@@ -142,13 +139,7 @@ def batch_all_triplet_loss(
 
 def _resolve_selector(selector: str | object, margin: float, params: dict | None) -> object:
     """A selector object, built by name (passing ``margin`` when it takes one) if a string."""
-    if not isinstance(selector, str):
-        return selector
-    params = dict(params or {})
-    cls = SELECTORS.get(selector)
-    if cls is not None and "margin" in inspect.signature(cls).parameters:
-        params.setdefault("margin", margin)
-    return create_selector(selector, **params)
+    return create_selector(selector, default_margin=margin, **dict(params or {})) if isinstance(selector, str) else selector
 
 
 @register_loss("online-contrastive")

@@ -1,37 +1,22 @@
-"""Build losses by name: ``@register_loss(name)`` on a class or factory, ``create_loss(name, **params)``."""
+"""Losses by name: ``@register_loss(name)`` on a class or factory, ``create_loss(name, **params)``."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from torch import nn
 
-import torch.nn as nn
+from deephash.registry import Registry
 
-from deephash.errors import ConfigError
+__all__ = ["LOSSES", "create_loss", "loss_names", "register_loss"]
 
-_LOSSES: dict[str, Callable[..., nn.Module]] = {}
-
-F = TypeVar("F", bound=Callable[..., nn.Module])
-
-
-def register_loss(name: str) -> Callable[[F], F]:
-    """Decorator that registers a loss class (or a factory returning a loss module) under ``name``.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-
-    def decorator(factory: F) -> F:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = factory
-        return factory
-
-    return decorator
+#: Every loss a config can name (``loss.name``); the modules below register theirs.
+LOSSES: Registry[nn.Module] = Registry("loss", modules=(
+    "deephash.losses.metric", "deephash.losses.online", "deephash.losses.hashing", "deephash.losses.orthohash"))
+register_loss = LOSSES.register
 
 
 def loss_names() -> list[str]:
     """The registered loss names, sorted."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def create_loss(name: str, **params: object) -> nn.Module:
@@ -40,9 +25,4 @@ def create_loss(name: str, **params: object) -> nn.Module:
     Raises:
         ConfigError: unknown name, or parameters the loss does not take.
     """
-    if name not in _LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(loss_names())}")
-    try:
-        return _LOSSES[name](**params)
-    except TypeError as error:
-        raise ConfigError(f"loss {name!r}: bad parameters {sorted(params)} ({error})") from None
+    return LOSSES.create(name, **params)

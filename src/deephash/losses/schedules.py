@@ -9,8 +9,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from deephash.errors import ConfigError
+from deephash.registry import Registry
 
-__all__ = ["Schedule", "LinearRamp", "Constant", "build_schedule"]
+__all__ = ["SCHEDULES", "Schedule", "LinearRamp", "Constant", "build_schedule", "inner_loss"]
+
+#: Loss-weight schedules by their ``type``.
+SCHEDULES: Registry[Schedule] = Registry("schedule type")
+
+
+def inner_loss(loss_fn: Any, attribute: str) -> Any:
+    """The loss that holds ``attribute``: ``loss_fn`` itself, or the first one found by following
+    the ``.loss`` of wrappers (the aux-classifier loss, the distributed gather, a cross-batch
+    memory); ``loss_fn`` when none holds it."""
+    found = loss_fn
+    while not hasattr(found, attribute) and hasattr(found, "loss"):
+        found = found.loss
+    return found if hasattr(found, attribute) else loss_fn
 
 
 class Schedule:
@@ -22,11 +36,13 @@ class Schedule:
         raise NotImplementedError
 
     def apply(self, loss_fn: object, epoch: int, n_epochs: int) -> float:
-        """Set ``loss_fn.<attribute>`` to ``value(epoch, n_epochs)`` and return that value.
+        """Set ``<attribute>`` of ``loss_fn`` (or of the loss it wraps, see :func:`inner_loss`) to
+        ``value(epoch, n_epochs)`` and return that value.
 
         Raises:
             ConfigError: the loss has no such attribute.
         """
+        loss_fn = inner_loss(loss_fn, self.attribute)
         if not hasattr(loss_fn, self.attribute):
             raise ConfigError(
                 f"schedule sets {self.attribute!r}, which {type(loss_fn).__name__} does not have"
@@ -36,6 +52,7 @@ class Schedule:
         return value
 
 
+@SCHEDULES.register("linear")
 class LinearRamp(Schedule):
     """Linear ramp from ``start`` at epoch 0 to ``end`` at epoch ``epochs``, constant afterwards.
 
@@ -68,6 +85,7 @@ class LinearRamp(Schedule):
         return f"LinearRamp({self.attribute!r}, {self.start}, {self.end}, epochs={self.epochs})"
 
 
+@SCHEDULES.register("constant")
 class Constant(Schedule):
     """Holds ``attribute`` at ``value`` every epoch."""
 
@@ -82,13 +100,6 @@ class Constant(Schedule):
         return f"Constant({self.attribute!r}, {self.constant})"
 
 
-_KINDS: dict[str, tuple[type[Schedule], set[str], set[str]]] = {
-    # kind: (class, required keys, optional keys)
-    "linear": (LinearRamp, {"attribute", "start", "end"}, {"epochs"}),
-    "constant": (Constant, {"attribute", "value"}, set()),
-}
-
-
 def build_schedule(spec: Mapping[str, Any]) -> Schedule:
     """Build a schedule from a config table.
 
@@ -99,14 +110,4 @@ def build_schedule(spec: Mapping[str, Any]) -> Schedule:
         ConfigError: unknown type, unknown key or missing key, naming it.
     """
     params = dict(spec)
-    kind = params.pop("type", None)
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown schedule type {kind!r}; choose one of {sorted(_KINDS)}")
-    cls, required, optional = _KINDS[kind]
-    for key in params:
-        if key not in required | optional:
-            raise ConfigError(f"unknown key {key!r} in a {kind!r} schedule")
-    for key in sorted(required):
-        if key not in params:
-            raise ConfigError(f"a {kind!r} schedule needs the key {key!r}")
-    return cls(**params)
+    return SCHEDULES.create(params.pop("type", None), **params)

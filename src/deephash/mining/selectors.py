@@ -9,9 +9,12 @@ from __future__ import annotations
 import torch
 
 from deephash.distances import squared_euclidean
-from deephash.errors import ConfigError
 from deephash.mining import pairs as _pairs
 from deephash.mining import triplets as _triplets
+from deephash.registry import Registry
+
+#: The selectors a config or a loss can name.
+SELECTORS: Registry[object] = Registry("selector")
 
 
 class PairSelector:
@@ -22,6 +25,7 @@ class PairSelector:
         raise NotImplementedError
 
 
+@SELECTORS.register("all-positive")
 class AllPositivePairSelector(PairSelector):
     """Every same-label pair; as many random different-label pairs (all of them if not ``balance``).
 
@@ -42,6 +46,7 @@ class AllPositivePairSelector(PairSelector):
         return positives, _pairs.random_negative_pairs(labels, len(positives), self.generator)
 
 
+@SELECTORS.register("hard-negative")
 class HardNegativePairSelector(PairSelector):
     """Every same-label pair; the ``len(positives)`` closest different-label pairs."""
 
@@ -65,6 +70,7 @@ class TripletSelector:
             return squared_euclidean(embeddings.detach()), labels.to(embeddings.device)
 
 
+@SELECTORS.register("all")
 class AllTripletSelector(TripletSelector):
     """Every ``(a, p, n)`` with ``a < p`` of one label and ``n`` of another.
 
@@ -76,6 +82,7 @@ class AllTripletSelector(TripletSelector):
         return _triplets.all_triplets(labels.to(embeddings.device))
 
 
+@SELECTORS.register("hardest")
 class HardestNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, the negative with the largest ``d_ap - d_an + margin``, if > 0.
 
@@ -90,6 +97,7 @@ class HardestNegativeTripletSelector(TripletSelector):
         return _triplets.hardest_negative_triplets(*self._distances(embeddings, labels), self.margin)
 
 
+@SELECTORS.register("random")
 class RandomNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``d_ap - d_an + margin > 0``.
 
@@ -108,6 +116,7 @@ class RandomNegativeTripletSelector(TripletSelector):
         )
 
 
+@SELECTORS.register("semihard")
 class SemihardNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``0 < d_ap - d_an + margin < margin``.
 
@@ -126,6 +135,7 @@ class SemihardNegativeTripletSelector(TripletSelector):
         )
 
 
+@SELECTORS.register("batch-hard")
 class BatchHardTripletSelector(TripletSelector):
     """Per anchor with a positive and a negative: its farthest positive and nearest negative."""
 
@@ -133,31 +143,22 @@ class BatchHardTripletSelector(TripletSelector):
         return _triplets.batch_hard_triplets(*self._distances(embeddings, labels))
 
 
-SELECTORS: dict[str, type] = {
-    "all": AllTripletSelector,
-    "hardest": HardestNegativeTripletSelector,
-    "random": RandomNegativeTripletSelector,
-    "semihard": SemihardNegativeTripletSelector,
-    "batch-hard": BatchHardTripletSelector,
-    "all-positive": AllPositivePairSelector,
-    "hard-negative": HardNegativePairSelector,
-}
-
-
-def create_selector(name: str, **params: object) -> PairSelector | TripletSelector:
+def create_selector(name: str, *, default_margin: float | None = None, generator: torch.Generator | None = None,
+                    **params: object) -> PairSelector | TripletSelector:
     """Build a selector by name.
 
     Args:
         name: one of ``all``, ``hardest``, ``random``, ``semihard``, ``batch-hard`` (triplets),
             ``all-positive``, ``hard-negative`` (pairs).
-        **params: constructor arguments, e.g. ``margin=1.0``, ``generator=...``.
+        default_margin: the margin given when the selector takes one and ``params`` has none
+            (a loss's margin).
+        generator: given when the selector draws at random.
+        **params: constructor arguments, e.g. ``margin=1.0``.
 
     Raises:
         ConfigError: unknown name, or parameters the selector does not take.
     """
-    if name not in SELECTORS:
-        raise ConfigError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}")
-    try:
-        return SELECTORS[name](**params)
-    except TypeError as error:
-        raise ConfigError(f"selector {name!r}: bad parameters {sorted(params)} ({error})") from None
+    for key, value in (("margin", default_margin), ("generator", generator)):
+        if value is not None and key not in params and SELECTORS.accepts(name, key):
+            params[key] = value
+    return SELECTORS.create(name, **params)

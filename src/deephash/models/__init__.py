@@ -1,31 +1,45 @@
-"""Networks: the seed's nets, backbones by name, heads, and RetrievalModel."""
+"""Networks: the seed's nets, backbones and heads by name, code rules, the model spec, RetrievalModel."""
 
-from deephash.models.backbones import BasicBlock, FMnistCNN, ResNetCifar, SeedCNN, timm_backbone
-from deephash.models.heads import ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
+from deephash.models.backbones import (
+    BACKBONES,
+    BasicBlock,
+    FMnistCNN,
+    ResNetCifar,
+    SeedCNN,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+    timm_backbone,
+)
+from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
 from deephash.models.posterior_codes import posterior_path_codes
-from deephash.models.registry import create_backbone, list_backbones, register_backbone
-from deephash.models.retrieval_model import SPEC_DEFAULTS, RetrievalModel, build_model, model_spec
-from deephash.models.seed import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
+from deephash.models.retrieval_model import CODE_RULES, RetrievalModel, build_model, fast_layout, model_spec
+from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
+from deephash.models.spec import ModelSpec
 
 __all__ = [
+    "BACKBONES",
     "BasicBlock",
+    "CODE_RULES",
     "ClassificationNet",
     "ClassifierHead",
     "EmbeddingHead",
     "EmbeddingNet",
     "EmbeddingNetL2",
     "FMnistCNN",
+    "HEADS",
     "HashHead",
     "IdentityHead",
+    "ModelSpec",
     "Normalize",
     "ResNetCifar",
     "RetrievalModel",
-    "SPEC_DEFAULTS",
     "SeedCNN",
     "SiameseNet",
     "TripletNet",
     "build_model",
     "create_backbone",
+    "fast_layout",
     "list_backbones",
     "model_spec",
     "posterior_path_codes",

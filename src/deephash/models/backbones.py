@@ -1,6 +1,8 @@
-"""Built-in backbones: the seed's trunk, a compact BatchNorm CNN for 28x28, a CIFAR ResNet-18, timm.
+"""Backbones by name: the seed's trunk, a compact BatchNorm CNN for 28x28, a CIFAR ResNet-18, timm.
 
-Each maps float (B, C, H, W) images to (B, out_features) features.
+Each maps float (B, C, H, W) images to (B, out_features) features and exposes ``out_features``.
+``@register_backbone(name)`` adds one; ``create_backbone(name)`` builds one; names of the form
+``"timm:<model>"`` build a timm model (imported lazily).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import torch
 from torch import nn
 
 from deephash.errors import DeephashError, NotFoundError
-from deephash.models.registry import register_backbone
-from deephash.models.seed import EmbeddingNet, seed_convnet
+from deephash.models.seed_networks import EmbeddingNet, seed_convnet
+from deephash.registry import Registry
 
-__all__ = ["SeedCNN", "FMnistCNN", "BasicBlock", "ResNetCifar", "timm_backbone"]
+__all__ = ["BACKBONES", "SeedCNN", "FMnistCNN", "BasicBlock", "ResNetCifar", "create_backbone", "list_backbones",
+           "register_backbone", "timm_backbone"]
+
+#: Backbone factories ``factory(in_channels=..., **params)`` by name (timm's ``register_model``).
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+register_backbone = BACKBONES.register
 
 
 class SeedCNN(nn.Module):
@@ -225,3 +232,27 @@ def timm_backbone(
             raise DeephashError(f"weights in {path} lack {len(missing)} parameters of {model_name}, e.g. {missing[0]}")
     model.out_features = int(model.num_features)
     return model
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted (``timm:<model>`` names are not listed)."""
+    return BACKBONES.names()
+
+
+def create_backbone(name: str, in_channels: int = 1, **params: object) -> nn.Module:
+    """Build the backbone registered as ``name``, or ``"timm:<model>"``.
+
+    Args:
+        name: A registered name, or ``"timm:<model>"``.
+        in_channels: Image channels C.
+        **params: Keyword parameters of that backbone's factory.
+
+    Returns:
+        A module mapping (B, C, H, W) to (B, out_features).
+
+    Raises:
+        ConfigError: unknown name or parameter.
+    """
+    if name.startswith("timm:"):
+        return timm_backbone(name[len("timm:"):], in_channels=in_channels, **params)
+    return BACKBONES.create(name, in_channels=in_channels, **params)

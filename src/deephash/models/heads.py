@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from deephash.errors import DeephashError
+from deephash.registry import Registry
 
-__all__ = ["Normalize", "HashHead", "EmbeddingHead", "IdentityHead", "ClassifierHead", "sign_codes"]
+__all__ = ["HEADS", "Normalize", "HashHead", "EmbeddingHead", "IdentityHead", "ClassifierHead", "sign_codes"]
+
+#: Heads by the ``model.head`` name: ``factory(in_features=F, spec=ModelSpec)``.
+HEADS: Registry[nn.Module] = Registry("head")
 
 
 def sign_codes(x: torch.Tensor) -> torch.Tensor:
@@ -110,3 +114,18 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+
+@HEADS.register("hash")
+def _hash_head(in_features: int, spec: object) -> HashHead:
+    return HashHead(in_features, spec.bits)
+
+
+@HEADS.register("embedding")
+def _embedding_head(in_features: int, spec: object) -> EmbeddingHead:
+    return EmbeddingHead(in_features, spec.embedding_dim, normalize=bool(spec.normalize))
+
+
+@HEADS.register("identity")
+def _identity_head(in_features: int, spec: object) -> IdentityHead:
+    return IdentityHead(in_features)

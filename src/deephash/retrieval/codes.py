@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from deephash._io import atomic_savez
-from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError
+from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
 
 
 def n_bytes(bits: int) -> int:
@@ -92,12 +92,14 @@ class CodeSet:
         labels: int64 ``(N,)`` or multi-hot ``(N, C)``.
         bits: code length in bits.
         ids: int64 ``(N,)``; ``0..N-1`` when the file stores none.
+        paths: ``(N,)`` strings (image paths relative to their folder), or None.
     """
 
     codes: np.ndarray
     labels: np.ndarray
     bits: int
     ids: np.ndarray
+    paths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -109,6 +111,7 @@ def save_codes(
     labels: torch.Tensor | np.ndarray,
     bits: int,
     ids: torch.Tensor | np.ndarray | None = None,
+    paths: Sequence[str] | np.ndarray | None = None,
 ) -> None:
     """Write a code file atomically.
 
@@ -118,7 +121,8 @@ def save_codes(
             (any dtype but uint8), which are packed here.
         labels: int ``(N,)`` or multi-hot ``(N, C)``; stored as int64.
         bits: code length in bits (``>= 1``).
-        ids: optional int64 ``(N,)``; stored only when not ``0..N-1``.
+        ids: int64 ``(N,)``, the items' ids; default ``0..N-1``.
+        paths: optional ``(N,)`` strings, e.g. each image's path relative to its folder.
     """
     bits = int(bits)
     if bits < 1:
@@ -136,12 +140,14 @@ def save_codes(
     if label_array.ndim not in (1, 2) or label_array.shape[0] != array.shape[0]:
         raise DeephashError(f"labels of shape {label_array.shape} do not match {array.shape[0]} codes")
     arrays = {"codes": array, "labels": label_array, "bits": np.array(bits, dtype=np.int64)}
-    if ids is not None:
-        id_array = _to_numpy(ids).astype(np.int64).reshape(-1)
-        if id_array.shape[0] != array.shape[0]:
-            raise DeephashError(f"{id_array.shape[0]} ids do not match {array.shape[0]} codes")
-        if not np.array_equal(id_array, np.arange(array.shape[0])):
-            arrays["ids"] = id_array
+    id_array = np.arange(array.shape[0], dtype=np.int64) if ids is None else _to_numpy(ids).astype(np.int64).reshape(-1)
+    if id_array.shape[0] != array.shape[0]:
+        raise DeephashError(f"{id_array.shape[0]} ids do not match {array.shape[0]} codes")
+    arrays["ids"] = id_array
+    if paths is not None:
+        arrays["paths"] = np.asarray([str(p) for p in paths], dtype=np.str_).reshape(-1)
+        if arrays["paths"].shape[0] != array.shape[0]:
+            raise DeephashError(f"{arrays['paths'].shape[0]} paths do not match {array.shape[0]} codes")
     atomic_savez(path, **arrays)
 
 
@@ -163,8 +169,7 @@ def load_codes(path: str | os.PathLike) -> CodeSet:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except Exception as error:  # noqa: BLE001 - zip and .npy header parsing raise SyntaxError, TokenError...
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise bad(f"not a readable .npz file ({first})") from None
+        raise bad(f"not a readable .npz file ({first_line(error)})") from None
     for key in ("codes", "labels", "bits"):
         if key not in arrays:
             raise bad(f"missing key '{key}'")
@@ -188,4 +193,7 @@ def load_codes(path: str | os.PathLike) -> CodeSet:
             raise bad(f"'ids' must be int64 ({codes.shape[0]},), got {ids.dtype} {ids.shape}")
     else:
         ids = np.arange(codes.shape[0], dtype=np.int64)
-    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids)
+    paths = arrays.get("paths")
+    if paths is not None and (paths.dtype.kind != "U" or paths.shape != (codes.shape[0],)):
+        raise bad(f"'paths' must be ({codes.shape[0]},) strings, got {paths.dtype} {paths.shape}")
+    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids, paths=paths)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from deephash._io import atomic_replace_dir
-from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError
+from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
 from deephash.retrieval.hamming import hamming_knn, hamming_range
 
@@ -273,7 +273,7 @@ class HashIndex:
         deephash_version, model), ``codes.npy``, ``ids.npy``, ``labels.npy`` (when labels were
         added) and ``index.faiss`` (FAISS backend).
         """
-        from deephash import __version__
+        from deephash._version import __version__
 
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +350,7 @@ class HashIndex:
             try:
                 array = np.load(file, allow_pickle=False)
             except Exception as error:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError...
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise bad(f"{name} is not a readable .npy file ({first})") from None
+                raise bad(f"{name} is not a readable .npy file ({first_line(error)})") from None
             if array.dtype != dtype or (shape is not None and array.shape != shape):
                 want = f"{np.dtype(dtype).name} {shape}" if shape else np.dtype(dtype).name
                 raise bad(f"{name} holds {array.dtype} {array.shape}, expected {want}")

@@ -380,6 +380,27 @@ def recall_at_k(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits
     return (stats[f"hits/{ties}"][has] / stats["R"][has, None]).mean(0).numpy()
 
 
+def precision_recall_curve_at_k(q: Any, q_labels: Any, db: Any, db_labels: Any, ks: Sequence[int],
+                                bits: int | None = None, ties: str = "stable") -> tuple[np.ndarray, np.ndarray]:
+    """Mean precision@k and recall@k at each rank cut-off, for codes (``bits`` given: packed codes,
+    Hamming ranking) or real embeddings (Euclidean ranking, stable ties).
+
+    The conventions of this module: P@k over every query (k capped at the database size), R@k over
+    queries with a relevant item.
+
+    Returns:
+        ``(precision, recall)``: float64 ``(len(ks),)`` each.
+    """
+    problem = (_codes_problem(q, q_labels, db, db_labels, bits) if bits is not None
+               else _real_problem(q, q_labels, db, db_labels))
+    ties = ties if bits is not None else "stable"
+    stats = _run(problem, count_ks=list(ks), ties=(ties,))
+    hits, has = stats[f"hits/{ties}"], stats["R"] > 0
+    k = torch.tensor([min(v, problem.n) for v in ks], dtype=torch.float64)
+    recall = (hits[has] / stats["R"][has, None]).mean(0) if bool(has.any()) else torch.full((len(ks),), float("nan"))
+    return (hits / k).mean(0).numpy(), recall.numpy()
+
+
 def precision_within_radius(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, radius: int = 2) -> tuple[float, float]:
     """Mean precision of the Hamming ball ``d <= radius``; an empty ball counts as 0.
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from deephash._io import atomic_write_bytes
-from deephash.errors import ConfigError, DataFormatError, NotFoundError
+from deephash.errors import ConfigError, DataFormatError, NotFoundError, first_line
 
 FORMAT = "deephash-checkpoint"
 VERSION = 1
@@ -161,7 +161,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         if "weights_only" in str(error) or "Weights only" in str(error):
             reason = "holds objects other than tensors and plain data (refused by weights_only)"
         else:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first = first_line(error) if str(error).strip() else ""
             reason = f"is corrupt or truncated ({type(error).__name__}: {first[:120]})"
         raise DataFormatError(f"checkpoint {path} {reason}") from None
     _validate(state, path)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from deephash._io import atomic_write_bytes
+from deephash.data.datasets import FASHION_MNIST_CLASSES  # noqa: F401  (re-exported by deephash.viz)
 
 #: matplotlib's tab10 colours, the ones the original siamese-triplet README plots use.
 TAB10 = (
@@ -23,11 +24,6 @@ TAB10 = (
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )  # fmt: skip
 
-#: Fashion-MNIST class names, in label order.
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 
 CORRECT_RGB = (0.0, 0.75, 0.0)
 WRONG_RGB = (0.85, 0.0, 0.0)

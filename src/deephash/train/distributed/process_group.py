@@ -1,5 +1,4 @@
-"""Distributed helpers over ``torch.distributed``: process-group setup, rank queries, global-batch
-mining and local process spawning.
+"""The process group: joining it (torchrun or spawned local workers), rank queries, launching a job.
 
 Two ways to start a job, both ending in :func:`init_distributed`:
 
@@ -8,19 +7,9 @@ Two ways to start a job, both ending in :func:`init_distributed`:
 - :func:`spawn_workers` starts ``nproc`` processes on this machine with the same variables set
   (``MASTER_ADDR=127.0.0.1`` and a free loopback port).
 
-Backends: ``gloo`` on CPUs, ``nccl`` on CUDA GPUs (each process uses GPU ``LOCAL_RANK``).
-
-Gradient scale of :class:`GatherLoss`. Let ``z_r`` be rank ``r``'s embeddings, ``W`` the world
-size and ``L(z_0, ..., z_{W-1})`` the wrapped loss on the concatenated global batch. Every rank
-computes the same ``L``. The gather (:func:`gather_with_grad`, the autograd all_gather of
-``torch.distributed.nn.functional``) back-propagates by summing, over all ranks, the gradients
-that reach each rank's slice, so owner ``r`` receives
-``W * dL/dz_r`` and its local parameter gradient is ``W * dL/dz_r * dz_r/dθ``. DDP then averages
-over ranks (sum / W): ``Σ_r dL/dz_r * dz_r/dθ``, the single-process gradient of ``L`` on the
-concatenated batch. The factor is therefore exactly 1: the loss must *not* be multiplied by
-``W`` (that factor belongs to gathers that keep only the local slice's gradient, as
-pytorch-metric-learning's wrapper does, and applied to an autograd gather it doubles the
-gradients on two ranks).
+:func:`launch` picks between them (or a plain call) so one code path serves ``--nproc 1``,
+``--nproc N`` and ``torchrun``. Backends: ``gloo`` on CPUs, ``nccl`` on CUDA GPUs (each process
+uses GPU ``LOCAL_RANK``).
 """
 
 from __future__ import annotations
@@ -28,31 +17,28 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from deephash.errors import DeephashError
 
 __all__ = [
     "DistributedError",
-    "GatherLoss",
+    "backend_for",
     "barrier",
     "cleanup",
     "free_port",
-    "gather_no_grad",
-    "gather_with_grad",
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "launch",
     "launched_by_torchrun",
     "local_rank",
     "rank",
     "shard_range",
     "spawn_workers",
-    "unwrap_loss",
     "world_size",
 ]
 
@@ -61,9 +47,6 @@ _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 class DistributedError(DeephashError):
     """A distributed job could not start, or one of its processes failed."""
-
-
-# ------------------------------------------------------------------------------- process group
 
 
 def launched_by_torchrun() -> bool:
@@ -210,85 +193,49 @@ def shard_range(n: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-# ---------------------------------------------------------------------------- global-batch loss
+def backend_for(device: str) -> str:
+    """``"nccl"`` when a config's ``device`` resolves to CUDA, else ``"gloo"``."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for each slice and returns the own one."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.rows = x.shape[0]
-        return gather_no_grad(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # sum over ranks (a reduce-scatter, done with the portable all_reduce)
-        start = rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+def _call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    fn(*args, **kwargs)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` concatenated in rank order, ``(W*B, ...)``; gradients flow to the owners.
+def launch(fn: Callable[..., Any], nproc: int = 1, args: Sequence[Any] = (), kwargs: dict | None = None, *,
+           backend: str | None = None, result: Any = None) -> Any:
+    """Run ``fn(*args, **kwargs)`` on every rank of a job, or once.
 
-    The backward pass sums the gradients that every rank's graph sends to each slice and hands
-    each owner its slice's sum (as ``torch.distributed.nn.functional.all_gather`` does). Every
-    rank must pass a tensor of the same shape.
+    - Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set): join the process group here, call ``fn``,
+      leave the group. ``nproc`` must then be 1 (torchrun chose the processes).
+    - ``nproc > 1``: spawn ``nproc`` local processes (:func:`~deephash.train.distributed.spawn_workers`),
+      each calling ``fn``; ``fn`` and the arguments must be picklable.
+    - Otherwise: call ``fn`` in this process.
+
+    Returns:
+        ``fn``'s result in a single process and on rank 0 under torchrun; None on other torchrun
+        ranks; ``result`` after spawned workers finished.
+
+    Raises:
+        DistributedError: ``--nproc`` together with torchrun, ``nproc < 1``, or a worker failed.
     """
-    return _GatherWithGrad.apply(x)
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` concatenated in rank order, without gradients (e.g. labels)."""
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-class GatherLoss(nn.Module):
-    """Apply a loss to the global batch: every rank's outputs and labels, gathered.
-
-    Called as ``loss(*outputs, labels)`` like the wrapped loss (``outputs`` float ``(B, D)``
-    tensors, e.g. embeddings or relaxed codes, and logits; ``labels`` int64 ``(B,)``). With
-    ``mine_globally`` and in training mode, each output is gathered with :func:`gather_with_grad`
-    (an autograd all_gather: gradients flow back to the rank that made them) and the labels with ``all_gather``, in rank order, so selectors and losses see
-    ``(W*B, D)``; the returned loss equals the single-process loss on the concatenated batch and,
-    after DDP averages the gradients, so do the parameter gradients (no extra scale, see the
-    module docstring). Every rank must hold the same batch size.
-
-    With ``mine_globally=False`` (or in eval mode, or outside a distributed job) the wrapped loss
-    runs on the local batch: the returned value is this rank's loss, and after DDP the gradients
-    are those of the mean of the ranks' losses.
-
-    Args:
-        loss_fn: the loss, e.g. ``OnlineTripletLoss`` or a hashing loss.
-        mine_globally: gather before mining (True) or mine on the local batch (False).
-
-    Attributes:
-        num_selected: the wrapped loss's ``num_selected`` after the last call (global count when
-            gathered), or None.
-    """
-
-    def __init__(self, loss_fn: Callable[..., torch.Tensor], mine_globally: bool = True) -> None:
-        super().__init__()
-        self.loss = loss_fn
-        self.mine_globally = mine_globally
-
-    @property
-    def num_selected(self) -> Any:
-        return getattr(self.loss, "num_selected", None)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        *outputs, labels = inputs
-        if self.mine_globally and self.training and world_size() > 1:
-            outputs = [gather_with_grad(o) for o in outputs]
-            labels = gather_no_grad(labels)
-        return self.loss(*outputs, labels)
-
-
-def unwrap_loss(loss_fn: Any) -> Any:
-    """The loss inside any :class:`GatherLoss` wrappers."""
-    while isinstance(loss_fn, GatherLoss):
-        loss_fn = loss_fn.loss
-    return loss_fn
+    kwargs = dict(kwargs or {})
+    if nproc < 1:
+        raise DistributedError(f"--nproc must be at least 1, got {nproc}")
+    if is_distributed():  # already inside a job (e.g. a caller that initialised it)
+        value = fn(*args, **kwargs)
+        return value if is_main_process() else None
+    if launched_by_torchrun():
+        if nproc > 1:
+            raise DistributedError("--nproc starts processes on one machine; under torchrun use --nproc-per-node")
+        init_distributed(backend)
+        try:
+            value = fn(*args, **kwargs)
+            return value if is_main_process() else None
+        finally:
+            cleanup()
+    if nproc == 1:
+        return fn(*args, **kwargs)
+    spawn_workers(_call, nproc, (fn, tuple(args), kwargs), backend=backend)
+    return result

@@ -1,0 +1,77 @@
+"""The model spec: what ``build_model`` builds, and the ``[model]`` section of a config, in one schema.
+
+A run's ``config.toml`` holds it as ``[model]``; ``model.pt`` stores it as a plain dict, from which
+:meth:`ModelSpec.from_dict` rebuilds it (older files wrote ``aux_classes = None`` for "none").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deephash.errors import ConfigError
+
+__all__ = ["ModelSpec"]
+
+
+@dataclass
+class ModelSpec:
+    """Backbone, head, code rule and input normalisation of a :class:`RetrievalModel`.
+
+    ``backbone``: a registered backbone name (``deephash.models.list_backbones()``) or
+    ``timm:<model>``, built with ``backbone_params``. ``in_channels``: image channels C (a run
+    takes it from its training images). ``head``: ``hash`` (``bits``), ``embedding``
+    (``embedding_dim``, optionally L2-``normalize``d) or ``identity`` (the backbone's features,
+    e.g. ``seed-embeddingnet``, whose size is ``embedding_dim``). ``mean``/``std`` empty: a run
+    computes them per channel from its training images (``build_model`` uses 0 and 1).
+    ``aux_classes = 0``: no auxiliary classifier. ``code_rule``: how eval-mode codes are made
+    (``sign`` of the hash head, or ``posterior``: on the Hamming path between the aux
+    classifier's two likeliest classes' CSQ hash centers, at softmax temperature
+    ``code_temperature``; see ``deephash.models.posterior_codes``).
+    """
+
+    backbone: str = "seed-cnn"
+    backbone_params: dict[str, Any] = field(default_factory=dict)
+    in_channels: int = 1
+    head: str = "hash"
+    bits: int = 48
+    embedding_dim: int = 2
+    normalize: bool = False
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    aux_classes: int = 0
+    code_rule: str = "sign"
+    code_temperature: float = 1.0
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:
+        """A spec from a dict (a config table or ``model.pt``'s ``spec``); missing keys take defaults.
+
+        ``{"backbone": "seed-embeddingnet"}`` without a head is the seed's EmbeddingNet with an
+        identity head.
+
+        Raises:
+            ConfigError: not a dict, or an unknown key.
+        """
+        if isinstance(table, ModelSpec):
+            return dataclasses.replace(table)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"a model spec must be a table/dict, got {type(table).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown model spec key {unknown[0]!r}; known keys: {known}")
+        values = dict(table)
+        if values.get("aux_classes") is None:
+            values["aux_classes"] = 0
+        if values.get("backbone") == "seed-embeddingnet" and "head" not in values:
+            values["head"] = "identity"
+        if not isinstance(values.get("backbone_params", {}), Mapping):
+            raise ConfigError("model spec backbone_params must be a table/dict")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and scalars (what ``model.pt`` stores)."""
+        return dataclasses.asdict(self)

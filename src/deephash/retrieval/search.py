@@ -1,0 +1,103 @@
+"""The one search engine: a query's neighbours in a :class:`HashIndex`, by ``k`` and/or ``radius``.
+
+The command line, the service, ``evaluate``'s re-ranking and the report all call :func:`search`,
+so ``k`` and ``radius`` mean one thing everywhere:
+
+- ``k`` alone: the ``k`` nearest items (fewer when the index is smaller);
+- ``radius`` alone: every item within Hamming distance ``<= radius`` (inclusive, as FAISS's
+  ``range_search`` with ``radius + 1``);
+- both: the items within ``radius``, at most the ``k`` nearest of them.
+
+Results are nearest first; within ``radius`` ties are in id order. Each hit carries its index
+row (``position``), through which its label and path are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deephash.errors import DeephashError
+
+__all__ = ["IdLookup", "Neighbours", "search"]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """One query's results, nearest first.
+
+    Attributes:
+        distances: int32 ``(n,)`` Hamming distances.
+        ids: int64 ``(n,)`` the items' ids.
+        positions: int64 ``(n,)`` the items' rows in the index (for labels and paths).
+    """
+
+    distances: np.ndarray
+    ids: np.ndarray
+    positions: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class IdLookup:
+    """Ids to index rows, vectorised (a sorted copy and ``searchsorted``).
+
+    Args:
+        ids: int64 ``(N,)`` unique ids in row order.
+    """
+
+    def __init__(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``: int64 of the same shape, ``-1`` where an id is not in the index."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(self._sorted) == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        where = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
+        return np.where(self._sorted[where] == ids, self._order[where], -1)
+
+    def position(self, ident: int) -> int:
+        """Row of one id, ``-1`` when absent (or outside int64)."""
+        if not -(2**63) <= ident < 2**63:
+            return -1
+        return int(self.positions(np.array([ident], dtype=np.int64))[0])
+
+
+def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, radius: int | None = None,
+           lookup: IdLookup | None = None) -> list[Neighbours]:
+    """Each query's neighbours in ``index`` (see the module docstring for ``k`` and ``radius``).
+
+    Args:
+        index: a ``HashIndex``.
+        codes: queries, packed uint8 ``(nq, ceil(bits/8))`` or unpacked ``(nq, bits)``.
+        k: at most this many results per query (``>= 1``), or None for no limit (needs ``radius``).
+        radius: inclusive Hamming radius, or None.
+        lookup: the index's :class:`IdLookup` (built here when not given; pass one to reuse it).
+
+    Returns:
+        One :class:`Neighbours` per query.
+
+    Raises:
+        DeephashError: neither ``k`` nor ``radius``, ``k < 1`` or ``radius < 0``.
+    """
+    if k is None and radius is None:
+        raise DeephashError("a search needs k, a radius, or both")
+    if k is not None and int(k) < 1:
+        raise DeephashError(f"k must be >= 1, got {k}")
+    if radius is not None and int(radius) < 0:
+        raise DeephashError(f"radius must be >= 0, got {radius}")
+    lookup = lookup or IdLookup(index.ids)
+    rows: list[tuple[np.ndarray, np.ndarray]]
+    if radius is None:
+        distances, ids = index.search(codes, int(k))
+        rows = [(d[i >= 0], i[i >= 0]) for d, i in zip(distances, ids)]
+    else:
+        lims, distances, ids = index.range_search(codes, min(int(radius), int(index.bits)))
+        rows = [(distances[a:b][:k], ids[a:b][:k]) for a, b in zip(lims[:-1], lims[1:])]
+    return [Neighbours(d.astype(np.int32), i.astype(np.int64), lookup.positions(i)) for d, i in rows]
