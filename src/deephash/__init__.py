@@ -4,6 +4,8 @@ The seed's public names are re-exported here; the sub-packages follow the path o
 ``data`` → ``models`` → ``distances`` → ``mining`` → ``losses`` → ``train`` → ``retrieval``.
 """
 
+from importlib import metadata as _metadata
+
 from deephash.data import (
     BalancedBatchSampler,
     BalancedBatchSamplerCifar,
@@ -49,7 +51,10 @@ from deephash.models import (
 from deephash.retrieval import HashIndex, mean_average_precision, pack_codes, unpack_codes
 from deephash.train import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, fit
 
-__version__ = "0.1.0"
+try:  # pyproject.toml holds the version; an install records it in the package metadata
+    __version__ = _metadata.version("deephash")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AccumulatedAccuracyMetric",
