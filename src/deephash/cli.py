@@ -46,7 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model as a config says; writes a run directory")
-    p.add_argument("config", help="CONFIG.toml, a shipped config name (e.g. fashion-mnist-48), or a run directory")
+    p.add_argument("config", help="CONFIG.toml, a shipped config name (e.g. fashion-mnist-48; `deephash configs` lists them), or a run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, the value read as a TOML literal (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
