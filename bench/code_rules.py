@@ -1,6 +1,6 @@
 """Benchmark: one trained network, two ways to make its codes (``model.code_rule``).
 
-For each finished CSQ run with an auxiliary classifier (a ``configs/fashion-mnist-*.toml`` run),
+For each finished CSQ run with an auxiliary classifier (a run of a shipped ``fashion-mnist-*`` config),
 the same weights encode the queries and the database twice:
 
 * ``sign``: the sign of the hash head;

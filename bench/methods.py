@@ -1,6 +1,6 @@
 """Benchmark: hashing methods side by side on Fashion-MNIST, every cell through `deephash train`.
 
-Each cell is the shipped config ``configs/fashion-mnist-{bits}.toml`` with ``--set`` overrides
+Each cell is the shipped config ``fashion-mnist-{bits}`` with ``--set`` overrides
 (printed with the results), trained into ``OUT/{bits}-{method}`` and evaluated as `deephash
 evaluate` does: the 10,000 test images against the 60,000 training images, Hamming ranking.
 Methods other than ``recipe`` drop the auxiliary classifier (and with it the ``posterior`` code
@@ -98,14 +98,14 @@ def row(metrics: dict, knn_k: int = 10, radius: int = 2) -> dict:
 
 
 def run_cell(bits: int, method: str, epochs: int, out: Path) -> list[dict]:
-    config_path = ROOT / "configs" / f"fashion-mnist-{bits}.toml"
+    config_name = f"fashion-mnist-{bits}"  # a shipped config
     sets = overrides(method, bits, epochs)
     run = out / f"{bits}-{method}"
     if run.exists():
         shutil.rmtree(run)
-    train_run(load_config(config_path, sets), run, progress=False)
+    train_run(load_config(config_name, sets), run, progress=False)
     seconds = train_time(run)
-    command = f"deephash train {config_path.relative_to(ROOT)} " + " ".join(f"--set '{s}'" for s in sets)
+    command = f"deephash train {config_name} " + " ".join(f"--set '{s}'" for s in sets)
     base = {"bits": bits, "method": method, "train_s": round(seconds), "command": command}
     result = evaluate_run(run)
     if method == "triplet-sign":

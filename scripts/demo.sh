@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/demo-48}"
-CONFIG="${DEMO_CONFIG:-configs/fashion-mnist-48.toml}"
+CONFIG="${DEMO_CONFIG:-fashion-mnist-48}"  # a shipped config name (deephash configs) or a TOML file
 DH=.venv/bin/deephash
 [ -x "$DH" ] || { echo "demo: $DH not found; run 'make venv' first" >&2; exit 1; }
 start=$(date +%s)
@@ -29,7 +29,7 @@ run_stage() {  # run_stage CONFIG RUN_DIR [--set ...]: train (or resume, or skip
 
 if [ -n "${DEMO_2D:-}" ]; then
   RUN2D="${RUN}-2d"
-  run_stage configs/fashion-mnist-2d-triplet.toml "$RUN2D" --set train.epochs=2
+  run_stage fashion-mnist-2d-triplet "$RUN2D" --set train.epochs=2
   echo "== 2-D embedding: kNN accuracy on the test set (database: training set)"
   "$DH" evaluate "$RUN2D"
   "$DH" report "$RUN2D" >/dev/null

@@ -41,16 +41,16 @@ def test_seed_triplet_loops_give_deephash_loss(name) -> None:
 @pytest.mark.parametrize("bits", [16, 48])
 def test_every_bench_method_is_a_valid_config(bits) -> None:
     """bench/methods.py's cells are shipped configs plus --set overrides: each must load."""
-    from methods import METHODS, ROOT, overrides
+    from methods import METHODS, overrides
 
     from deephash.config import load_config
 
     for method in METHODS:
-        config = load_config(ROOT / "configs" / f"fashion-mnist-{bits}.toml", overrides(method, bits, 2))
+        config = load_config(f"fashion-mnist-{bits}", overrides(method, bits, 2))
         assert config.model.bits == bits
         if method != "recipe":
             assert config.train.epochs == 2 and config.model.aux_classes == 0
-    ramp = load_config(ROOT / "configs" / f"fashion-mnist-{bits}.toml", overrides("dtsh-ramp", bits, 2))
+    ramp = load_config(f"fashion-mnist-{bits}", overrides("dtsh-ramp", bits, 2))
     assert ramp.loss.name == "dtsh" and ramp.schedules[0].attribute == "quantization_weight"
     assert ramp.schedules[0].start * bits == pytest.approx(1.0) and ramp.schedules[0].end * bits == pytest.approx(16.0)
 
@@ -102,7 +102,7 @@ def test_code_rules_rebuilds_the_same_weights_under_each_rule() -> None:
     from deephash.runs.components import build_loss
     from deephash.models import build_model, posterior_path_codes
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-16.toml")
+    config = load_config("fashion-mnist-16")
     torch.manual_seed(0)
     trained = build_model(config.model)  # a posterior model, as the config says
     centers = build_loss(config, 10).loss.centers

@@ -367,11 +367,10 @@ def test_python_m_deephash_reports_one_line_and_status_2(tmp_path):
 def test_embedding_run_encodes_embeddings_and_refuses_a_hamming_index(tiny, tmp_path, capsys):
     """The seed's 2-D triplet config: online triplet loss, semihard selector, validation every epoch."""
     base, _, data = tiny
-    repo_config = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-2d-triplet.toml"
     out = tmp_path / "run2d"
     sets = [f"data.root={base / 'fmnist'}", "sampler.n_classes=3", "sampler.n_samples=8", "train.epochs=1",
             "train.eval_every=1", "device=cpu"]
-    assert main(["train", str(repo_config), "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert main(["train", "fashion-mnist-2d-triplet", "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
     epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert epoch["type"] == "epoch" and np.isfinite(epoch["val_loss"])
     assert main(["encode", str(out), "--split", "test", "--out", str(tmp_path / "e.npz")]) == 0

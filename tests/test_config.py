@@ -6,7 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from deephash.config import Config, config_from_dict, dump_config, load_config, parse_override
+from deephash.config import (
+    Config,
+    config_description,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+    resolve_config_path,
+    shipped_config,
+    shipped_config_names,
+    shipped_configs,
+)
 from deephash.errors import ConfigError, NotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +107,48 @@ def test_dump_round_trips(tmp_path):
     assert load_config(write(tmp_path, text)) == config
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    config = load_config(path)
+SHIPPED = sorted((REPO / "src" / "deephash" / "configs").glob("*.toml"))
+
+
+def test_the_package_holds_the_shipped_configs():
+    assert len(SHIPPED) >= 7 and not (REPO / "configs").exists()  # one copy, inside the package
+    assert shipped_config_names() == [path.stem for path in SHIPPED]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load_by_bare_name_from_any_directory(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path.stem)
     assert config.name == path.stem
+    assert config == load_config(path)
+    assert Path(str(resolve_config_path(path.stem))).resolve() == path.resolve()
 
 
-def test_bare_config_name_finds_the_repo_config(monkeypatch):
-    monkeypatch.chdir(REPO)
-    assert load_config("fashion-mnist-48").model.bits == 48
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_has_a_one_line_description(path):
+    first, second = path.read_text(encoding="utf-8").splitlines()[:2]
+    assert first.startswith("# ") and second == "#"  # a summary line, then the details
+    description = shipped_configs()[path.stem]
+    assert description == first[2:] and 20 <= len(description) <= 100
+
+
+def test_description_is_the_first_comment_line():
+    assert config_description("#  One line.\n# more\nname = 'x'\n") == "One line."
+    assert config_description('name = "x"\n# late comment\n') == ""
+
+
+def test_a_file_in_the_working_directory_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, 'name = "local"\n', name="fashion-mnist-48")
+    assert load_config("fashion-mnist-48").name == "local"
+    assert load_config("fashion-mnist-16").name == "fashion-mnist-16"  # no configs/ folder needed
+
+
+def test_unknown_bare_name_lists_the_shipped_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: load_config("fashion-mnist-47"), lambda: shipped_config("fashion-mnist-47")):
+        with pytest.raises(NotFoundError) as info:
+            call()
+        message = str(info.value)
+        assert "fashion-mnist-47" in message and "\n" not in message
+        assert all(path.stem in message for path in SHIPPED)

@@ -4,6 +4,7 @@ The seed's public names are re-exported here; the sub-packages follow the path o
 ``data`` → ``models`` → ``distances`` → ``mining`` → ``losses`` → ``train`` → ``retrieval``.
 """
 
+
 from deephash.data import (
     BalancedBatchSampler,
     BalancedBatchSamplerCifar,

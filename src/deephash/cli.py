@@ -46,7 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model as a config says; writes a run directory")
-    p.add_argument("config", help="CONFIG.toml, a shipped config name (e.g. fashion-mnist-48), or a run directory")
+    p.add_argument("config", help="CONFIG.toml, a shipped config name (e.g. fashion-mnist-48; `deephash configs` lists them), or a run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, the value read as a TOML literal (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<timestamp>)")
@@ -189,9 +189,36 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve_parser(sub)
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from deephash.config import shipped_config, shipped_configs
+
+    if args.configs_command == "show":
+        sys.stdout.write(shipped_config(args.name).read_text(encoding="utf-8"))
+        return 0
+    described = shipped_configs()
+    width = max(map(len, described))
+    for name, description in described.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _add_configs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("configs", help="list the shipped configs (names `deephash train` takes), or print one")
+    csub = p.add_subparsers(dest="configs_command", metavar="{show}")
+    s = csub.add_parser("show", help="print a shipped config's TOML, to copy and edit (deephash configs show NAME > my.toml)")
+    s.add_argument("name", help="a shipped config name, as `deephash configs` lists them")
+    p.set_defaults(handler=_cmd_configs)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report, _add_serve,
+    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report, _add_serve, _add_configs,
 ]
+
+
+def _version() -> str:
+    from deephash._version import __version__  # the package metadata, without importing torch
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deephash", description="Learn embeddings and binary hash codes for image retrieval."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"deephash {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)

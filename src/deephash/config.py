@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -339,21 +341,58 @@ def config_from_dict(table: dict[str, Any], source: str = "<dict>", overrides: l
     return config
 
 
-def resolve_config_path(path: str | os.PathLike) -> Path:
-    """A config file path; a bare name like ``fashion-mnist-48`` also finds ``configs/NAME.toml``.
+def _shipped_folder() -> Traversable:
+    return importlib.resources.files("deephash") / "configs"
 
-    Looked up in order: the path itself, ``./configs/NAME.toml``, the copies shipped in the package.
+
+def shipped_config_names() -> list[str]:
+    """The names of the configs shipped in the package (``deephash/configs/NAME.toml``), sorted."""
+    return sorted(entry.name[: -len(".toml")] for entry in _shipped_folder().iterdir()
+                  if entry.name.endswith(".toml") and entry.is_file())
+
+
+def shipped_config(name: str) -> Traversable:
+    """The shipped config file called ``name`` (e.g. ``fashion-mnist-48``).
+
+    Raises:
+        NotFoundError: no shipped config has that name; the message lists the shipped names.
+    """
+    names = shipped_config_names()
+    if name not in names:
+        raise NotFoundError(f"no shipped config {name!r}; shipped: {', '.join(names)}")
+    return _shipped_folder() / f"{name}.toml"
+
+
+def config_description(text: str) -> str:
+    """The one-line description of a config: the first line of its leading ``#`` comment ("" if none)."""
+    first = text.lstrip("\ufeff").split("\n", 1)[0].strip()
+    return first[1:].strip() if first.startswith("#") else ""
+
+
+def shipped_configs() -> dict[str, str]:
+    """Every shipped config's name mapped to its one-line description, sorted by name."""
+    return {name: config_description(shipped_config(name).read_text(encoding="utf-8"))
+            for name in shipped_config_names()}
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path | Traversable:
+    """A config file: ``path`` itself if it is a file, else a bare name like ``fashion-mnist-48`` is a
+    shipped config (from any working directory, the package's own copy).
+
+    Raises:
+        NotFoundError: neither a file nor a shipped name (a bare name's message lists the shipped names).
     """
     path = Path(path)
     if path.is_file():
         return path
-    if path.suffix == "" and len(path.parts) == 1:
-        for folder in (Path("configs"), Path(__file__).parent / "configs"):
-            candidate = folder / f"{path.name}.toml"
-            if candidate.is_file():
-                return candidate
+    bare = path.suffix == "" and len(path.parts) == 1
+    names = shipped_config_names() if bare else []
+    if path.name in names:
+        return shipped_config(path.name)
     if path.is_dir():
         raise NotFoundError(f"config {path} is a directory, not a TOML file")
+    if bare:
+        raise NotFoundError(f"config {path} not found: neither a file nor a shipped config ({', '.join(names)})")
     raise NotFoundError(f"config file {path} not found")
 
 
@@ -399,10 +438,14 @@ __all__ = [
     "SchedulerConfig",
     "SelectorConfig",
     "TrainConfig",
+    "config_description",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
     "parse_override",
     "resolve_config_path",
+    "shipped_config",
+    "shipped_config_names",
+    "shipped_configs",
 ]
