@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import re
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
-from deephash._io import atomic_write_text
+from _report import cpu_model, write_section
 from deephash.retrieval import HashIndex
 from deephash.retrieval.hamming import hamming_knn
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Search (bench/search.py)"
 THREADS = 2
 K = 100
@@ -132,15 +127,7 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def write_section(command: str, search: list[dict], encoding: list[dict]) -> None:
+def write_search_section(command: str, search: list[dict], encoding: list[dict]) -> None:
     lines = [
         SECTION,
         "",
@@ -162,13 +149,7 @@ def write_section(command: str, search: list[dict], encoding: list[dict]) -> Non
               "last, the shipped 48-bit model whole, channels-last, as `deephash encode` runs it:",
               "", "| backbone | input | images/s |", "| --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['input']} | {r['images_per_s']:.0f} |" for r in encoding]
-    section = "\n".join(lines) + "\n"
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
-    print(f"wrote {path}")
+    write_section(SECTION, "\n".join(lines))
 
 
 def main() -> None:
@@ -184,7 +165,7 @@ def main() -> None:
         return
     search = search_rows([100_000, 1_000_000], 1000, args.slow_queries)
     encoding = encoding_rows(256, 4)
-    write_section("python bench/search.py", search, encoding)
+    write_search_section("python bench/search.py", search, encoding)
 
 
 if __name__ == "__main__":

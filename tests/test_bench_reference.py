@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "bench"), str(Path(__file__).resolve().parents[1] / "experiments")]
 
 from seed_reference import seed_loss  # noqa: E402
 
@@ -40,7 +40,7 @@ def test_seed_triplet_loops_give_deephash_loss(name) -> None:
 
 @pytest.mark.parametrize("bits", [16, 48])
 def test_every_bench_method_is_a_valid_config(bits) -> None:
-    """bench/methods.py's cells are shipped configs plus --set overrides: each must load."""
+    """experiments/methods.py's cells are shipped configs plus --set overrides: each must load."""
     from methods import METHODS, overrides
 
     from deephash.config import load_config
@@ -56,7 +56,7 @@ def test_every_bench_method_is_a_valid_config(bits) -> None:
 
 
 def test_code_fit_shares_and_map_split(tmp_path) -> None:
-    """bench/code_fit.py: shares against a per-item loop, its mAP against the metric on all queries."""
+    """experiments/code_fit.py: shares against a per-item loop, its mAP against the metric on all queries."""
     import numpy as np
 
     from code_fit import code_fit
@@ -95,7 +95,7 @@ def test_code_fit_shares_and_map_split(tmp_path) -> None:
 
 
 def test_code_rules_rebuilds_the_same_weights_under_each_rule() -> None:
-    """bench/code_rules.py: the sign copy encodes as the hash head, the posterior copy as the rule."""
+    """experiments/code_rules.py: the sign copy encodes as the hash head, the posterior copy as the rule."""
     from code_rules import with_rule
 
     from deephash.config import load_config

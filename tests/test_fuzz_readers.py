@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deephash.config import load_config
-from deephash.data.sources import MAX_IDX_BYTES, parse_cifar_batch, read_idx, read_image
+from deephash.data.images import read_image
+from deephash.data.sources import MAX_IDX_BYTES, parse_cifar_batch, read_idx
 from deephash.errors import DeephashError
 from deephash.retrieval.codes import load_codes, save_codes
 from deephash.retrieval.index import HashIndex

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from deephash import runs
 import deephash.report as report_module
 from deephash._io import atomic_torch_save, atomic_write_text
 from deephash.config import config_from_dict, config_to_dict, dump_config

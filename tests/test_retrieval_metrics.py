@@ -247,12 +247,12 @@ def test_small_distances_match_brute_force_and_the_torch_fallback(bits, monkeypa
 
 
 def test_many_small_chunks_give_the_references(monkeypatch):
-    from deephash.retrieval import metrics
+    from deephash.retrieval import metric_engine
 
     q_bits, db_bits, ql, dl = _random_case(21, nq=23, n=40, bits=6, classes=3)
     args = (pack_codes(q_bits), ql, pack_codes(db_bits), dl, 6)
     whole = evaluate_codes(*args, ks=(5, 17))
-    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 40 * 4)  # 4 queries per chunk, 6 chunks
+    monkeypatch.setattr(metric_engine, "CHUNK_ELEMENTS", 40 * 4)  # 4 queries per chunk, 6 chunks
     chunked = evaluate_codes(*args, ks=(5, 17))
     for key, value in whole.items():
         assert chunked[key] == (value if key == "protocol" else pytest.approx(value, abs=1e-12))
@@ -263,7 +263,7 @@ def test_many_small_chunks_give_the_references(monkeypatch):
 
 def test_arbitrary_label_values_and_the_relevance_bit_histograms(monkeypatch):
     """Negative, large and query-only labels; the class histograms and the relevance-bit fallback agree."""
-    from deephash.retrieval import metrics
+    from deephash.retrieval import metric_engine
 
     q_bits, db_bits, ql, dl = _random_case(8, nq=4, n=8, bits=3, classes=3)
     values = np.array([-7, 10**12, 3])
@@ -276,7 +276,7 @@ def test_arbitrary_label_values_and_the_relevance_bit_histograms(monkeypatch):
         assert mean_average_precision(*args, k=k, ties="stable") == pytest.approx(
             _reference_stable_map(q_bits, db_bits, ql, dl, k), abs=1e-12)
     table = evaluate_codes(*args, ks=(3,), knn_k=3)
-    monkeypatch.setattr(metrics, "MAX_CLASS_CELLS", 0)  # force the (distance, relevant) bincount
+    monkeypatch.setattr(metric_engine, "MAX_CLASS_CELLS", 0)  # force the (distance, relevant) bincount
     fallback = evaluate_codes(*args, ks=(3,), knn_k=3)
     for key, value in table.items():
         assert fallback[key] == (value if key == "protocol" else pytest.approx(value, abs=1e-12))

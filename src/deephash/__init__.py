@@ -94,4 +94,5 @@ __all__ = [
     "pack_codes",
     "pairwise_distances",
     "unpack_codes",
+    "__version__",
 ]

@@ -149,6 +149,63 @@ def _img(path: Path, run_dir: Path, alt: str) -> str:
     return f'<img src="{html.escape(path.relative_to(run_dir).as_posix())}" alt="{html.escape(alt)}">'
 
 
+def _embedding_section(query: Encoded, database: Encoded, config: Any, bits: int | None, classes: Any,
+                       run_dir: Path) -> tuple[str, str]:
+    """The 2-D scatters of a 2-D embedding (database and queries), else a t-SNE of the queries."""
+    out, query_split, db_split = run_dir / "report", config.data.query_split, config.data.database_split
+    if bits is None and np.asarray(query.features).shape[1] == 2:
+        pictures = []
+        for split, encoded in ((db_split, database), (query_split, query)):
+            points, labels = scatter_sample(encoded)
+            shown = "" if len(labels) == len(encoded.labels) else f" ({len(labels):,} of {len(encoded.labels):,}, uniform sample)"
+            pictures.append(plot_embeddings_2d(points, labels, classes, out / f"embeddings_{split}.png",
+                                               title=f"{split} embeddings{shown}"))
+        return "Embeddings", "".join(_img(p, run_dir, p.stem) for p in pictures)
+    kind = "codes" if bits is not None else "embeddings"
+    points = unpack_codes(query.features, bits).astype(np.float32) * 2 - 1 if bits is not None else query.features
+    tsne = plot_tsne(points, query.labels, classes, out / "tsne.png", title=f"t-SNE of {query_split} {kind}")
+    return f"t-SNE of the {kind}", _img(tsne, run_dir, "t-SNE")
+
+
+def _curves_section(query: Encoded, database: Encoded, config: Any, bits: int | None, n_curve: int,
+                    run_dir: Path) -> tuple[str, str]:
+    """Precision@k and the PR curve of the first ``n_curve`` queries, from the metrics engine."""
+    out = run_dir / "report"
+    n_db = len(database.labels)
+    plot_ks = [k for k in PLOT_KS if k <= n_db]
+    precision, recall = precision_recall_curve_at_k(query.features[:n_curve], query.labels[:n_curve],
+                                                    database.features, database.labels, plot_ks + _pr_ks(n_db),
+                                                    bits=bits, ties="stable")
+    n_plot = len(plot_ks)
+    pk_png = plot_precision_at_k(plot_ks, precision[:n_plot], out / "precision_at_k.png")
+    pr_png = plot_pr_curve(precision[n_plot:], recall[n_plot:], out / "pr_curve.png",
+                           label=f"{bits} bits" if bits is not None else "embeddings")
+    note = (f'<p class="note">The first {n_curve} {html.escape(config.data.query_split)} queries against the whole '
+            f"{html.escape(config.data.database_split)} database, ranked by "
+            f"{'Hamming' if bits is not None else 'Euclidean'} distance, ties broken by database order; precision "
+            "and recall at rank cut-offs (recall over the queries that have a relevant item, as "
+            "<code>deephash.retrieval.metrics</code> defines it).</p>")
+    return "Precision@k and precision-recall", note + _img(pk_png, run_dir, "precision at k") + _img(pr_png, run_dir, "PR curve")
+
+
+def _grid_section(query: Encoded, database: Encoded, bits: int | None, n_grid: int, classes: Any,
+                  run_dir: Path) -> tuple[str, str] | None:
+    """The first ``n_grid`` queries and their nearest database images (None when there are none)."""
+    if n_grid <= 0 or len(database.labels) == 0:
+        return None
+    grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid])
+    ids, distances = nearest(grid_query, database, bits)
+    grid = plot_retrieval_grid(
+        query.images[:n_grid].numpy(), database.images[torch.from_numpy(ids)].numpy(),
+        database.labels[ids] == query.labels[:n_grid, None], run_dir / "report" / "retrieval_grid.png",
+        query_labels=query.labels[:n_grid], result_labels=database.labels[ids],
+        distances=distances, class_names=classes,
+    )
+    return ("Retrieval examples", '<p class="note">Each row: a query, then its top '
+            f"{ids.shape[1]} results; green frame = same class, red = different class; "
+            "d = distance.</p>" + _img(grid, run_dir, "retrieval grid"))
+
+
 def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries: int = 1000) -> Path:
     """Write ``RUN_DIR/report.html`` and its PNGs under ``RUN_DIR/report/``; idempotent.
 
@@ -169,8 +226,7 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
         raise NotFoundError(f"{run_dir} is not a run directory (no config.toml)")
     model, config = load_run(run_dir)
     out = run_dir / "report"
-    hamming = bool(getattr(model, "is_hash", False))
-    bits = model.bits if hamming else None
+    bits = model.bits if getattr(model, "is_hash", False) else None
     query_split, db_split = config.data.query_split, config.data.database_split
     query = _encode_split(model, config, query_split, run_dir)
     database = _encode_split(model, config, db_split, run_dir)
@@ -191,52 +247,12 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     curves = plot_training_curves(records, out / "training_curves.png")
     sections.append(("Training", _img(curves, run_dir, "training curves")))
 
-    if not hamming and np.asarray(query.features).shape[1] == 2:
-        pictures = []
-        for split, encoded in ((db_split, database), (query_split, query)):
-            points, labels = scatter_sample(encoded)
-            shown = "" if len(labels) == len(encoded.labels) else f" ({len(labels):,} of {len(encoded.labels):,}, uniform sample)"
-            pictures.append(plot_embeddings_2d(points, labels, classes, out / f"embeddings_{split}.png",
-                                               title=f"{split} embeddings{shown}"))
-        sections.append(("Embeddings", "".join(_img(p, run_dir, p.stem) for p in pictures)))
-    else:
-        kind = "codes" if hamming else "embeddings"
-        points = unpack_codes(query.features, bits).astype(np.float32) * 2 - 1 if hamming else query.features
-        tsne = plot_tsne(points, query.labels, classes, out / "tsne.png",
-                         title=f"t-SNE of {query_split} {kind}")
-        sections.append((f"t-SNE of the {kind}", _img(tsne, run_dir, "t-SNE")))
-
+    sections.append(_embedding_section(query, database, config, bits, classes, run_dir))
     n_curve = min(curve_queries, len(query.labels))
-    subset = Encoded(query.features[:n_curve], query.labels[:n_curve], query.images[:n_curve])
-    n_db = len(database.labels)
-    plot_ks = [k for k in PLOT_KS if k <= n_db]
-    pr_ks = _pr_ks(n_db)
-    precision, recall = precision_recall_curve_at_k(subset.features, subset.labels, database.features, database.labels,
-                                                    plot_ks + pr_ks, bits=bits, ties="stable")
-    n_plot = len(plot_ks)
-    pk_png = plot_precision_at_k(plot_ks, precision[:n_plot], out / "precision_at_k.png")
-    pr_png = plot_pr_curve(precision[n_plot:], recall[n_plot:], out / "pr_curve.png",
-                           label=f"{bits} bits" if hamming else "embeddings")
-    note = (f'<p class="note">The first {n_curve} {html.escape(query_split)} queries against the whole '
-            f"{html.escape(db_split)} database, ranked by {'Hamming' if hamming else 'Euclidean'} distance, "
-            "ties broken by database order; precision and recall at rank cut-offs (recall over the "
-            "queries that have a relevant item, as <code>deephash.retrieval.metrics</code> defines it).</p>")
-    sections.append(("Precision@k and precision-recall",
-                     note + _img(pk_png, run_dir, "precision at k") + _img(pr_png, run_dir, "PR curve")))
-
-    n_grid = min(max_queries, n_curve)
-    grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid])
-    ids, distances = nearest(grid_query, database, bits) if n_grid > 0 else (np.zeros((0, 0), np.int64), None)
-    if n_grid > 0 and ids.shape[1] > 0:
-        grid = plot_retrieval_grid(
-            query.images[:n_grid].numpy(), database.images[torch.from_numpy(ids)].numpy(),
-            database.labels[ids] == query.labels[:n_grid, None], out / "retrieval_grid.png",
-            query_labels=query.labels[:n_grid], result_labels=database.labels[ids],
-            distances=distances, class_names=classes,
-        )
-        sections.append(("Retrieval examples", '<p class="note">Each row: a query, then its top '
-                         f"{ids.shape[1]} results; green frame = same class, red = different class; "
-                         "d = distance.</p>" + _img(grid, run_dir, "retrieval grid")))
+    sections.append(_curves_section(query, database, config, bits, n_curve, run_dir))
+    grid = _grid_section(query, database, bits, min(max_queries, n_curve), classes, run_dir)
+    if grid is not None:
+        sections.append(grid)
 
     page = _page(f"deephash report: {config.name}", sections)
     path = run_dir / "report.html"

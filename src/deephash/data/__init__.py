@@ -13,7 +13,8 @@ from deephash.data.datasets import (
 from deephash.data.loader import BatchLoader
 from deephash.data.pairs import SiameseDataset, SiameseMNIST, TripletCifar, TripletDataset, TripletMNIST
 from deephash.data.samplers import BalancedBatchSampler, BalancedBatchSamplerCifar, DistributedBalancedBatchSampler
-from deephash.data.sources import list_image_folder, parse_cifar_batch, read_cifar_batch, read_idx, read_image
+from deephash.data.images import list_image_folder, read_image
+from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx
 
 __all__ = [
     "ArrayDataset",

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from deephash.data.sources import list_image_folder, parse_cifar_batch, read_cifar_batch, read_idx, read_image
+from deephash.data.images import list_image_folder, read_image
+from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.registry import Registry
 

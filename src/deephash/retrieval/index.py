@@ -303,6 +303,8 @@ class HashIndex:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    # Long by design: one check per file and field of an untrusted folder, each with its own
+    # one-line message; splitting it would scatter the file format over several functions.
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None) -> HashIndex:
         """Read an index written by :meth:`save`.

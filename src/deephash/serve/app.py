@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from deephash.errors import CodeLengthError, DeephashError, NotFoundError
+from deephash.errors import DeephashError, NotFoundError
 from deephash.serve.service import CorruptImageError, ImageTooLargeError, SearchService, UnsupportedImageError, parse_hex_code
 
 MAX_K = 1000
@@ -188,6 +188,8 @@ def _status(error: DeephashError) -> int:
     return 422  # a code of the wrong length or bad hex: an unprocessable value
 
 
+# Long by design: FastAPI routes are closures over the one service and its limits, so every
+# endpoint is defined inside this factory (as FastAPI's own examples do); each route is short.
 def create_app(
     index_dir: str | os.PathLike,
     run_dir: str | os.PathLike,

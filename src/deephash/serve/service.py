@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deephash.data.sources import (  # noqa: F401  (the upload errors are part of the service's interface)
+from deephash.data.images import (  # noqa: F401  (the upload errors are part of the service's interface)
     UPLOAD_FORMATS,
     CorruptImageError,
     ImageTooLargeError,

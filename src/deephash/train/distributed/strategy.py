@@ -7,7 +7,7 @@ the loss are wrapped, how per-rank results are put together, and who writes file
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ the same weights encode the queries and the database twice:
 and each pair is evaluated as ``deephash evaluate`` does (the run's splits, ``evaluate_codes``).
 Training is unchanged by the rule, so the rows of one run differ only in the encoding.
 
-Usage: ``python bench/code_rules.py RUN [RUN ...] [--temperature 1 2]``; prints a Markdown table.
+Usage: ``python experiments/code_rules.py RUN [RUN ...] [--temperature 1 2]``; prints a Markdown table.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ selector. ``triplet-sign`` trains an embedding head of ``bits`` dimensions with 
 triplet loss and semihard negatives; its sign is the hash code, and the same embeddings ranked by
 Euclidean distance give the real-valued baseline.
 
-Usage: ``python bench/methods.py --bits 48 --methods dtsh-semihard,dsh,csq --epochs 2 [--out DIR]``;
+Usage: ``python experiments/methods.py --bits 48 --methods dtsh-semihard,dsh,csq --epochs 2 [--out DIR]``;
 prints a Markdown table (rows appended to ``OUT/results.jsonl`` as they finish; a rerun skips cells
 already there).
 """

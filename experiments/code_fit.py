@@ -11,7 +11,7 @@ codes (for a CSQ run, its hash center once the database fits). Reported:
 * ``ap_right`` / ``ap_wrong``: tie-aware mAP@all over the queries nearest to their own center and
   over the others. mAP@all = query_nearest_own × ap_right + (1 − query_nearest_own) × ap_wrong.
 
-Usage: ``python bench/code_fit.py RUN [RUN ...]`` prints one Markdown row per run.
+Usage: ``python experiments/code_fit.py RUN [RUN ...]`` prints one Markdown row per run.
 """
 
 from __future__ import annotations

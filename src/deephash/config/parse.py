@@ -1,0 +1,202 @@
+"""Tables to a validated :class:`Config`: types checked, names checked against the registries,
+cross-field rules, and ``--set key=value`` overrides. Every problem is a one-line
+:class:`~deephash.errors.ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import tomllib
+import typing
+from typing import Any
+
+from deephash.config.schema import Config
+from deephash.errors import ConfigError
+
+__all__ = ["config_from_dict", "parse_override"]
+
+DEVICES_HINT = '"auto", "cpu", "cuda" or "cuda:N"'
+
+
+def _choices() -> dict[str, list[str]]:
+    """Keys whose value must be a registered name, and the names: read from the registries when a
+    config is validated (so ``import deephash.config`` itself stays light)."""
+    from deephash.data.datasets import DATASETS
+    from deephash.data.samplers import BATCH_SAMPLERS
+    from deephash.data.splits import SPLIT_PROTOCOLS
+    from deephash.losses.registry import LOSSES
+    from deephash.mining.selectors import SELECTORS
+    from deephash.models.heads import HEADS
+    from deephash.models.retrieval_model import CODE_RULES
+    from deephash.train.optim import OPTIMIZERS, SCHEDULERS
+
+    return {
+        "data.dataset": DATASETS.names(),
+        "data.protocol": ["", *SPLIT_PROTOCOLS.names()],
+        "sampler.kind": BATCH_SAMPLERS.names(),
+        "optimizer.name": OPTIMIZERS.names(),
+        "scheduler.name": SCHEDULERS.names(),
+        "model.head": HEADS.names(),
+        "model.code_rule": CODE_RULES.names(),
+        "loss.name": LOSSES.names(),
+        "selector.name": ["", *SELECTORS.names()],
+    }
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "table"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+
+
+def _value_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against type ``tp`` (ints accepted for floats) and return it converted."""
+
+    def bad() -> ConfigError:
+        name = _type_name(tp)
+        article = "an" if name[0] in "aeiou" else "a"
+        return ConfigError(f"{key} must be {article} {name}, got {_value_name(value)} in {source}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return copy.deepcopy(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is int or tp is str or tp is bool:
+        if type(value) is not tp:
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # pragma: no cover - schema bug
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str, source: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{full}' in {source}{hint}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
+    types_ = _field_types(cls)
+    pre = f"{prefix}." if prefix else ""
+    for key in table:
+        if key not in types_:
+            raise _unknown_key(key, list(types_), pre, source)
+    values = {k: _convert(v, types_[k], f"{pre}{k}", source) for k, v in table.items()}
+    obj = cls(**values)
+    choices_of = _choices()
+    for k in values:
+        choices = choices_of.get(f"{pre}{k}")
+        if choices and values[k] not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{pre}{k} must be one of {shown}, got {values[k]!r} in {source}")
+    return obj
+
+
+def _validate(config: Config, source: str) -> None:
+    """Cross-field checks that a type cannot express."""
+    device = config.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device must be {DEVICES_HINT}, got {device!r} in {source}")
+    if config.model.head == "hash" and config.model.bits < 8:
+        raise ConfigError(f"model.bits must be at least 8 for a hash head, got {config.model.bits} in {source}")
+    if config.model.head != "hash" and config.model.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim must be positive, got {config.model.embedding_dim} in {source}")
+    for key, value in (
+        ("train.epochs", config.train.epochs),
+        ("sampler.n_classes", config.sampler.n_classes),
+        ("sampler.n_samples", config.sampler.n_samples),
+        ("sampler.batch_size", config.sampler.batch_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value} in {source}")
+    if config.model.code_rule == "posterior":
+        m = config.model
+        if (m.head != "hash" or m.aux_classes < 2 or config.train.aux_weight <= 0 or config.loss.name != "csq"
+                or not m.code_temperature > 0):
+            raise ConfigError(
+                "model.code_rule = 'posterior' needs head = 'hash', aux_classes >= 2 with train.aux_weight > 0 (a trained "
+                f"classifier), loss.name = 'csq' (its hash centers) and code_temperature > 0 in {source}")
+    if not 0.0 <= config.train.aux_label_smoothing < 1.0:
+        raise ConfigError(f"train.aux_label_smoothing must be in [0, 1), got {config.train.aux_label_smoothing} in {source}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
+    if config.data.dataset == "folder" and not config.data.images:
+        raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    if config.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is a TOML literal, else taken as a plain string.
+
+    Returns:
+        (key path as a list of names, value).
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(table: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node = table
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text}: '{part}' is not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(table: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Config:
+    """Build and validate a :class:`Config` from a TOML-like table plus ``key=value`` overrides."""
+    table = copy.deepcopy(table)
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(table, path, value, text)
+    source_desc = source if not overrides else f"{source} (with --set)"
+    config = _build(Config, table, "", source_desc)
+    _validate(config, source_desc)
+    return config

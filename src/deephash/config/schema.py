@@ -1,0 +1,149 @@
+"""The config schema: a tree of dataclasses, one per TOML table, with their defaults.
+
+Every key a TOML file may hold is a field below. The ``[model]`` table is the model spec itself
+(:class:`~deephash.models.ModelSpec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from deephash.models.spec import ModelSpec
+
+#: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
+ModelConfig = ModelSpec
+
+__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig",
+           "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and which splits play which role.
+
+    ``protocol = "deephash-cifar10"`` pools the dataset's train and test images and draws
+    DeepHash-pytorch's split (100 queries and 500 training images per class, the rest database),
+    seeded by ``seed``; the split is saved as ``RUN_DIR/split.npz`` and can be reused with
+    ``split_file``. Its split names are ``query``, ``train`` and ``database``.
+    """
+
+    dataset: str = "fashion-mnist"
+    root: str = ""
+    images: str = ""
+    train_split: str = "train"
+    query_split: str = "test"
+    database_split: str = "train"
+    protocol: str = ""
+    split_file: str = ""
+    limit: int = 0
+    augment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """A loss from the ``create_loss`` registry and its parameters."""
+
+    name: str = "csq"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SelectorConfig:
+    """A pair/triplet selector from ``create_selector`` (``name = ""``: none)."""
+
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    """Batches: ``balanced`` = n_classes × n_samples per batch; ``random`` = batch_size shuffled."""
+
+    kind: str = "balanced"
+    n_classes: int = 10
+    n_samples: int = 25
+    batch_size: int = 256
+
+
+@dataclass
+class OptimizerConfig:
+    """``adam``, ``adamw`` or ``sgd``."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: ``none``, ``cosine``, ``step``, ``onecycle`` (epoch-wise, params passed on) or
+    ``warmup-cosine`` (every batch; params ``warmup`` share of the steps, ``eta_min``)."""
+
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScheduleConfig:
+    """A loss attribute ramped linearly from ``start`` to ``end`` over ``epochs`` (0 = all)."""
+
+    attribute: str = "quantization_weight"
+    start: float = 0.0
+    end: float = 0.0
+    epochs: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings.
+
+    ``aux_weight``: weight of a cross-entropy term on the aux classifier (``model.aux_classes``).
+    ``aux_label_smoothing``: label smoothing of that cross-entropy, in [0, 1).
+    ``ema_decay``: keep an exponential moving average of the weights, updated after every
+    optimizer step with this decay in [0, 1), and save it as the run's model (0 = off).
+    ``final_epochs_no_augment``: the last N epochs train without augmentation.
+    ``eval_every``: compute the loss on the query split every N epochs (0 = never).
+    ``num_threads``: torch CPU threads (0 = leave torch's default).
+    ``mine_globally``: under DDP, mine and apply the loss on the global batch (every rank's
+    outputs gathered, gradients flowing back); false: on each rank's local batch.
+    """
+
+    epochs: int = 10
+    log_interval: int = 50
+    aux_weight: float = 0.0
+    aux_label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    final_epochs_no_augment: int = 0
+    eval_every: int = 0
+    num_threads: int = 0
+    mine_globally: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation: ``ks`` for mAP@k/P@k, Hamming ``radius`` for P@r, ``knn_k`` neighbours."""
+
+    ks: list[int] = field(default_factory=lambda: [100, 1000])
+    radius: int = 2
+    knn_k: int = 10
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    schedules: list[ScheduleConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
