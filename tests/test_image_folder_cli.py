@@ -60,6 +60,10 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     saved = load_config(run / "config.toml")
     assert saved.data.images == str(photos) and len(saved.model.mean) == 3  # colour, stats from the images
 
+    assert main(["evaluate", str(run)]) == 0  # queries: the test folder, database: the train folder
+    protocol = json.loads((run / "metrics.json").read_text())["protocol"]
+    assert (protocol["dataset"], protocol["n_query"], protocol["n_database"]) == ("folder", 12, 24)
+
     index_dir = tmp_path / "index"
     assert main(["index", "build", str(run), "--images", str(photos / "train"), "--out", str(index_dir)]) == 0
     index = HashIndex.load(index_dir)
@@ -79,6 +83,8 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
         position = int(np.flatnonzero(ids == hit["id"])[0])
         assert hit["distance"] == distances[position] and hit["path"] == paths[position]
     assert any(h["path"] == str(query) and h["distance"] == 0 for h in hits)
+    assert main(["search", str(index_dir), "--run", str(run), str(query), "-k", "5"]) == 0
+    assert str(query) in capsys.readouterr().out  # the plain listing names the files found
 
     from test_serve_browser import start_server, stop
 
