@@ -398,3 +398,51 @@ def test_set_epoch_reaches_the_batch_sampler_of_a_dataloader():
     fit(loader, None, model, F.nll_loss, torch.optim.SGD(model.parameters(), lr=0.1), None, 4, "cpu", 1,
         start_epoch=2, progress=False)
     assert seen == [2, 3]
+
+
+def _train_copy(device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = classifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    fit(batches(*blobs(8, 1), 16), None, model, F.nll_loss, opt, None, 2, device, 1, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("device", [False, "cpu", torch.device("cpu")])
+def test_fit_accepts_the_seeds_cuda_false_a_string_and_a_device(device):
+    """The seed passes ``cuda = torch.cuda.is_available()``; False must train on the CPU as "cpu" does
+    (a bool handed to Tensor.to would cast the images to torch.bool)."""
+    reference, model = _train_copy("cpu"), _train_copy(device)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fit_cuda_true_without_cuda_is_a_one_line_error(monkeypatch):
+    from deephash.errors import DeephashError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    with pytest.raises(DeephashError, match="no CUDA device") as info:
+        fit(batches(*blobs(8, 1), 16), None, model, F.nll_loss, opt, None, 1, True, 1, progress=False)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_cuda_true_means_the_first_cuda_device(monkeypatch):
+    from deephash.train.fit import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(True) == torch.device("cuda", 0)
+    assert resolve_device(False) == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("device", [1, 0, None, 0.5, ["cpu"]])
+def test_fit_refuses_other_device_types(device):
+    model = classifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    with pytest.raises(TypeError, match=f"got {type(device).__name__}") as info:
+        fit(batches(*blobs(8, 1), 16), None, model, F.nll_loss, opt, None, 1, device, 1, progress=False)
+    assert "\n" not in str(info.value)

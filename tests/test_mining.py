@@ -230,3 +230,27 @@ def test_pair_selectors_on_batches_without_pairs(size) -> None:
     for selector in (HardNegativePairSelector(), AllPositivePairSelector(generator=torch.Generator().manual_seed(0))):
         positives, negatives = selector.get_pairs(e, labels)
         assert positives.shape == negatives.shape == (0, 2)
+
+
+def test_selectors_accept_the_seeds_cpu_flag_and_pick_the_same() -> None:
+    """The seed's constructors took ``cpu`` (keyword or the second positional argument); it is
+    ignored, so the selections equal those of selectors built without it (same generator seed)."""
+    from deephash import (HardestNegativeTripletSelector, HardNegativePairSelector, RandomNegativeTripletSelector,
+                          SemihardNegativeTripletSelector)
+
+    g = torch.Generator().manual_seed(0)
+    e, labels = torch.randn(24, 2, generator=g), torch.arange(4).repeat_interleave(6)
+    for seed_pairs in (HardNegativePairSelector(cpu=True), HardNegativePairSelector(False)):
+        for a, b in zip(seed_pairs.get_pairs(e, labels), HardNegativePairSelector().get_pairs(e, labels)):
+            assert torch.equal(a, b)
+    for seed_style in (HardestNegativeTripletSelector(1.0, cpu=False), HardestNegativeTripletSelector(1.0, True)):
+        assert torch.equal(seed_style.get_triplets(e, labels), HardestNegativeTripletSelector(1.0).get_triplets(e, labels))
+    for cls in (RandomNegativeTripletSelector, SemihardNegativeTripletSelector):
+        for seed_style in (cls(1.0, cpu=False), cls(1.0, False), cls(1.0, True)):
+            assert seed_style.generator is None
+            torch.manual_seed(5)
+            picked = seed_style.get_triplets(e, labels)
+            torch.manual_seed(5)
+            assert torch.equal(picked, cls(1.0).get_triplets(e, labels)) and len(picked) > 0
+        with pytest.raises(TypeError, match="torch.Generator or None, got int"):
+            cls(1.0, 3)

@@ -100,5 +100,99 @@ def test_labels_attribute_and_errors():
     class NoLabels(WithLabels):
         labels = None
 
-    with pytest.raises(DeephashError, match="neither .targets nor .labels"):
+    with pytest.raises(DeephashError, match=r"none of \.targets, \.labels"):
         SiameseDataset(NoLabels())
+
+
+class BareOldMNIST:
+    """torchvision's MNIST before 0.2.2 as the seed's wrappers read it: ``train_labels`` /
+    ``train_data`` on the training split, ``test_labels`` / ``test_data`` on the test split, no
+    ``targets``, ``labels`` or ``data``; uint8 images ``(N, H, W)`` whose pixel value is the index.
+    This bare object has no ``__getitem__``: the wrappers read ``*_data`` and ``transform``."""
+
+    def __init__(self, labels: np.ndarray, train: bool, transform=None) -> None:
+        self.train, self.transform = train, transform
+        self.prefix = "train" if train else "test"
+        images = torch.arange(len(labels), dtype=torch.uint8)[:, None, None].expand(-1, 2, 3).contiguous()
+        setattr(self, f"{self.prefix}_labels", torch.from_numpy(labels))
+        setattr(self, f"{self.prefix}_data", images)
+
+
+class OldMNIST(BareOldMNIST):
+    """The same with torchvision's ``__getitem__`` (float ``(1, H, W)``, int label) and ``__len__``."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return getattr(self, f"{self.prefix}_data")[i][None].float() / 255, int(getattr(self, f"{self.prefix}_labels")[i])
+
+    def __len__(self) -> int:
+        return len(getattr(self, f"{self.prefix}_labels"))
+
+
+def _check_partners(wrapper, labels: np.ndarray, kind: str) -> None:
+    for i in range(len(labels)):
+        images, target = wrapper[i]
+        idx = [index_of(x) for x in images]
+        assert idx[0] == i
+        if kind == "pairs":
+            assert target == int(labels[idx[0]] == labels[idx[1]])
+        else:
+            assert target == [] and labels[idx[1]] == labels[i] and labels[idx[2]] != labels[i]
+
+
+@pytest.mark.parametrize("getitem", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_wrappers_read_the_old_torchvision_attributes(train, getitem):
+    labels = np.random.default_rng(2).permutation(np.repeat(np.arange(3), 4))
+    old = (OldMNIST if getitem else BareOldMNIST)(labels, train=train)
+    assert not hasattr(old, "targets") and not hasattr(old, "labels") and not hasattr(old, "data")
+    pairs, triplets = SiameseMNIST(old, seed=0), TripletMNIST(old, seed=0)
+    assert pairs.train == train and len(pairs) == len(triplets) == len(labels)
+    for _ in range(5 if train else 1):
+        _check_partners(pairs, labels, "pairs")
+        _check_partners(triplets, labels, "triplets")
+    (x1, _), _ = pairs[0]
+    assert x1.shape == (1, 2, 3) and x1.dtype == torch.float32
+
+
+def test_wrapper_applies_the_datasets_transform_on_a_pillow_image_without_getitem():
+    from PIL import Image
+
+    labels = np.array([0, 0, 1, 1])
+    seen = []
+
+    def transform(image):
+        seen.append(image)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32))[None] / 255
+
+    old = BareOldMNIST(labels, train=False, transform=transform)
+    (a, p, n), _ = TripletCifar(old, seed=0)[3]
+    assert isinstance(seen[0], Image.Image) and seen[0].size == (3, 2)
+    assert index_of(a) == 3 and labels[index_of(p)] == 1 and labels[index_of(n)] == 0
+
+
+def test_wrappers_name_the_label_attributes_they_accept():
+    class Unlabelled:
+        train = True
+
+        def __getitem__(self, i):
+            return torch.zeros(1), 0
+
+        def __len__(self):
+            return 2
+
+    with pytest.raises(DeephashError, match=r"none of \.targets, \.labels, \.train_labels, \.test_labels"):
+        SiameseMNIST(Unlabelled())
+
+
+def test_array_dataset_exposes_the_old_torchvision_names_for_the_seeds_sampler():
+    from deephash import BalancedBatchSampler
+
+    for train in (True, False):
+        data = tiny(counts=(6, 6, 6), train=train)
+        for name in ("train_labels", "test_labels"):
+            assert getattr(data, name) is data.targets
+        assert data.train_data is data.data and data.test_data is data.data
+        sampler = BalancedBatchSampler(data.train_labels if train else data.test_labels, n_classes=3, n_samples=2,
+                                       generator=torch.Generator().manual_seed(0))
+        for batch in sampler:
+            assert sorted(np.bincount(data.targets[batch].numpy(), minlength=3).tolist()) == [2, 2, 2]

@@ -26,7 +26,7 @@ K = 5
 def playwright_api():
     """Playwright's ``(sync_playwright, expect)``; a missing browser or package fails with what to install."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium and chromium-driver packages (.ci/run does)")
+        pytest.fail(f"{CHROMIUM} not found: run make test as root (it installs it), or apt-get install chromium chromium-driver")
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:

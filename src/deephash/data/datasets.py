@@ -42,7 +42,8 @@ class ArrayDataset(torch.utils.data.Dataset):
         train: whether this is a training split (pair/triplet wrappers read it, as torchvision's).
 
     Attributes:
-        data: uint8 ``(N, C, H, W)``. targets / labels: int64 ``(N,)``.
+        data: uint8 ``(N, C, H, W)`` (also as ``train_data`` / ``test_data``, torchvision's older
+            names). targets / labels: int64 ``(N,)`` (also as ``train_labels`` / ``test_labels``).
     """
 
     def __init__(
@@ -73,6 +74,29 @@ class ArrayDataset(torch.utils.data.Dataset):
     def labels(self) -> torch.Tensor:
         """Alias of ``targets``: int64 ``(N,)``."""
         return self.targets
+
+    # torchvision's older MNIST / CIFAR names, which the seed's code reads (e.g.
+    # ``BalancedBatchSampler(train_dataset.train_labels, ...)``); like torchvision's later aliases,
+    # each answers for either split.
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """Alias of ``targets``: int64 ``(N,)``."""
+        return self.targets
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        """Alias of ``targets``: int64 ``(N,)``."""
+        return self.targets
+
+    @property
+    def train_data(self) -> torch.Tensor:
+        """Alias of ``data``: uint8 ``(N, C, H, W)``."""
+        return self.data
+
+    @property
+    def test_data(self) -> torch.Tensor:
+        """Alias of ``data``: uint8 ``(N, C, H, W)``."""
+        return self.data
 
     def __len__(self) -> int:
         return len(self.data)

@@ -2,6 +2,10 @@
 
 Selectors take ``(embeddings float (B, D), labels int64 (B,))``, compute squared Euclidean
 distances without gradients, and return int64 index tensors on the embeddings' device.
+
+The seed's ``cpu`` flag (``HardNegativePairSelector(cpu=True)``, ``RandomNegativeTripletSelector(
+margin, cpu=False)``, ...), which moved its numpy mining to the CPU, is accepted and ignored: mining
+here runs on the embeddings' device either way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,17 @@ from deephash.registry import Registry
 
 #: The selectors a config or a loss can name.
 SELECTORS: Registry[object] = Registry("selector")
+
+
+def _generator_or_seed_cpu_flag(
+    generator: torch.Generator | bool | None, cpu: bool
+) -> tuple[torch.Generator | None, bool]:
+    """``(generator, cpu)``: a bool passed where the generator goes is the seed's ``cpu`` flag."""
+    if isinstance(generator, bool):
+        return None, generator
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator, cpu
 
 
 class PairSelector:
@@ -48,7 +63,14 @@ class AllPositivePairSelector(PairSelector):
 
 @SELECTORS.register("hard-negative")
 class HardNegativePairSelector(PairSelector):
-    """Every same-label pair; the ``len(positives)`` closest different-label pairs."""
+    """Every same-label pair; the ``len(positives)`` closest different-label pairs.
+
+    Args:
+        cpu: the seed's flag, ignored (see the module docstring).
+    """
+
+    def __init__(self, cpu: bool = True) -> None:
+        self.cpu = cpu
 
     def get_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         labels = labels.to(embeddings.device)
@@ -88,10 +110,12 @@ class HardestNegativeTripletSelector(TripletSelector):
 
     Args:
         margin: hinge margin (squared distance units).
+        cpu: the seed's flag, ignored (see the module docstring).
     """
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, cpu: bool = False) -> None:
         self.margin = margin
+        self.cpu = cpu
 
     def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _triplets.hardest_negative_triplets(*self._distances(embeddings, labels), self.margin)
@@ -103,12 +127,14 @@ class RandomNegativeTripletSelector(TripletSelector):
 
     Args:
         margin: hinge margin (squared distance units).
-        generator: source of randomness; ``None`` uses torch's global one.
+        generator: source of randomness; ``None`` uses torch's global one. A bool here is the
+            seed's positional ``cpu`` flag and is ignored like ``cpu``.
+        cpu: the seed's flag, ignored (see the module docstring).
     """
 
-    def __init__(self, margin: float, generator: torch.Generator | None = None) -> None:
+    def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
         self.margin = margin
-        self.generator = generator
+        self.generator, self.cpu = _generator_or_seed_cpu_flag(generator, cpu)
 
     def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _triplets.random_negative_triplets(
@@ -122,12 +148,14 @@ class SemihardNegativeTripletSelector(TripletSelector):
 
     Args:
         margin: hinge margin (squared distance units).
-        generator: source of randomness; ``None`` uses torch's global one.
+        generator: source of randomness; ``None`` uses torch's global one. A bool here is the
+            seed's positional ``cpu`` flag and is ignored like ``cpu``.
+        cpu: the seed's flag, ignored (see the module docstring).
     """
 
-    def __init__(self, margin: float, generator: torch.Generator | None = None) -> None:
+    def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
         self.margin = margin
-        self.generator = generator
+        self.generator, self.cpu = _generator_or_seed_cpu_flag(generator, cpu)
 
     def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _triplets.semihard_negative_triplets(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deephash.errors import TrainingDiverged
+from deephash.errors import DeephashError, TrainingDiverged
 from deephash.train.callbacks import StopTraining
 from deephash.train.metrics import Metric
 
@@ -34,6 +34,28 @@ def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
         method = getattr(callback, hook, None)
         if method is not None:
             method(*args)
+
+
+def resolve_device(device: bool | str | torch.device) -> torch.device:
+    """The device ``fit`` moves batches to.
+
+    Args:
+        device: the seed's ``cuda`` flag (``True``: the first CUDA device, ``False``: the CPU), a
+            device string such as ``"cpu"`` or ``"cuda:1"``, or a ``torch.device``.
+
+    Raises:
+        DeephashError: ``True`` while no CUDA device is available.
+        TypeError: any other type (never cast silently: ``Tensor.to(True)`` would cast to bool).
+    """
+    if isinstance(device, bool):
+        if not device:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise DeephashError("cuda=True but no CUDA device is available; pass False or 'cpu' to train on the CPU")
+        return torch.device("cuda", 0)
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device)
+    raise TypeError(f"device must be a bool (the seed's cuda flag), a str or a torch.device, got {type(device).__name__}")
 
 
 def _prepare_batch(
@@ -104,7 +126,7 @@ def train_epoch(
     model: nn.Module,
     loss_fn: Any,
     optimizer: torch.optim.Optimizer,
-    device: torch.device | str,
+    device: bool | torch.device | str,
     log_interval: int,
     metrics: Sequence[Metric],
     epoch: int,
@@ -120,6 +142,7 @@ def train_epoch(
     Raises:
         TrainingDiverged: a loss or gradient is NaN/inf (checked before the optimizer step).
     """
+    device = resolve_device(device)
     for metric in metrics:
         metric.reset()
     _set_mode(model, loss_fn, True)
@@ -171,10 +194,11 @@ def evaluate_epoch(
     val_loader: Iterable,
     model: nn.Module,
     loss_fn: Any,
-    device: torch.device | str,
+    device: bool | torch.device | str,
     metrics: Sequence[Metric],
 ) -> float:
     """Mean batch loss over ``val_loader`` in eval mode, without gradients; updates ``metrics``."""
+    device = resolve_device(device)
     for metric in metrics:
         metric.reset()
     _set_mode(model, loss_fn, False)
@@ -216,7 +240,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     n_epochs: int,
-    device: torch.device | str,
+    device: bool | torch.device | str,
     log_interval: int,
     metrics: Sequence[Metric] = (),
     start_epoch: int = 0,
@@ -245,7 +269,8 @@ def fit(
         optimizer: stepped once per batch.
         scheduler: an LR scheduler stepped once per epoch after training, or ``None``.
         n_epochs: total number of epochs (including those before ``start_epoch``).
-        device: where batches are moved.
+        device: where batches are moved: a str or ``torch.device``, or the seed's ``cuda`` bool
+            (``True``: the first CUDA device, ``False``: the CPU).
         log_interval: steps between ``on_step_end`` calls (and reads of the loss).
         metrics: seed-style metrics, reported under ``name()`` (train) and ``"val_" + name()``.
         start_epoch: first epoch to run (0-based; a checkpoint's ``"epoch"`` on resume).
@@ -260,7 +285,10 @@ def fit(
 
     Raises:
         TrainingDiverged: a loss or gradient became NaN/inf; the message names epoch and step.
+        DeephashError: ``device`` is ``True`` and no CUDA device is available.
+        TypeError: ``device`` is neither a bool, a str nor a ``torch.device``.
     """
+    device = resolve_device(device)
     history: list[dict] = []
     try:
         for epoch in range(start_epoch, n_epochs):
