@@ -2,7 +2,7 @@
 
 Training steps (forward + backward + AdamW, batch 128) and encoding (inference, batch 1024) of
 fmnist-cnn and seed-cnn, in one process, default NCHW layout against channels-last parameters and
-inputs (what ``deephash.experiment.fast_layout`` does on the CPU). Then the Fashion-MNIST recipe's
+inputs (what ``deephash.experiment.channels_last_on_cpu`` does on the CPU). Then the Fashion-MNIST recipe's
 network (width 24, fc 256) with its three stage layouts, all channels-last: max-pool after
 BatchNorm + ReLU, ``pool_first`` and the ``space-to-depth`` stem; then the recipe networks
 themselves (with their aux classifier and batch size: the previous one, the shipped one and the
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from deephash.models import fast_layout
+from deephash.models import channels_last_on_cpu
 from deephash.models import build_model
 
 SPECS = {
@@ -35,7 +35,7 @@ def images_per_second(spec: dict, channels_last: bool, batch: int = 128) -> tupl
     torch.manual_seed(0)
     model = build_model(spec)
     if channels_last:
-        fast_layout(model)
+        channels_last_on_cpu(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.rand(batch, 1, 28, 28)
     steps = max(6144 // batch, 4)

@@ -103,7 +103,7 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
     `deephash encode` runs it (the whole model: normalisation, backbone, aux head and posterior
     codes as the config sets them; channels-last)."""
     from deephash.config import load_config
-    from deephash.models import fast_layout
+    from deephash.models import channels_last_on_cpu
     from deephash.runs.components import build_loss
     from deephash.models import build_model
     from deephash.models.registry import create_backbone, list_backbones
@@ -120,7 +120,7 @@ def encoding_rows(batch: int, batches: int) -> list[dict]:
     model = build_model(config.model)
     if config.model.code_rule == "posterior":  # as training sets them: the CSQ loss's class centers
         model.set_code_centers(build_loss(config, config.model.aux_classes).loss.centers)
-    model = fast_layout(model).eval()
+    model = channels_last_on_cpu(model).eval()
     rows.append({"name": f"{config_name} (whole model)", "input": "1x28x28",
                  "images_per_s": _encode_rate(model, 1, 28, batch, batches)})
     print(rows[-1], flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from deephash.config import Config
-from deephash.models import fast_layout
+from deephash.models import channels_last_on_cpu
 from deephash.runs import encode, load_run, load_split
 from deephash.runs.components import build_loss
 from deephash.models import build_model, model_spec
@@ -42,7 +42,7 @@ def with_rule(model: torch.nn.Module, config: Config, rule: str, temperature: fl
     if rule == "posterior":
         rebuilt.set_code_centers(build_loss(config, int(spec["aux_classes"])).loss.centers)
     rebuilt.classes = getattr(model, "classes", [])
-    return fast_layout(rebuilt).eval()
+    return channels_last_on_cpu(rebuilt).eval()
 
 
 def rows(run: Path, temperatures: list[float]) -> list[dict]:

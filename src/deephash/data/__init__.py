@@ -11,7 +11,7 @@ from deephash.data.datasets import (
     load_dataset,
 )
 from deephash.data.loader import BatchLoader
-from deephash.data.pairs import SiameseDataset, SiameseMNIST, TripletCifar, TripletDataset, TripletMNIST
+from deephash.data.siamese import SiameseDataset, SiameseMNIST, TripletCifar, TripletDataset, TripletMNIST
 from deephash.data.samplers import BalancedBatchSampler, BalancedBatchSamplerCifar, DistributedBalancedBatchSampler
 from deephash.data.images import list_image_folder, read_image
 from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx

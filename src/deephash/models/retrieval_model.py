@@ -15,7 +15,7 @@ from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
 
-__all__ = ["CODE_RULES", "RetrievalModel", "build_model", "fast_layout", "model_spec"]
+__all__ = ["CODE_RULES", "RetrievalModel", "build_model", "channels_last_on_cpu", "model_spec"]
 
 #: How a model in eval mode turns backbone features into ±1 codes: ``rule(model, features)``.
 CODE_RULES: Registry[torch.Tensor] = Registry("code rule")
@@ -43,7 +43,7 @@ class RetrievalModel(nn.Module):
 
     code_centers: torch.Tensor
 
-    channels_last: bool = False  # set by fast_layout along with the parameters' layout
+    channels_last: bool = False  # set by channels_last_on_cpu along with the parameters' layout
 
     def __init__(
         self,
@@ -103,7 +103,7 @@ class RetrievalModel(nn.Module):
         """Backbone features of [0, 1] images: float (B, F).
 
         Images follow the layout of the model's parameters: a model moved to channels-last
-        memory (:func:`fast_layout`) gets channels-last inputs.
+        memory (:func:`channels_last_on_cpu`) gets channels-last inputs.
         """
         x = self.normalize(x)
         if x.dim() == 4 and self.channels_last:
@@ -184,7 +184,7 @@ def model_spec(model: RetrievalModel) -> dict[str, Any]:
     return model.spec.to_dict()
 
 
-def fast_layout(model: nn.Module) -> nn.Module:
+def channels_last_on_cpu(model: nn.Module) -> nn.Module:
     """The model in channels-last memory layout when it lives on the CPU (in place; returned).
 
     oneDNN's CPU convolutions run faster on NHWC tensors: measured here, fmnist-cnn trains about

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deephash.errors import DeephashError, TrainingDiverged
+from deephash.devices import resolve_device
+from deephash.errors import TrainingDiverged
 from deephash.train.callbacks import StopTraining
 from deephash.train.metrics import Metric
 
@@ -34,28 +35,6 @@ def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
         method = getattr(callback, hook, None)
         if method is not None:
             method(*args)
-
-
-def resolve_device(device: bool | str | torch.device) -> torch.device:
-    """The device ``fit`` moves batches to.
-
-    Args:
-        device: the seed's ``cuda`` flag (``True``: the first CUDA device, ``False``: the CPU), a
-            device string such as ``"cpu"`` or ``"cuda:1"``, or a ``torch.device``.
-
-    Raises:
-        DeephashError: ``True`` while no CUDA device is available.
-        TypeError: any other type (never cast silently: ``Tensor.to(True)`` would cast to bool).
-    """
-    if isinstance(device, bool):
-        if not device:
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise DeephashError("cuda=True but no CUDA device is available; pass False or 'cpu' to train on the CPU")
-        return torch.device("cuda", 0)
-    if isinstance(device, (str, torch.device)):
-        return torch.device(device)
-    raise TypeError(f"device must be a bool (the seed's cuda flag), a str or a torch.device, got {type(device).__name__}")
 
 
 def _prepare_batch(

@@ -1,0 +1,143 @@
+"""What several test modules share: tiny data in the real on-disk formats, seeded batches, a live server.
+
+Importable from every test folder (``pythonpath = ["tests"]`` in pyproject.toml); fixtures built
+on these live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+#: IDX type codes of the numpy dtypes the format knows.
+IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+
+
+def idx_bytes(array: np.ndarray, code: int | None = None) -> bytes:
+    """The IDX format written by hand: 0, 0, type code, ndim, big-endian uint32 dims, big-endian data.
+
+    ``code`` defaults to the array's dtype's code; another one writes a header that lies.
+    """
+    code = IDX_CODES[array.dtype.type] if code is None else code
+    head = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return head + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A gzipped uint8 IDX file (as Fashion-MNIST ships)."""
+    path.write_bytes(gzip.compress(idx_bytes(np.asarray(array).astype(np.uint8))))
+
+
+def tiny_fashion_mnist(root: Path, n_classes: int = 3, per_class_train: int = 16,
+                       per_class_test: int = 8, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST's four IDX files under ``root``: classes of 28x28 noise, each with a bright
+    band of its own rows (easy to learn). Returns ``{"train", "test"}: (uint8 images, int64 labels)``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for prefix, per_class in (("train", per_class_train), ("t10k", per_class_test)):
+        labels = rng.permutation(np.repeat(np.arange(n_classes), per_class))
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for c in range(n_classes):
+            images[labels == c, 3 + 8 * c: 9 + 8 * c, 4:24] += 180
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        data["train" if prefix == "train" else "test"] = (images.astype(np.uint8), labels.astype(np.int64))
+    return data
+
+
+def labelled_batch(n_classes: int = 4, n_samples: int = 5, dim: int = 3, seed: int = 0,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 embeddings ``(P*K, dim)`` of ``scale`` · N(0, 1) and int64 labels, K per class, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(n_samples)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    return torch.randn(len(labels), dim, generator=g, dtype=torch.float64) * scale, labels
+
+
+def squared_distance(e: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """``|e_i - e_j|^2`` by a plain loop over coordinates (a 0-d tensor that keeps autograd): the
+    oracle the miners and losses are checked against."""
+    return sum((e[i, k] - e[j, k]) ** 2 for k in range(e.shape[1]))
+
+
+def gaussian_blobs(n_classes: int, n_per_class: int, dim: int, seed: int, spread: float = 3.0,
+                   shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable Gaussian blobs around fixed random centers (``spread`` · N(0, 1), seed 100):
+    float32 ``(N, dim)``, int64 ``(N,)``; shuffled with ``seed`` unless ``shuffle`` is False."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(100)) * spread
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = centers[y] + torch.randn(len(y), dim, generator=gen)
+    if not shuffle:
+        return x, y
+    perm = torch.randperm(len(y), generator=gen)
+    return x[perm], y[perm]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(index_dir: Path, run_dir: Path, log: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m deephash serve`` on a free loopback port; wait until /healthz answers."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), "--run", str(run_dir),
+                                 "--host", "127.0.0.1", "--port", str(port), *extra],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    pytest.fail(f"server did not answer /healthz within 120 s: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server, killing it when it does not stop within 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def playwright_api(chromium: str | None = None):
+    """Playwright's ``(sync_playwright, expect)``; a missing browser or package fails (never skips)
+    with what to install."""
+    chromium = chromium or CHROMIUM
+    if not Path(chromium).exists():
+        pytest.fail(f"{chromium} not found: run make test as root (it installs it), or apt-get install chromium chromium-driver")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("the playwright Python package is missing: pip install playwright (a dev dependency)")
+    return sync_playwright, expect
