@@ -17,6 +17,7 @@ from deephash.distances import pairwise_distances
 from deephash.errors import DeephashError
 from deephash.losses import (
     ContrastiveLoss,
+    CrossBatchMemory,
     CSQLoss,
     DSHLoss,
     DTSHLoss,
@@ -62,6 +63,7 @@ __all__ = [
     "BatchLoader",
     "ClassificationNet",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "CSQLoss",
     "DSHLoss",
     "DTSHLoss",

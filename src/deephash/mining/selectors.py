@@ -2,6 +2,13 @@
 
 Selectors take ``(embeddings float (B, D), labels int64 (B,))``, compute squared Euclidean
 distances without gradients, and return int64 index tensors on the embeddings' device.
+
+Given a memory as well (``memory`` float ``(M, D)``, ``memory_labels`` int64 ``(M,)``, e.g. the
+queue of `deephash.losses.CrossBatchMemory`), they mine the rectangular case of
+`deephash.mining.triplets`: anchors are the B batch rows, positives and negatives are columns of
+batch ∪ memory, indexed ``0..B-1`` for the batch and ``B + slot`` for the memory. Every anchor
+pairs with every other same-label column (so two batch items of a label give two pairs, one per
+anchor, not only ``a < p``); no anchor is its own positive.
 """
 
 from __future__ import annotations
@@ -14,16 +21,64 @@ from deephash.mining import pairs as _pairs
 from deephash.mining import triplets as _triplets
 
 
-class PairSelector:
-    """Chooses positive and negative pairs within a batch."""
+def memory_columns(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    memory: torch.Tensor | None,
+    memory_labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared distances from the batch to batch ∪ memory, without gradients, and column labels.
 
-    def get_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(positive_pairs int64 (P, 2), negative_pairs int64 (Q, 2))``, ``i < j``."""
+    Args:
+        embeddings: float ``(B, D)``; labels: int64 ``(B,)`` (on the embeddings' device).
+        memory: float ``(M, D)`` or ``None``; memory_labels: int64 ``(M,)`` or ``None``.
+
+    Returns:
+        ``(distances, column_labels)``: float ``(B, B)`` and ``None`` without a memory, else float
+        ``(B, B + M)`` (the batch block equal to the square matrix, diagonal 0) and int64 ``(B + M,)``.
+    """
+    with torch.no_grad():
+        embeddings = embeddings.detach()
+        square = squared_euclidean(embeddings)
+        if memory is None:
+            return square, None
+        check_memory(embeddings, memory, memory_labels)
+        memory = memory.detach().to(embeddings.dtype)
+        distances = torch.cat((square, squared_euclidean(embeddings, memory)), dim=1)
+        return distances, torch.cat((labels, memory_labels.to(labels.device)))
+
+
+def check_memory(embeddings: torch.Tensor, memory: torch.Tensor, memory_labels: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``memory`` is ``(M, D)`` for ``(B, D)`` embeddings with ``(M,)`` labels."""
+    if memory_labels is None:
+        raise ValueError("a memory needs its labels: pass memory_labels int64 (M,)")
+    if memory.ndim != 2 or memory.shape[1] != embeddings.shape[1] or memory_labels.shape != memory.shape[:1]:
+        raise ValueError(
+            f"memory must be (M, {embeddings.shape[1]}) with labels (M,), got {tuple(memory.shape)} "
+            f"and {tuple(memory_labels.shape)}"
+        )
+
+
+class PairSelector:
+    """Chooses positive and negative pairs within a batch (or from the batch to batch ∪ memory)."""
+
+    def get_pairs(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(positive_pairs int64 (P, 2), negative_pairs int64 (Q, 2))``: ``i < j``, or
+        ``(anchor, column)`` given a memory (see the module)."""
         raise NotImplementedError
 
 
 class AllPositivePairSelector(PairSelector):
     """Every same-label pair; as many random different-label pairs (all of them if not ``balance``).
+
+    With a memory: every ``(anchor, column)`` of one label, ``column != anchor``; the negatives a
+    uniform sample (without replacement) of the ``(anchor, column)`` pairs of different labels.
 
     Args:
         balance: sample ``len(positives)`` negatives instead of taking all.
@@ -34,46 +89,90 @@ class AllPositivePairSelector(PairSelector):
         self.balance = balance
         self.generator = generator
 
-    def get_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_pairs(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         labels = labels.to(embeddings.device)
-        positives = _pairs.all_positive_pairs(labels)
+        columns = None
+        if memory is not None:
+            check_memory(embeddings, memory, memory_labels)
+            columns = torch.cat((labels, memory_labels.to(labels.device)))
+        positives = _pairs.all_positive_pairs(labels, columns)
         if not self.balance:
-            return positives, _pairs.all_negative_pairs(labels)
-        return positives, _pairs.random_negative_pairs(labels, len(positives), self.generator)
+            return positives, _pairs.all_negative_pairs(labels, columns)
+        return positives, _pairs.random_negative_pairs(labels, len(positives), self.generator, columns)
 
 
 class HardNegativePairSelector(PairSelector):
-    """Every same-label pair; the ``len(positives)`` closest different-label pairs."""
+    """Every same-label pair; the ``len(positives)`` closest different-label pairs.
 
-    def get_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    With a memory: every ``(anchor, column)`` of one label, ``column != anchor``, and the as many
+    closest ``(anchor, column)`` pairs of different labels (an in-batch pair is one per anchor).
+    """
+
+    def get_pairs(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         labels = labels.to(embeddings.device)
-        with torch.no_grad():
-            distances = squared_euclidean(embeddings.detach())
-        positives = _pairs.all_positive_pairs(labels)
-        return positives, _pairs.hardest_negative_pairs(distances, labels, len(positives))
+        distances, columns = memory_columns(embeddings, labels, memory, memory_labels)
+        positives = _pairs.all_positive_pairs(labels, columns)
+        return positives, _pairs.hardest_negative_pairs(distances, labels, len(positives), columns)
 
 
 class TripletSelector:
-    """Chooses ``(anchor, positive, negative)`` triplets within a batch."""
+    """Chooses ``(anchor, positive, negative)`` triplets within a batch (or from a memory too)."""
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return int64 ``(N, 3)`` triplets on the embeddings' device."""
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return int64 ``(N, 3)`` triplets on the embeddings' device; given a memory, positive
+        and negative index columns of batch ∪ memory (see the module)."""
         raise NotImplementedError
 
-    def _distances(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            return squared_euclidean(embeddings.detach()), labels.to(embeddings.device)
+    def _distances(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(distances (B, B) or (B, B + M), labels (B,), column_labels None or (B + M,))``."""
+        labels = labels.to(embeddings.device)
+        distances, columns = memory_columns(embeddings, labels, memory, memory_labels)
+        return distances, labels, columns
 
 
 class AllTripletSelector(TripletSelector):
     """Every ``(a, p, n)`` with ``a < p`` of one label and ``n`` of another.
 
-    ``OnlineTripletLoss`` never asks for this O(B^3) list: it sums the hinges with sorted
-    distances and prefix sums instead.
+    ``OnlineTripletLoss`` never asks for this O(B^3) list (O(B·(B+M)²) with a memory): it sums
+    the hinges with sorted distances and prefix sums instead.
     """
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _triplets.all_triplets(labels.to(embeddings.device))
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        labels = labels.to(embeddings.device)
+        if memory is None:
+            return _triplets.all_triplets(labels)
+        check_memory(embeddings, memory, memory_labels)
+        return _triplets.all_triplets(labels, torch.cat((labels, memory_labels.to(labels.device))))
 
 
 class HardestNegativeTripletSelector(TripletSelector):
@@ -86,8 +185,15 @@ class HardestNegativeTripletSelector(TripletSelector):
     def __init__(self, margin: float) -> None:
         self.margin = margin
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _triplets.hardest_negative_triplets(*self._distances(embeddings, labels), self.margin)
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+        return _triplets.hardest_negative_triplets(distances, labels, self.margin, columns)
 
 
 class RandomNegativeTripletSelector(TripletSelector):
@@ -102,10 +208,15 @@ class RandomNegativeTripletSelector(TripletSelector):
         self.margin = margin
         self.generator = generator
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _triplets.random_negative_triplets(
-            *self._distances(embeddings, labels), self.margin, self.generator
-        )
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+        return _triplets.random_negative_triplets(distances, labels, self.margin, self.generator, columns)
 
 
 class SemihardNegativeTripletSelector(TripletSelector):
@@ -120,17 +231,29 @@ class SemihardNegativeTripletSelector(TripletSelector):
         self.margin = margin
         self.generator = generator
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _triplets.semihard_negative_triplets(
-            *self._distances(embeddings, labels), self.margin, self.generator
-        )
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+        return _triplets.semihard_negative_triplets(distances, labels, self.margin, self.generator, columns)
 
 
 class BatchHardTripletSelector(TripletSelector):
     """Per anchor with a positive and a negative: its farthest positive and nearest negative."""
 
-    def get_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _triplets.batch_hard_triplets(*self._distances(embeddings, labels))
+    def get_triplets(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+        return _triplets.batch_hard_triplets(distances, labels, columns)
 
 
 SELECTORS: dict[str, type] = {
