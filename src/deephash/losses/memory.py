@@ -99,7 +99,10 @@ class CrossBatchMemory(nn.Module):
         self._follow(embeddings)
         active = self.step >= self.warmup_steps
         if active and self.filled > 0:
-            loss = self.loss(embeddings, labels, self.memory[: self.filled], self.memory_labels[: self.filled])
+            # a copy: the loss's graph keeps the memory (for the batch's gradient), and the
+            # enqueue below writes into the buffer before backward runs
+            memory = self.memory[: self.filled].clone()
+            loss = self.loss(embeddings, labels, memory, self.memory_labels[: self.filled].clone())
         else:
             loss = self.loss(embeddings, labels)
         if active:
