@@ -318,7 +318,7 @@ def test_online_contrastive_loss_with_memory_matches_brute_force(case, name) -> 
 @pytest.mark.parametrize("name", ["hardest", "random", "semihard", "batch-hard"])
 def test_dtsh_with_memory_matches_brute_force(case, name) -> None:
     (e, labels, m, ml), margin = CASES[case]
-    u, um = torch.tanh(e), torch.tanh(m)
+    u, um = 0.75 * e, 0.75 * m  # relaxed codes; ±0.75 codes keep integer-multiple (tied) distances exact
     alpha, weight = 0.5, 0.3
     loss = DTSHLoss(_selector(name, margin, seed=2), alpha=alpha, quantization_weight=weight)
     value, grad = _value_and_grad(lambda x, mem: loss(x, labels, mem, ml), u, um)
@@ -491,6 +491,23 @@ def test_bad_arguments_are_refused() -> None:
     state["_extra_state"] = {"pointer": 9, "filled": 0, "step": 0}
     with pytest.raises(ConfigError, match="does not fit"):
         xbm.load_state_dict(state)
+
+
+def test_wrapped_loss_attributes_pass_through_for_schedules() -> None:
+    from deephash.losses import LinearRamp
+
+    dtsh = DTSHLoss("batch-hard", quantization_weight=1.0)
+    xbm = CrossBatchMemory(dtsh, 8, 4)
+    xbm.quantization_weight = 0.25
+    assert dtsh.quantization_weight == 0.25 and xbm.quantization_weight == 0.25
+    assert "quantization_weight" not in xbm.__dict__
+    xbm.pointer = 3  # the wrapper's own attributes stay its own
+    assert xbm.pointer == 3 and not hasattr(dtsh, "pointer")
+    with pytest.raises(AttributeError):
+        xbm.no_such_attribute
+    ramp = LinearRamp("quantization_weight", 0.0, 1.0, epochs=4)
+    ramp.apply(xbm, 2, 4)
+    assert dtsh.quantization_weight == pytest.approx(0.5)
 
 
 def test_half_precision_embeddings_keep_a_float32_memory() -> None:

@@ -40,6 +40,9 @@ class CrossBatchMemory(nn.Module):
     With the memory, an in-batch anchor-positive (or contrastive) pair appears once per anchor,
     i.e. in both orders, unlike the batch alone's ``a < p`` (see `deephash.mining.triplets`).
 
+    The wrapped loss's attributes (``margin``, ``quantization_weight``, ...) are read and written
+    through the wrapper, so weight schedules apply to it unchanged.
+
     Args:
         loss: an ``OnlineTripletLoss`` (any selector), ``OnlineContrastiveLoss`` (``all-positive``
             or ``hard-negative``) or ``DTSHLoss`` (any selector but ``all``, whose O(B·(B+M)²)
@@ -67,7 +70,6 @@ class CrossBatchMemory(nn.Module):
                 f"CrossBatchMemory needs memory_size >= 1, embedding_dim >= 1 and warmup_steps >= 0, got "
                 f"{memory_size}, {embedding_dim}, {warmup_steps}"
             )
-        self.loss = loss
         self.memory_size = int(memory_size)
         self.embedding_dim = int(embedding_dim)
         self.warmup_steps = int(warmup_steps)
@@ -76,6 +78,23 @@ class CrossBatchMemory(nn.Module):
         self.pointer = 0
         self.filled = 0
         self.step = 0
+        self.loss = loss  # last: from here on, unknown attributes are the loss's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("loss")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        inner = self.__dict__.get("_modules", {}).get("loss")
+        if inner is not None and name not in self.__dict__ and not hasattr(type(self), name) and hasattr(inner, name):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def num_selected(self) -> int | torch.Tensor:

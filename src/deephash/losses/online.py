@@ -15,17 +15,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deephash.distances import squared_euclidean
+from deephash.errors import DeephashError
 from deephash.losses.metric import contrastive_from_squared, upcast_half
 from deephash.losses.registry import register_loss
 from deephash.mining.pairs import negative_mask, positive_mask
 from deephash.mining.selectors import (
     SELECTORS,
-    check_memory,
     AllTripletSelector,
     PairSelector,
     TripletSelector,
+    check_memory,
     create_selector,
+    memory_squared_distances,
 )
+from deephash.mining.triplets import count_below
 
 
 class OnlineContrastiveLoss(nn.Module):
@@ -150,26 +153,13 @@ def pair_squared_distances(
     return (embeddings[first] - columns[second]).pow(2).sum(1)
 
 
-def memory_squared_distances(embeddings: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """Squared distances, with gradients into ``embeddings`` only, from the batch to batch ∪ memory.
-
-    Args:
-        embeddings: float ``(B, D)``.
-        memory: float ``(M, D)`` (detached).
-
-    Returns:
-        float ``(B, B + M)``: the square ``(B, B)`` matrix (diagonal exactly 0) beside ``(B, M)``.
-    """
-    return torch.cat((squared_euclidean(embeddings), squared_euclidean(embeddings, memory)), dim=1)
-
-
 def _columns_memory(
     embeddings: torch.Tensor, memory: torch.Tensor | None, memory_labels: torch.Tensor | None
 ) -> torch.Tensor | None:
     """The memory checked, detached, on the embeddings' device and dtype (or ``None``)."""
     if memory is None:
         if memory_labels is not None:
-            raise ValueError("memory_labels given without memory")
+            raise DeephashError("memory_labels given without memory")
         return None
     check_memory(embeddings, memory, memory_labels)
     return memory.detach().to(embeddings.device, embeddings.dtype)
@@ -210,12 +200,10 @@ def batch_all_triplet_loss(
     """
     labels = labels.to(embeddings.device)
     memory = _columns_memory(embeddings, memory, memory_labels)
-    if memory is None:
-        distances, columns = squared_euclidean(embeddings), None
-    else:
-        distances = memory_squared_distances(embeddings, memory)
-        columns = torch.cat((labels, memory_labels.to(labels.device)))
-    positives, negatives = positive_mask(labels, columns), negative_mask(labels, columns)
+    if memory is not None:
+        return _memory_all_triplet_loss(embeddings, labels, margin, memory, memory_labels)
+    distances = squared_euclidean(embeddings)
+    positives, negatives = positive_mask(labels), negative_mask(labels)
     with torch.no_grad():
         padded, order = torch.sort(distances.masked_fill(~negatives, float("inf")), dim=1)
         thresholds = distances + margin
@@ -225,6 +213,28 @@ def batch_all_triplet_loss(
     hinge_sums = count * (distances.double() + margin) - prefix.gather(1, count)
     total = (positives.sum(dim=1) * negatives.sum(dim=1)).sum()
     loss = hinge_sums.masked_fill(~positives, 0).sum() / total.clamp(min=1)
+    return loss.to(embeddings.dtype), total
+
+
+def _memory_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float, memory: torch.Tensor, memory_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_all_triplet_loss` over batch ∪ memory; only the P anchor-positive pairs are searched
+    and summed (not all B·(B+M) entries), and no mask is needed after the sort: an anchor's count
+    never reaches past its negatives (the ``inf`` tail)."""
+    columns = torch.cat((labels, memory_labels.to(labels.device)))
+    distances = memory_squared_distances(embeddings, memory)
+    positives, negatives = positive_mask(labels, columns), negative_mask(labels, columns)
+    with torch.no_grad():
+        padded, order = torch.sort(distances.masked_fill(~negatives, float("inf")), dim=1)
+        anchor, positive = positives.nonzero(as_tuple=True)
+        count = count_below(padded, anchor, distances[anchor, positive] + margin, side="left")
+        del padded
+    prefix = distances.gather(1, order).double().cumsum(dim=1)
+    below = torch.where(count > 0, prefix[anchor, (count - 1).clamp(min=0)], 0.0)
+    hinge_sums = count * (distances[anchor, positive].double() + margin) - below
+    total = (positives.sum(dim=1) * negatives.sum(dim=1)).sum()
+    loss = hinge_sums.sum() / total.clamp(min=1)
     return loss.to(embeddings.dtype), total
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from deephash.errors import DeephashError
+
 
 def positive_mask(labels: torch.Tensor, column_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Same-label pairs ``i < j`` (square), or ``(anchor, column)`` with ``column != anchor``.
@@ -52,13 +54,13 @@ def negative_mask(labels: torch.Tensor, column_labels: torch.Tensor | None = Non
 
 
 def check_columns(labels: torch.Tensor, column_labels: torch.Tensor, distances: torch.Tensor | None = None) -> None:
-    """Raise ``ValueError`` unless the rectangular case's shapes fit: ``column_labels`` ``(B + M,)``
+    """Raise ``DeephashError`` unless the rectangular case's shapes fit: ``column_labels`` ``(B + M,)``
     starting with the B ``labels``, ``distances`` ``(B, B + M)``. Shapes only: no device sync."""
     size, columns = len(labels), len(column_labels)
     if columns < size:
-        raise ValueError(f"column_labels has {columns} entries, fewer than the {size} anchors (batch first)")
+        raise DeephashError(f"column_labels has {columns} entries, fewer than the {size} anchors (batch first)")
     if distances is not None and tuple(distances.shape) != (size, columns):
-        raise ValueError(f"distances must be ({size}, {columns}) for {size} anchors, got {tuple(distances.shape)}")
+        raise DeephashError(f"distances must be ({size}, {columns}) for {size} anchors, got {tuple(distances.shape)}")
 
 
 @torch.no_grad()

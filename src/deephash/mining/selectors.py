@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from deephash.distances import squared_euclidean
-from deephash.errors import ConfigError
+from deephash.errors import ConfigError, DeephashError
 from deephash.mining import pairs as _pairs
 from deephash.mining import triplets as _triplets
 
@@ -39,21 +39,40 @@ def memory_columns(
     """
     with torch.no_grad():
         embeddings = embeddings.detach()
-        square = squared_euclidean(embeddings)
         if memory is None:
-            return square, None
+            return squared_euclidean(embeddings), None
         check_memory(embeddings, memory, memory_labels)
-        memory = memory.detach().to(embeddings.dtype)
-        distances = torch.cat((square, squared_euclidean(embeddings, memory)), dim=1)
+        distances = memory_squared_distances(embeddings, memory.detach().to(embeddings.dtype))
         return distances, torch.cat((labels, memory_labels.to(labels.device)))
 
 
+def memory_squared_distances(embeddings: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances from the batch to batch ∪ memory, by the Gram trick, clamped at 0.
+
+    One matrix product over the columns ``cat(embeddings, memory)``; gradients (if any) flow into
+    ``embeddings`` through both the rows and the batch's columns, none into a detached memory.
+
+    Args:
+        embeddings: float ``(B, D)``.
+        memory: float ``(M, D)``, same dtype.
+
+    Returns:
+        float ``(B, B + M)``; the batch block's diagonal is exactly 0.
+    """
+    columns = torch.cat((embeddings, memory))
+    rows_sq = embeddings.pow(2).sum(1)
+    distances = torch.addmm(columns.pow(2).sum(1)[None, :], embeddings, columns.T, alpha=-2)
+    distances = distances.add_(rows_sq[:, None]).clamp_(min=0)
+    distances.diagonal().zero_()
+    return distances
+
+
 def check_memory(embeddings: torch.Tensor, memory: torch.Tensor, memory_labels: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` unless ``memory`` is ``(M, D)`` for ``(B, D)`` embeddings with ``(M,)`` labels."""
+    """Raise ``DeephashError`` unless ``memory`` is ``(M, D)`` for ``(B, D)`` embeddings with ``(M,)`` labels."""
     if memory_labels is None:
-        raise ValueError("a memory needs its labels: pass memory_labels int64 (M,)")
+        raise DeephashError("a memory needs its labels: pass memory_labels int64 (M,)")
     if memory.ndim != 2 or memory.shape[1] != embeddings.shape[1] or memory_labels.shape != memory.shape[:1]:
-        raise ValueError(
+        raise DeephashError(
             f"memory must be (M, {embeddings.shape[1]}) with labels (M,), got {tuple(memory.shape)} "
             f"and {tuple(memory_labels.shape)}"
         )

@@ -119,7 +119,7 @@ def random_negative_triplets(
         check_columns(labels, column_labels, distances)
     values, order = sorted_negative_distances(distances, labels, column_labels)
     anchor, positive, d_ap = _pairs_with_distances(distances, labels, column_labels)
-    end = _count_below(values, anchor, d_ap + margin, side="left")
+    end = count_below(values, anchor, d_ap + margin, side="left")
     return _sample_ranges(order, anchor, positive, torch.zeros_like(end), end, generator)
 
 
@@ -151,8 +151,8 @@ def semihard_negative_triplets(
         check_columns(labels, column_labels, distances)
     values, order = sorted_negative_distances(distances, labels, column_labels)
     anchor, positive, d_ap = _pairs_with_distances(distances, labels, column_labels)
-    start = _count_below(values, anchor, d_ap, side="right")
-    end = _count_below(values, anchor, d_ap + margin, side="left")
+    start = count_below(values, anchor, d_ap, side="right")
+    end = count_below(values, anchor, d_ap + margin, side="left")
     return _sample_ranges(order, anchor, positive, start, end, generator)
 
 
@@ -191,7 +191,7 @@ def _pairs_with_distances(
     return anchor, positive, distances[anchor, positive]
 
 
-def _count_below(values: torch.Tensor, anchor: torch.Tensor, queries: torch.Tensor, side: str) -> torch.Tensor:
+def count_below(values: torch.Tensor, anchor: torch.Tensor, queries: torch.Tensor, side: str) -> torch.Tensor:
     """``searchsorted(values[anchor[i]], queries[i], side)`` for every i, in one batched call.
 
     Only the P queries are searched (not all B² pairs): they are laid out in a ``(B, m)`` matrix,
