@@ -442,6 +442,17 @@ def test_memory_of_one_class_same_as_batch_gives_exact_zero() -> None:
             assert value.item() == 0.0 and torch.all(x.grad == 0) and int(xbm.num_selected) == 0
 
 
+@pytest.mark.parametrize("name", TRIPLET_SELECTORS)
+def test_no_positive_anywhere_gives_exact_zero(name) -> None:
+    """Singleton labels in the batch, other labels in the memory: no anchor has a positive."""
+    e, m = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    loss = OnlineTripletLoss(MARGIN, _selector(name, MARGIN))
+    x = e.clone().requires_grad_(True)
+    value = loss(x, torch.arange(5), m, torch.arange(10, 14))
+    value.backward()
+    assert value.item() == 0.0 and torch.all(x.grad == 0) and int(loss.num_selected) == 0
+
+
 @pytest.mark.parametrize("name", ["all", "semihard", "random", "all-positive"])
 def test_state_dict_round_trip_resumes_exactly(name) -> None:
     """Save after 4 of 7 steps (through torch.save and a weights_only load, as checkpoints do), load
