@@ -176,6 +176,8 @@ class TripletSelector:
 class AllTripletSelector(TripletSelector):
     """Every ``(a, p, n)`` with ``a < p`` of one label and ``n`` of another.
 
+    With a memory: every batch anchor ``a``, column ``p != a`` of its label, column ``n`` of another.
+
     ``OnlineTripletLoss`` never asks for this O(B^3) list (O(B·(B+M)²) with a memory): it sums
     the hinges with sorted distances and prefix sums instead.
     """
@@ -197,6 +199,9 @@ class AllTripletSelector(TripletSelector):
 class HardestNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, the negative with the largest ``d_ap - d_an + margin``, if > 0.
 
+    With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, ``a``'s nearest
+    negative column in batch ∪ memory, if the hinge is > 0.
+
     Args:
         margin: hinge margin (squared distance units).
     """
@@ -217,6 +222,9 @@ class HardestNegativeTripletSelector(TripletSelector):
 
 class RandomNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``d_ap - d_an + margin > 0``.
+
+    With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
+    among ``a``'s negative columns in batch ∪ memory with that hinge > 0.
 
     Args:
         margin: hinge margin (squared distance units).
@@ -241,6 +249,9 @@ class RandomNegativeTripletSelector(TripletSelector):
 class SemihardNegativeTripletSelector(TripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``0 < d_ap - d_an + margin < margin``.
 
+    With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
+    among ``a``'s negative columns in batch ∪ memory in that range.
+
     Args:
         margin: hinge margin (squared distance units).
         generator: source of randomness; ``None`` uses torch's global one.
@@ -262,7 +273,10 @@ class SemihardNegativeTripletSelector(TripletSelector):
 
 
 class BatchHardTripletSelector(TripletSelector):
-    """Per anchor with a positive and a negative: its farthest positive and nearest negative."""
+    """Per anchor with a positive and a negative: its farthest positive and nearest negative.
+
+    With a memory: per batch anchor, the farthest other column of its label and the nearest column
+    of another label, both over batch ∪ memory."""
 
     def get_triplets(
         self,
