@@ -4,7 +4,6 @@ batch ∪ memory, against pytorch-metric-learning's CrossBatchMemory, and the qu
 from __future__ import annotations
 
 import io
-import itertools
 import math
 from collections import Counter
 
@@ -14,7 +13,12 @@ import torch.nn.functional as F
 
 from deephash import CrossBatchMemory
 from deephash.errors import ConfigError
-from deephash.losses import DTSHLoss, OnlineContrastiveLoss, OnlineTripletLoss, create_loss
+from deephash.losses import (
+    DTSHLoss,
+    OnlineContrastiveLoss,
+    OnlineTripletLoss,
+    create_loss,
+)
 from deephash.mining import (
     AllPositivePairSelector,
     AllTripletSelector,
@@ -515,7 +519,7 @@ def test_wrapped_loss_attributes_pass_through_for_schedules() -> None:
     xbm.pointer = 3  # the wrapper's own attributes stay its own
     assert xbm.pointer == 3 and not hasattr(dtsh, "pointer")
     with pytest.raises(AttributeError):
-        xbm.no_such_attribute
+        _ = xbm.no_such_attribute
     ramp = LinearRamp("quantization_weight", 0.0, 1.0, epochs=4)
     ramp.apply(xbm, 2, 4)
     assert dtsh.quantization_weight == pytest.approx(0.5)

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from deephash.mining.pairs import all_positive_pairs, check_columns, negative_mask, positive_mask, uniform
+from deephash.mining.pairs import (
+    all_positive_pairs,
+    check_columns,
+    negative_mask,
+    positive_mask,
+    uniform,
+)
 
 
 @torch.no_grad()
