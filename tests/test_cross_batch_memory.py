@@ -581,3 +581,19 @@ def test_values_match_pytorch_metric_learning(name) -> None:
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
         compared += 1
     assert compared == 5 and ours.filled == memory_size
+
+
+def test_fit_trains_through_the_wrapper_and_validation_leaves_the_memory_alone() -> None:
+    """The training loop as it is: ``fit`` calls ``loss(embeddings, labels)`` and switches the loss
+    to eval mode for validation, so validation batches are neither mined against nor enqueued."""
+    from deephash import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(4)]
+    xbm = CrossBatchMemory(OnlineTripletLoss(MARGIN, BatchHardTripletSelector()), 40, 3, warmup_steps=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fit(batches, batches[:2], model, xbm, optimizer, None, 2, "cpu", 100, progress=False)
+    assert xbm.step == 8 and xbm.filled == 40 and xbm.pointer == (7 * 12) % 40
+    assert not xbm.memory.requires_grad and torch.isfinite(xbm.memory).all()
