@@ -18,6 +18,7 @@ from deephash.distances import pairwise_distances
 from deephash.errors import DeephashError
 from deephash.losses import (
     ContrastiveLoss,
+    CrossBatchMemory,
     CSQLoss,
     DSHLoss,
     DTSHLoss,
@@ -63,6 +64,7 @@ __all__ = [
     "BatchLoader",
     "ClassificationNet",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "CSQLoss",
     "DSHLoss",
     "DTSHLoss",

@@ -13,6 +13,7 @@ from deephash.losses.hashing import (
     hash_centers,
     quantization_loss,
 )
+from deephash.losses.memory import CrossBatchMemory
 from deephash.losses.orthohash import OrthoHashLoss
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
@@ -20,6 +21,7 @@ __all__ = [
     "BitBalanceLoss",
     "CSQLoss",
     "Constant",
+    "CrossBatchMemory",
     "DSHLoss",
     "DTSHLoss",
     "LinearRamp",

@@ -126,18 +126,40 @@ class DTSHLoss(nn.Module):
         """α for codes of ``bits`` bits."""
         return bits / 4 if self.alpha is None else float(self.alpha)
 
-    def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``u`` float (B, bits), ``labels`` int64 (B,) -> scalar."""
+    def forward(
+        self,
+        u: torch.Tensor,
+        labels: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``u`` float (B, bits), ``labels`` int64 (B,) -> scalar.
+
+        With ``memory`` float (M, bits) relaxed codes and ``memory_labels`` int64 (M,) (e.g. from
+        `deephash.losses.CrossBatchMemory`): triplets are mined from the batch's anchors to
+        batch ∪ memory (see `deephash.mining.triplets`), θ is read against the columns
+        ``cat(u, memory.detach())``, and the quantization term stays the batch's own."""
         _check_bits(u, None)
         u = upcast_half(u)
-        triplets = self.triplet_selector.get_triplets(u.detach(), labels)
+        columns = u
+        if memory is None:
+            triplets = self.triplet_selector.get_triplets(u.detach(), labels)
+        else:
+            if memory_labels is None or memory.shape[1:] != u.shape[1:] or memory_labels.shape != memory.shape[:1]:
+                raise CodeLengthError(
+                    f"the memory must be (M, {u.shape[1]}) codes with labels (M,), got "
+                    f"{tuple(memory.shape)} and {None if memory_labels is None else tuple(memory_labels.shape)}"
+                )
+            memory = memory.detach().to(u.device, u.dtype)
+            triplets = self.triplet_selector.get_triplets(u.detach(), labels, memory, memory_labels)
+            columns = torch.cat((u, memory))
         self.num_selected = int(triplets.shape[0])
         quant = (u - _sign(u)).pow(2).sum(dim=1).mean()
         if self.num_selected == 0:
             return u.sum() * 0 + self.quantization_weight * quant
         a, p, n = triplets.unbind(dim=1)
-        theta_ap = 0.5 * (u[a] * u[p]).sum(dim=1)
-        theta_an = 0.5 * (u[a] * u[n]).sum(dim=1)
+        theta_ap = 0.5 * (u[a] * columns[p]).sum(dim=1)
+        theta_an = 0.5 * (u[a] * columns[n]).sum(dim=1)
         x = theta_ap - theta_an - self.margin(u.shape[1])
         return F.softplus(-x).mean() + self.quantization_weight * quant
 
