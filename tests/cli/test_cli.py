@@ -209,11 +209,14 @@ def test_report_writes_html(run):
     assert "<html" in html.lower() and len(html) > 500
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
-    """DTSH with a random-negative selector and augmentation: every generator is exercised."""
+@pytest.mark.parametrize("memory", [None, "{size = 40, warmup_steps = 1}"])
+def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path, memory):
+    """DTSH with a random-negative selector and augmentation: every generator is exercised; with a
+    cross-batch memory (40 slots: it wraps within an epoch of 24-image batches) the checkpoints
+    carry the memory, so the resumed run equals the uninterrupted one too."""
     _, config_path, _ = tiny
     overrides = ["train.epochs=3", "loss.name=dtsh", "selector.name=random", "selector.params={margin = 2.0}",
-                 "train.final_epochs_no_augment=0"]
+                 "train.final_epochs_no_augment=0", *([f"loss.memory={memory}"] if memory else [])]
     sets = [arg for o in overrides for arg in ("--set", o)]
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     assert main(["train", str(config_path), "--out", str(whole), "--quiet", *sets]) == 0
@@ -247,6 +250,22 @@ def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
     steps = [(e["epoch"], e["step"]) for e in map(json.loads, (parted / "metrics.jsonl").read_text().splitlines())
              if e["type"] == "step"]
     assert steps == sorted(set(steps))  # no step logged twice
+    extra = torch.load(parted / "checkpoints" / "last.pt", weights_only=True)["extra"]
+    if memory:
+        loss_state = extra["loss_state"]
+        memory_state = next(v for k, v in loss_state.items() if k.endswith("_extra_state"))
+        assert memory_state["filled"] == 40 and memory_state["step"] == 3 * 2  # 2 batches an epoch
+        assert next(v for k, v in loss_state.items() if k.endswith("memory_labels")).shape == (40,)
+    else:
+        assert "loss_state" not in (extra or {})
+
+
+def test_memory_without_global_mining_and_negative_sizes_are_config_errors(tiny):
+    _, config_path, _ = tiny
+    with pytest.raises(ConfigError, match="mine_globally"):
+        load_config(config_path, ["loss.memory={size = 8}", "train.mine_globally=false"])
+    with pytest.raises(ConfigError, match="loss.memory.size"):
+        load_config(config_path, ["loss.memory={size = -1}"])
 
 
 def test_split_protocol_is_drawn_once_saved_and_reusable(tiny, tmp_path, monkeypatch):

@@ -158,6 +158,12 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    memory = config.loss.memory
+    if memory.size < 0 or memory.warmup_steps < 0:
+        raise ConfigError(f"loss.memory.size and warmup_steps must be >= 0, got {memory.size} and {memory.warmup_steps} in {source}")
+    if memory.size > 0 and not config.train.mine_globally:
+        raise ConfigError("loss.memory needs train.mine_globally = true: every rank must hold the same memory (the "
+                          f"gathered global batch) for rank 0's checkpoint to carry it, in {source}")
     if config.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
 

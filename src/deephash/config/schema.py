@@ -14,7 +14,7 @@ from deephash.models.spec import ModelSpec
 #: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
 ModelConfig = ModelSpec
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig",
+__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "ModelSpec", "OptimizerConfig",
            "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
 
 
@@ -41,11 +41,21 @@ class DataConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Cross-batch memory (XBM) for the mining losses: the last ``size`` embeddings (0 = off) are
+    mined beside the batch, from optimizer step ``warmup_steps`` on (see ``deephash.CrossBatchMemory``)."""
+
+    size: int = 0
+    warmup_steps: int = 0
+
+
+@dataclass
 class LossConfig:
-    """A loss from the ``create_loss`` registry and its parameters."""
+    """A loss from the ``create_loss`` registry, its parameters and its cross-batch ``memory``."""
 
     name: str = "csq"
     params: dict[str, Any] = field(default_factory=dict)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
