@@ -114,7 +114,22 @@ class _PartnerTable:
         return self.order[self.starts[other] + r]
 
 
-class SiameseDataset(torch.utils.data.Dataset):
+class _PartnerDataset(torch.utils.data.Dataset):
+    """What the pair and triplet wrappers share: the wrapped data set, its partner table and image
+    reader, the train flag and the seeded generator of partner draws."""
+
+    def __init__(self, dataset: Any, train: bool | None, seed: int) -> None:
+        self.dataset = dataset
+        self.train = bool(getattr(dataset, "train", True)) if train is None else train
+        self.table = _PartnerTable(dataset)
+        self.images = _Images(dataset)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.table.label_index)
+
+
+class SiameseDataset(_PartnerDataset):
     """Pairs ``((x1, x2), target)``: target 1 when both images share a class, 0 otherwise.
 
     Args:
@@ -126,20 +141,13 @@ class SiameseDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, train: bool | None = None, seed: int = 0) -> None:
-        self.dataset = dataset
-        self.train = bool(getattr(dataset, "train", True)) if train is None else train
-        self.table = _PartnerTable(dataset)
-        self.images = _Images(dataset)
-        self.rng = np.random.default_rng(seed)
+        super().__init__(dataset, train, seed)
         self.pairs: np.ndarray | None = None
         if not self.train:
             index = np.arange(len(self))
             same = index % 2 == 0
             partner = np.where(same, self.table.positives(index, self.rng), self.table.negatives(index, self.rng))
             self.pairs = np.stack([index, partner, same.astype(np.int64)], axis=1)  # (N, 3) i, j, target
-
-    def __len__(self) -> int:
-        return len(self.table.label_index)
 
     def __getitem__(self, index: int) -> tuple[tuple[Any, Any], int]:
         if self.pairs is not None:
@@ -151,7 +159,7 @@ class SiameseDataset(torch.utils.data.Dataset):
         return (self.images(i), self.images(j)), target
 
 
-class TripletDataset(torch.utils.data.Dataset):
+class TripletDataset(_PartnerDataset):
     """Triplets ``((anchor, positive, negative), [])``: the positive shares the anchor's class, the
     negative does not.
 
@@ -163,19 +171,12 @@ class TripletDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, train: bool | None = None, seed: int = 0) -> None:
-        self.dataset = dataset
-        self.train = bool(getattr(dataset, "train", True)) if train is None else train
-        self.table = _PartnerTable(dataset)
-        self.images = _Images(dataset)
-        self.rng = np.random.default_rng(seed)
+        super().__init__(dataset, train, seed)
         self.triplets: np.ndarray | None = None
         if not self.train:
             index = np.arange(len(self))
             positives = self.table.positives(index, self.rng)
             self.triplets = np.stack([index, positives, self.table.negatives(index, self.rng)], axis=1)
-
-    def __len__(self) -> int:
-        return len(self.table.label_index)
 
     def __getitem__(self, index: int) -> tuple[tuple[Any, Any, Any], list]:
         if self.triplets is not None:

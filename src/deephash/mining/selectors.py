@@ -97,6 +97,17 @@ def check_memory(embeddings: torch.Tensor, memory: torch.Tensor, memory_labels: 
         )
 
 
+def column_labels(embeddings: torch.Tensor, labels: torch.Tensor, memory: torch.Tensor | None,
+                  memory_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row labels on the embeddings' device and the column labels of batch ∪ memory
+    (None without a memory), for selectors that need labels only."""
+    labels = labels.to(embeddings.device)
+    if memory is None:
+        return labels, None
+    check_memory(embeddings, memory, memory_labels)
+    return labels, torch.cat((labels, memory_labels.to(labels.device)))
+
+
 class PairSelector:
     """Chooses positive and negative pairs within a batch (or from the batch to batch ∪ memory)."""
 
@@ -135,11 +146,7 @@ class AllPositivePairSelector(PairSelector):
         memory: torch.Tensor | None = None,
         memory_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = labels.to(embeddings.device)
-        columns = None
-        if memory is not None:
-            check_memory(embeddings, memory, memory_labels)
-            columns = torch.cat((labels, memory_labels.to(labels.device)))
+        labels, columns = column_labels(embeddings, labels, memory, memory_labels)
         positives = _pairs.all_positive_pairs(labels, columns)
         if not self.balance:
             return positives, _pairs.all_negative_pairs(labels, columns)
@@ -185,6 +192,13 @@ class TripletSelector:
     ) -> torch.Tensor:
         """Return int64 ``(N, 3)`` triplets on the embeddings' device; given a memory, positive
         and negative index columns of batch ∪ memory (see the module)."""
+        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+        return self.select(distances, labels, columns)
+
+    def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """The triplets of a squared-distance matrix ``(B, B)`` or ``(B, B + M)`` (no gradients),
+        row labels ``(B,)`` and column labels (None: the rows'). A selector that mines from
+        distances implements this; one that needs none overrides :meth:`get_triplets`."""
         raise NotImplementedError
 
     def _distances(
@@ -217,11 +231,7 @@ class AllTripletSelector(TripletSelector):
         memory: torch.Tensor | None = None,
         memory_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        labels = labels.to(embeddings.device)
-        if memory is None:
-            return _triplets.all_triplets(labels)
-        check_memory(embeddings, memory, memory_labels)
-        return _triplets.all_triplets(labels, torch.cat((labels, memory_labels.to(labels.device))))
+        return _triplets.all_triplets(*column_labels(embeddings, labels, memory, memory_labels))
 
 
 @SELECTORS.register("hardest")
@@ -240,19 +250,20 @@ class HardestNegativeTripletSelector(TripletSelector):
         self.margin = margin
         self.cpu = cpu
 
-    def get_triplets(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        memory: torch.Tensor | None = None,
-        memory_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+    def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         return _triplets.hardest_negative_triplets(distances, labels, self.margin, columns)
 
 
+class _DrawingTripletSelector(TripletSelector):
+    """A selector that draws one negative per pair at random, within a margin-defined range."""
+
+    def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
+        self.margin = margin
+        self.generator, self.cpu = _generator_or_seed_cpu_flag(generator, cpu)
+
+
 @SELECTORS.register("random")
-class RandomNegativeTripletSelector(TripletSelector):
+class RandomNegativeTripletSelector(_DrawingTripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``d_ap - d_an + margin > 0``.
 
     With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
@@ -265,23 +276,12 @@ class RandomNegativeTripletSelector(TripletSelector):
         cpu: the seed's flag, ignored (see the module docstring).
     """
 
-    def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
-        self.margin = margin
-        self.generator, self.cpu = _generator_or_seed_cpu_flag(generator, cpu)
-
-    def get_triplets(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        memory: torch.Tensor | None = None,
-        memory_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+    def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         return _triplets.random_negative_triplets(distances, labels, self.margin, self.generator, columns)
 
 
 @SELECTORS.register("semihard")
-class SemihardNegativeTripletSelector(TripletSelector):
+class SemihardNegativeTripletSelector(_DrawingTripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``0 < d_ap - d_an + margin < margin``.
 
     With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
@@ -294,18 +294,7 @@ class SemihardNegativeTripletSelector(TripletSelector):
         cpu: the seed's flag, ignored (see the module docstring).
     """
 
-    def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
-        self.margin = margin
-        self.generator, self.cpu = _generator_or_seed_cpu_flag(generator, cpu)
-
-    def get_triplets(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        memory: torch.Tensor | None = None,
-        memory_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+    def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         return _triplets.semihard_negative_triplets(distances, labels, self.margin, self.generator, columns)
 
 
@@ -316,14 +305,7 @@ class BatchHardTripletSelector(TripletSelector):
     With a memory: per batch anchor, the farthest other column of its label and the nearest column
     of another label, both over batch ∪ memory."""
 
-    def get_triplets(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        memory: torch.Tensor | None = None,
-        memory_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        distances, labels, columns = self._distances(embeddings, labels, memory, memory_labels)
+    def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         return _triplets.batch_hard_triplets(distances, labels, columns)
 
 

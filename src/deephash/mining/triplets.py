@@ -121,10 +121,7 @@ def random_negative_triplets(
     Returns:
         int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
     """
-    if column_labels is not None:
-        check_columns(labels, column_labels, distances)
-    values, order = sorted_negative_distances(distances, labels, column_labels)
-    anchor, positive, d_ap = _pairs_with_distances(distances, labels, column_labels)
+    values, order, anchor, positive, d_ap = _pairs_and_sorted_negatives(distances, labels, column_labels)
     end = count_below(values, anchor, d_ap + margin, side="left")
     return _sample_ranges(order, anchor, positive, torch.zeros_like(end), end, generator)
 
@@ -153,10 +150,7 @@ def semihard_negative_triplets(
     Returns:
         int64 ``(N, 3)``, one per anchor-positive pair that has such a negative.
     """
-    if column_labels is not None:
-        check_columns(labels, column_labels, distances)
-    values, order = sorted_negative_distances(distances, labels, column_labels)
-    anchor, positive, d_ap = _pairs_with_distances(distances, labels, column_labels)
+    values, order, anchor, positive, d_ap = _pairs_and_sorted_negatives(distances, labels, column_labels)
     start = count_below(values, anchor, d_ap, side="right")
     end = count_below(values, anchor, d_ap + margin, side="left")
     return _sample_ranges(order, anchor, positive, start, end, generator)
@@ -186,6 +180,16 @@ def batch_hard_triplets(
     nearest, negative = torch.where(same, float("inf"), distances).min(dim=1)
     anchor = ((farthest > -float("inf")) & (nearest < float("inf"))).nonzero().squeeze(1)
     return torch.stack((anchor, positive[anchor], negative[anchor]), dim=1)
+
+
+def _pairs_and_sorted_negatives(distances: torch.Tensor, labels: torch.Tensor, column_labels: torch.Tensor | None
+                                ) -> tuple[torch.Tensor, ...]:
+    """What the drawing miners start from: each anchor's negatives sorted (values, column order)
+    and every anchor-positive pair with its distance (``anchor``, ``positive``, ``d_ap``)."""
+    if column_labels is not None:
+        check_columns(labels, column_labels, distances)
+    values, order = sorted_negative_distances(distances, labels, column_labels)
+    return (values, order, *_pairs_with_distances(distances, labels, column_labels))
 
 
 def _pairs_with_distances(
