@@ -81,7 +81,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from deephash.runs import evaluate_run, format_metrics
 
-    metrics = evaluate_run(args.run, query=args.query, database=args.database, ks=args.k)
+    metrics = evaluate_run(args.run, query=args.query, database=args.database, ks=args.k,
+                           near_duplicates=args.near_duplicates)
     print(format_metrics(metrics))
     print(f"metrics written to {Path(args.run) / 'metrics.json'}")
     return 0
@@ -93,6 +94,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", help="query split (default: the config's data.query_split)")
     p.add_argument("--database", help="database split (default: the config's data.database_split)")
     p.add_argument("--k", type=int, nargs="+", help="cut-offs for mAP@k and P@k (default: the config's eval.ks)")
+    p.add_argument("--near-duplicates", type=int, metavar="N",
+                   help="also search N perturbed database images for their originals (default: the config's "
+                        "eval.near_duplicates.n; its other keys set the perturbations)")
     p.set_defaults(handler=_cmd_evaluate)
 
 

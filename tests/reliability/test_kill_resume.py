@@ -125,6 +125,7 @@ ALLOWED = {
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
     ("viz/plots.py", "fig.savefig(buffer, format='png', dpi=dpi)"): "into an io.BytesIO, then atomic_write_bytes",
     ("serve/service.py", "picture.save(out, format='PNG')"): "into an io.BytesIO returned as bytes",
+    ("data/perturb.py", "picture.save(buffer, format='JPEG', quality=quality)"): "into an io.BytesIO, decoded at once",
     ("train/callbacks.py", "open(self.path, 'a', encoding='utf-8')"):
         "append-only metrics.jsonl, fsynced per line; a torn last line is cut by _repair_tail",
     ("train/callbacks.py", "open(self.path, 'rb+')"): "_repair_tail truncating a torn last line",

@@ -158,6 +158,18 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    seen, unseen = config.data.seen_classes, config.data.unseen_classes
+    if bool(seen) != bool(unseen):
+        raise ConfigError(f"data.seen_classes and data.unseen_classes go together (a class split), in {source}")
+    if set(seen) & set(unseen):
+        raise ConfigError(f"data.seen_classes and data.unseen_classes share {sorted(set(seen) & set(unseen))}, in {source}")
+    duplicates = config.eval.near_duplicates
+    if duplicates.n < 0 or duplicates.shift < 0 or not 0 < duplicates.crop <= 1 or duplicates.noise < 0:
+        raise ConfigError("eval.near_duplicates needs n >= 0, shift >= 0, 0 < crop <= 1 and noise >= 0, "
+                          f"got {duplicates}, in {source}")
+    if duplicates.jpeg_quality and (len(duplicates.jpeg_quality) != 2 or not 1 <= min(duplicates.jpeg_quality)
+                                    <= max(duplicates.jpeg_quality) <= 100):
+        raise ConfigError(f"eval.near_duplicates.jpeg_quality must be [low, high] within 1..100, in {source}")
     memory = config.loss.memory
     if memory.size < 0 or memory.warmup_steps < 0:
         raise ConfigError(f"loss.memory.size and warmup_steps must be >= 0, got {memory.size} and {memory.warmup_steps} in {source}")

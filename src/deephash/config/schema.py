@@ -14,7 +14,7 @@ from deephash.models.spec import ModelSpec
 #: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
 ModelConfig = ModelSpec
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "ModelSpec", "OptimizerConfig",
+__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "NearDuplicateConfig", "ModelSpec", "OptimizerConfig",
            "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
 
 
@@ -26,6 +26,10 @@ class DataConfig:
     DeepHash-pytorch's split (100 queries and 500 training images per class, the rest database),
     seeded by ``seed``; the split is saved as ``RUN_DIR/split.npz`` and can be reused with
     ``split_file``. Its split names are ``query``, ``train`` and ``database``.
+
+    ``seen_classes`` / ``unseen_classes`` (labels; both or neither) make a class split, the open-set
+    protocol of metric learning: training uses only the seen classes' images, queries and database
+    only the unseen classes' (retrieval of classes training never saw).
     """
 
     dataset: str = "fashion-mnist"
@@ -38,6 +42,8 @@ class DataConfig:
     split_file: str = ""
     limit: int = 0
     augment: dict[str, Any] = field(default_factory=dict)
+    seen_classes: list[int] = field(default_factory=list)
+    unseen_classes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -132,12 +138,34 @@ class TrainConfig:
 
 
 @dataclass
+class NearDuplicateConfig:
+    """Near-duplicate retrieval: ``n`` database images (0 = off), each perturbed, searched for in the
+    whole database; relevant = the original item. Perturbations, drawn per image with ``seed``:
+    an integer ``shift`` of up to that many pixels on each axis, a crop keeping a share in
+    ``[crop, 1]`` of each side resized back (1 = none), brightness ``± brightness`` and contrast
+    ``× (1 ± contrast)``, Gaussian ``noise`` (std, in [0, 1] units), and a JPEG re-encoding at a
+    quality drawn from ``jpeg_quality = [low, high]`` (empty = none). See ``deephash.data.perturb``."""
+
+    n: int = 0
+    seed: int = 0
+    shift: int = 1
+    crop: float = 1.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    noise: float = 0.02
+    jpeg_quality: list[int] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
-    """Retrieval evaluation: ``ks`` for mAP@k/P@k, Hamming ``radius`` for P@r, ``knn_k`` neighbours."""
+    """Retrieval evaluation: ``ks`` for mAP@k/P@k, Hamming ``radius`` for P@r, ``knn_k`` neighbours,
+    ``recall_ks`` for the metric-learning Recall@K, and the ``near_duplicates`` protocol."""
 
     ks: list[int] = field(default_factory=lambda: [100, 1000])
     radius: int = 2
     knn_k: int = 10
+    recall_ks: list[int] = field(default_factory=lambda: [1, 10])
+    near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)
 
 
 @dataclass

@@ -163,35 +163,79 @@ def _expected_precision_sum(n_before: torch.Tensor, r_before: torch.Tensor, m: t
     return torch.where((m > 0) & (x > 0), value, torch.zeros_like(value))
 
 
-def _tie_aware_ap(total: torch.Tensor, relevant: torch.Tensor, k: int | None, harmonic: torch.Tensor) -> torch.Tensor:
-    """Exact expected AP@k per query (float64 ``(c,)``) from distance histograms."""
-    n = int(total[0].sum().item()) if total.shape[0] else 0
+def _log_choose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma((a - b).clamp(min=0) + 1)
+
+
+def _cut_groups(total: torch.Tensor, relevant: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where a rank cut-off ``k`` (float64 ``(c,)``, ``1 <= k <= n``) falls in each query's distance
+    histogram: the level of the cut, the items and relevant items strictly before it, the size and
+    relevant count of the cut group, and ``m = k - n_before`` items drawn from it."""
+    n_before = torch.cumsum(total, 1) - total
+    r_before = torch.cumsum(relevant, 1) - relevant
+    cut = torch.searchsorted(torch.cumsum(total, 1), k[:, None].contiguous())
+    n_c, r_c = n_before.gather(1, cut)[:, 0], r_before.gather(1, cut)[:, 0]
+    size, rel = total.gather(1, cut)[:, 0], relevant.gather(1, cut)[:, 0]
+    return cut, n_c, r_c, size, rel, k - n_c
+
+
+def _truncated_precision_sums(total: torch.Tensor, relevant: torch.Tensor, k: torch.Tensor, harmonic: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces of a tie-aware ``sum_{i<=k} P(i) rel(i)`` with a per-query cut ``k`` (float64 ``(c,)``):
+    ``full_sum`` (the groups wholly before the cut), and over ``x`` = relevant items drawn from the
+    cut group: its hypergeometric ``pmf``, the expected ``cut_sum`` given x, and ``r_c`` (relevant
+    items before the cut); each ``(c,)`` or ``(c, X)``."""
     n_before = torch.cumsum(total, 1) - total
     r_before = torch.cumsum(relevant, 1) - relevant
     group_sums = _expected_precision_sum(n_before, r_before, total, relevant, harmonic)
-    if k is None or k >= n:
-        r_all = relevant.sum(1)
-        return torch.where(r_all > 0, group_sums.sum(1) / r_all.clamp(min=1), torch.zeros_like(r_all))
-    cut = torch.searchsorted(torch.cumsum(total, 1), torch.full((total.shape[0], 1), float(k), dtype=torch.float64))
+    cut, n_c, r_c, size, rel, m = _cut_groups(total, relevant, k)
     before_cut = torch.arange(total.shape[1])[None, :] < cut
     full_sum = (group_sums * before_cut).sum(1)
-    n_c, r_c = n_before.gather(1, cut)[:, 0], r_before.gather(1, cut)[:, 0]
-    size, rel = total.gather(1, cut)[:, 0], relevant.gather(1, cut)[:, 0]
-    m = k - n_c  # drawn from the cut group, 1..size
     lo = (m - (size - rel)).clamp(min=0)[:, None]
     hi = torch.minimum(rel, m)[:, None]
     x = torch.arange(int(hi.max()) + 1 if hi.numel() else 1, dtype=torch.float64)[None, :]
     valid = (x >= lo) & (x <= hi)
-
-    def log_choose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma((a - b).clamp(min=0) + 1)
-
-    log_pmf = log_choose(rel[:, None], x) + log_choose((size - rel)[:, None], m[:, None] - x) - log_choose(size, m)[:, None]
+    log_pmf = _log_choose(rel[:, None], x) + _log_choose((size - rel)[:, None], m[:, None] - x) - _log_choose(size, m)[:, None]
     pmf = torch.where(valid, torch.exp(torch.where(valid, log_pmf, torch.zeros_like(log_pmf))), torch.zeros_like(log_pmf))
     cut_sum = _expected_precision_sum(n_c[:, None], r_c[:, None], m[:, None].expand(-1, x.shape[1]), x.expand(m.shape[0], -1), harmonic)
-    denom = r_c[:, None] + x
+    return full_sum, pmf, cut_sum, r_c[:, None] + x
+
+
+def _tie_aware_ap(total: torch.Tensor, relevant: torch.Tensor, k: int | None, harmonic: torch.Tensor) -> torch.Tensor:
+    """Exact expected AP@k per query (float64 ``(c,)``) from distance histograms."""
+    n = int(total[0].sum().item()) if total.shape[0] else 0
+    if k is None or k >= n:
+        n_before = torch.cumsum(total, 1) - total
+        r_before = torch.cumsum(relevant, 1) - relevant
+        group_sums = _expected_precision_sum(n_before, r_before, total, relevant, harmonic)
+        r_all = relevant.sum(1)
+        return torch.where(r_all > 0, group_sums.sum(1) / r_all.clamp(min=1), torch.zeros_like(r_all))
+    full_sum, pmf, cut_sum, denom = _truncated_precision_sums(total, relevant, torch.full((total.shape[0],), float(k),
+                                                                                         dtype=torch.float64), harmonic)
     ratio = torch.where(denom > 0, (full_sum[:, None] + cut_sum) / denom.clamp(min=1), torch.zeros_like(denom))
     return (pmf * ratio).sum(1)
+
+
+def _tie_aware_map_at_r(total: torch.Tensor, relevant: torch.Tensor, harmonic: torch.Tensor) -> torch.Tensor:
+    """Exact expected MAP@R per query: ``(1/R) sum_{i<=R} P(i) rel(i)`` with R = the query's relevant
+    items (0 for a query without any), float64 ``(c,)``."""
+    r_all = relevant.sum(1)
+    full_sum, pmf, cut_sum, _ = _truncated_precision_sums(total, relevant, r_all.clamp(min=1), harmonic)
+    expected = full_sum + (pmf * cut_sum).sum(1)
+    return torch.where(r_all > 0, expected / r_all.clamp(min=1), torch.zeros_like(r_all))
+
+
+def _tie_aware_any_relevant(total: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Probability that the top k hold a relevant item (Recall@K of metric learning), over random
+    orders within ties: float64 ``(c, len(ks))`` (k capped at n)."""
+    n = total.sum(1)
+    columns = []
+    for k in ks:
+        _, _, r_c, size, rel, m = _cut_groups(total, relevant, torch.minimum(torch.full_like(n, float(k)), n))
+        none_drawn = torch.exp(_log_choose(size - rel, m) - _log_choose(size, m))  # C(size-rel, m) / C(size, m)
+        none_drawn = torch.where(m <= size - rel, none_drawn, torch.zeros_like(none_drawn))
+        columns.append(torch.where(r_c > 0, torch.ones_like(n), 1 - none_drawn))
+    return torch.stack(columns, 1)
 
 
 def _tie_aware_counts(total: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
@@ -241,6 +285,17 @@ def _stable_ap(rel_sorted: np.ndarray, ks: Sequence[int | None]) -> torch.Tensor
     return torch.from_numpy(np.stack(ap, 1)) if ap else torch.zeros(c, 0, dtype=torch.float64)
 
 
+def _stable_map_at_r(rel_sorted: np.ndarray, r_all: np.ndarray) -> torch.Tensor:
+    """MAP@R per query from sorted relevance (``length >= max R``): ``(1/R) sum_{i<=R} P(i) rel(i)``."""
+    c = rel_sorted.shape[0]
+    rows, cols = np.nonzero(rel_sorted)
+    per_row = np.bincount(rows, minlength=c)
+    nth = np.arange(1, len(rows) + 1) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    keep = cols < r_all[rows]
+    sums = np.bincount(rows[keep], weights=nth[keep] / (cols[keep] + 1.0), minlength=c)
+    return torch.from_numpy(np.where(r_all > 0, sums / np.maximum(r_all, 1), 0.0))
+
+
 def _knn_predict(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Majority label of each row of int64 ``(c, k)`` labels, ties to the label ranked first."""
     c, k = neighbour_labels.shape
@@ -259,18 +314,22 @@ def run(
     ties: Sequence[str] = ("tie-aware",),
     radii: Sequence[int] = (),
     knn_k: int | None = None,
+    recall_ks: Sequence[int] = (),
+    map_at_r: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-query statistics over all chunks (float64 tensors, queries along dim 0).
 
     One distance matrix, one histogram and one stable order per chunk feed every metric asked
-    for. Keys: ``"R"``; ``"ap/<rule>"`` ``(nq, len(map_ks))`` and ``"hits/<rule>"``
-    ``(nq, len(count_ks))`` for each rule in ``ties`` (real embeddings: always stable order, keyed
-    by the rule asked); ``"ball"``/``"ball_rel"`` ``(nq, len(radii))``; ``"knn"`` ``(nq,)``.
+    for. Keys: ``"R"``; ``"ap/<rule>"`` ``(nq, len(map_ks))``, ``"hits/<rule>"``
+    ``(nq, len(count_ks))``, ``"recall/<rule>"`` ``(nq, len(recall_ks))`` (a relevant item in the
+    top k) and ``"map_r/<rule>"`` ``(nq,)`` for each rule in ``ties`` (real embeddings: always
+    stable order, keyed by the rule asked); ``"ball"``/``"ball_rel"`` ``(nq, len(radii))``;
+    ``"knn"`` ``(nq,)``.
     """
     for rule in ties:
         if rule not in ("tie-aware", "stable"):
             raise DeephashError(f"ties must be 'tie-aware' or 'stable', got {rule!r}")
-    for k in [*[k for k in map_ks if k is not None], *count_ks, *([knn_k] if knn_k else [])]:
+    for k in [*[k for k in map_ks if k is not None], *count_ks, *recall_ks, *([knn_k] if knn_k else [])]:
         if int(k) < 1:
             raise DeephashError(f"k must be >= 1, got {k}")
     if knn_k and problem.q_class is None:
@@ -278,9 +337,9 @@ def run(
     hamming = problem.n_levels > 0
     aware = [rule for rule in ties if rule == "tie-aware" and hamming]
     ordered = [rule for rule in ties if rule not in aware]
-    harmonic = _harmonic(problem.n) if aware and map_ks else None
-    wanted = ([problem.n if k is None else k for k in map_ks] + list(count_ks) if ordered else []) + [knn_k or 0]
-    length = min(max(wanted), problem.n)
+    harmonic = _harmonic(problem.n) if aware and (map_ks or map_at_r) else None
+    wanted = ([problem.n if k is None else k for k in map_ks] + list(count_ks) + list(recall_ks) if ordered else [])
+    wanted.append(knn_k or 0)
     out: dict[str, list[torch.Tensor]] = {}
     for rows, dist in problem.chunks():
         cache: dict[str, torch.Tensor] = {}
@@ -305,16 +364,27 @@ def run(
                     stats[f"ap/{rule}"] = torch.stack([_tie_aware_ap(total, relevant, k, harmonic) for k in map_ks], 1)
                 if count_ks:
                     stats[f"hits/{rule}"] = _tie_aware_counts(total, relevant, count_ks)
+                if recall_ks:
+                    stats[f"recall/{rule}"] = _tie_aware_any_relevant(total, relevant, recall_ks)
+                if map_at_r:
+                    stats[f"map_r/{rule}"] = _tie_aware_map_at_r(total, relevant, harmonic)
+        r_all = stats["R"].numpy().astype(np.int64)
+        length = min(max(wanted + ([int(r_all.max())] if map_at_r and ordered and len(r_all) else [])), problem.n)
         if length > 0:
             order = _stable_order(dist, length)
             rel_sorted = _sorted_relevance(problem, rows, order, rel)
             ap = _stable_ap(rel_sorted, map_ks) if ordered and map_ks else None
             hits = [np.count_nonzero(rel_sorted[:, : min(k, length)], axis=1) for k in count_ks] if ordered else []
+            found = [rel_sorted[:, : min(k, length)].any(axis=1) for k in recall_ks] if ordered else []
             for rule in ordered:
                 if ap is not None:
                     stats[f"ap/{rule}"] = ap
                 if hits:
                     stats[f"hits/{rule}"] = torch.from_numpy(np.stack(hits, 1).astype(np.float64))
+                if found:
+                    stats[f"recall/{rule}"] = torch.from_numpy(np.stack(found, 1).astype(np.float64))
+                if map_at_r:
+                    stats[f"map_r/{rule}"] = _stable_map_at_r(rel_sorted, r_all)
             if knn_k:
                 neighbours = torch.from_numpy(problem.db_class[order[:, : min(knn_k, length)]]).long()
                 pred = _knn_predict(neighbours, problem.n_classes)

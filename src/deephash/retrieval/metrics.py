@@ -22,6 +22,13 @@ Definitions (every number says which rule it used):
   (NaN when every ball is empty), recall over queries with ``R > 0``.
 * kNN accuracy: majority label among the k nearest (stable order); a vote tie goes to the
   tied label whose nearest member ranks first.
+* Recall@K in the metric-learning sense (CUB-200, Cars-196, SOP papers): the share of queries
+  whose K nearest hold at least one relevant item, averaged over queries with ``R > 0``;
+  tie-aware: the exact probability over random orders within ties (hypergeometric at the cut).
+  Not the same as R@k above (the share of a query's relevant items retrieved).
+* MAP@R (Musgrave et al. 2020, pytorch-metric-learning's ``mean_average_precision_at_r``):
+  ``(1/R) sum_{i<=R} P(i) rel(i)`` with R the query's relevant items in the database; averaged
+  over queries with ``R > 0``; tie-aware: its exact expectation.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from deephash.retrieval.hamming import hamming_distances
 from deephash.retrieval.metric_engine import codes_problem as _codes_problem
 from deephash.retrieval.metric_engine import mean as _mean
 from deephash.retrieval.metric_engine import real_problem as _real_problem
@@ -92,6 +100,64 @@ def precision_recall_curve_at_k(q: Any, q_labels: Any, db: Any, db_labels: Any, 
     return (hits / k).mean(0).numpy(), recall.numpy()
 
 
+def metric_learning_recall_at_k(q: Any, q_labels: Any, db: Any, db_labels: Any, ks: Sequence[int],
+                                bits: int | None = None, ties: str = "tie-aware") -> np.ndarray:
+    """Recall@K of metric learning (a relevant item among the K nearest) for each K: float64
+    ``(len(ks),)``. Packed codes when ``bits`` is given (Hamming ranking), else embeddings
+    (Euclidean ranking, stable ties)."""
+    problem = _codes_problem(q, q_labels, db, db_labels, bits) if bits is not None else _real_problem(q, q_labels, db, db_labels)
+    rule = ties if bits is not None else "stable"
+    stats = _run(problem, recall_ks=list(ks), ties=(rule,))
+    has = stats["R"] > 0
+    return stats[f"recall/{rule}"][has].mean(0).numpy() if bool(has.any()) else np.full(len(ks), np.nan)
+
+
+def map_at_r(q: Any, q_labels: Any, db: Any, db_labels: Any, bits: int | None = None, ties: str = "tie-aware") -> float:
+    """MAP@R (see the module docstring) of packed codes (``bits`` given) or embeddings."""
+    problem = _codes_problem(q, q_labels, db, db_labels, bits) if bits is not None else _real_problem(q, q_labels, db, db_labels)
+    rule = ties if bits is not None else "stable"
+    stats = _run(problem, map_at_r=True, ties=(rule,))
+    return _mean(stats[f"map_r/{rule}"], stats["R"] > 0)
+
+
+def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits: int | None = None,
+                         chunk: int = 256) -> dict[str, np.ndarray]:
+    """Near-duplicate retrieval: for each query, is its one relevant item (its original, database
+    row ``targets[i]``) among the k nearest?
+
+    With ``n_less`` items strictly nearer than the original and ``n_tie`` at its distance (itself
+    included), the tie-aware value is ``clip((k - n_less) / n_tie, 0, 1)``, the probability over
+    random orders within the tie; stable breaks ties by database position.
+
+    Args:
+        q: packed uint8 codes ``(nq, bytes)`` (``bits`` given: Hamming distances) or float
+            embeddings ``(nq, D)`` (Euclidean).
+        db: the database, same kind ``(n, ...)``.
+        targets: int64 ``(nq,)`` database rows of the originals.
+        ks: cut-offs.
+        chunk: queries per distance block.
+
+    Returns:
+        ``{"tie-aware": float64 (len(ks),), "stable": float64 (len(ks),)}``, means over queries.
+    """
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    k = torch.tensor([float(v) for v in ks], dtype=torch.float64)[None, :]
+    aware, stable = [], []
+    for start in range(0, len(targets), chunk):
+        rows = slice(start, start + chunk)
+        if bits is not None:
+            dist = torch.as_tensor(hamming_distances(np.asarray(q)[rows], np.asarray(db))).to(torch.int64)
+        else:
+            dist = torch.cdist(torch.as_tensor(np.asarray(q)[rows]).double(), torch.as_tensor(np.asarray(db)).double())
+        own = dist.gather(1, targets[rows, None])
+        n_less = (dist < own).sum(1, keepdim=True).double()
+        n_tie = (dist == own).sum(1, keepdim=True).double()
+        before_in_tie = ((dist == own) & (torch.arange(dist.shape[1])[None, :] < targets[rows, None])).sum(1, keepdim=True)
+        aware.append(((k - n_less) / n_tie).clamp(0, 1))
+        stable.append((n_less + before_in_tie + 1 <= k).double())
+    return {"tie-aware": torch.cat(aware).mean(0).numpy(), "stable": torch.cat(stable).mean(0).numpy()}
+
+
 def precision_within_radius(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, radius: int = 2) -> tuple[float, float]:
     """Mean precision of the Hamming ball ``d <= radius``; an empty ball counts as 0.
 
@@ -136,12 +202,14 @@ def evaluate_codes(
     radius: int = 2,
     knn_k: int | None = 10,
     splits: tuple[str, str] | None = None,
+    recall_ks: Sequence[int] = (1, 10),
 ) -> dict[str, Any]:
     """The standard table for Hamming ranking in one pass over the distances (both tie rules).
 
     Keys: ``"mAP@all/tie-aware"``, ``"mAP@all/stable"``, ``"mAP@<k>/tie-aware"``,
     ``"mAP@<k>/stable"``, ``"P@<k>/tie-aware"``, ``"P@<k>/stable"``, ``"R@<k>/tie-aware"``,
-    ``"P@r<=<radius>"``, ``"P@r<=<radius>/empty"``, ``"kNN-acc@<knn_k>"``, and ``"protocol"`` (a
+    ``"P@r<=<radius>"``, ``"P@r<=<radius>/empty"``, ``"kNN-acc@<knn_k>"``, the metric-learning
+    ``"Recall@<K>/<rule>"`` for each of ``recall_ks`` and ``"MAP@R/<rule>"``, and ``"protocol"`` (a
     sentence naming the splits given as ``(query, database)``, relevance and tie rules).
     ``knn_k=None`` leaves kNN accuracy out (needed for multi-hot labels).
     """
@@ -150,7 +218,9 @@ def evaluate_codes(
     map_ks: list[int | None] = [None, *ks]
     result: dict[str, Any] = {}
     capped = torch.tensor([min(k, problem.n) for k in ks], dtype=torch.float64)
-    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("tie-aware", "stable"), radii=[radius], knn_k=knn_k)
+    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("tie-aware", "stable"), radii=[radius], knn_k=knn_k,
+                 recall_ks=list(recall_ks), map_at_r=True)
+    has = stats["R"] > 0
     for ties in ("tie-aware", "stable"):
         for j, k in enumerate(map_ks):
             result[f"mAP@{'all' if k is None else k}/{ties}"] = _mean(stats[f"ap/{ties}"][:, j])
@@ -161,6 +231,9 @@ def evaluate_codes(
             ball, hits = stats["ball"][:, 0], stats["ball_rel"][:, 0]
             result[f"P@r<={radius}"] = _mean(torch.where(ball > 0, hits / ball.clamp(min=1), 0.0))
             result[f"P@r<={radius}/empty"] = _mean((ball == 0).double())
+        for j, k in enumerate(recall_ks):
+            result[f"Recall@{k}/{ties}"] = _mean(stats[f"recall/{ties}"][:, j], has)
+        result[f"MAP@R/{ties}"] = _mean(stats[f"map_r/{ties}"], has)
     if knn_k:
         result[f"kNN-acc@{knn_k}"] = _mean(stats["knn"])
     query, database = splits or ("queries", "database")
@@ -187,15 +260,19 @@ def evaluate_embeddings(
     ks: Sequence[int] = (100, 1000),
     knn_k: int = 10,
     splits: tuple[str, str] | None = None,
+    recall_ks: Sequence[int] = (1, 10),
 ) -> dict[str, Any]:
     """The real-valued baseline table (Euclidean ranking, stable ties).
 
-    Keys: ``"mAP@all"``, ``"mAP@<k>"``, ``"P@<k>"``, ``"R@<k>"``, ``"kNN-acc@<knn_k>"``, ``"protocol"``.
+    Keys: ``"mAP@all"``, ``"mAP@<k>"``, ``"P@<k>"``, ``"R@<k>"``, ``"kNN-acc@<knn_k>"``,
+    ``"Recall@<K>"``, ``"MAP@R"``, ``"protocol"``.
     """
     problem = _real_problem(q_emb, q_labels, db_emb, db_labels)
     ks = [int(k) for k in ks]
     map_ks: list[int | None] = [None, *ks]
-    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("stable",), knn_k=knn_k)
+    stats = _run(problem, map_ks=map_ks, count_ks=ks, ties=("stable",), knn_k=knn_k, recall_ks=list(recall_ks),
+                 map_at_r=True)
+    has = stats["R"] > 0
     result: dict[str, Any] = {}
     for j, k in enumerate(map_ks):
         result[f"mAP@{'all' if k is None else k}"] = _mean(stats["ap/stable"][:, j])
@@ -203,6 +280,9 @@ def evaluate_embeddings(
         result[f"P@{k}"] = _mean(stats["hits/stable"][:, j] / min(k, problem.n))
         result[f"R@{k}"] = _mean(stats["hits/stable"][:, j] / stats["R"].clamp(min=1), stats["R"] > 0)
     result[f"kNN-acc@{knn_k}"] = _mean(stats["knn"])
+    for j, k in enumerate(recall_ks):
+        result[f"Recall@{k}"] = _mean(stats["recall/stable"][:, j], has)
+    result["MAP@R"] = _mean(stats["map_r/stable"], has)
     query, database = splits or ("queries", "database")
     result["protocol"] = (
         f"real embeddings ({problem.q.shape[1]}-d); queries: {query} ({problem.q.shape[0]}), database: {database} ({problem.n}); "
