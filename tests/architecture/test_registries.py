@@ -18,6 +18,7 @@ from helpers import labelled_batch, tiny_fashion_mnist
 from PIL import Image
 
 import deephash
+from deephash.data.augment import AUGMENTATIONS
 from deephash.data.datasets import DATASETS, load_dataset
 from deephash.data.samplers import BATCH_SAMPLERS
 from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
@@ -41,7 +42,7 @@ from deephash.train.optim import (
     split_schedule,
 )
 
-TESTED = {id(r) for r in (BACKBONES, HEADS, CODE_RULES, LOSSES, SELECTORS, SCHEDULES, DATASETS, SPLIT_PROTOCOLS,
+TESTED = {id(r) for r in (AUGMENTATIONS, BACKBONES, HEADS, CODE_RULES, LOSSES, SELECTORS, SCHEDULES, DATASETS, SPLIT_PROTOCOLS,
                           BATCH_SAMPLERS, OPTIMIZERS, SCHEDULERS)}
 #: The input each backbone is made for.
 INPUTS = {"resnet18-cifar": (3, 32), "seed-cnn": (1, 28), "seed-embeddingnet": (1, 28), "fmnist-cnn": (1, 28)}
@@ -165,6 +166,17 @@ def test_data_set(name, data_root):
         assert dataset.data.dtype == torch.uint8 and dataset.data.dim() == 4 and len(dataset) == len(dataset.targets)
         assert dataset.targets.dtype == torch.int64 and int(dataset.targets.max()) < len(dataset.classes)
         assert dataset.train == (split == "train")
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_augmentation(name):
+    x = torch.rand(5, 1, 12, 12)
+    params = {"padding": 2} if "crop" in name else {}
+    transform = AUGMENTATIONS.create(name, **params, generator=torch.Generator().manual_seed(0))
+    out = transform(x)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1 and not torch.equal(out, x)
+    again = AUGMENTATIONS.create(name, **params, generator=torch.Generator().manual_seed(0))(x)
+    assert torch.equal(out, again)  # seeded
 
 
 @pytest.mark.parametrize("name", SPLIT_PROTOCOLS.names())

@@ -26,9 +26,9 @@ def test_integer_shifts_move_pixels_with_edge_repeat():
     """Against a per-image loop that shifts by the drawn (dy, dx) and repeats the edge pixels."""
     gen = torch.Generator().manual_seed(5)
     out = perturb_images(IMAGES, gen, **{**NONE, "shift": 2})
-    draws = torch.Generator().manual_seed(5)
-    dy = torch.randint(-2, 3, (6,), generator=draws)
-    dx = torch.randint(-2, 3, (6,), generator=draws)
+    draws = torch.Generator().manual_seed(5)  # perturb_batch draws dy, then dx, first
+    dy = torch.floor(torch.rand(6, generator=draws) * 5) - 2
+    dx = torch.floor(torch.rand(6, generator=draws) * 5) - 2
     for i in range(6):
         rows = np.clip(np.arange(12) - int(dy[i]), 0, 11)
         cols = np.clip(np.arange(10) - int(dx[i]), 0, 9)

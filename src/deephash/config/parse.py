@@ -158,6 +158,8 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    if config.data.views < 1 or (config.data.views > 1 and not config.data.augment):
+        raise ConfigError(f"data.views must be >= 1, and views > 1 needs data.augment (else the views are equal), in {source}")
     seen, unseen = config.data.seen_classes, config.data.unseen_classes
     if bool(seen) != bool(unseen):
         raise ConfigError(f"data.seen_classes and data.unseen_classes go together (a class split), in {source}")

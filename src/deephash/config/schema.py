@@ -27,6 +27,9 @@ class DataConfig:
     seeded by ``seed``; the split is saved as ``RUN_DIR/split.npz`` and can be reused with
     ``split_file``. Its split names are ``query``, ``train`` and ``database``.
 
+    ``views``: augmented views of every training image per batch (contrastive losses; needs
+    ``augment``), stacked view-major.
+
     ``seen_classes`` / ``unseen_classes`` (labels; both or neither) make a class split, the open-set
     protocol of metric learning: training uses only the seen classes' images, queries and database
     only the unseen classes' (retrieval of classes training never saw).
@@ -42,6 +45,7 @@ class DataConfig:
     split_file: str = ""
     limit: int = 0
     augment: dict[str, Any] = field(default_factory=dict)
+    views: int = 1
     seen_classes: list[int] = field(default_factory=list)
     unseen_classes: list[int] = field(default_factory=list)
 

@@ -9,7 +9,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from deephash.data.perturb import perturb_batch
 from deephash.errors import ConfigError
+from deephash.registry import Registry
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,13 +92,41 @@ class Compose:
         return f"Compose({self.transforms})"
 
 
+class Perturb:
+    """Shift, crop, brightness, contrast and noise per image (:func:`deephash.data.perturb.perturb_batch`).
+
+    Args: those of ``perturb_batch`` (``shift`` pixels, ``crop`` smallest kept share, ``brightness``,
+    ``contrast``, ``noise``), and the ``generator`` the draws come from.
+    """
+
+    def __init__(self, shift: int = 2, crop: float = 1.0, brightness: float = 0.2, contrast: float = 0.2,
+                 noise: float = 0.05, generator: torch.Generator | None = None) -> None:
+        self.shift, self.crop, self.brightness, self.contrast, self.noise = shift, crop, brightness, contrast, noise
+        self.generator = generator
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return perturb_batch(x, self.generator, self.shift, self.crop, self.brightness, self.contrast, self.noise)
+
+    def __repr__(self) -> str:
+        return (f"Perturb(shift={self.shift}, crop={self.crop}, brightness={self.brightness}, "
+                f"contrast={self.contrast}, noise={self.noise})")
+
+
+#: Batched augmentations by name: ``factory(**params, generator=...)``.
+AUGMENTATIONS: Registry[Transform] = Registry("augmentation")
+for _name, _factory in (("random_crop", RandomCrop), ("crop", RandomCrop), ("hflip", RandomHorizontalFlip),
+                        ("random_horizontal_flip", RandomHorizontalFlip), ("perturb", Perturb)):
+    AUGMENTATIONS.register(_name)(_factory)
+
+
 def build_augment(spec: dict[str, Any] | Sequence[Any] | None, generator: torch.Generator | None = None) -> Compose:
     """Build a batched augmentation from a config value.
 
     Args:
         spec: a dict such as ``{"crop_padding": 4, "crop_size": 32, "hflip": true}`` (``hflip`` may
-            be a probability), a list of names / ``{"name": ..., params}`` dicts such as
-            ``["hflip", {"name": "random_crop", "padding": 4}]``, or None / empty for no augmentation.
+            be a probability; ``perturb`` a table of :class:`Perturb`'s parameters), a list of names
+            / ``{"name": ..., params}`` dicts such as ``["hflip", {"name": "random_crop", "padding": 4}]``
+            (names from :data:`AUGMENTATIONS`), or None / empty for no augmentation.
         generator: shared by every transform built.
 
     Raises:
@@ -105,25 +135,23 @@ def build_augment(spec: dict[str, Any] | Sequence[Any] | None, generator: torch.
     if not spec:
         return Compose([])
     if isinstance(spec, dict):
-        unknown = set(spec) - {"crop_padding", "crop_size", "hflip"}
+        unknown = set(spec) - {"crop_padding", "crop_size", "hflip", "perturb"}
         if unknown:
-            raise ConfigError(f"unknown augmentation key {sorted(unknown)[0]!r}; known: crop_padding, crop_size, hflip")
+            raise ConfigError(f"unknown augmentation key {sorted(unknown)[0]!r}; known: crop_padding, crop_size, hflip, perturb")
         transforms: list[Transform] = []
         if spec.get("crop_padding") or spec.get("crop_size"):
             transforms.append(RandomCrop(spec.get("crop_size"), int(spec.get("crop_padding", 0)), generator))
         hflip = spec.get("hflip", False)
         if hflip:
             transforms.append(RandomHorizontalFlip(0.5 if hflip is True else float(hflip), generator))
+        if spec.get("perturb"):
+            perturb = spec["perturb"]
+            transforms.append(AUGMENTATIONS.create("perturb", **(perturb if isinstance(perturb, dict) else {}),
+                                                   generator=generator))
         return Compose(transforms)
-    builders = {"random_crop": RandomCrop, "crop": RandomCrop, "hflip": RandomHorizontalFlip, "random_horizontal_flip": RandomHorizontalFlip}
     transforms = []
     for item in spec:
         params = dict(item) if isinstance(item, dict) else {"name": item}
         name = params.pop("name", None)
-        if name not in builders:
-            raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(builders)}")
-        try:
-            transforms.append(builders[name](**params, generator=generator))
-        except TypeError as err:
-            raise ConfigError(f"augmentation {name!r}: bad parameters {sorted(params)}") from err
+        transforms.append(AUGMENTATIONS.create(str(name), **params, generator=generator))
     return Compose(transforms)

@@ -18,8 +18,11 @@ class BatchLoader:
         batch_sampler: an iterable of index lists with ``len()``, e.g. a BalancedBatchSampler.
         device: where batches go.
         augment: a callable on float ``(B, C, H, W)`` batches on ``device`` (see ``augment.py``).
+        views: augmented views of every image per batch (contrastive training): the views are
+            stacked view-major, ``x`` ``(V*B, C, H, W)`` = ``[view 1 of the B images, view 2, ...]``
+            with ``y`` repeated V times.
 
-    Yields ``(x float32 (B, C, H, W) in [0, 1], y int64 (B,))`` on ``device``; ``len()`` is the
+    Yields ``(x float32 (V*B, C, H, W) in [0, 1], y int64 (V*B,))`` on ``device``; ``len()`` is the
     number of batches.
     """
 
@@ -29,11 +32,13 @@ class BatchLoader:
         batch_sampler: Iterable[Sequence[int]],
         device: str | torch.device = "cpu",
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        views: int = 1,
     ) -> None:
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
         self.augment = augment
+        self.views = views
 
     @classmethod
     def sequential(cls, dataset: Any, batch_size: int, device: str | torch.device = "cpu") -> BatchLoader:
@@ -58,6 +63,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         for indices in self.batch_sampler:
             x, y = self._fetch(torch.as_tensor(list(indices), dtype=torch.int64))
-            if self.augment is not None:
+            if self.views > 1:
+                x = torch.cat([self.augment(x) if self.augment is not None else x for _ in range(self.views)])
+                y = y.repeat(self.views)
+            elif self.augment is not None:
                 x = self.augment(x)
             yield x, y
