@@ -14,6 +14,7 @@ from deephash.losses.hashing import (
     quantization_loss,
 )
 from deephash.losses.orthohash import OrthoHashLoss
+from deephash.losses.contrastive import InstanceContrastiveLoss, SupConLoss, supcon_loss, view_ids
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
@@ -24,6 +25,10 @@ __all__ = [
     "DTSHLoss",
     "LinearRamp",
     "OrthoHashLoss",
+    "InstanceContrastiveLoss",
+    "SupConLoss",
+    "supcon_loss",
+    "view_ids",
     "QuantizationLoss",
     "bit_balance_loss",
     "build_schedule",
