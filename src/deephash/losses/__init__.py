@@ -15,6 +15,7 @@ from deephash.losses.hashing import (
 )
 from deephash.losses.memory import CrossBatchMemory
 from deephash.losses.orthohash import OrthoHashLoss
+from deephash.losses.contrastive import InstanceContrastiveLoss, SupConLoss, supcon_loss, view_ids
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
@@ -26,6 +27,10 @@ __all__ = [
     "DTSHLoss",
     "LinearRamp",
     "OrthoHashLoss",
+    "InstanceContrastiveLoss",
+    "SupConLoss",
+    "supcon_loss",
+    "view_ids",
     "QuantizationLoss",
     "bit_balance_loss",
     "build_schedule",

@@ -1,0 +1,91 @@
+"""SupCon / NT-Xent against a brute-force loop over Khosla et al.'s eq. 2 and pytorch-metric-learning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pytorch_metric_learning import losses as pml
+
+from deephash.errors import DeephashError
+from deephash.losses import create_loss
+from deephash.losses.contrastive import InstanceContrastiveLoss, SupConLoss, supcon_loss, view_ids
+
+
+def _brute(features: torch.Tensor, labels: torch.Tensor, t: float) -> float:
+    z = [f / math.sqrt(sum(v * v for v in f.tolist())) for f in features.double()]
+    sim = [[float((a * b).sum()) / t for b in z] for a in z]
+    losses = []
+    for i in range(len(z)):
+        positives = [p for p in range(len(z)) if p != i and int(labels[p]) == int(labels[i])]
+        if not positives:
+            continue
+        denom = sum(math.exp(sim[i][a]) for a in range(len(z)) if a != i)
+        losses.append(-sum(math.log(math.exp(sim[i][p]) / denom) for p in positives) / len(positives))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def _batch(n: int = 12, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("t", [0.07, 0.5, 1.0])
+def test_supcon_matches_brute_force_loop(t: float) -> None:
+    x, y = _batch()
+    y[0] = 99  # an anchor without positives: left out of the mean
+    assert supcon_loss(x, y, t).item() == pytest.approx(_brute(x, y, t), rel=1e-5)
+
+
+def test_supcon_matches_pytorch_metric_learning() -> None:
+    x, y = _batch(n=16, seed=1)
+    ours = SupConLoss(temperature=0.2)(x.float(), y)
+    assert ours.item() == pytest.approx(pml.SupConLoss(temperature=0.2)(x.float(), y).item(), rel=1e-4)
+
+
+def test_instance_loss_is_ntxent_of_two_views() -> None:
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 8, generator=g)
+    views = torch.cat([a + 0.3 * torch.randn(6, 8, generator=g), a + 0.3 * torch.randn(6, 8, generator=g)])
+    ids = view_ids(6, 2)
+    assert ids.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    ours = InstanceContrastiveLoss(temperature=0.3)(views)
+    assert ours.item() == pytest.approx(pml.NTXentLoss(temperature=0.3)(views, ids).item(), rel=1e-4)
+    assert ours.item() == pytest.approx(_brute(views, ids, 0.3), rel=1e-4)
+
+
+def test_no_positive_pairs_gives_zero_and_a_gradient() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = supcon_loss(x, torch.arange(4), 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_gradient_reaches_every_row_and_is_finite() -> None:
+    x, y = _batch()
+    x.requires_grad_(True)
+    supcon_loss(x, y, 0.1).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad.abs().sum(1) > 0).all()
+
+
+def test_identical_positives_far_negatives_approach_the_floor() -> None:
+    # two classes at opposite poles: each anchor's positive share tends to 1 / |P(i)| of the mass -> loss log|P(i)|
+    x = torch.tensor([[1.0, 0.0]] * 3 + [[-1.0, 0.0]] * 3)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert supcon_loss(x, y, 0.01).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_registry_and_errors() -> None:
+    assert isinstance(create_loss("supcon", temperature=0.2), SupConLoss)
+    assert isinstance(create_loss("instance-contrastive", temperature=0.2), InstanceContrastiveLoss)
+    with pytest.raises(DeephashError, match="temperature"):
+        supcon_loss(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 0.0)
+    with pytest.raises(DeephashError, match="features"):
+        supcon_loss(torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(DeephashError, match="views"):
+        InstanceContrastiveLoss(n_views=2)(torch.randn(5, 2))
+    with pytest.raises(DeephashError, match="n_views"):
+        InstanceContrastiveLoss(n_views=1)
