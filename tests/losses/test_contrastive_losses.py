@@ -89,3 +89,28 @@ def test_registry_and_errors() -> None:
         InstanceContrastiveLoss(n_views=2)(torch.randn(5, 2))
     with pytest.raises(DeephashError, match="n_views"):
         InstanceContrastiveLoss(n_views=1)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0), (0.5, 2.0, 0.3), (0.0, 1.0, 0.0), (1.0, 0.0, 0.1)])
+def test_contrastive_hash_is_the_weighted_sum_of_its_terms(weights) -> None:
+    from deephash.losses import ContrastiveHashLoss
+
+    supervised, instance, quantization = weights
+    u, labels = _batch(n=12)
+    u = torch.tanh(u)
+    loss = ContrastiveHashLoss(n_views=3, supervised_weight=supervised, instance_weight=instance,
+                               supervised_temperature=0.3, instance_temperature=0.2, quantization_weight=quantization)
+    views = torch.arange(4).repeat(3)  # rows i, i+4, i+8 are views of one image
+    want = (supervised * _brute(u, labels, 0.3) + instance * _brute(u, views, 0.2)
+            + quantization * float(((u.abs() - 1) ** 2).mean()))
+    assert float(loss(u, labels)) == pytest.approx(want, rel=1e-5)
+
+
+def test_contrastive_hash_refuses_rows_that_are_not_views() -> None:
+    from deephash.losses import ContrastiveHashLoss
+
+    with pytest.raises(DeephashError, match="not 2 views"):
+        ContrastiveHashLoss()(torch.randn(5, 4), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(DeephashError, match="n_views >= 2"):
+        ContrastiveHashLoss(n_views=1)
+    assert float(ContrastiveHashLoss(n_views=1, instance_weight=0)(torch.randn(5, 4), torch.arange(5) % 2)) > 0

@@ -1,5 +1,6 @@
 """Metric losses (contrastive, triplet, online variants), hashing losses, and a registry."""
 
+from deephash.losses.contrastive import ContrastiveHashLoss, InstanceContrastiveLoss, SupConLoss, supcon_loss
 from deephash.losses.metric import ContrastiveLoss, TripletLoss
 from deephash.losses.online import OnlineContrastiveLoss, OnlineTripletLoss, batch_all_triplet_loss
 from deephash.losses.registry import create_loss, loss_names, register_loss
@@ -19,6 +20,10 @@ from deephash.losses.contrastive import InstanceContrastiveLoss, SupConLoss, sup
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
+    "ContrastiveHashLoss",
+    "InstanceContrastiveLoss",
+    "SupConLoss",
+    "supcon_loss",
     "BitBalanceLoss",
     "CSQLoss",
     "Constant",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from deephash.errors import DeephashError
 from deephash.losses.registry import register_loss
 
-__all__ = ["supcon_loss", "SupConLoss", "InstanceContrastiveLoss", "view_ids"]
+__all__ = ["supcon_loss", "ContrastiveHashLoss", "SupConLoss", "InstanceContrastiveLoss", "view_ids"]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -94,3 +94,46 @@ class InstanceContrastiveLoss(nn.Module):
             raise DeephashError(f"instance-contrastive: {len(features)} rows are not {self.n_views} views of a batch")
         ids = view_ids(len(features) // self.n_views, self.n_views, features.device)
         return supcon_loss(features, ids, self.temperature)
+
+
+@register_loss("contrastive-hash")
+class ContrastiveHashLoss(nn.Module):
+    """Codes that keep similarity: supervised contrastive on the class labels plus the instance
+    (NT-Xent) term over augmented views, on the relaxed codes, plus an optional quantization term.
+
+    ``loss(u (V*B, bits), labels (V*B,)) = supervised_weight · SupCon(u, labels, t_s)
+    + instance_weight · NT-Xent(u, views, t_i) + quantization_weight · mean((|u| − 1)²)``, with the
+    batch's V views stacked view-major (``data.views``). The class term pulls a class together;
+    the instance term keeps each image apart from the others, so the codes keep within-class
+    order and carry over to classes training never saw.
+
+    Args:
+        n_views: views per image V (a run fills it from ``data.views``).
+        supervised_weight, instance_weight: weights of the two terms (either may be 0).
+        supervised_temperature, instance_temperature: their softmax temperatures.
+        quantization_weight: weight of the pull of ``u`` towards ±1.
+    """
+
+    def __init__(self, n_views: int = 2, supervised_weight: float = 1.0, instance_weight: float = 1.0,
+                 supervised_temperature: float = 0.2, instance_temperature: float = 0.2,
+                 quantization_weight: float = 0.0) -> None:
+        super().__init__()
+        if n_views < 2 and instance_weight > 0:
+            raise DeephashError(f"contrastive-hash's instance term needs n_views >= 2 (data.views), got {n_views}")
+        self.n_views = n_views
+        self.supervised_weight, self.instance_weight = supervised_weight, instance_weight
+        self.supervised_temperature, self.instance_temperature = supervised_temperature, instance_temperature
+        self.quantization_weight = quantization_weight
+
+    def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = u.new_zeros(())
+        if self.supervised_weight:
+            loss = loss + self.supervised_weight * supcon_loss(u, labels, self.supervised_temperature)
+        if self.instance_weight:
+            if len(u) % self.n_views:
+                raise DeephashError(f"contrastive-hash: {len(u)} rows are not {self.n_views} views of a batch")
+            ids = view_ids(len(u) // self.n_views, self.n_views, u.device)
+            loss = loss + self.instance_weight * supcon_loss(u, ids, self.instance_temperature)
+        if self.quantization_weight:
+            loss = loss + self.quantization_weight * (u.abs() - 1).pow(2).mean()
+        return loss

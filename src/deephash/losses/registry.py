@@ -10,7 +10,8 @@ __all__ = ["LOSSES", "create_loss", "loss_names", "register_loss"]
 
 #: Every loss a config can name (``loss.name``); the modules below register theirs.
 LOSSES: Registry[nn.Module] = Registry("loss", modules=(
-    "deephash.losses.metric", "deephash.losses.online", "deephash.losses.hashing", "deephash.losses.orthohash"))
+    "deephash.losses.metric", "deephash.losses.online", "deephash.losses.hashing", "deephash.losses.orthohash",
+    "deephash.losses.contrastive"))
 register_loss = LOSSES.register
 
 
