@@ -29,6 +29,7 @@ from deephash.models import (
     BACKBONES,
     CODE_RULES,
     HEADS,
+    RERANK_VECTORS,
     ModelSpec,
     build_model,
     create_backbone,
@@ -42,7 +43,7 @@ from deephash.train.optim import (
     split_schedule,
 )
 
-TESTED = {id(r) for r in (AUGMENTATIONS, BACKBONES, HEADS, CODE_RULES, LOSSES, SELECTORS, SCHEDULES, DATASETS, SPLIT_PROTOCOLS,
+TESTED = {id(r) for r in (AUGMENTATIONS, RERANK_VECTORS, BACKBONES, HEADS, CODE_RULES, LOSSES, SELECTORS, SCHEDULES, DATASETS, SPLIT_PROTOCOLS,
                           BATCH_SAMPLERS, OPTIMIZERS, SCHEDULERS)}
 #: The input each backbone is made for.
 INPUTS = {"resnet18-cifar": (3, 32), "seed-cnn": (1, 28), "seed-embeddingnet": (1, 28), "fmnist-cnn": (1, 28)}
@@ -93,6 +94,18 @@ def test_code_rule(name):
     codes = model.eval()(torch.rand(4, 1, 28, 28))
     assert codes.shape == (4, 16) and set(codes.unique().tolist()) <= {-1.0, 1.0}
     assert torch.equal(model.encode(x := torch.rand(2, 1, 28, 28)), model(x))  # encode = eval-mode forward
+
+
+@pytest.mark.parametrize("name", RERANK_VECTORS.names())
+def test_rerank_vectors(name):
+    model = build_model(ModelSpec(backbone="seed-cnn", head="hash", bits=16, rerank=name)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    codes, vectors = model.encode_with_rerank(x)
+    width = {"head": 16, "features": model.backbone.out_features}[name]
+    assert torch.equal(codes, model(x)) and vectors.shape == (3, width) and torch.isfinite(vectors).all()
+    if name == "head":  # the codes are the sign of these vectors
+        assert torch.equal(codes, torch.where(vectors >= 0, 1.0, -1.0))
+    assert build_model(ModelSpec(backbone="seed-cnn")).eval().encode_with_rerank(x)[1] is None
 
 
 @pytest.mark.parametrize("name", LOSSES.names())

@@ -483,13 +483,13 @@ def test_split_codes_are_cached_per_model_and_rebuilt_when_the_model_changes(run
     cache = Path(run) / "codes" / f"{split}.npz"
     cache.unlink(missing_ok=True)
     calls = []
-    real_encode = runs.encode
-    monkeypatch.setattr(encoding, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    real_pass = encoding.encode_with_rerank
+    monkeypatch.setattr(encoding, "encode_with_rerank", lambda *a, **k: calls.append(1) or real_pass(*a, **k))
 
     first = runs.encode_split(run, model, config, split)
     again = runs.encode_split(run, model, config, split)
     assert len(calls) == 1 and cache.is_file()
-    direct = real_encode(model, runs.load_split(config, split, run))
+    direct = real_pass(model, runs.load_split(config, split, run))
     for got in (first, again):
         assert np.array_equal(got[0], direct[0]) and np.array_equal(got[1], direct[1])
 

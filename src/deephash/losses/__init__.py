@@ -16,7 +16,7 @@ from deephash.losses.hashing import (
 )
 from deephash.losses.memory import CrossBatchMemory
 from deephash.losses.orthohash import OrthoHashLoss
-from deephash.losses.contrastive import InstanceContrastiveLoss, SupConLoss, supcon_loss, view_ids
+from deephash.losses.contrastive import view_ids
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [

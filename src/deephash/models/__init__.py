@@ -13,7 +13,7 @@ from deephash.models.backbones import (
 )
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
 from deephash.models.posterior_codes import posterior_path_codes
-from deephash.models.retrieval_model import CODE_RULES, RetrievalModel, build_model, channels_last_on_cpu, model_spec
+from deephash.models.retrieval_model import CODE_RULES, RERANK_VECTORS, RetrievalModel, build_model, channels_last_on_cpu, model_spec
 from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
 from deephash.models.spec import ModelSpec
 
@@ -21,6 +21,7 @@ __all__ = [
     "BACKBONES",
     "BasicBlock",
     "CODE_RULES",
+    "RERANK_VECTORS",
     "ClassificationNet",
     "ClassifierHead",
     "EmbeddingHead",

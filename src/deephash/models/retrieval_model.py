@@ -15,10 +15,12 @@ from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
 
-__all__ = ["CODE_RULES", "RetrievalModel", "build_model", "channels_last_on_cpu", "model_spec"]
+__all__ = ["CODE_RULES", "RERANK_VECTORS", "RetrievalModel", "build_model", "channels_last_on_cpu", "model_spec"]
 
 #: How a model in eval mode turns backbone features into ±1 codes: ``rule(model, features)``.
 CODE_RULES: Registry[torch.Tensor] = Registry("code rule")
+#: The float vector a model keeps per image for re-ranking a Hamming shortlist: ``kind(model, features)``.
+RERANK_VECTORS: Registry[torch.Tensor] = Registry("re-rank vector")
 
 
 class RetrievalModel(nn.Module):
@@ -54,6 +56,7 @@ class RetrievalModel(nn.Module):
         aux_classes: int | None = None,
         code_rule: str = "sign",
         code_temperature: float = 1.0,
+        rerank: str = "",
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -73,6 +76,9 @@ class RetrievalModel(nn.Module):
             self.register_buffer("code_centers", torch.zeros(aux_classes, head.bits))
         self.code_rule = code_rule
         self.code_temperature = float(code_temperature)
+        if rerank and rerank not in RERANK_VECTORS:
+            raise ConfigError(f"rerank must be '' or one of {tuple(RERANK_VECTORS.names())}, got {rerank!r}")
+        self.rerank = rerank
 
     def set_code_centers(self, centers: torch.Tensor) -> None:
         """Store the class hash centers of the ``"posterior"`` rule: ±1 float (aux_classes, bits)."""
@@ -111,7 +117,10 @@ class RetrievalModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
+        return self._output(self.features(x))
+
+    def _output(self, feats: torch.Tensor) -> torch.Tensor:
+        """The head's output; in eval mode under a code rule other than ``sign``, that rule's codes."""
         if self.code_rule != "sign" and not self.training:
             return CODE_RULES.get(self.code_rule)(self, feats)
         return self.head(feats)
@@ -132,6 +141,25 @@ class RetrievalModel(nn.Module):
         ``"posterior"`` rule's codes), or the sign of the embedding for other heads. The backbone
         runs in whatever mode the model is in."""
         return CODE_RULES.get(self.code_rule)(self, self.features(x))
+
+    def encode_with_rerank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One backbone pass: the eval-mode output (``forward``) and the re-rank vectors float
+        ``(B, D_r)`` (None when the model keeps none)."""
+        feats = self.features(x)
+        return self._output(feats), RERANK_VECTORS.get(self.rerank)(self, feats) if self.rerank else None
+
+
+@RERANK_VECTORS.register("head")
+def _head_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+    """The hash head's output before the sign (its linear layer), float ``(B, bits)``; the embedding
+    for other heads."""
+    return model.head.linear(feats) if isinstance(model.head, HashHead) else model.head(feats)
+
+
+@RERANK_VECTORS.register("features")
+def _feature_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+    """The backbone's features, float ``(B, F)``."""
+    return feats
 
 
 @CODE_RULES.register("sign")
@@ -168,7 +196,7 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     backbone = create_backbone(s.backbone, in_channels=s.in_channels, **params)
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
-                           code_rule=s.code_rule, code_temperature=s.code_temperature)
+                           code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank)
     model.spec = s
     return model
 

@@ -29,7 +29,9 @@ class ModelSpec:
     ``aux_classes = 0``: no auxiliary classifier. ``code_rule``: how eval-mode codes are made
     (``sign`` of the hash head, or ``posterior``: on the Hamming path between the aux
     classifier's two likeliest classes' CSQ hash centers, at softmax temperature
-    ``code_temperature``; see ``deephash.models.posterior_codes``).
+    ``code_temperature``; see ``deephash.models.posterior_codes``). ``rerank``: a float vector per
+    image kept beside its code for two-stage search (``""`` none; ``"head"`` the hash head's output
+    before the sign, ``bits`` values; ``"features"`` the backbone's features; see ``RERANK_VECTORS``).
     """
 
     backbone: str = "seed-cnn"
@@ -44,6 +46,7 @@ class ModelSpec:
     aux_classes: int = 0
     code_rule: str = "sign"
     code_temperature: float = 1.0
+    rerank: str = ""
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:
