@@ -163,12 +163,14 @@ class NearDuplicateConfig:
 @dataclass
 class EvalConfig:
     """Retrieval evaluation: ``ks`` for mAP@k/P@k, Hamming ``radius`` for P@r, ``knn_k`` neighbours,
-    ``recall_ks`` for the metric-learning Recall@K, and the ``near_duplicates`` protocol."""
+    ``recall_ks`` for the metric-learning Recall@K, the first-stage size of a two-stage search
+    (``rerank_shortlist``, for models with ``model.rerank``) and the ``near_duplicates`` protocol."""
 
     ks: list[int] = field(default_factory=lambda: [100, 1000])
     radius: int = 2
     knn_k: int = 10
     recall_ks: list[int] = field(default_factory=lambda: [1, 10])
+    rerank_shortlist: int = 1000
     near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)
 
 
