@@ -255,7 +255,14 @@ class HardestNegativeTripletSelector(TripletSelector):
 
 
 class _DrawingTripletSelector(TripletSelector):
-    """A selector that draws one negative per pair at random, within a margin-defined range."""
+    """A selector that draws one negative per pair at random, within a margin-defined range.
+
+    Args:
+        margin: hinge margin (squared distance units).
+        generator: source of randomness; ``None`` uses torch's global one. A bool here is the
+            seed's positional ``cpu`` flag and is ignored like ``cpu``.
+        cpu: the seed's flag, ignored (see the module docstring).
+    """
 
     def __init__(self, margin: float, generator: torch.Generator | bool | None = None, cpu: bool = False) -> None:
         self.margin = margin
@@ -267,13 +274,8 @@ class RandomNegativeTripletSelector(_DrawingTripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``d_ap - d_an + margin > 0``.
 
     With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
-    among ``a``'s negative columns in batch ∪ memory with that hinge > 0.
-
-    Args:
-        margin: hinge margin (squared distance units).
-        generator: source of randomness; ``None`` uses torch's global one. A bool here is the
-            seed's positional ``cpu`` flag and is ignored like ``cpu``.
-        cpu: the seed's flag, ignored (see the module docstring).
+    among ``a``'s negative columns in batch ∪ memory with that hinge > 0. Arguments: see
+    :class:`_DrawingTripletSelector`.
     """
 
     def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -285,13 +287,8 @@ class SemihardNegativeTripletSelector(_DrawingTripletSelector):
     """Per pair ``a < p``, a uniformly random negative with ``0 < d_ap - d_an + margin < margin``.
 
     With a memory: per pair ``(a, p)``, ``p`` any other column of ``a``'s label, a uniform draw
-    among ``a``'s negative columns in batch ∪ memory in that range.
-
-    Args:
-        margin: hinge margin (squared distance units).
-        generator: source of randomness; ``None`` uses torch's global one. A bool here is the
-            seed's positional ``cpu`` flag and is ignored like ``cpu``.
-        cpu: the seed's flag, ignored (see the module docstring).
+    among ``a``'s negative columns in batch ∪ memory in that range. Arguments: see
+    :class:`_DrawingTripletSelector`.
     """
 
     def select(self, distances: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
