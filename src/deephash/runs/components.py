@@ -1,0 +1,92 @@
+"""Config to objects: the model, the loss (with its selector), the optimizer and LR schedule, the loaders.
+
+Every name is looked up in its registry; the parameters come from the config, with the values a
+component needs from elsewhere (code length, number of classes, the selector's margin and random
+generator) filled in only when it takes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from deephash.config import Config
+from deephash.data import BatchLoader
+from deephash.data.augment import build_augment
+from deephash.errors import ConfigError
+from deephash.losses.aux import AuxClassificationLoss
+from deephash.losses.memory import CrossBatchMemory
+from deephash.losses.registry import LOSSES
+from deephash.losses.schedules import LinearRamp, Schedule
+from deephash.mining import create_selector
+from deephash.train.optim import create_optimizer, create_scheduler
+
+__all__ = ["build_loss", "build_optimizer", "build_scheduler", "loss_schedules", "make_loader", "model_for_data"]
+
+_SELECTOR_KEYS = ("selector", "triplet_selector", "pair_selector")
+
+
+def model_for_data(config: Config, in_channels: int, mean: list[float], std: list[float]) -> Config:
+    """``config`` with the model's input channels, and its normalisation when unset, from the data."""
+    model = dataclasses.replace(config.model, in_channels=in_channels, mean=config.model.mean or mean,
+                                std=config.model.std or std)
+    return dataclasses.replace(config, model=model)
+
+
+def build_loss(config: Config, n_classes: int, selector_generator: torch.Generator | None = None) -> nn.Module:
+    """The configured loss; ``bits``/``n_classes``/``seed``/``n_views``/a selector are filled in when the loss takes them.
+
+    ``[selector]`` builds a selector object (given the loss's ``margin`` when the selector takes
+    one, and ``selector_generator`` when it draws at random) passed as the loss's ``selector``
+    (``online-*``), ``triplet_selector`` (``dtsh``) or ``pair_selector`` parameter. With an aux
+    classifier and ``train.aux_weight > 0`` the loss is wrapped in :class:`AuxClassificationLoss`;
+    with ``loss.memory.size > 0`` the mining loss inside is a :class:`CrossBatchMemory`.
+    """
+    name = config.loss.name
+    params = dict(config.loss.params)
+    width = config.model.bits if config.model.head == "hash" else config.model.embedding_dim
+    for key, value in (("bits", width), ("n_classes", n_classes), ("seed", config.seed), ("n_views", config.data.views)):
+        if key not in params and LOSSES.accepts(name, key):
+            params[key] = value
+    if config.selector.name:
+        key = next((k for k in _SELECTOR_KEYS if LOSSES.accepts(name, k)), None)
+        if key is None:
+            raise ConfigError(f"loss {name!r} takes no selector; remove the [selector] table")
+        params[key] = create_selector(config.selector.name, default_margin=params.get("margin"), generator=selector_generator,
+                                      **config.selector.params)
+    loss = LOSSES.create(name, **params)
+    if config.loss.memory.size > 0:
+        loss = CrossBatchMemory(loss, config.loss.memory.size, width, config.loss.memory.warmup_steps)
+    if config.model.aux_classes and config.train.aux_weight > 0:
+        loss = AuxClassificationLoss(loss, config.train.aux_weight, config.train.aux_label_smoothing)
+    return loss
+
+
+def build_optimizer(config: Config, params: Any) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (with momentum) as ``[optimizer]`` says."""
+    o = config.optimizer
+    return create_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+
+
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
+    """The ``[scheduler]``: an epoch-wise torch scheduler, a per-batch callback (``warmup-cosine``)
+    or None (see ``deephash.train.optim``)."""
+    return create_scheduler(config.scheduler.name, optimizer, lr=config.optimizer.lr, epochs=config.train.epochs,
+                            **config.scheduler.params)
+
+
+def loss_schedules(config: Config) -> list[Schedule]:
+    """The ``[[schedules]]``: loss attributes ramped over the epochs."""
+    return [LinearRamp(r.attribute, r.start, r.end, r.epochs or None) for r in config.schedules]
+
+
+def make_loader(dataset: Any, batches: Any, device: torch.device, config: Config,
+                generator: torch.Generator | None) -> BatchLoader:
+    """A ``BatchLoader`` with the configured augmentation (none when ``generator`` is None)."""
+    augment = None
+    if generator is not None and config.data.augment:
+        augment = build_augment(dict(config.data.augment), generator=generator)
+    return BatchLoader(dataset, batches, device, augment=augment, views=config.data.views)

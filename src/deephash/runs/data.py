@@ -1,0 +1,141 @@
+"""The images of a run: its configured data set, split protocol and limit, and query references."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deephash._io import atomic_savez
+from deephash.config import Config
+from deephash.data.datasets import ArrayDataset, ImageFolder, load_dataset
+from deephash.data.images import read_image
+from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
+from deephash.errors import DataFormatError, DeephashError, NotFoundError
+from deephash.runs.layout import SPLIT_FILE
+
+__all__ = ["channel_stats", "load_split", "model_input_shape", "query_images", "source_dataset"]
+
+#: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
+_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
+
+
+def _load_source(config: Config, split: str) -> ArrayDataset:
+    """One split of the configured data set (no protocol, no limit)."""
+    data = config.data
+    root = data.images if data.dataset == "folder" else (data.root or None)
+    return load_dataset(data.dataset, split, root=root)
+
+
+def _protocol_indices(config: Config, pooled_labels: np.ndarray, run_dir: Path | None) -> dict[str, np.ndarray]:
+    """The split lists: from ``data.split_file``, else ``run_dir/split.npz``, else drawn (and saved)."""
+    candidates = [Path(config.data.split_file)] if config.data.split_file else []
+    if run_dir is not None:
+        candidates.append(run_dir / SPLIT_FILE)
+    for path in candidates:
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    split = {name: stored[name].astype(np.int64) for name in PROTOCOL_SPLITS}
+            except (KeyError, ValueError, OSError, EOFError) as exc:
+                raise DataFormatError(f"split file {path}: not a split of {PROTOCOL_SPLITS} ({exc})") from None
+            top = max((int(v.max()) for v in split.values() if v.size), default=-1)
+            if top >= len(pooled_labels):
+                raise DataFormatError(f"split file {path} indexes item {top} of {len(pooled_labels)}")
+            return split
+        if path == Path(config.data.split_file):
+            raise NotFoundError(f"split file {path} not found (data.split_file)")
+    split = SPLIT_PROTOCOLS.get(config.data.protocol)(pooled_labels, config.seed)
+    if run_dir is not None:
+        atomic_savez(run_dir / SPLIT_FILE, **split, protocol=np.array(config.data.protocol), seed=np.array(config.seed))
+    return split
+
+
+def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = None,
+               training: bool = False) -> ArrayDataset:
+    """The images of one split, as the config says (protocol, class split and ``data.limit`` applied).
+
+    Args:
+        config: the experiment config.
+        split: a split of the data set (``train``/``test``), or ``query``/``train``/``database``
+            under a protocol.
+        run_dir: where a protocol's ``split.npz`` is kept (read, or written when drawn).
+        training: under a class split (``data.seen_classes``), True keeps the seen classes (what
+            training uses), False the unseen ones (queries, database, everything evaluated).
+
+    Returns:
+        An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``.
+
+    Raises:
+        NotFoundError: no data found. DeephashError: unknown split, or an empty split.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if config.data.protocol:
+        if split not in PROTOCOL_SPLITS:
+            raise DeephashError(f"split {split!r} is not one of protocol {config.data.protocol}'s {PROTOCOL_SPLITS}")
+        parts = [_load_source(config, name) for name in ("train", "test")]
+        pooled = ArrayDataset(
+            torch.cat([p.data for p in parts]), torch.cat([p.targets for p in parts]), parts[0].classes,
+            name=f"{config.data.dataset}/{config.data.protocol}",
+        )
+        indices = _protocol_indices(config, pooled.targets.numpy(), run_dir)[split]
+        dataset = pooled.subset(torch.from_numpy(indices))
+        dataset.name, dataset.train = f"{pooled.name}/{split}", split == "train"
+    else:
+        dataset = _load_source(config, split)
+    if config.data.seen_classes:
+        keep = config.data.seen_classes if training else config.data.unseen_classes
+        dataset = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
+    if config.data.limit > 0 and len(dataset) > config.data.limit:
+        dataset = dataset.subset(torch.arange(config.data.limit))
+    if len(dataset) == 0:
+        which = f" of the {'seen' if training else 'unseen'} classes" if config.data.seen_classes else ""
+        raise NotFoundError(f"no images{which} in split {split!r} of {config.data.dataset}")
+    return dataset
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images ``(N, C, H, W)`` scaled to [0, 1]."""
+    x = images.to(torch.float64).div(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return [round(float(v), 6) for v in x.mean(dim=1)], [round(max(float(v), 1e-6), 6) for v in x.std(dim=1)]
+
+
+def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the run's model was trained on."""
+    if config.data.dataset in _SHAPES:
+        return _SHAPES[config.data.dataset]
+    return tuple(load_split(config, config.data.train_split, run_dir).data.shape[1:])
+
+
+def source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None) -> ArrayDataset:
+    """A split of the run's data (protocol and limit applied), or an image folder sized for the model."""
+    if images is None:
+        return load_split(config, split, run_dir)
+    channels, height, width = model_input_shape(config, run_dir)
+    return ImageFolder(images, image_size=(height, width), grayscale=channels == 1, train=False)
+
+
+def query_images(config: Config, run_dir: Path, items: Sequence[str]) -> tuple[torch.Tensor, list[int | None]]:
+    """Query images from files or ``SPLIT:N`` references: uint8 ``(Q, C, H, W)`` and their labels
+    (None for files)."""
+    shape = model_input_shape(config, run_dir)
+    images, labels, splits = [], [], {}
+    for item in items:
+        split, _, number = item.rpartition(":")
+        if split and number.isdigit() and not Path(item).exists():
+            if split not in splits:
+                splits[split] = load_split(config, split, run_dir)
+            dataset = splits[split]
+            i = int(number)
+            if i >= len(dataset):
+                raise DeephashError(f"{item}: split {split!r} has {len(dataset)} items")
+            images.append(dataset.data[i])
+            labels.append(int(dataset.targets[i]))
+        else:
+            mode = "L" if shape[0] == 1 else "RGB"
+            images.append(torch.from_numpy(read_image(item, mode=mode, size=tuple(shape[1:])).copy()))
+            labels.append(None)
+    return torch.stack(images), labels

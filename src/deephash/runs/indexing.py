@@ -1,0 +1,129 @@
+"""``deephash index`` and ``deephash search``: a Hamming index of a run's codes, and queries against it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deephash.errors import CodeLengthError, DeephashError, NotFoundError
+from deephash.retrieval.codes import pack_codes
+from deephash.retrieval.index import HashIndex
+from deephash.retrieval.search import search
+from deephash.runs.data import query_images, source_dataset
+from deephash.runs.encoding import encode_sharded, encode_split
+from deephash.runs.model_file import is_hash_model, load_run
+from deephash.train.distributed import current_strategy
+
+__all__ = ["build_index", "index_info", "load_index", "search_run"]
+
+
+def build_index(run_dir: str | os.PathLike, split: str | None = None, images: str | os.PathLike | None = None,
+                out: str | os.PathLike = "index", factory: str = "BFlat") -> Path:
+    """Encode a split (or an image folder) with a run's hash model and save a :class:`HashIndex`.
+
+    The index metadata records the run, the source (split or folder) and, for folders, the path
+    of every item, so :func:`search_run` can name them.
+    """
+    run_dir = Path(run_dir)
+    model, config = load_run(run_dir)
+    if not is_hash_model(model):
+        raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs a hash model (model.head = 'hash')")
+    dataset = source_dataset(config, run_dir, split, images)
+    strategy = current_strategy()
+    if images is None and strategy.world_size == 1:
+        codes, labels = encode_split(run_dir, model, config, split, dataset)
+    else:
+        codes, labels = encode_sharded(model, dataset, strategy)
+    if codes is None:  # another rank of a distributed job: rank 0 writes
+        return Path(out)
+    metadata: dict[str, Any] = {
+        "run": str(run_dir.resolve()),
+        "source": f"images:{Path(images).resolve()}" if images is not None else f"split:{split}",
+        "classes": list(getattr(model, "classes", []) or dataset.classes or []),
+    }
+    if dataset.paths is not None:
+        metadata["paths"] = list(dataset.paths)
+    index = HashIndex(model.bits, factory=factory, metadata=metadata)
+    index.add(codes, labels=labels)
+    out = Path(out)
+    index.save(out)
+    return out
+
+
+def load_index(index_dir: str | os.PathLike) -> HashIndex:
+    """A saved :class:`HashIndex`.
+
+    Raises:
+        NotFoundError: no such directory.
+    """
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise NotFoundError(f"index directory {index_dir} does not exist")
+    return HashIndex.load(index_dir)
+
+
+def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an index holds: bits, items, factory, the run that made it, the source, the classes."""
+    index = load_index(index_dir)
+    meta = dict(index.metadata) if isinstance(index.metadata, dict) else {"model": index.metadata}
+    info: dict[str, Any] = {"bits": index.bits, "items": len(index), "factory": index.factory}
+    paths, classes = meta.pop("paths", None), meta.pop("classes", None)
+    info.update(meta)
+    if classes:
+        info["classes"] = ", ".join(classes)
+    if paths:
+        info["paths"] = f"{len(paths)} image files"
+    return info
+
+
+def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Sequence[str], k: int | None = 10,
+               radius: int | None = None) -> list[dict[str, Any]]:
+    """Encode query images with a run's model and look up their neighbours in an index.
+
+    Args:
+        index_dir: directory written by :func:`build_index`.
+        run_dir: the run whose model built the index.
+        images: image files, or ``SPLIT:N`` (item N of a split of the run's data set).
+        k: at most this many results per query (None: no limit, with ``radius``).
+        radius: only items within this Hamming distance (inclusive); see ``retrieval.search``.
+
+    Returns:
+        One dict per query: ``query``, ``label``, ``class``, ``hits``: a list of ``{rank, id,
+        distance, label, class, path}`` (``path`` None unless the index was built from an image
+        folder).
+
+    Raises:
+        CodeLengthError: the run's code length differs from the index's.
+    """
+    run_dir = Path(run_dir)
+    index = load_index(index_dir)
+    model, config = load_run(run_dir)
+    if not is_hash_model(model):
+        raise DeephashError(f"{run_dir} holds an embedding model; search needs the hash model that built the index")
+    if model.bits != index.bits:
+        raise CodeLengthError(f"{run_dir} makes {model.bits}-bit codes but index {index_dir} holds {index.bits}-bit codes")
+    queries, query_labels = query_images(config, run_dir, images)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        codes = pack_codes(model(queries.to(device).float().div_(255)).cpu())
+    meta = index.metadata if isinstance(index.metadata, dict) else {}
+    classes, paths = meta.get("classes") or getattr(model, "classes", []), meta.get("paths")
+    labels = index.labels
+
+    def class_of(label: int | None) -> str | None:
+        return classes[label] if label is not None and label < len(classes) else None
+
+    results = []
+    for item, q_label, found in zip(images, query_labels, search(index, codes, k, radius)):
+        hits = []
+        for rank, (distance, ident, pos) in enumerate(zip(found.distances.tolist(), found.ids.tolist(),
+                                                          found.positions.tolist()), start=1):
+            label = int(labels[pos]) if labels is not None and pos >= 0 else None
+            hits.append({"rank": rank, "id": int(ident), "distance": int(distance), "label": label,
+                         "class": class_of(label), "path": paths[pos] if paths is not None and pos >= 0 else None})
+        results.append({"query": item, "label": q_label, "class": class_of(q_label), "hits": hits})
+    return results

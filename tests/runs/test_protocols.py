@@ -1,0 +1,140 @@
+"""The open-set class split and the near-duplicate protocol, end to end through the command line,
+checked against the data and a brute-force Hamming search of the run's own codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deephash.cli import main
+from deephash.config import load_config
+from deephash.data.perturb import perturb_images
+from deephash.errors import ConfigError
+from deephash.runs import load_run, load_split
+
+CONFIG = """
+name = "open"
+seed = 1
+device = "cpu"
+[data]
+dataset = "fashion-mnist"
+root = "{root}"
+seen_classes = [0, 1]
+unseen_classes = [2]
+[model]
+backbone = "fmnist-cnn"
+backbone_params = {{ width = 4, depth = [1, 1] }}
+bits = 16
+[loss]
+name = "csq"
+[sampler]
+n_classes = 2
+n_samples = 8
+[train]
+epochs = 1
+log_interval = 1
+num_threads = 1
+[eval]
+ks = [5]
+recall_ks = [1, 3]
+near_duplicates = {{ n = 10, seed = 4, shift = 1, noise = 0.01 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def open_run(tmp_path_factory, tiny_fmnist):
+    base = tmp_path_factory.mktemp("open")
+    config = base / "open.toml"
+    config.write_text(CONFIG.format(root=tiny_fmnist[0]), encoding="utf-8")
+    run = base / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    return run, tiny_fmnist[1]
+
+
+def test_training_sees_only_the_seen_classes_and_evaluation_only_the_unseen(open_run):
+    run, data = open_run
+    _, config = load_run(run)
+    assert set(load_split(config, "train", run, training=True).targets.tolist()) == {0, 1}
+    for split in ("train", "test"):
+        assert set(load_split(config, split, run).targets.tolist()) == {2}
+    result = json.loads((run / "metrics.json").read_text())
+    protocol = result["protocol"]
+    assert protocol["n_query"] == int((data["test"][1] == 2).sum()) and protocol["n_database"] == int((data["train"][1] == 2).sum())
+    assert protocol["class_split"]["seen"] == [0, 1] and protocol["class_split"]["unseen"] == [2]
+    with np.load(run / "codes" / "train.npz") as cached:  # the database codes are the unseen class's
+        assert set(cached["labels"].tolist()) == {2}
+    # one unseen class: every database item is relevant, so every metric is 1
+    assert result["metrics"]["mAP@all/tie-aware"] == pytest.approx(1.0)
+    assert result["metrics"]["Recall@1/tie-aware"] == pytest.approx(1.0)
+
+
+def test_near_duplicates_match_a_brute_force_search_of_the_perturbed_copies(open_run):
+    run, _ = open_run
+    model, config = load_run(run)
+    database = load_split(config, "train", run)
+    result = json.loads((run / "metrics.json").read_text())["near_duplicates"]
+    assert result["protocol"]["n"] == 10 and result["protocol"]["seed"] == 4
+    generator = torch.Generator().manual_seed(4)
+    targets = torch.randperm(len(database), generator=generator)[:10].sort().values
+    settings = config.eval.near_duplicates
+    copies = perturb_images(database.data[targets], generator, shift=settings.shift, crop=settings.crop,
+                            brightness=settings.brightness, contrast=settings.contrast, noise=settings.noise)
+    with torch.no_grad():
+        q = model(copies.float() / 255).numpy()
+        db = model(database.data.float() / 255).numpy()
+    q_bits, db_bits = q > 0, db > 0  # ±1 codes
+    stable = []
+    for i, t in enumerate(targets.tolist()):
+        dist = (q_bits[i] != db_bits).sum(1)
+        order = sorted(range(len(db)), key=lambda j: (dist[j], j))
+        stable.append([order.index(t) < k for k in (1, 10)])
+    assert [result["recall@1/stable"], result["recall@10/stable"]] == pytest.approx(np.mean(stable, 0).tolist())
+    assert 0 <= result["recall@1/tie-aware"] <= result["recall@10/tie-aware"] <= 1
+
+
+def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny_fmnist):
+    config = tmp_path / "rerank.toml"
+    config.write_text(CONFIG.format(root=tiny_fmnist[0]).replace('bits = 16', 'bits = 16\nrerank = "head"'),
+                      encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    near = json.loads((run / "metrics.json").read_text())["near_duplicates"]
+    assert "head vectors, 16 float16 values = 32 bytes per item" in near["protocol"]["rerank"]
+    assert 0 <= near["recall@1/rerank"] <= near["recall@10/rerank"] <= 1
+    with np.load(run / "codes" / "train.npz") as cached:
+        assert cached["rerank"].shape == (len(cached["labels"]), 16) and cached["rerank"].dtype == np.float16
+
+
+def test_evaluate_flag_overrides_the_config_and_prints_the_rows(open_run, capsys):
+    run, _ = open_run
+    assert main(["evaluate", str(run), "--near-duplicates", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "near-dup recall@1" in out and "unseen classes [2]" in out
+    assert json.loads((run / "metrics.json").read_text())["near_duplicates"]["protocol"]["n"] == 5
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.seen_classes=[0]"], "go together"),
+    (["data.seen_classes=[0, 1]", "data.unseen_classes=[1, 2]"], "share \\[1\\]"),
+    (["eval.near_duplicates={crop = 0.0}"], "0 < crop"),
+    (["eval.near_duplicates={jpeg_quality = [90]}"], "jpeg_quality"),
+])
+def test_bad_protocol_settings_are_one_line_config_errors(tmp_path, sets, message):
+    path = tmp_path / "c.toml"
+    path.write_text("[data]\ndataset = 'digits'\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, sets)
+
+
+def test_a_split_with_no_image_of_the_unseen_classes_says_so(open_run, tmp_path):
+    run, _ = open_run
+    _, config = load_run(run)
+    config.data.unseen_classes = [7]
+    with pytest.raises(Exception, match="no images of the unseen classes"):
+        load_split(config, "test", Path(tmp_path))
