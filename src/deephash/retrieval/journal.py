@@ -213,11 +213,20 @@ class Journal:
         self.path = Path(path)
         self.last_seq = int(last_seq)
         self.records = 0
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size != end:
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
-        os.lseek(self._fd, end, os.SEEK_SET)
+        self._fd = -1
+        self._end = int(end)
+        if self.path.exists() and self.path.stat().st_size != end:
+            self._file()  # cut the torn tail now
+
+    def _file(self) -> int:
+        """The open descriptor, positioned at the end of the good records (the file is created on first use)."""
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(self._fd).st_size != self._end:
+                os.ftruncate(self._fd, self._end)
+                os.fsync(self._fd)
+            os.lseek(self._fd, self._end, os.SEEK_SET)
+        return self._fd
 
     def next_seq(self) -> int:
         """The sequence number the next record gets."""
@@ -228,19 +237,24 @@ class Journal:
         if record.seq != self.next_seq():
             raise DeephashError(f"journal record seq {record.seq} is not the next one ({self.next_seq()})")
         data = encode_record(record)
+        fd = self._file()
         written = 0
         while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
         self.last_seq = record.seq
         self.records += 1
 
     def truncate(self) -> None:
         """Empty the journal (after its records were folded into a snapshot)."""
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.fsync(self._fd)
         self.records = 0
+        if self._fd < 0 and not self.path.exists():
+            return
+        fd = self._file()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.fsync(fd)
+        self._end = 0
 
     def close(self) -> None:
         """Close the file."""
