@@ -109,10 +109,9 @@ def test_add_a_split_then_remove_matches_an_index_built_from_scratch(tiny, capsy
     assert not (index_dir / JOURNAL_FILE).exists() or (index_dir / JOURNAL_FILE).stat().st_size == 0  # folded
 
     status, out, _ = cli(capsys, "index", "info", index_dir)
-    lines = dict(line.split(None, 1) if "  " not in line else [s.strip() for s in line.split("  ", 1)]
-                 for line in out.strip().splitlines())
-    assert lines["items"] == str(len(items)) and lines["id range"] == f"1 .. {max(items)}"
-    assert lines["last changed"] == HashIndex.load(index_dir).changed and lines["last changed"].startswith("20")
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["items"] == str(len(items)) and lines["ids"] == f"1 .. {max(items)}"
+    assert lines["changed"] == HashIndex.load(index_dir).changed and lines["changed"].startswith("20")
 
 
 def test_a_code_file_with_taken_ids_is_refused_and_nothing_is_written(tiny, capsys):

@@ -192,14 +192,15 @@ def remove_items(index_dir: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
 
 
 def index_status(index_dir: str | os.PathLike) -> dict[str, Any]:
-    """:func:`~deephash.runs.index_info` plus the count, the id range, when it last changed and
-    how many journal records wait to be folded."""
+    """:func:`~deephash.runs.index_info` plus the count (``items``), the id range (``ids``), when it
+    last changed (``changed``: the last add or remove, else when it was built) and how many journal
+    records wait to be folded (``journal``, only when some do)."""
     index = load_index(index_dir)
     info = index_info(index_dir)
     ids = index.ids
     status: dict[str, Any] = {"items": len(index),
-                              "id range": f"{int(ids.min())} .. {int(ids.max())}" if len(ids) else "(empty)",
-                              "last changed": index.changed or info.get("created") or _created(index_dir)}
+                              "ids": f"{int(ids.min())} .. {int(ids.max())}" if len(ids) else "(none)",
+                              "changed": index.changed or _created(index_dir)}
     pending = len(read_journal(Path(index_dir) / JOURNAL_FILE).records)
     if pending:
         status["journal"] = f"{pending} records not yet folded into the snapshot"
