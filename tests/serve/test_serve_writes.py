@@ -205,3 +205,24 @@ def test_a_write_racing_8_searches_is_seen_whole_or_not_at_all(tiny):
         service.close()
     assert problems == [] and len(answers) > 0
     assert set(HashIndex.load(tiny["index"]).ids.tolist()) == set(tiny["items"])
+
+
+def test_the_token_comes_from_a_file_or_a_named_environment_variable(tmp_path, monkeypatch):
+    from deephash.serve.cli import read_token
+
+    (tmp_path / "token").write_text(f"{TOKEN}\n")
+    assert read_token(str(tmp_path / "token"), None) == TOKEN
+    monkeypatch.setenv("DEEPHASH_WRITE_TOKEN", TOKEN)
+    assert read_token(None, "DEEPHASH_WRITE_TOKEN") == TOKEN
+    assert read_token(None, None) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(Exception, match="token file .* is empty"):
+        read_token(str(tmp_path / "empty"), None)
+    with pytest.raises(Exception, match="environment variable UNSET_17 is empty or unset"):
+        read_token(None, "UNSET_17")
+    with pytest.raises(Exception, match="cannot read the token file"):
+        read_token(str(tmp_path / "absent"), None)
+    from deephash.cli import build_parser
+
+    with pytest.raises(SystemExit):  # there is no way to pass the token itself on the command line
+        build_parser().parse_args(["serve", "idx", "--run", "run", "--token", TOKEN])

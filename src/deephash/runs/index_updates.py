@@ -53,14 +53,7 @@ def save_item_image(index_dir: str | os.PathLike, ident: int, image: np.ndarray,
     ``durable=False`` skips the per-file fsync (a bulk add syncs once at the end).
     """
     path = item_image_path(index_dir, ident)
-    data = png_bytes(image)
-    if durable:
-        atomic_write_bytes(path, data)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    atomic_write_bytes(path, png_bytes(image), sync=durable)
     return path
 
 
