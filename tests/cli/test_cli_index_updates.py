@@ -16,7 +16,12 @@ from deephash.cli import main
 from deephash.config import config_from_dict
 from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.journal import JOURNAL_FILE, IndexLock, Journal, TornJournalWarning
+from deephash.retrieval.journal import (
+    JOURNAL_FILE,
+    IndexLock,
+    Journal,
+    TornJournalWarning,
+)
 from deephash.retrieval.living import LivingIndex
 from deephash.runs.index_updates import item_image_path
 
@@ -75,7 +80,7 @@ def assert_same_as_scratch(index_dir: Path, items: dict[int, tuple[bytes, int]],
             assert sorted(zip(d[0].tolist(), i[0].tolist())) == expected
             d10, _ = index.search(query[None], 10)
             assert d10[0].tolist() == [e[0] for e in expected[:10]]
-            lims, rd, ri = index.range_search(query[None], 3)
+            _, rd, ri = index.range_search(query[None], 3)
             assert list(zip(rd.tolist(), ri.tolist())) == [e for e in expected if e[0] <= 3]
 
 

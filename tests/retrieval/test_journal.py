@@ -15,8 +15,16 @@ import pytest
 
 from deephash.errors import DataFormatError, NotFoundError
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.journal import (JOURNAL_FILE, IndexLock, IndexLockedError, Record, TornJournalWarning,
-                                        apply_record, encode_record, read_journal)
+from deephash.retrieval.journal import (
+    JOURNAL_FILE,
+    IndexLock,
+    IndexLockedError,
+    Record,
+    TornJournalWarning,
+    apply_record,
+    encode_record,
+    read_journal,
+)
 from deephash.retrieval.living import DuplicateIdError, LivingIndex, ReadWriteLock
 
 BITS = 12

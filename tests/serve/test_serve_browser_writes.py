@@ -3,7 +3,6 @@ find it by searching with the same image, remove it; a read-only server shows no
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess

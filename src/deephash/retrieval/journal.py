@@ -53,7 +53,7 @@ class IndexLockedError(DeephashError):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+    return _dt.datetime.now(_dt.UTC).isoformat()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,14 @@ import numpy as np
 
 from deephash.errors import DeephashError, NotFoundError
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.journal import JOURNAL_FILE, IndexLock, Journal, Record, apply_record, read_journal
+from deephash.retrieval.journal import (
+    JOURNAL_FILE,
+    IndexLock,
+    Journal,
+    Record,
+    apply_record,
+    read_journal,
+)
 
 __all__ = ["DuplicateIdError", "LivingIndex", "ReadWriteLock"]
 
@@ -121,7 +128,7 @@ class LivingIndex:
             self.index = HashIndex.load(self.path, backend=self.backend)
             scan = read_journal(self.path / JOURNAL_FILE)
             self._journal = Journal(self.path / JOURNAL_FILE, scan.end, self.index.journal_seq)
-            self._journal.records = sum(r.seq > 0 for r in scan.records)
+            self._journal.records = len(scan.records)
         except BaseException:
             self._file_lock.release()
             raise
@@ -205,7 +212,7 @@ class LivingIndex:
                     raise DuplicateIdError(f"id {int(taken[0])} is already in index {self.path}"
                                            f"{f' ({taken.size} ids are)' if taken.size > 1 else ''}; nothing was added")
             label_array = None
-            if (labels is None) != (index.labels is None) and index.ntotal:
+            if (labels is None) != (index._labels is None) and index.ntotal:
                 want = "has labels: give a label for every item" if labels is None else "has no labels: give none"
                 raise DeephashError(f"index {self.path} {want}")
             if labels is not None:

@@ -35,7 +35,8 @@ def read_token(token_file: str | None, token_env: str | None) -> str | None:
 
     if token_file is not None:
         try:
-            token = open(token_file, encoding="utf-8").read().strip()
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
         except OSError as error:
             raise DeephashError(f"cannot read the token file {token_file}: {error.strerror}") from None
         where = f"token file {token_file}"
