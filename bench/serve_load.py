@@ -4,7 +4,8 @@ read-only and mixed with adds (``POST /api/items``), and the cost of an fsync.
 Starts ``python -m deephash.serve`` on a free 127.0.0.1 port with writes enabled (a token in a
 temporary file; the index is a temporary copy, so adds never touch ``--index``), sends a bounded
 number of searches (image uploads by default) with a fixed number in flight, then the same number
-of requests of which ``--adds`` (default 10 %) are adds of new images, and writes the
+of requests of which ``--adds`` (default 10 %) are adds of new images, then the searches again
+(the machine's drift), and writes the
 "## Search service (bench/serve_load.py)" section of BENCHMARKS.md with both workloads side by
 side. Every add is journaled and fsynced before its answer; the fsync itself is timed apart, in
 the index's folder.
@@ -271,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             info = httpx.get(f"{base}/api/info", timeout=10).json()
             asyncio.run(load(base, searches[:min(32, len(searches))], args.concurrency, 60))  # warm-up, not counted
             read_only = asyncio.run(load(base, searches, args.concurrency, args.max_seconds))
-            both = None
+            both = again = None
             if args.adds > 0:
                 both = asyncio.run(load(base, mixed, args.concurrency, args.max_seconds,
                                         headers={"Authorization": f"Bearer {token}"}))
+                again = asyncio.run(load(base, searches, args.concurrency, args.max_seconds))  # the machine's drift
             size_after = httpx.get(f"{base}/api/info", timeout=10).json()["size"]
         finally:
             proc.terminate()
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         fsync = fsync_cost(args.index.parent, info["bits"])
 
-    errors = sum(read_only.errors.values()) + (sum(both.errors.values()) if both else 0)
+    errors = sum(sum(o.errors.values()) for o in (read_only, both, again) if o is not None)
     server_ms = float(np.median(read_only.took)) if read_only.took else float("nan")
     threads = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     command = f"{threads} python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         every = both.latencies["search"] + both.latencies["add"]
         rows += [f"| mixed ({args.adds:.0%} adds) | all | {stats(every, sum(both.errors.values()), both.wall)} |",
                  f"| mixed | searches | {stats(both.latencies['search'], both.errors['search'], both.wall)} |",
-                 f"| mixed | adds | {stats(both.latencies['add'], both.errors['add'], both.wall)} |"]
+                 f"| mixed | adds | {stats(both.latencies['add'], both.errors['add'], both.wall)} |",
+                 f"| read-only, again after the mixed one | searches | {stats(again.latencies['search'], again.errors['search'], again.wall)} |"]
     section = (
         f"{SECTION}\n\n"
         f"`{command.strip()}` on {dt.date.today().isoformat()}; {cpu_model()}, {os.cpu_count()} logical CPUs "
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Index: {info['size']} items, {info['bits']}-bit codes, {info['factory']}, model {info['model']}"
         f"{' (untrained demo)' if demo else ''}; served with writes enabled ({size_after} items at the end). "
         f"Load: {args.requests} requests per workload ({args.mode} searches, k={args.k}; adds upload a PNG), "
-        f"{args.concurrency} in flight; throughput is each workload's requests over its wall time (a kind's share "
+        f"{args.concurrency} in flight; the read-only workload runs before and after the mixed one, so the "
+        "two read-only rows show how much the shared machine drifted meanwhile; throughput is each workload's requests over its wall time (a kind's share "
         f"of it for the per-kind rows). Server took_ms of a read-only search (median): {server_ms:.2f}.\n\n"
         "| workload | kind | requests | errors | throughput (req/s) | p50 latency (ms) | p99 latency (ms) |\n"
         "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(median; p99 {fsync['fsync_p99']:.2f} ms) against {fsync['write_p50'] * 1000:.0f} µs for the write itself, and "
         f"storing the PNG durably {fsync['image_durable_p50']:.2f} ms against {fsync['image_plain_p50']:.2f} ms without "
         f"fsync: about {fsync['fsync_p50'] + fsync['image_durable_p50'] - fsync['image_plain_p50']:.1f} ms of each add's "
-        "latency is waiting for the disk.\n"
+        "latency is waiting for the disk.\n\n"
     )
     print(section)
     if not args.no_write:
