@@ -335,8 +335,13 @@ class SearchService:
             raise DeephashError("this service is read-only")
         if not 0 <= ident < 2**63:
             raise NotFoundError(f"no item with id {ident} in the index")
-        self.living.remove([ident], after=self._refresh)
-        drop_item_images(self.index_dir, np.array([ident]))
+        index_dir = self.index_dir
+
+        def applied(ids: np.ndarray) -> None:
+            self._refresh()
+            drop_item_images(index_dir, ids)  # before another writer can give the id to a new item
+
+        self.living.remove([ident], after=applied)
 
     def image_png(self, ident: int) -> bytes:
         """The database image of an id as PNG bytes.
