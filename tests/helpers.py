@@ -94,9 +94,10 @@ def free_port() -> int:
 
 def start_server(index_dir: Path, run_dir: Path, log: Path, *extra: str,
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m deephash serve`` on a free loopback port; wait until /healthz answers."""
+    """Start ``python -m deephash serve`` on a free loopback port with ``extra`` arguments (``env``:
+    the process's environment); wait until /healthz answers. The log is appended to (restarts)."""
     port = free_port()
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), "--run", str(run_dir),
                                  "--host", "127.0.0.1", "--port", str(port), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)

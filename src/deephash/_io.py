@@ -27,12 +27,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", sync: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success move it onto ``path`` atomically.
 
     Args:
         path: final file path; its folder is created when missing.
         mode: ``"wb"`` or ``"w"``.
+        sync: fsync the file and its folder (False: still atomic for readers and against a killed
+            process, but not against a power cut until the caller syncs, e.g. once after many files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,18 +43,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if sync:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_write(path, "wb") as handle:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (``sync``: as in :func:`atomic_write`)."""
+    with atomic_write(path, "wb", sync=sync) as handle:
         handle.write(data)
 
 

@@ -113,18 +113,36 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
-    from deephash.runs import index_info
+    from deephash.runs.index_updates import index_status
 
-    info = index_info(args.index)
+    info = index_status(args.index)
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     return 0
 
 
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from deephash.runs.index_updates import add_items, parse_ids
+
+    ids = parse_ids(args.ids) if args.ids else None
+    added = add_items(args.index, args.run, images=args.images, split=args.split, codes=args.codes, ids=ids,
+                      new_ids=args.new_ids)
+    print(f"added {len(added)} items to {args.index} (ids {int(added.min())} .. {int(added.max())})")
+    return 0
+
+
+def _cmd_index_remove(args: argparse.Namespace) -> int:
+    from deephash.runs.index_updates import parse_ids, remove_items
+
+    removed = remove_items(args.index, parse_ids(args.ids, args.ids_file))
+    print(f"removed {len(removed)} items from {args.index}")
+    return 0
+
+
 def _add_index(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="build or inspect a Hamming index")
-    isub = p.add_subparsers(dest="index_command", metavar="{build,info}", required=True)
+    p = sub.add_parser("index", help="build, change or inspect a Hamming index")
+    isub = p.add_subparsers(dest="index_command", metavar="{build,add,remove,info}", required=True)
     b = isub.add_parser("build", help="encode a split or an image folder and index the codes")
     b.add_argument("run", help="run directory")
     source = b.add_mutually_exclusive_group(required=True)
@@ -134,7 +152,22 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--factory", default="BFlat", help="FAISS binary index factory string (default: BFlat, exact)")
     b.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     b.set_defaults(handler=_cmd_index_build)
-    i = isub.add_parser("info", help="describe an index directory")
+    a = isub.add_parser("add", help="add images, a split or a code file to an index (all or nothing)")
+    a.add_argument("index", help="index directory")
+    a.add_argument("--run", help="run directory of the model that built the index (needed for --images and --split)")
+    source = a.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    source.add_argument("--split", help="a split of the run's data set")
+    source.add_argument("--codes", help="a code file (.npz, from `deephash encode`); its ids are used")
+    a.add_argument("--ids", nargs="+", metavar="ID", help="ids for the new items (default: after the largest id)")
+    a.add_argument("--new-ids", action="store_true", help="ignore the code file's ids; number after the largest id")
+    a.set_defaults(handler=_cmd_index_add)
+    r = isub.add_parser("remove", help="remove items by id (all or nothing)")
+    r.add_argument("index", help="index directory")
+    r.add_argument("ids", nargs="*", metavar="ID", help="ids to remove")
+    r.add_argument("--ids-file", help="a file of ids (whitespace- or comma-separated)")
+    r.set_defaults(handler=_cmd_index_remove)
+    i = isub.add_parser("info", help="describe an index directory: count, id range, last change, source")
     i.add_argument("index", help="index directory")
     i.set_defaults(handler=_cmd_index_info)
 

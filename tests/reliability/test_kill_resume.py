@@ -130,6 +130,12 @@ ALLOWED = {
         "append-only metrics.jsonl, fsynced per line; a torn last line is cut by _repair_tail",
     ("train/callbacks.py", "open(self.path, 'rb+')"): "_repair_tail truncating a torn last line",
     ("cli.py", "os.open(os.devnull, os.O_WRONLY)"): "/dev/null",
+    ("retrieval/journal.py", "os.open(self.path, os.O_RDWR | os.O_CREAT, 420)"):
+        "append-only journal, fsynced per record; a torn last record is cut before the next append",
+    ("retrieval/journal.py", "os.open(self.index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 420)"): "the flock file (a pid)",
+    ("retrieval/living.py", "self.index.save(self.path)"): "HashIndex.save, atomic (above)",
+    ("runs/index_updates.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
+        "into an io.BytesIO, then atomic_write_bytes",
 }
 
 

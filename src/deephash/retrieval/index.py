@@ -10,6 +10,10 @@ look up buckets of ``b`` bits; ``"BIVF<nlist>"`` inverted file, trained on the c
 
 The index keeps its own copy of the packed codes (``N * ceil(bits/8)`` bytes), so ``remove`` works
 for every factory (hash indexes are rebuilt) and a saved index can be reopened without FAISS.
+
+A saved folder may also hold a journal of later adds and removes (:mod:`deephash.retrieval.journal`):
+:meth:`HashIndex.load` applies it, and :meth:`HashIndex.save` keeps every file it does not own
+(the journal, the write lock, stored item images) across the atomic swap of the folder.
 """
 
 from __future__ import annotations
@@ -31,6 +35,23 @@ from deephash.retrieval.hamming import hamming_knn, hamming_range
 
 FORMAT_VERSION = 1
 _META_KEYS = {"format_version": int, "bits": int, "factory": str, "count": int, "created": str, "deephash_version": str}
+_OWN_FILES = {"meta.json", "codes.npy", "ids.npy", "labels.npy", "index.faiss"}
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link every file of ``old`` the index does not own into ``new`` (same inodes: open
+    journal handles and held locks stay valid after the swap)."""
+    if not old.is_dir():
+        return
+    import shutil
+
+    for entry in old.iterdir():
+        if entry.name in _OWN_FILES:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=os.link)
+        elif entry.is_file():
+            os.link(entry, new / entry.name)
 
 
 def _import_faiss() -> Any:
@@ -80,6 +101,10 @@ class HashIndex:
         self._ids = np.zeros(0, dtype=np.int64)
         self._labels: np.ndarray | None = None
         self._faiss_index: Any = self._new_faiss_index() if backend == "faiss" else None
+        #: Sequence number of the last journal record this index holds (0: none).
+        self.journal_seq = 0
+        #: ISO 8601 UTC time of the last journaled change, or None.
+        self.changed: str | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -270,8 +295,9 @@ class HashIndex:
         """Write the index to the folder ``path`` atomically (replacing any old one).
 
         Files: ``meta.json`` (format_version, bits, factory, count, created (ISO 8601 UTC),
-        deephash_version, model), ``codes.npy``, ``ids.npy``, ``labels.npy`` (when labels were
-        added) and ``index.faiss`` (FAISS backend).
+        deephash_version, model, journal_seq, changed), ``codes.npy``, ``ids.npy``, ``labels.npy``
+        (when labels were added) and ``index.faiss`` (FAISS backend). Other files of an existing
+        folder (a journal, a lock file, item images) are kept.
         """
         from deephash._version import __version__
 
@@ -287,6 +313,8 @@ class HashIndex:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                 "deephash_version": __version__,
                 "model": self.metadata,
+                "journal_seq": self.journal_seq,
+                "changed": self.changed,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             np.save(tmp / "codes.npy", self._codes)
@@ -296,6 +324,7 @@ class HashIndex:
             if self._faiss_index is not None:
                 data = _import_faiss().serialize_index_binary(self._faiss_index)
                 (tmp / "index.faiss").write_bytes(data.tobytes())
+            _carry_over(final, tmp)
             atomic_replace_dir(tmp, final)
         except BaseException:
             import shutil
@@ -307,7 +336,7 @@ class HashIndex:
     # one-line message; splitting it would scatter the file format over several functions.
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None) -> HashIndex:
-        """Read an index written by :meth:`save`.
+        """Read an index written by :meth:`save`, with the changes of its journal applied.
 
         Args:
             path: the index folder.
@@ -318,6 +347,18 @@ class HashIndex:
             NotFoundError: the folder does not exist.
             DataFormatError: a file is missing, unreadable or inconsistent (named in the message).
         """
+        from deephash.retrieval.journal import JOURNAL_FILE, apply_record, read_journal
+
+        index = cls._load_snapshot(path, backend)
+        for record in read_journal(Path(path) / JOURNAL_FILE).records:
+            try:
+                apply_record(index, record)
+            except DeephashError as error:
+                raise DataFormatError(f"index folder {path}: journal record {record.seq} does not apply: {first_line(error)}") from None
+        return index
+
+    @classmethod
+    def _load_snapshot(cls, path: str | os.PathLike, backend: str | None) -> HashIndex:
         folder = Path(path)
         if not folder.is_dir():
             raise NotFoundError(f"index folder {folder} does not exist")
@@ -379,6 +420,8 @@ class HashIndex:
         except DeephashError as error:
             raise bad(str(error)) from None
         index._codes, index._ids, index._labels = codes, ids, labels
+        index.journal_seq = int(meta.get("journal_seq") or 0)
+        index.changed = meta.get("changed") if isinstance(meta.get("changed"), str) else None
         if backend == "faiss":
             faiss = _import_faiss()
             raw = np.fromfile(folder / "index.faiss", dtype=np.uint8)

@@ -7,6 +7,7 @@ run directory (see :mod:`deephash.runs.layout` for its files).
 from deephash.runs.data import channel_stats, load_split, model_input_shape, query_images, source_dataset
 from deephash.runs.encoding import encode, encode_run, encode_sharded, encode_split
 from deephash.runs.evaluation import evaluate_run, format_metrics
+from deephash.runs.index_updates import add_items, index_status, remove_items
 from deephash.runs.indexing import build_index, index_info, load_index, search_run
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE
 from deephash.runs.model_file import is_hash_model, load_run, save_model
@@ -16,6 +17,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "MODEL_FILE",
+    "add_items",
     "build_index",
     "channel_stats",
     "encode",
@@ -25,12 +27,14 @@ __all__ = [
     "evaluate_run",
     "format_metrics",
     "index_info",
+    "index_status",
     "is_hash_model",
     "load_index",
     "load_run",
     "load_split",
     "model_input_shape",
     "query_images",
+    "remove_items",
     "save_model",
     "search_run",
     "source_dataset",

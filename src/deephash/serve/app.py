@@ -4,6 +4,11 @@ Endpoints: ``POST /api/search`` (an uploaded image, a hex code or a database ite
 ``GET /api/items/random``, ``GET /api/items/{id}/image`` (PNG), ``GET /api/info``, ``GET /healthz``,
 ``GET /`` (the page, with its files under ``/static``) and FastAPI's ``/openapi.json`` and ``/docs``.
 
+Writes: ``POST /api/items`` (multipart ``image``, optional ``label`` and ``id``) -> 201 ``{"id": ...}``
+and ``DELETE /api/items/{id}`` -> 204 / 404. They need ``Authorization: Bearer <token>`` (compared
+in constant time; 401 when missing or wrong, logged without the token) and a server started with
+a token (else 403, saying how). A write is journaled and fsynced before its answer.
+
 Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is refused with 413
 (declared ``Content-Length`` and the bytes actually streamed are both counted), and a request
 still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
@@ -11,7 +16,10 @@ still running after ``request_timeout_s`` is answered 503. The model runs in wor
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,9 +32,13 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from deephash.errors import DeephashError, NotFoundError
+from deephash.retrieval.living import DuplicateIdError
 from deephash.serve.service import CorruptImageError, ImageTooLargeError, SearchService, UnsupportedImageError, parse_hex_code
 
 MAX_K = 1000
+LOG = logging.getLogger("deephash.serve")
+WRITES_DISABLED = ("writes are disabled on this server: start `deephash serve` with --token-file FILE or "
+                   "--token-env NAME (a secret that clients send as 'Authorization: Bearer <token>')")
 STATIC_DIR = Path(__file__).parent / "static"
 _CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
@@ -153,6 +165,12 @@ class Info(BaseModel):
     input_shape: list[int]
     has_images: bool
     max_k: int
+    writable: bool = Field(description="whether POST /api/items and DELETE /api/items/{id} are enabled (with a token)")
+
+
+class Added(BaseModel):
+    id: int
+    image_url: str | None = None
 
 
 class Item(BaseModel):
@@ -182,7 +200,7 @@ _SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchPar
 
 def _status(error: DeephashError) -> int:
     for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
-                         (NotFoundError, 404)):
+                         (NotFoundError, 404), (DuplicateIdError, 409)):
         if isinstance(error, kind):
             return status
     return 422  # a code of the wrong length or bad hex: an unprocessable value
@@ -197,6 +215,8 @@ def create_app(
     max_pixels: int = 16_000_000,
     request_timeout_s: float = 30.0,
     service: SearchService | None = None,
+    write_token: str | None = None,
+    fold_every: int = 1000,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
@@ -207,10 +227,29 @@ def create_app(
         max_pixels: largest ``width * height`` of an uploaded image (413 above it).
         request_timeout_s: seconds before a request is answered 503.
         service: an already loaded service (then the folders are not read).
+        write_token: the secret that enables writes (None: read-only; writes answer 403). With it
+            the index is opened for writing and its write lock held until shutdown.
+        fold_every: fold the journal into a snapshot after this many writes (and at shutdown).
     """
-    service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels)
+    if write_token is not None and not write_token.strip():
+        raise DeephashError("the write token is empty")
+    if write_token is not None and not (write_token.strip().isascii() and write_token.strip().isprintable()):
+        raise DeephashError("the write token must be printable ASCII (it travels in an HTTP header)")
+    token = write_token.strip().encode() if write_token is not None else None
+    service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
+                                            fold_every=fold_every)
+    writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
-    app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        try:
+            yield
+        finally:
+            service.close()  # fold the journal into the snapshot, release the write lock
+
+    app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.",
+                  lifespan=lifespan)
     app.state.service = service
     app.add_middleware(RequestGuard, max_bytes=max_upload_bytes, timeout_s=request_timeout_s)
 
@@ -230,6 +269,18 @@ def create_app(
 
     async def in_thread(func: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=workers)
+
+    def check_write(request: Request) -> None:
+        """403 unless writes are enabled; 401 unless the bearer token matches (constant time)."""
+        if not writable:
+            raise HTTPException(403, WRITES_DISABLED)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            client = request.client.host if request.client else "?"
+            LOG.warning("refused %s %s from %s: %s bearer token", request.method, request.url.path, client,
+                        "wrong" if scheme.lower() == "bearer" and given else "no")
+            raise HTTPException(401, "a write needs the header 'Authorization: Bearer <token>' with the server's token",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     def invalid(errors: list) -> HTTPException:
         return HTTPException(422, [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors])
@@ -281,12 +332,45 @@ def create_app(
     async def item_image(ident: int) -> Response:
         """The database image of an item, as PNG."""
         png = await in_thread(service.image_png, ident)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
+        cache = "no-cache" if writable else "public, max-age=3600"  # an id can be removed and added again
+        return Response(png, media_type="image/png", headers={"Cache-Control": cache})
+
+    write_errors = {401: {"description": "missing or wrong token"}, 403: {"description": "writes disabled"}}
+
+    @app.post("/api/items", status_code=201, response_model=Added, responses={
+        **write_errors, 409: {"description": "id already in the index"}, 413: {}, 415: {}, 422: {}},
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "format": "binary"}, "label": {"type": "string"},
+                "id": {"type": "integer", "minimum": 0}}}}}}})
+    async def add_item(request: Request) -> dict[str, Any]:
+        """Add an uploaded image to the index (needs the token); durable when answered."""
+        check_write(request)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            raise HTTPException(415, "send multipart/form-data with a file field 'image' (and optional 'label', 'id')")
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload, label, ident = form.get("image"), form.get("label"), form.get("id")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(422, "multipart form needs a file field 'image'")
+            if ident not in (None, "") and (not isinstance(ident, str) or not ident.strip().isdigit()):
+                raise HTTPException(422, "'id' must be a non-negative integer")
+            data = await upload.read()
+        new = await in_thread(service.add_item, data, label if isinstance(label, str) and label else None,
+                              int(ident) if ident not in (None, "") else None)
+        return {"id": new, "image_url": image_url(new)}
+
+    @app.delete("/api/items/{ident}", status_code=204, response_class=Response,
+                responses={**write_errors, 404: {"description": "unknown item"}})
+    async def delete_item(ident: int, request: Request) -> Response:
+        """Remove an item (needs the token); durable when answered."""
+        check_write(request)
+        await in_thread(service.remove_item, ident)
+        return Response(status_code=204)
 
     @app.get("/api/info", response_model=Info)
     async def info() -> dict[str, Any]:
-        """What the index holds: bits, size, model, factory, class names."""
-        return {**service.info(), "max_k": MAX_K}
+        """What the index holds: bits, size, model, factory, class names, whether it takes writes."""
+        return {**service.info(), "max_k": MAX_K, "writable": writable}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

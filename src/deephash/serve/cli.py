@@ -7,6 +7,7 @@ uses the same arguments.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
     parser.add_argument("--max-pixels", type=int, default=16_000_000, help="largest uploaded image in pixels (default: 16M)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default: 30)")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token-file", help="enable adds and removes: a file holding the secret token clients send "
+                       "as 'Authorization: Bearer <token>' (the index is locked for other writers while serving)")
+    token.add_argument("--token-env", metavar="NAME", help="enable adds and removes with the token in environment variable NAME")
+    parser.add_argument("--fold-every", type=int, default=1000,
+                        help="with writes: fold the journal into a new snapshot after this many changes (default: 1000)")
     parser.set_defaults(handler=run_serve)
+
+
+def read_token(token_file: str | None, token_env: str | None) -> str | None:
+    """The write token from a file or an environment variable (never from the command line, which
+    other users see in ``ps``); None when neither is given."""
+    from deephash.errors import DeephashError
+
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as error:
+            raise DeephashError(f"cannot read the token file {token_file}: {error.strerror}") from None
+        where = f"token file {token_file}"
+    elif token_env is not None:
+        token = os.environ.get(token_env, "").strip()
+        where = f"environment variable {token_env}"
+    else:
+        return None
+    if not token:
+        raise DeephashError(f"the {where} is empty or unset")
+    return token
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,9 +67,12 @@ def run_serve(args: argparse.Namespace) -> int:
         from deephash.errors import DeephashError
 
         raise DeephashError(f"serving needs FastAPI and uvicorn: pip install 'deephash[serve]' ({error})") from None
+    token = read_token(args.token_file, args.token_env)
     app = create_app(args.index, args.run, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
-                     max_pixels=args.max_pixels, request_timeout_s=args.timeout)
-    print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)
+                     max_pixels=args.max_pixels, request_timeout_s=args.timeout, write_token=token,
+                     fold_every=args.fold_every)
+    mode = "adds and removes with the token" if token else "read-only"
+    print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, timeout_graceful_shutdown=5,
                 limit_concurrency=128, log_level="warning")
     return 0

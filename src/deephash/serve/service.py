@@ -3,10 +3,16 @@
 The web app (:mod:`deephash.serve.app`) is a thin shell over this class: every method here takes
 and returns plain Python / numpy values and raises :class:`~deephash.errors.DeephashError`
 subclasses for bad input, which the app maps to status codes.
+
+Opened with ``writable=True`` the service holds the index as a
+:class:`~deephash.retrieval.living.LivingIndex` (its write lock taken): :meth:`SearchService.add_item`
+and :meth:`SearchService.remove_item` are journaled and fsynced before they return, and every read
+runs under the living index's read lock, so it sees an item before or after a change, never half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -26,7 +32,9 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
+from deephash.retrieval.living import LivingIndex
 from deephash.retrieval.search import IdLookup, search
+from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
 
 
 @dataclass(frozen=True)
@@ -79,10 +87,12 @@ class SearchService:
         model: the run's hash model (eval mode); ``model.encode(x)`` gives ±1 codes.
         input_shape: the model's ``(C, H, W)``.
         images: database images: uint8 ``(N, C, H, W)`` rows addressed by id (a data-set split),
-            a list of N file paths addressed by id (an image folder), or None.
+            a dict id -> file path (an image folder), or None.
         classes: class names, ``classes[label]``.
         max_pixels: largest ``width * height`` of an upload.
         seed: seed of the random-item generator.
+        living: the open :class:`LivingIndex` holding ``index`` (then items can be added and removed).
+        index_dir: the index folder (where added items' images are stored and read).
     """
 
     def __init__(
@@ -90,11 +100,13 @@ class SearchService:
         index: Any,
         model: torch.nn.Module,
         input_shape: tuple[int, int, int],
-        images: torch.Tensor | list[str] | None = None,
+        images: torch.Tensor | dict[int, str] | None = None,
         classes: list[str] | None = None,
         max_pixels: int = 16_000_000,
         seed: int = 0,
         model_name: str = "",
+        living: LivingIndex | None = None,
+        index_dir: str | os.PathLike | None = None,
     ) -> None:
         if getattr(model, "bits", None) != index.bits:
             raise CodeLengthError(f"the model makes {getattr(model, 'bits', None)}-bit codes but the index holds {index.bits}-bit codes")
@@ -106,32 +118,49 @@ class SearchService:
         self.max_pixels = int(max_pixels)
         self.model_name = model_name
         self._rng = np.random.default_rng(seed)
-        self._ids = np.asarray(index.ids, dtype=np.int64)
+        self.living = living
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._refresh()
+
+    def _refresh(self, changed: Any = None) -> None:
+        """Re-read the index's ids, codes and labels (after a change, under the write lock)."""
+        self._ids = np.asarray(self.index.ids, dtype=np.int64)
         self._lookup = IdLookup(self._ids)
-        self._codes = np.asarray(index.codes)
-        labels = index.labels
+        self._codes = np.asarray(self.index.codes)
+        labels = self.index.labels
         self._labels = None if labels is None else np.asarray(labels)
 
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        return self.living.reading() if self.living is not None else contextlib.nullcontext()
+
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000) -> SearchService:
+    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000,
+             writable: bool = False, fold_every: int = 1000) -> SearchService:
         """Open an index folder and the run that built it (model on the CPU).
 
         Database images come from the index metadata: ``paths`` (an image folder) or
-        ``source = "split:NAME"`` (that split of the run's data set); they are optional.
+        ``source = "split:NAME"`` (that split of the run's data set), and for added items from
+        ``INDEX/items/<id>.png``; they are optional.
+
+        Args:
+            writable: open the index for adds and removes (takes its write lock until :meth:`close`).
+            fold_every: with ``writable``, fold the journal into a snapshot after this many changes.
 
         Raises:
             NotFoundError / DataFormatError: no such index or run. CodeLengthError: the run's
-            code length differs from the index's.
+            code length differs from the index's. IndexLockedError: ``writable`` and another
+            writer holds the index.
         """
         from deephash.runs import load_index, load_run, load_split, model_input_shape
 
         index_dir, run_dir = Path(index_dir), Path(run_dir)
-        index = load_index(index_dir)
         model, config = load_run(run_dir, device="cpu")
+        living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
+        index = living.index if living is not None else load_index(index_dir)
         meta = index.metadata if isinstance(index.metadata, dict) else {}
-        images: torch.Tensor | list[str] | None = None
-        if meta.get("paths"):
-            images = [str(p) for p in meta["paths"]]
+        images: torch.Tensor | dict[int, str] | None = None
+        if meta.get("paths"):  # one per index row
+            images = {int(i): str(p) for i, p in zip(index.ids.tolist(), meta["paths"]) if p}
         elif str(meta.get("source", "")).startswith("split:"):
             images = load_split(config, str(meta["source"])[len("split:"):], run_dir).data
         if isinstance(images, torch.Tensor):
@@ -140,8 +169,25 @@ class SearchService:
             shape = model_input_shape(config, run_dir)
         classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
         spec = getattr(model, "spec", None)
-        return cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
-                   model_name=str(spec.backbone if spec is not None else type(model).__name__))
+        try:
+            service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
+                          model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
+                          index_dir=index_dir)
+        except BaseException:
+            if living is not None:
+                living.close(fold=False)
+            raise
+        return service
+
+    def close(self) -> None:
+        """Fold the journal into the snapshot and release the write lock (a writable service)."""
+        if self.living is not None:
+            self.living.close(fold=True)
+
+    @property
+    def writable(self) -> bool:
+        """Whether items can be added and removed."""
+        return self.living is not None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -153,7 +199,7 @@ class SearchService:
         """bits, size, model, factory, classes and the model's input shape."""
         return {"bits": self.bits, "size": len(self._ids), "model": self.model_name,
                 "factory": str(self.index.factory), "classes": self.classes,
-                "input_shape": list(self.input_shape), "has_images": self.images is not None}
+                "input_shape": list(self.input_shape), "has_images": self.images is not None or self.writable}
 
     def label_of(self, position: int) -> Any:
         """Label of an index row: its class name when known, else the int (a list for multi-hot)."""
@@ -162,20 +208,32 @@ class SearchService:
         value = self._labels[position]
         if value.ndim == 1:
             return [self._name(int(c)) for c in np.flatnonzero(value)]
-        return self._name(int(value))
+        return None if int(value) < 0 else self._name(int(value))
 
     def _name(self, label: int) -> Any:
         return self.classes[label] if 0 <= label < len(self.classes) else label
 
+    def _stored_image(self, ident: int) -> Path | None:
+        if self.index_dir is None:
+            return None
+        path = item_image_path(self.index_dir, ident)
+        return path if path.is_file() else None
+
     def has_image(self, ident: int) -> bool:
         """Whether the database image of this id can be served."""
+        if self._stored_image(ident) is not None:
+            return True
+        if isinstance(self.images, dict):
+            return ident in self.images
         return self.images is not None and 0 <= ident < len(self.images)
 
     # ------------------------------------------------------------------ work
-    @torch.inference_mode()
     def encode_image(self, data: bytes) -> np.ndarray:
         """The packed code of an uploaded image: uint8 ``(1, ceil(bits/8))``."""
-        image = decode_image(data, self.input_shape, self.max_pixels)
+        return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
+
+    @torch.inference_mode()
+    def _encode_pixels(self, image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(image)[None].float().div_(255)
         device = next(self.model.parameters()).device
         codes = self.model.encode(x.to(device)) if hasattr(self.model, "encode") else torch.where(self.model(x.to(device)) >= 0, 1.0, -1.0)
@@ -187,25 +245,103 @@ class SearchService:
         Raises:
             NotFoundError: no item with this id.
         """
-        position = self._lookup.position(ident)
-        if position < 0:
-            raise NotFoundError(f"no item with id {ident} in the index")
-        return self._codes[position:position + 1], self.label_of(position)
+        with self._reading():
+            position = self._lookup.position(ident)
+            if position < 0:
+                raise NotFoundError(f"no item with id {ident} in the index")
+            return self._codes[position:position + 1].copy(), self.label_of(position)
 
     def random_id(self) -> int:
         """A uniformly drawn id of the index."""
-        if len(self._ids) == 0:
-            raise NotFoundError("the index is empty")
-        return int(self._ids[self._rng.integers(len(self._ids))])
+        with self._reading():
+            if len(self._ids) == 0:
+                raise NotFoundError("the index is empty")
+            return int(self._ids[self._rng.integers(len(self._ids))])
 
     def search(self, packed: np.ndarray, k: int, radius: int | None = None) -> list[Hit]:
         """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given.
 
         Results are nearest first; fewer than ``k`` when the index is smaller or the radius cuts.
         """
-        (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup)
-        return [Hit(int(i), int(d), self.label_of(int(p)), self.has_image(int(i)))
-                for i, d, p in zip(found.ids.tolist(), found.distances.tolist(), found.positions.tolist())]
+        with self._reading():
+            (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup)
+            labels = [self.label_of(int(p)) for p in found.positions.tolist()]
+        return [Hit(int(i), int(d), label, self.has_image(int(i)))
+                for i, d, label in zip(found.ids.tolist(), found.distances.tolist(), labels)]
+
+    # ------------------------------------------------------------------ writes
+    def _label_value(self, label: str | int | None) -> np.ndarray | None:
+        """The stored label of an added item: int64 ``(1,)`` (or ``(1, C)`` multi-hot); -1 / zeros when unknown."""
+        if self._labels is None:
+            if label not in (None, "") and len(self._ids):
+                raise DeephashError("this index keeps no labels: add the item without one")
+            return None
+        if label in (None, ""):
+            number = -1
+        elif str(label) in self.classes:
+            number = self.classes.index(str(label))
+        else:
+            try:
+                number = int(label)
+            except ValueError:
+                raise DeephashError(f"label {label!r} is not one of the classes ({', '.join(self.classes)})") from None
+            if number < 0 or (self.classes and number >= len(self.classes)):
+                raise DeephashError(f"label {number} is out of range (0 .. {max(len(self.classes), 1) - 1})")
+        if self._labels.ndim == 2:
+            row = np.zeros((1, self._labels.shape[1]), dtype=np.int64)
+            if number >= 0:
+                row[0, number] = 1
+            return row
+        return np.array([number], dtype=np.int64)
+
+    def add_item(self, data: bytes, label: str | int | None = None, ident: int | None = None) -> int:
+        """Add an uploaded image as a new item (encoded, its image stored); durable when it returns.
+
+        Args:
+            data: the image file's bytes (decoded as search uploads are, size limits included).
+            label: a class name or number; None for unknown.
+            ident: the new id; None: after the largest id.
+
+        Returns:
+            the new item's id.
+
+        Raises:
+            DeephashError: the service is read-only, the id is taken (DuplicateIdError), the label
+            is unknown, or the image is refused (as for a search).
+        """
+        if self.living is None or self.index_dir is None:
+            raise DeephashError("this service is read-only")
+        if ident is not None and not 0 <= ident < 2**63:
+            raise DeephashError(f"id {ident} is outside 0 .. 2**63-1")
+        image = decode_image(data, self.input_shape, self.max_pixels)
+        packed = self._encode_pixels(image)
+        labels = self._label_value(label)
+        index_dir = self.index_dir
+
+        def store(ids: np.ndarray) -> None:
+            save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
+
+        added = self.living.add(packed, ids=None if ident is None else [int(ident)], labels=labels,
+                                before=store, after=self._refresh)
+        return int(added[0])
+
+    def remove_item(self, ident: int) -> None:
+        """Remove an item; durable when it returns.
+
+        Raises:
+            NotFoundError: no item with this id. DeephashError: the service is read-only.
+        """
+        if self.living is None or self.index_dir is None:
+            raise DeephashError("this service is read-only")
+        if not 0 <= ident < 2**63:
+            raise NotFoundError(f"no item with id {ident} in the index")
+        index_dir = self.index_dir
+
+        def applied(ids: np.ndarray) -> None:
+            self._refresh()
+            drop_item_images(index_dir, ids)  # before another writer can give the id to a new item
+
+        self.living.remove([ident], after=applied)
 
     def image_png(self, ident: int) -> bytes:
         """The database image of an id as PNG bytes.
@@ -213,10 +349,18 @@ class SearchService:
         Raises:
             NotFoundError: unknown id, or the index has no reachable images.
         """
+        with self._reading():
+            present = self._lookup.position(ident) >= 0
+        stored = self._stored_image(ident) if present else None
+        if stored is not None:
+            try:
+                return stored.read_bytes()  # a PNG written by save_item_image
+            except FileNotFoundError:  # removed meanwhile
+                raise NotFoundError(f"no image for item {ident}") from None
         if self.images is None:
             raise NotFoundError("this index has no database images to show")
-        if not self.has_image(ident) or self._lookup.position(ident) < 0:
+        if not present or not self.has_image(ident):
             raise NotFoundError(f"no image for item {ident}")
-        if isinstance(self.images, list):
+        if isinstance(self.images, dict):
             return png_bytes(read_image(self.images[ident]))
         return png_bytes(self.images[ident].numpy())

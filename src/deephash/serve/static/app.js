@@ -1,9 +1,11 @@
 // deephash search page: upload / drop an image or pick a random database item, show the top-k.
+// When the server accepts writes (/api/info says writable): add the chosen image, remove a result.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {kind: "file", file} or {kind: "item", id}
 let queryUrl = null;
+let writable = false;
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -62,6 +64,15 @@ function renderResults(data, queryLabel) {
     dist.textContent = `#${rank + 1} · d=${hit.distance}`;
     meta.append(label, dist);
     item.append(picture, meta);
+    if (writable) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.textContent = "remove";
+      remove.title = `remove item ${hit.id} from the index`;
+      remove.addEventListener("click", () => removeItem(hit.id));
+      item.append(remove);
+    }
     if (match !== null) {
       const mark = document.createElement("div");
       mark.className = "mark";
@@ -117,8 +128,72 @@ async function search() {
   renderResults(data, lastQuery.kind === "item" ? data.query.label : null);
 }
 
+function setWriteStatus(text, isError = false) {
+  $("write-status").textContent = text;
+  $("write-status").classList.toggle("error", isError);
+}
+
+function authHeaders() {
+  const token = $("token").value.trim();
+  if (!token) {
+    setWriteStatus("enter the write token first", true);
+    return null;
+  }
+  return { Authorization: `Bearer ${token}` };
+}
+
+async function addItem(event) {
+  event.preventDefault();
+  if (!lastQuery || lastQuery.kind !== "file") {
+    setWriteStatus("choose an image file first", true);
+    return;
+  }
+  const headers = authHeaders();
+  if (!headers) return;
+  const form = new FormData();
+  form.append("image", lastQuery.file);
+  const label = $("add-label").value.trim();
+  if (label) form.append("label", label);
+  setWriteStatus("adding…");
+  let response;
+  try {
+    response = await fetch("/api/items", { method: "POST", headers, body: form });
+  } catch (e) {
+    setWriteStatus(`request failed: ${e}`, true);
+    return;
+  }
+  if (!response.ok) {
+    setWriteStatus(`error ${response.status}: ${await readError(response)}`, true);
+    return;
+  }
+  const added = await response.json();
+  setWriteStatus(`added as item ${added.id}`);
+  await loadInfo();
+  search();
+}
+
+async function removeItem(id) {
+  const headers = authHeaders();
+  if (!headers) return;
+  let response;
+  try {
+    response = await fetch(`/api/items/${id}`, { method: "DELETE", headers });
+  } catch (e) {
+    setWriteStatus(`request failed: ${e}`, true);
+    return;
+  }
+  if (response.status !== 204) {
+    setWriteStatus(`error ${response.status}: ${await readError(response)}`, true);
+    return;
+  }
+  setWriteStatus(`removed item ${id}`);
+  await loadInfo();
+  search();
+}
+
 function useFile(file) {
   if (!file) return;
+  $("add").disabled = false;
   if (queryUrl) URL.revokeObjectURL(queryUrl);
   queryUrl = URL.createObjectURL(file);
   showQuery(queryUrl, `${file.name} (label unknown)`);
@@ -135,6 +210,7 @@ async function useRandom() {
   const item = await response.json();
   showQuery(item.image_url || "", `database item ${item.id} — label ${labelText(item.label)}`);
   lastQuery = { kind: "item", id: item.id };
+  $("add").disabled = true;
   search();
 }
 
@@ -142,13 +218,17 @@ async function loadInfo() {
   const response = await fetch("/api/info");
   if (!response.ok) return;
   const info = await response.json();
-  $("info").textContent = `${info.size} items · ${info.bits}-bit codes · ${info.factory} index · model ${info.model}`;
+  $("info").textContent = `${info.size} items · ${info.bits}-bit codes · ${info.factory} index · model ${info.model}`
+    + (info.writable ? " · accepts adds and removes (token)" : "");
+  writable = Boolean(info.writable);
+  $("writes").hidden = !writable;
 }
 
 function setup() {
   $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
   $("random").addEventListener("click", useRandom);
   $("k").addEventListener("change", search);
+  $("writes").addEventListener("submit", addItem);
   const drop = $("drop");
   ["dragenter", "dragover"].forEach((name) => drop.addEventListener(name, (e) => {
     e.preventDefault();

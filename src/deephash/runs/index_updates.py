@@ -1,0 +1,209 @@
+"""``deephash index add / remove / info``: change a saved index in place, durably and atomically.
+
+Each command takes the index's write lock (refused while a writing server or another command
+holds it), writes one journal record for the whole batch (so it is applied completely or not at
+all), folds it into a new snapshot and releases the lock. Images of added items (from a folder,
+a split or an upload) are stored as ``INDEX/items/<id>.png``, which the service shows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deephash._io import atomic_write_bytes
+from deephash.errors import CodeLengthError, DeephashError
+from deephash.retrieval.codes import load_codes
+from deephash.retrieval.journal import JOURNAL_FILE, read_journal
+from deephash.retrieval.living import LivingIndex
+from deephash.runs.data import load_split, source_dataset
+from deephash.runs.encoding import encode, encode_split
+from deephash.runs.indexing import index_info, load_index
+from deephash.runs.model_file import is_hash_model, load_run
+
+__all__ = ["ITEM_IMAGES", "add_items", "index_status", "item_image_path", "open_living", "parse_ids", "remove_items",
+           "save_item_image"]
+
+#: Sub-folder of an index folder with the images of items added after it was built.
+ITEM_IMAGES = "items"
+
+
+def item_image_path(index_dir: str | os.PathLike, ident: int) -> Path:
+    """Where the stored image of an added item lives: ``INDEX/items/<id>.png``."""
+    return Path(index_dir) / ITEM_IMAGES / f"{int(ident)}.png"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of a uint8 ``(C, H, W)`` image (C = 1 or 3)."""
+    from PIL import Image
+
+    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_item_image(index_dir: str | os.PathLike, ident: int, image: np.ndarray, durable: bool = True) -> Path:
+    """Store an item's image (uint8 ``(C, H, W)``) as ``INDEX/items/<id>.png``, atomically.
+
+    ``durable=False`` skips the per-file fsync (a bulk add syncs once at the end).
+    """
+    path = item_image_path(index_dir, ident)
+    atomic_write_bytes(path, png_bytes(image), sync=durable)
+    return path
+
+
+def drop_item_images(index_dir: str | os.PathLike, ids: np.ndarray) -> None:
+    """Delete the stored images of these ids (absent ones are fine)."""
+    for ident in np.asarray(ids).tolist():
+        item_image_path(index_dir, ident).unlink(missing_ok=True)
+
+
+def open_living(index_dir: str | os.PathLike, holder: str = "deephash index", fold_every: int = 1000) -> LivingIndex:
+    """Open an index folder for writing (its lock taken); close it with ``.close()``."""
+    return LivingIndex(index_dir, fold_every=fold_every, holder=holder).open()
+
+
+def parse_ids(values: list[str] | None = None, ids_file: str | os.PathLike | None = None) -> np.ndarray:
+    """Item ids from arguments and/or a file (whitespace- or comma-separated integers): int64 ``(n,)``."""
+    words = list(values or [])
+    if ids_file is not None:
+        words += Path(ids_file).read_text(encoding="utf-8").replace(",", " ").split()
+    try:
+        return np.array([int(w) for w in words], dtype=np.int64)
+    except ValueError as error:
+        raise DeephashError(f"ids must be integers: {error}") from None
+
+
+def _class_map(source: list[str], target: list[str], where: str) -> np.ndarray:
+    """Label translation from one class list to another, by name."""
+    missing = [name for name in source if name not in target]
+    if missing:
+        raise DeephashError(f"class {missing[0]!r} of {where} is not one of the index's classes ({', '.join(target)})")
+    return np.array([target.index(name) for name in source], dtype=np.int64)
+
+
+def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None,
+              images: str | os.PathLike | None = None, split: str | None = None,
+              codes: str | os.PathLike | None = None, ids: np.ndarray | None = None,
+              new_ids: bool = False) -> np.ndarray:
+    """Add a folder of images, a split or a code file to an index, in one atomic change.
+
+    Args:
+        index_dir: the index folder.
+        run_dir: the run whose model built the index (needed to encode ``images`` or ``split``;
+            with ``codes`` it is only checked).
+        images: a folder with one sub-folder per class (class names mapped to the index's).
+        split: a split of the run's data set.
+        codes: a code file (``deephash encode``); its ids are used unless ``new_ids``.
+        ids: int64 ``(n,)`` ids to give the items; default: after the largest id.
+        new_ids: ignore a code file's ids.
+
+    Returns:
+        int64 ``(n,)`` the new items' ids.
+
+    Raises:
+        DuplicateIdError: an id is already there (nothing is written). IndexLockedError: another
+        writer holds the index. CodeLengthError: the run or the code file has another code length.
+    """
+    if sum(x is not None for x in (images, split, codes)) != 1:
+        raise DeephashError("give exactly one of images, split and codes")
+    index_dir = Path(index_dir)
+    probe = load_index(index_dir)
+    meta = probe.metadata if isinstance(probe.metadata, dict) else {}
+    index_classes = list(meta.get("classes") or [])
+    pictures: np.ndarray | None = None
+    paths: list[str] | None = None
+    if codes is not None:
+        code_set = load_codes(codes)
+        if code_set.bits != probe.bits:
+            raise CodeLengthError(f"code file {codes} holds {code_set.bits}-bit codes but index {index_dir} holds {probe.bits}-bit codes")
+        packed, labels = code_set.codes, code_set.labels
+        if ids is None and not new_ids:
+            ids = code_set.ids
+        if code_set.paths is not None:
+            paths = [str(p) for p in code_set.paths]
+        if run_dir is not None:
+            _checked_model(run_dir, probe.bits, index_dir)
+    else:
+        if run_dir is None:
+            raise DeephashError("adding images or a split needs --run, the run whose model built the index")
+        model, config = _checked_model(run_dir, probe.bits, index_dir)
+        run_dir = Path(run_dir)
+        if split is not None:
+            dataset = load_split(config, split, run_dir)
+            packed, labels = encode_split(run_dir, model, config, split, dataset)
+        else:
+            dataset = source_dataset(config, run_dir, None, images)
+            packed, labels = encode(model, dataset)
+            paths = [str(p) for p in dataset.paths] if dataset.paths is not None else None
+            if index_classes and dataset.classes:
+                labels = _class_map(list(dataset.classes), index_classes, str(images))[labels]
+        pictures = dataset.data.numpy()
+    labels = None if probe.labels is None and probe.ntotal else labels
+    living = open_living(index_dir, holder="deephash index add")
+    try:
+        def store_images(new: np.ndarray) -> None:
+            stale = [i for i in new.tolist() if item_image_path(index_dir, i).exists()]
+            drop_item_images(index_dir, np.array(stale, dtype=np.int64))
+            if pictures is not None:
+                for ident, picture in zip(new.tolist(), pictures):
+                    save_item_image(index_dir, ident, picture, durable=False)
+                os.sync()  # the images are on disk before the journal record that makes them visible
+
+        return living.add(packed, ids=ids, labels=labels, paths=paths, before=store_images)
+    finally:
+        living.close(fold=True)
+
+
+def _checked_model(run_dir: str | os.PathLike, bits: int, index_dir: Path) -> tuple[Any, Any]:
+    model, config = load_run(run_dir)
+    if not is_hash_model(model):
+        raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs the hash model that built it")
+    if model.bits != bits:
+        raise CodeLengthError(f"{run_dir} makes {model.bits}-bit codes but index {index_dir} holds {bits}-bit codes")
+    return model, config
+
+
+def remove_items(index_dir: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
+    """Remove items by id in one atomic change; every id must be present (else nothing is removed).
+
+    Returns:
+        int64 ``(n,)`` the removed ids.
+    """
+    living = open_living(index_dir, holder="deephash index remove")
+    try:
+        removed = living.remove(ids)
+        drop_item_images(index_dir, removed)  # the removal is durable: their images are only garbage now
+    finally:
+        living.close(fold=True)
+    return removed
+
+
+def index_status(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """:func:`~deephash.runs.index_info` plus the count (``items``), the id range (``ids``), when it
+    last changed (``changed``: the last add or remove, else when it was built) and how many journal
+    records wait to be folded (``journal``, only when some do)."""
+    index = load_index(index_dir)
+    info = index_info(index_dir)
+    ids = index.ids
+    status: dict[str, Any] = {"items": len(index),
+                              "ids": f"{int(ids.min())} .. {int(ids.max())}" if len(ids) else "(none)",
+                              "changed": index.changed or _created(index_dir)}
+    pending = len(read_journal(Path(index_dir) / JOURNAL_FILE).records)
+    if pending:
+        status["journal"] = f"{pending} records not yet folded into the snapshot"
+    return {**{k: v for k, v in info.items() if k not in status}, **status}
+
+
+def _created(index_dir: str | os.PathLike) -> str:
+    import json
+
+    try:
+        return str(json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8")).get("created", "unknown"))
+    except (OSError, ValueError):
+        return "unknown"

@@ -1,0 +1,229 @@
+"""The living index's journal and LivingIndex: format, torn tails, bad checksums, replay, folding, the lock.
+
+The oracle is a plain dict ``id -> (code, label)`` updated by the same operations, and a
+brute-force Hamming distance over it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from deephash.errors import DataFormatError, NotFoundError
+from deephash.retrieval.index import HashIndex
+from deephash.retrieval.journal import (
+    JOURNAL_FILE,
+    IndexLock,
+    IndexLockedError,
+    Record,
+    TornJournalWarning,
+    apply_record,
+    encode_record,
+    read_journal,
+)
+from deephash.retrieval.living import DuplicateIdError, LivingIndex, ReadWriteLock
+
+BITS = 12
+NB = 2
+
+
+def random_codes(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.packbits(rng.integers(0, 2, (n, BITS)).astype(bool), axis=1)
+
+
+def make_index(path, rng, n=20, factory="BFlat", backend=None) -> dict:
+    index = HashIndex(BITS, factory=factory, metadata={"classes": ["a", "b", "c"]}, backend=backend)
+    codes, labels = random_codes(rng, n), rng.integers(0, 3, n)
+    index.add(codes, labels=labels)
+    index.save(path)
+    return {i: (codes[i].tobytes(), int(labels[i])) for i in range(n)}
+
+
+def state(index: HashIndex) -> dict:
+    return {int(i): (c.tobytes(), int(l)) for i, c, l in zip(index.ids, index.codes, index.labels)}
+
+
+def brute(query: np.ndarray, oracle: dict) -> list[tuple[int, int]]:
+    """(distance, id) of every item, sorted: the oracle of a full k-NN list."""
+    bits = np.unpackbits(query)[:BITS]
+    out = []
+    for ident, (code, _) in oracle.items():
+        out.append((int((np.unpackbits(np.frombuffer(code, np.uint8))[:BITS] != bits).sum()), ident))
+    return sorted(out)
+
+
+def records(rng) -> list[Record]:
+    return [Record("add", 1, np.array([100, 101]), random_codes(rng, 2), np.array([0, 2])),
+            Record("remove", 2, np.array([3])),
+            Record("add", 3, np.array([102]), random_codes(rng, 1), np.array([[1, 0, 1]]), paths=["x/y.png"])]
+
+
+def test_records_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    written = records(rng)
+    (tmp_path / "j").write_bytes(b"".join(encode_record(r) for r in written))
+    scan = read_journal(tmp_path / "j")
+    assert scan.dropped == 0 and scan.end == (tmp_path / "j").stat().st_size
+    for got, want in zip(scan.records, written, strict=True):
+        assert (got.op, got.seq, got.time, got.paths) == (want.op, want.seq, want.time, want.paths)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        for name in ("codes", "labels"):
+            if getattr(want, name) is None:
+                assert getattr(got, name) is None
+            else:
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert read_journal(tmp_path / "absent").records == []
+
+
+def test_every_torn_tail_is_dropped_and_cut_before_the_next_append(tmp_path):
+    rng = np.random.default_rng(1)
+    blobs = [encode_record(r) for r in records(rng)]
+    whole = b"".join(blobs)
+    good = len(blobs[0]) + len(blobs[1])
+    for cut in range(good + 1, len(whole)):  # every prefix of the last record
+        (tmp_path / "j").write_bytes(whole[:cut])
+        with pytest.warns(TornJournalWarning, match="torn last record"):
+            scan = read_journal(tmp_path / "j")
+        assert [r.seq for r in scan.records] == [1, 2] and scan.end == good and scan.dropped == cut - good
+    (tmp_path / "j").write_bytes(whole[:good] + b"\0" * 4096)  # a zero-filled block after a crash
+    with pytest.warns(TornJournalWarning):
+        assert [r.seq for r in read_journal(tmp_path / "j").records] == [1, 2]
+
+
+def test_bad_checksum_last_is_torn_but_in_the_middle_is_corruption(tmp_path):
+    rng = np.random.default_rng(2)
+    blobs = [bytearray(encode_record(r)) for r in records(rng)]
+    last = [bytes(b) for b in blobs]
+    flipped = bytearray(last[2])
+    flipped[-1] ^= 0x01
+    (tmp_path / "j").write_bytes(last[0] + last[1] + bytes(flipped))
+    with pytest.warns(TornJournalWarning, match="bad checksum"):
+        assert [r.seq for r in read_journal(tmp_path / "j").records] == [1, 2]
+    middle = bytearray(last[1])
+    middle[-1] ^= 0x80
+    (tmp_path / "j").write_bytes(last[0] + bytes(middle) + last[2])
+    with pytest.raises(DataFormatError, match="corrupt"):
+        read_journal(tmp_path / "j")
+
+
+def test_replay_is_idempotent_and_load_applies_the_journal(tmp_path):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng)
+    recs = [Record("add", 1, np.array([100, 101]), random_codes(rng, 2), np.array([0, 2])),
+            Record("remove", 2, np.array([3, 100])),
+            Record("add", 3, np.array([3]), random_codes(rng, 1), np.array([1]))]
+    (path / JOURNAL_FILE).write_bytes(b"".join(encode_record(r) for r in recs))
+    oracle[100] = (recs[0].codes[0].tobytes(), 0)
+    oracle[101] = (recs[0].codes[1].tobytes(), 2)
+    del oracle[3], oracle[100]
+    oracle[3] = (recs[2].codes[0].tobytes(), 1)
+    loaded = HashIndex.load(path)
+    assert state(loaded) == oracle and loaded.journal_seq == 3 and loaded.changed == recs[2].time
+    for record in recs:  # a second replay changes nothing
+        apply_record(loaded, record)
+    assert state(loaded) == oracle and len(loaded) == len(oracle)
+    loaded.save(path)  # a fold cut before the journal was emptied: the snapshot already holds 1..3
+    assert (path / JOURNAL_FILE).stat().st_size > 0
+    again = HashIndex.load(path)
+    assert state(again) == oracle and again.journal_seq == 3
+
+
+@pytest.mark.parametrize("factory,backend", [("BFlat", "torch"), ("BFlat", "faiss"), ("BHash8", "faiss")])
+def test_living_index_matches_the_oracle_through_adds_removes_folds_and_reopen(tmp_path, factory, backend):
+    rng = np.random.default_rng(4)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng, n=30, factory=factory, backend=backend)
+    living = LivingIndex(path, fold_every=4, backend=backend).open()
+    for step in range(15):
+        if step % 3 == 2:
+            gone = rng.choice(sorted(oracle), 2, replace=False)
+            living.remove(gone)
+            for g in gone.tolist():
+                del oracle[g]
+        else:
+            codes, labels = random_codes(rng, 3), rng.integers(0, 3, 3)
+            new = living.add(codes, labels=labels)
+            assert new.tolist() == list(range(max(oracle) + 1, max(oracle) + 4))  # after the largest id
+            oracle.update({int(i): (c.tobytes(), int(l)) for i, c, l in zip(new, codes, labels)})
+        assert state(living.index) == oracle
+    assert 0 < living.pending < 4  # folded every 4 records, the rest still in the journal
+    living.close(fold=False)  # as after a crash: the last records only in the journal
+    reopened = HashIndex.load(path, backend=backend)
+    assert state(reopened) == oracle
+    for query in random_codes(rng, 5 if factory == "BFlat" else 0):  # BHash is approximate
+        d, i = reopened.search(query[None], len(oracle))
+        assert sorted(zip(d[0].tolist(), i[0].tolist())) == brute(query, oracle)
+
+
+def test_duplicate_and_missing_ids_write_nothing(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng)
+    with LivingIndex(path) as living:
+        with pytest.raises(DuplicateIdError, match="id 7 is already in index"):
+            living.add(random_codes(rng, 2), ids=[50, 7], labels=[0, 0])
+        with pytest.raises(DuplicateIdError, match="given twice"):
+            living.add(random_codes(rng, 2), ids=[50, 50], labels=[0, 0])
+        with pytest.raises(NotFoundError, match="id 99 not in index"):
+            living.remove([1, 99])
+        with pytest.raises(Exception, match="has labels"):
+            living.add(random_codes(rng, 1))
+        assert living.pending == 0 and state(living.index) == oracle
+    assert not (path / JOURNAL_FILE).exists() or (path / JOURNAL_FILE).stat().st_size == 0
+    assert state(HashIndex.load(path)) == oracle
+
+
+def test_lock_is_exclusive_survives_folds_and_is_released(tmp_path):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "idx"
+    make_index(path, rng)
+    living = LivingIndex(path, fold_every=1, holder="test server").open()
+    living.add(random_codes(rng, 1), labels=[0])  # folds: the folder is swapped, the lock file carried over
+    with pytest.raises(IndexLockedError, match=rf"locked for writing by pid {os.getpid()} \(test server\)"):
+        IndexLock(path).acquire()
+    with pytest.raises(IndexLockedError):
+        LivingIndex(path).open()
+    living.close()
+    with IndexLock(path):
+        pass
+
+
+def test_a_swap_cut_between_its_renames_is_recovered(tmp_path):
+    rng = np.random.default_rng(7)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng)
+    with LivingIndex(path, fold_every=100) as living:
+        new = living.add(random_codes(rng, 1), labels=[2])
+        oracle[int(new[0])] = (living.index.codes[-1].tobytes(), 2)
+        living.close(fold=False)
+    shutil.move(path, path.with_name("idx.old"))  # killed after `INDEX -> INDEX.old`, before `tmp -> INDEX`
+    with LivingIndex(path) as living:
+        assert state(living.index) == oracle
+
+
+def test_read_write_lock_excludes_readers_while_writing():
+    lock = ReadWriteLock()
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def writer():
+        with lock.writing():
+            inside.set()
+            release.wait(10)
+            seen.append("write done")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    inside.wait(10)
+    reader = threading.Thread(target=lambda: lock.reading().__enter__() or seen.append("read"))
+    reader.start()
+    reader.join(0.2)
+    assert seen == []  # the reader waits for the writer
+    release.set()
+    t.join(10)
+    reader.join(10)
+    assert seen == ["write done", "read"]
