@@ -176,18 +176,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from deephash.runs import search_run
 
     k = args.k if args.k is not None else (None if args.radius is not None else 10)
-    results = search_run(args.index, args.run, args.images, k=k, radius=args.radius)
+    results = search_run(args.index, args.run, args.images, k=k, radius=args.radius, shortlist=args.shortlist)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for result in results:
         known = result.get("class") or result.get("label")
         print(f"query {result['query']}" + (f" ({known})" if known is not None else ""))
-        print(f"  {'rank':>4}  {'id':>8}  {'dist':>4}  label")
+        scored = any(hit.get("score") is not None for hit in result["hits"])
+        print(f"  {'rank':>4}  {'id':>8}  {'dist':>4}" + (f"  {'score':>8}" if scored else "") + "  label")
         for hit in result["hits"]:
             label = hit["class"] if hit.get("class") is not None else hit.get("label", "")
             path = f"  {hit['path']}" if hit.get("path") else ""
-            print(f"  {hit['rank']:>4}  {hit['id']:>8}  {hit['distance']:>4}  {label}{path}")
+            score = f"  {hit['score']:>8.4f}" if scored else ""
+            print(f"  {hit['rank']:>4}  {hit['id']:>8}  {hit['distance']:>4}{score}  {label}{path}")
     return 0
 
 
@@ -199,6 +201,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="image files, or SPLIT:N for item N of a split of the run's data set (e.g. test:0)")
     p.add_argument("-k", type=int, help="at most this many results per query (default 10; no limit with --radius)")
     p.add_argument("--radius", type=int, help="only items within this Hamming distance (inclusive)")
+    p.add_argument("--shortlist", type=int, default=100,
+                   help="first stage of a two-stage search, when the run keeps re-rank vectors (model.rerank): this "
+                        "many nearest codes, ties included, ranked by the vectors (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_search)
 

@@ -26,6 +26,7 @@ from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import precision_recall_curve_at_k
 from deephash.retrieval.search import search
 from deephash.runs import encode_split, evaluate_run, load_run, load_split
+from deephash.runs.encoding import rerank_split
 from deephash.runs.layout import CONFIG_FILE, LOG_FILE, METRICS_FILE
 from deephash.train import read_jsonl
 from deephash.viz import (
@@ -51,18 +52,21 @@ class Encoded:
         features: packed uint8 ``(N, ceil(bits/8))`` codes (hash models) or float32 ``(N, D)`` embeddings.
         labels: int64 ``(N,)``.
         images: uint8 ``(N, C, H, W)``.
+        rerank: float16 ``(N, D)`` re-rank vectors (``model.rerank``), or None.
     """
 
     features: np.ndarray
     labels: np.ndarray
     images: torch.Tensor
+    rerank: np.ndarray | None = None
 
 
 def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path) -> Encoded:
-    """Encode a split (cached by ``deephash.runs.encode_split``): packed codes or embeddings."""
+    """Encode a split (cached by ``deephash.runs.encode_split``): packed codes or embeddings, and
+    the re-rank vectors when the model keeps them."""
     dataset = load_split(config, split, run_dir)
     codes, labels = encode_split(run_dir, model, config, split, dataset)
-    return Encoded(codes, labels, dataset.data)
+    return Encoded(codes, labels, dataset.data, rerank_split(run_dir, model, config, split, dataset))
 
 
 def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -77,12 +81,13 @@ def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int
 
 def nearest(query: Encoded, database: Encoded, bits: int | None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` nearest database rows and their distances, int64 / float ``(nq, k')``:
-    through the search engine (a ``HashIndex``) for codes, by Euclidean distance for embeddings."""
+    through the search engine (a ``HashIndex``, two-stage when the run keeps re-rank vectors) for
+    codes, by Euclidean distance for embeddings."""
     k = min(k, len(database.labels))
     if bits is not None:
         index = HashIndex(bits)
-        index.add(database.features)
-        found = search(index, query.features, k)
+        index.add(database.features, rerank=database.rerank)
+        found = search(index, query.features, k, rerank=query.rerank)
         return np.stack([f.positions for f in found]), np.stack([f.distances for f in found]).astype(np.float64)
     d = torch.cdist(torch.from_numpy(query.features), torch.from_numpy(database.features))
     order = torch.sort(d, dim=1, stable=True).indices[:, :k]
@@ -193,7 +198,8 @@ def _grid_section(query: Encoded, database: Encoded, bits: int | None, n_grid: i
     """The first ``n_grid`` queries and their nearest database images (None when there are none)."""
     if n_grid <= 0 or len(database.labels) == 0:
         return None
-    grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid])
+    grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid],
+                         None if query.rerank is None else query.rerank[:n_grid])
     ids, distances = nearest(grid_query, database, bits)
     grid = plot_retrieval_grid(
         query.images[:n_grid].numpy(), database.images[torch.from_numpy(ids)].numpy(),
@@ -201,9 +207,11 @@ def _grid_section(query: Encoded, database: Encoded, bits: int | None, n_grid: i
         query_labels=query.labels[:n_grid], result_labels=database.labels[ids],
         distances=distances, class_names=classes,
     )
+    order = ("the Hamming shortlist re-ranked by the model's re-rank vectors (d = Hamming distance)"
+             if query.rerank is not None and database.rerank is not None else "d = distance")
     return ("Retrieval examples", '<p class="note">Each row: a query, then its top '
             f"{ids.shape[1]} results; green frame = same class, red = different class; "
-            "d = distance.</p>" + _img(grid, run_dir, "retrieval grid"))
+            f"{order}.</p>" + _img(grid, run_dir, "retrieval grid"))
 
 
 def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries: int = 1000) -> Path:

@@ -138,3 +138,28 @@ def test_a_split_with_no_image_of_the_unseen_classes_says_so(open_run, tmp_path)
     config.data.unseen_classes = [7]
     with pytest.raises(Exception, match="no images of the unseen classes"):
         load_split(config, "test", Path(tmp_path))
+
+
+def test_a_run_with_rerank_vectors_indexes_them_and_searches_in_two_stages(tmp_path, tiny_fmnist, capsys):
+    config = tmp_path / "rerank.toml"
+    config.write_text(CONFIG.format(root=tiny_fmnist[0]).replace('bits = 16', 'bits = 16\nrerank = "head"'),
+                      encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["index", "build", str(run), "--split", "train", "--out", str(run / "index")]) == 0
+    from deephash.retrieval import HashIndex
+
+    index = HashIndex.load(run / "index")
+    assert index.rerank_vectors.shape == (index.ntotal, 16) and index.rerank_bytes_per_item == 32
+    capsys.readouterr()
+    assert main(["search", str(run / "index"), "--run", str(run), "test:0", "-k", "4", "--shortlist", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    model, cfg = load_run(run)
+    query = load_split(cfg, "test", run).data[:1].float() / 255
+    with torch.no_grad():
+        _, vector = model.encode_with_rerank(query)
+    db = index.rerank_vectors.astype(np.float32)
+    scores = np.linalg.norm(db - vector.numpy(), axis=1)
+    positions = [int(np.flatnonzero(index.ids == h["id"])[0]) for h in hits]
+    assert [h["score"] for h in hits] == pytest.approx(scores[positions].tolist(), abs=1e-3)
+    assert [h["score"] for h in hits] == sorted(h["score"] for h in hits) and len(hits) == 4

@@ -234,9 +234,9 @@ def test_streamed_body_is_counted_without_content_length(env):
 
 
 class SlowService(SearchService):
-    def search(self, packed, k, radius=None):
+    def search(self, packed, k, radius=None, vector=None):
         time.sleep(1.0)
-        return super().search(packed, k, radius)
+        return super().search(packed, k, radius, vector)
 
 
 def test_slow_request_times_out_and_server_stays_up(env):

@@ -93,6 +93,7 @@ class CodeSet:
         bits: code length in bits.
         ids: int64 ``(N,)``; ``0..N-1`` when the file stores none.
         paths: ``(N,)`` strings (image paths relative to their folder), or None.
+        rerank: float16 ``(N, D)`` re-rank vectors (models with ``model.rerank``), or None.
     """
 
     codes: np.ndarray
@@ -100,6 +101,7 @@ class CodeSet:
     bits: int
     ids: np.ndarray
     paths: np.ndarray | None = None
+    rerank: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -112,6 +114,7 @@ def save_codes(
     bits: int,
     ids: torch.Tensor | np.ndarray | None = None,
     paths: Sequence[str] | np.ndarray | None = None,
+    rerank: np.ndarray | None = None,
 ) -> None:
     """Write a code file atomically.
 
@@ -123,6 +126,7 @@ def save_codes(
         bits: code length in bits (``>= 1``).
         ids: int64 ``(N,)``, the items' ids; default ``0..N-1``.
         paths: optional ``(N,)`` strings, e.g. each image's path relative to its folder.
+        rerank: optional float ``(N, D)`` re-rank vectors, stored as float16.
     """
     bits = int(bits)
     if bits < 1:
@@ -148,6 +152,10 @@ def save_codes(
         arrays["paths"] = np.asarray([str(p) for p in paths], dtype=np.str_).reshape(-1)
         if arrays["paths"].shape[0] != array.shape[0]:
             raise DeephashError(f"{arrays['paths'].shape[0]} paths do not match {array.shape[0]} codes")
+    if rerank is not None:
+        arrays["rerank"] = np.asarray(rerank, dtype=np.float16)
+        if arrays["rerank"].ndim != 2 or arrays["rerank"].shape[0] != array.shape[0]:
+            raise DeephashError(f"re-rank vectors of shape {arrays['rerank'].shape} do not match {array.shape[0]} codes")
     atomic_savez(path, **arrays)
 
 
@@ -196,4 +204,7 @@ def load_codes(path: str | os.PathLike) -> CodeSet:
     paths = arrays.get("paths")
     if paths is not None and (paths.dtype.kind != "U" or paths.shape != (codes.shape[0],)):
         raise bad(f"'paths' must be ({codes.shape[0]},) strings, got {paths.dtype} {paths.shape}")
-    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids, paths=paths)
+    rerank = arrays.get("rerank")
+    if rerank is not None and (rerank.dtype != np.float16 or rerank.ndim != 2 or rerank.shape[0] != codes.shape[0]):
+        raise bad(f"'rerank' must be float16 ({codes.shape[0]}, D), got {rerank.dtype} {rerank.shape}")
+    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids, paths=paths, rerank=rerank)

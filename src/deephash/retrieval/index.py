@@ -100,6 +100,7 @@ class HashIndex:
         self._codes = np.zeros((0, self.n_bytes), dtype=np.uint8)
         self._ids = np.zeros(0, dtype=np.int64)
         self._labels: np.ndarray | None = None
+        self._rerank: np.ndarray | None = None
         self._faiss_index: Any = self._new_faiss_index() if backend == "faiss" else None
         #: Sequence number of the last journal record this index holds (0: none).
         self.journal_seq = 0
@@ -129,6 +130,16 @@ class HashIndex:
     def labels(self) -> np.ndarray | None:
         """int64 ``(ntotal,)`` or ``(ntotal, C)`` labels, or ``None`` when none were added."""
         return None if self._labels is None else self._labels.copy()
+
+    @property
+    def rerank_vectors(self) -> np.ndarray | None:
+        """float16 ``(ntotal, D)`` re-rank vectors (two-stage search), or ``None`` when none were added."""
+        return self._rerank
+
+    @property
+    def rerank_bytes_per_item(self) -> int:
+        """Bytes each item's re-rank vector takes (0 without vectors); its code takes ``n_bytes``."""
+        return 0 if self._rerank is None else int(self._rerank.shape[1] * self._rerank.itemsize)
 
     @property
     def is_trained(self) -> bool:
@@ -183,6 +194,7 @@ class HashIndex:
         codes: torch.Tensor | np.ndarray,
         ids: torch.Tensor | np.ndarray | None = None,
         labels: torch.Tensor | np.ndarray | None = None,
+        rerank: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """Add codes.
 
@@ -191,6 +203,8 @@ class HashIndex:
             ids: int64 ``(N,)`` unique ids; default consecutive from the largest id + 1 (from
                 ``ntotal`` for an index filled only with default ids).
             labels: int ``(N,)`` or ``(N, C)``; either every ``add`` has labels or none does.
+            rerank: float ``(N, D)`` vectors for a two-stage search (kept as float16; FAISS's
+                ``IndexRefine`` pattern, see ``retrieval.search``); every ``add`` or none.
         """
         packed = self._packed(codes, "codes")
         n = packed.shape[0]
@@ -212,6 +226,15 @@ class HashIndex:
                 raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
         if self.ntotal and (label_array is None) != (self._labels is None):
             raise DeephashError("either every add() passes labels or none does")
+        vectors = None
+        if rerank is not None:
+            vectors = np.asarray(rerank.detach().cpu() if isinstance(rerank, torch.Tensor) else rerank).astype(np.float16)
+            if vectors.ndim != 2 or vectors.shape[0] != n:
+                raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
+            if self._rerank is not None and vectors.shape[1] != self._rerank.shape[1]:
+                raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps {self._rerank.shape[1]}")
+        if self.ntotal and (vectors is None) != (self._rerank is None):
+            raise DeephashError("either every add() passes re-rank vectors or none does")
         if self._faiss_index is not None and n:
             if not self._faiss_index.is_trained:
                 self.train(packed)
@@ -220,6 +243,8 @@ class HashIndex:
         self._ids = np.concatenate([self._ids, id_array])
         if label_array is not None:
             self._labels = label_array if self._labels is None else np.concatenate([self._labels, label_array])
+        if vectors is not None:
+            self._rerank = vectors if self._rerank is None else np.concatenate([self._rerank, vectors])
 
     def remove(self, ids: torch.Tensor | np.ndarray | list[int]) -> int:
         """Remove the codes with these ids (unknown ids are ignored); returns how many were removed."""
@@ -231,6 +256,8 @@ class HashIndex:
         self._codes, self._ids = self._codes[keep], self._ids[keep]
         if self._labels is not None:
             self._labels = self._labels[keep]
+        if self._rerank is not None:
+            self._rerank = self._rerank[keep]
         if self._faiss_index is not None:
             try:
                 self._faiss_index.remove_ids(_import_faiss().IDSelectorBatch(id_array))
@@ -296,7 +323,7 @@ class HashIndex:
 
         Files: ``meta.json`` (format_version, bits, factory, count, created (ISO 8601 UTC),
         deephash_version, model, journal_seq, changed), ``codes.npy``, ``ids.npy``, ``labels.npy``
-        (when labels were added) and ``index.faiss`` (FAISS backend). Other files of an existing
+        (when labels were added), ``rerank.npy`` (float16 re-rank vectors, when added) and ``index.faiss`` (FAISS backend). Other files of an existing
         folder (a journal, a lock file, item images) are kept.
         """
         from deephash._version import __version__
@@ -321,6 +348,8 @@ class HashIndex:
             np.save(tmp / "ids.npy", self._ids)
             if self._labels is not None:
                 np.save(tmp / "labels.npy", self._labels)
+            if self._rerank is not None:
+                np.save(tmp / "rerank.npy", self._rerank)
             if self._faiss_index is not None:
                 data = _import_faiss().serialize_index_binary(self._faiss_index)
                 (tmp / "index.faiss").write_bytes(data.tobytes())
@@ -410,6 +439,11 @@ class HashIndex:
             labels = read("labels.npy", np.int64, None)
             if labels.ndim not in (1, 2) or labels.shape[0] != count:
                 raise bad(f"labels.npy has shape {labels.shape}, expected ({count},) or ({count}, C)")
+        rerank = None
+        if (folder / "rerank.npy").exists():
+            rerank = read("rerank.npy", np.float16, None)
+            if rerank.ndim != 2 or rerank.shape[0] != count:
+                raise bad(f"rerank.npy has shape {rerank.shape}, expected ({count}, D)")
         has_faiss_file = (folder / "index.faiss").is_file()
         if backend is None:
             backend = "faiss" if has_faiss_file and faiss_available() else "torch"
@@ -419,7 +453,7 @@ class HashIndex:
             index = cls(bits, meta["factory"], metadata=meta.get("model"), backend=backend)
         except DeephashError as error:
             raise bad(str(error)) from None
-        index._codes, index._ids, index._labels = codes, ids, labels
+        index._codes, index._ids, index._labels, index._rerank = codes, ids, labels, rerank
         index.journal_seq = int(meta.get("journal_seq") or 0)
         index.changed = meta.get("changed") if isinstance(meta.get("changed"), str) else None
         if backend == "faiss":

@@ -68,6 +68,7 @@ class Record:
         labels: int64 ``(n,)`` or ``(n, C)`` for an ``add`` to a labelled index, else None.
         paths: an image path per added item (indexes that keep ``metadata["paths"]``), else None.
         time: ISO 8601 UTC time of the change.
+        rerank: float16 ``(n, D)`` re-rank vectors for an ``add`` to an index that keeps them, else None.
     """
 
     op: str
@@ -77,6 +78,7 @@ class Record:
     labels: np.ndarray | None = None
     paths: list[str] | None = None
     time: str = field(default_factory=_now)
+    rerank: np.ndarray | None = None
 
 
 def encode_record(record: Record) -> bytes:
@@ -94,6 +96,10 @@ def encode_record(record: Record) -> bytes:
             blobs.append(labels.tobytes())
         if record.paths is not None:
             head["paths"] = [str(p) for p in record.paths]
+        if record.rerank is not None:
+            vectors = np.ascontiguousarray(record.rerank, dtype="<f2")
+            head["rerank_dim"] = int(vectors.shape[1])
+            blobs.append(vectors.tobytes())
     elif record.op != "remove":
         raise DeephashError(f"journal op must be 'add' or 'remove', got {record.op!r}")
     payload = json.dumps(head, separators=(",", ":")).encode("utf-8") + b"\0" + b"".join(blobs)
@@ -120,9 +126,14 @@ def decode_payload(payload: bytes) -> Record:
             count = int(np.prod(shape))
             labels = np.frombuffer(blob[offset:offset + 8 * count], dtype="<i8").astype(np.int64).reshape(shape)
             offset += 8 * count
+        rerank = None
+        if "rerank_dim" in head:
+            dim = int(head["rerank_dim"])
+            rerank = np.frombuffer(blob[offset:offset + 2 * n * dim], dtype="<f2").astype(np.float16).reshape(n, dim)
+            offset += 2 * n * dim
         if offset != len(blob) or ids.shape != (n,):
             raise ValueError(f"{len(blob)} bytes of arrays, expected {offset}")
-        return Record("add", int(head["seq"]), ids, codes, labels, head.get("paths"), head["time"])
+        return Record("add", int(head["seq"]), ids, codes, labels, head.get("paths"), head["time"], rerank)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise DataFormatError(f"journal record does not decode: {error}") from None
 
@@ -192,7 +203,7 @@ def apply_record(index: Any, record: Record) -> None:
             index.metadata["paths"] = [p for p, out in zip(paths, gone.tolist()) if not out]
     index.remove(record.ids)
     if record.op == "add":
-        index.add(record.codes, ids=record.ids, labels=record.labels)
+        index.add(record.codes, ids=record.ids, labels=record.labels, rerank=record.rerank)
         if isinstance(index.metadata, dict) and index.metadata.get("paths") is not None:
             index.metadata["paths"] = list(index.metadata["paths"]) + list(record.paths or [""] * len(record.ids))
     index.journal_seq = record.seq

@@ -169,7 +169,7 @@ class LivingIndex:
 
     def add(self, codes: np.ndarray, ids: Sequence[int] | np.ndarray | None = None, labels: np.ndarray | None = None,
             paths: Sequence[str] | None = None, before: Callable[[np.ndarray], None] | None = None,
-            after: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+            after: Callable[[np.ndarray], None] | None = None, rerank: np.ndarray | None = None) -> np.ndarray:
         """Add items durably.
 
         Args:
@@ -177,6 +177,7 @@ class LivingIndex:
             ids: int64 ``(n,)`` new ids; default consecutive after the largest id.
             labels: int64 ``(n,)`` / ``(n, C)``, required exactly when the index has labels.
             paths: an image path per item (kept when the index keeps paths).
+            rerank: float ``(n, D)`` re-rank vectors, required exactly when the index keeps them.
             before: called with the ids once they are known and valid, before the journal write
                 (e.g. to store the items' images); an exception there cancels the add.
             after: called with the ids under the write lock, right after the change is applied.
@@ -227,9 +228,20 @@ class LivingIndex:
                 path_list = [str(p) for p in paths] if paths is not None else [""] * n
                 if len(path_list) != n:
                     raise DeephashError(f"{len(path_list)} paths for {n} codes")
+            vectors = None
+            if (rerank is None) != (index.rerank_vectors is None) and index.ntotal:
+                want = "keeps re-rank vectors: give one per item" if rerank is None else "keeps no re-rank vectors: give none"
+                raise DeephashError(f"index {self.path} {want}")
+            if rerank is not None:
+                vectors = np.asarray(rerank, dtype=np.float16)
+                if vectors.ndim != 2 or vectors.shape[0] != n:
+                    raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
+                if index.rerank_vectors is not None and vectors.shape[1] != index.rerank_vectors.shape[1]:
+                    raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps "
+                                        f"{index.rerank_vectors.shape[1]}")
             if before is not None:
                 before(id_array)
-            record = Record("add", journal.next_seq(), id_array, packed, label_array, path_list)
+            record = Record("add", journal.next_seq(), id_array, packed, label_array, path_list, rerank=vectors)
             self._commit(journal, record, after)
             return id_array
 

@@ -10,6 +10,11 @@ so ``k`` and ``radius`` mean one thing everywhere:
 
 Results are nearest first; within ``radius`` ties are in id order. Each hit carries its index
 row (``position``), through which its label and path are read.
+
+Two-stage search (FAISS's ``IndexRefine`` pattern), when the index keeps re-rank vectors and the
+query's vectors are given: the ``shortlist`` nearest codes, with every item tied with the last one
+(so a class of equal codes is never cut arbitrarily), are ranked by the Euclidean distance between
+the vectors (``scores``), then by Hamming distance and id; ``k`` and ``radius`` then apply as above.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ class Neighbours:
         distances: int32 ``(n,)`` Hamming distances.
         ids: int64 ``(n,)`` the items' ids.
         positions: int64 ``(n,)`` the items' rows in the index (for labels and paths).
+        scores: float32 ``(n,)`` the second stage's distances (a two-stage search), else None.
     """
 
     distances: np.ndarray
     ids: np.ndarray
     positions: np.ndarray
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -70,7 +77,8 @@ class IdLookup:
 
 
 def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, radius: int | None = None,
-           lookup: IdLookup | None = None) -> list[Neighbours]:
+           lookup: IdLookup | None = None, rerank: torch.Tensor | np.ndarray | None = None,
+           shortlist: int = 100) -> list[Neighbours]:
     """Each query's neighbours in ``index`` (see the module docstring for ``k`` and ``radius``).
 
     Args:
@@ -79,6 +87,9 @@ def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, 
         k: at most this many results per query (``>= 1``), or None for no limit (needs ``radius``).
         radius: inclusive Hamming radius, or None.
         lookup: the index's :class:`IdLookup` (built here when not given; pass one to reuse it).
+        rerank: the queries' re-rank vectors float ``(nq, D)``: a two-stage search when the index
+            keeps vectors too (ignored otherwise).
+        shortlist: the first stage's size (every item tied with its last one is kept as well).
 
     Returns:
         One :class:`Neighbours` per query.
@@ -93,6 +104,10 @@ def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, 
     if radius is not None and int(radius) < 0:
         raise DeephashError(f"radius must be >= 0, got {radius}")
     lookup = lookup or IdLookup(index.ids)
+    vectors = getattr(index, "rerank_vectors", None)
+    if rerank is not None and vectors is not None and index.ntotal:
+        return [_two_stage(index, codes[i:i + 1], np.asarray(rerank[i], dtype=np.float32), vectors, k, radius, lookup,
+                           shortlist) for i in range(len(codes))]
     rows: list[tuple[np.ndarray, np.ndarray]]
     if radius is None:
         distances, ids = index.search(codes, int(k))
@@ -101,3 +116,18 @@ def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, 
         lims, distances, ids = index.range_search(codes, min(int(radius), int(index.bits)))
         rows = [(distances[a:b][:k], ids[a:b][:k]) for a, b in zip(lims[:-1], lims[1:])]
     return [Neighbours(d.astype(np.int32), i.astype(np.int64), lookup.positions(i)) for d, i in rows]
+
+
+def _two_stage(index: object, code: torch.Tensor | np.ndarray, vector: np.ndarray, vectors: np.ndarray, k: int | None,
+               radius: int | None, lookup: IdLookup, shortlist: int) -> Neighbours:
+    """One query's two-stage search (see the module docstring)."""
+    first, _ = index.search(code, max(int(shortlist), int(k or 0), 1))
+    cut = int(first[0][first[0] >= 0].max())
+    if radius is not None:
+        cut = min(cut, int(radius))
+    lims, distances, ids = index.range_search(code, cut)
+    positions = lookup.positions(ids)
+    scores = np.linalg.norm(vectors[positions].astype(np.float32) - vector[None, :], axis=1)
+    order = np.lexsort((ids, distances, scores))[:k]
+    return Neighbours(distances[order].astype(np.int32), ids[order].astype(np.int64), positions[order],
+                      scores[order].astype(np.float32))

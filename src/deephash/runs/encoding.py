@@ -65,12 +65,12 @@ def encode(model: nn.Module, dataset: Any, batch_size: int = 1024,
     return codes, labels
 
 
-def encode_sharded(model: nn.Module, dataset: Any, strategy: Strategy | None = None,
-                   batch_size: int = 1024) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """:func:`encode` with the work split over the processes of ``strategy``: rank 0 gets the
-    whole result in dataset order, the other ranks ``(None, None)``."""
+def encode_sharded(model: nn.Module, dataset: Any, strategy: Strategy | None = None, batch_size: int = 1024
+                   ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """:func:`encode_with_rerank` with the work split over the processes of ``strategy``: rank 0
+    gets the whole result in dataset order, the other ranks ``(None, None, None)``."""
     strategy = strategy or current_strategy()
-    return strategy.map_shards(len(dataset), lambda part: encode(
+    return strategy.map_shards(len(dataset), lambda part: encode_with_rerank(
         model, dataset if len(part) == len(dataset) else dataset.subset(torch.arange(part.start, part.stop)),
         batch_size))
 
@@ -135,7 +135,7 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     dataset = source_dataset(config, run_dir, split, images)
-    codes, labels = encode_sharded(model, dataset)
+    codes, labels, vectors = encode_sharded(model, dataset)
     if codes is None:  # another rank of a distributed job: rank 0 writes
         return Path(out)
     out = Path(out)
@@ -145,7 +145,7 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
         extra["paths"] = np.array([Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
                                    for p in dataset.paths])
     if is_hash_model(model):
-        save_codes(out, codes, labels, model.bits, **extra)
+        save_codes(out, codes, labels, model.bits, **extra, rerank=vectors)
     else:
         atomic_savez(out, embeddings=codes, labels=labels, **extra)
     return out

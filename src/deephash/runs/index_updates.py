@@ -21,7 +21,7 @@ from deephash.retrieval.codes import load_codes
 from deephash.retrieval.journal import JOURNAL_FILE, read_journal
 from deephash.retrieval.living import LivingIndex
 from deephash.runs.data import load_split, source_dataset
-from deephash.runs.encoding import encode, encode_split
+from deephash.runs.encoding import encode_split, encode_with_rerank, rerank_split
 from deephash.runs.indexing import index_info, load_index
 from deephash.runs.model_file import is_hash_model, load_run
 
@@ -122,7 +122,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         code_set = load_codes(codes)
         if code_set.bits != probe.bits:
             raise CodeLengthError(f"code file {codes} holds {code_set.bits}-bit codes but index {index_dir} holds {probe.bits}-bit codes")
-        packed, labels = code_set.codes, code_set.labels
+        packed, labels, vectors = code_set.codes, code_set.labels, code_set.rerank
         if ids is None and not new_ids:
             ids = code_set.ids
         if code_set.paths is not None:
@@ -137,14 +137,20 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         if split is not None:
             dataset = load_split(config, split, run_dir)
             packed, labels = encode_split(run_dir, model, config, split, dataset)
+            vectors = rerank_split(run_dir, model, config, split, dataset)
         else:
             dataset = source_dataset(config, run_dir, None, images)
-            packed, labels = encode(model, dataset)
+            packed, labels, vectors = encode_with_rerank(model, dataset)
             paths = [str(p) for p in dataset.paths] if dataset.paths is not None else None
             if index_classes and dataset.classes:
                 labels = _class_map(list(dataset.classes), index_classes, str(images))[labels]
         pictures = dataset.data.numpy()
     labels = None if probe.labels is None and probe.ntotal else labels
+    if probe.ntotal and probe.rerank_vectors is None:
+        vectors = None  # an index built without re-rank vectors stays without them
+    elif probe.rerank_vectors is not None and vectors is None:
+        raise DeephashError(f"index {index_dir} keeps re-rank vectors, but {codes or run_dir} gives none: encode with "
+                            "the run's model (its model.rerank) instead")
     living = open_living(index_dir, holder="deephash index add")
     try:
         def store_images(new: np.ndarray) -> None:
@@ -155,7 +161,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
                     save_item_image(index_dir, ident, picture, durable=False)
                 os.sync()  # the images are on disk before the journal record that makes them visible
 
-        return living.add(packed, ids=ids, labels=labels, paths=paths, before=store_images)
+        return living.add(packed, ids=ids, labels=labels, paths=paths, before=store_images, rerank=vectors)
     finally:
         living.close(fold=True)
 

@@ -14,7 +14,7 @@ from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.search import search
 from deephash.runs.data import query_images, source_dataset
-from deephash.runs.encoding import encode_sharded, encode_split
+from deephash.runs.encoding import encode_sharded, encode_split, rerank_split
 from deephash.runs.model_file import is_hash_model, load_run
 from deephash.train.distributed import current_strategy
 
@@ -36,8 +36,9 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     strategy = current_strategy()
     if images is None and strategy.world_size == 1:
         codes, labels = encode_split(run_dir, model, config, split, dataset)
+        vectors = rerank_split(run_dir, model, config, split, dataset)
     else:
-        codes, labels = encode_sharded(model, dataset, strategy)
+        codes, labels, vectors = encode_sharded(model, dataset, strategy)
     if codes is None:  # another rank of a distributed job: rank 0 writes
         return Path(out)
     metadata: dict[str, Any] = {
@@ -48,7 +49,7 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     if dataset.paths is not None:
         metadata["paths"] = list(dataset.paths)
     index = HashIndex(model.bits, factory=factory, metadata=metadata)
-    index.add(codes, labels=labels)
+    index.add(codes, labels=labels, rerank=vectors)
     out = Path(out)
     index.save(out)
     return out
@@ -81,7 +82,7 @@ def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Sequence[str], k: int | None = 10,
-               radius: int | None = None) -> list[dict[str, Any]]:
+               radius: int | None = None, shortlist: int = 100) -> list[dict[str, Any]]:
     """Encode query images with a run's model and look up their neighbours in an index.
 
     Args:
@@ -90,11 +91,13 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
         images: image files, or ``SPLIT:N`` (item N of a split of the run's data set).
         k: at most this many results per query (None: no limit, with ``radius``).
         radius: only items within this Hamming distance (inclusive); see ``retrieval.search``.
+        shortlist: first-stage size of a two-stage search, used when the model and the index keep
+            re-rank vectors (``model.rerank``).
 
     Returns:
         One dict per query: ``query``, ``label``, ``class``, ``hits``: a list of ``{rank, id,
-        distance, label, class, path}`` (``path`` None unless the index was built from an image
-        folder).
+        distance, score, label, class, path}`` (``score`` the re-rank distance of a two-stage
+        search, else None; ``path`` None unless the index was built from an image folder).
 
     Raises:
         CodeLengthError: the run's code length differs from the index's.
@@ -109,7 +112,9 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
     queries, query_labels = query_images(config, run_dir, images)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        codes = pack_codes(model(queries.to(device).float().div_(255)).cpu())
+        out, vectors = model.encode_with_rerank(queries.to(device).float().div_(255))
+    codes = pack_codes(out.cpu())
+    vectors = None if vectors is None else vectors.float().cpu().numpy()
     meta = index.metadata if isinstance(index.metadata, dict) else {}
     classes, paths = meta.get("classes") or getattr(model, "classes", []), meta.get("paths")
     labels = index.labels
@@ -118,12 +123,15 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
         return classes[label] if label is not None and label < len(classes) else None
 
     results = []
-    for item, q_label, found in zip(images, query_labels, search(index, codes, k, radius)):
+    for item, q_label, found in zip(images, query_labels, search(index, codes, k, radius, rerank=vectors,
+                                                                    shortlist=shortlist)):
         hits = []
-        for rank, (distance, ident, pos) in enumerate(zip(found.distances.tolist(), found.ids.tolist(),
-                                                          found.positions.tolist()), start=1):
+        scores = found.scores.tolist() if found.scores is not None else [None] * len(found)
+        for rank, (distance, ident, pos, score) in enumerate(zip(found.distances.tolist(), found.ids.tolist(),
+                                                                 found.positions.tolist(), scores), start=1):
             label = int(labels[pos]) if labels is not None and pos >= 0 else None
-            hits.append({"rank": rank, "id": int(ident), "distance": int(distance), "label": label,
+            hits.append({"rank": rank, "id": int(ident), "distance": int(distance),
+                         "score": None if score is None else round(float(score), 4), "label": label,
                          "class": class_of(label), "path": paths[pos] if paths is not None and pos >= 0 else None})
         results.append({"query": item, "label": q_label, "class": class_of(q_label), "hits": hits})
     return results

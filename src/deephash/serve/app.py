@@ -303,20 +303,21 @@ def create_app(
                 if upload is None or isinstance(upload, str):
                     raise HTTPException(422, "multipart form needs a file field 'image'")
                 data = await upload.read()
-            packed = await in_thread(service.encode_image, data)
+            packed, vector = await in_thread(service.encode_query, data)
         elif kind == "application/json":
             try:
                 params = SearchParams.model_validate_json(await request.body())
             except ValidationError as error:
                 raise invalid(error.errors()) from None
             if params.code is not None:
-                packed = parse_hex_code(params.code, service.bits)
+                packed, vector = parse_hex_code(params.code, service.bits), None
             else:
                 packed, label = service.item(params.id)
+                vector = service.item_vector(params.id)
                 query = {"id": params.id, "label": label, "image_url": image_url(params.id)}
         else:
             raise HTTPException(415, "send multipart/form-data with a file field 'image', or application/json with 'code' or 'id'")
-        hits = await in_thread(service.search, packed, params.k, params.radius)
+        hits = await in_thread(service.search, packed, params.k, params.radius, vector)
         return {
             "results": [{"id": h.id, "distance": h.distance, "label": h.label, "image_url": image_url(h.id)} for h in hits],
             "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query,

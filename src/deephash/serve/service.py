@@ -230,14 +230,28 @@ class SearchService:
     # ------------------------------------------------------------------ work
     def encode_image(self, data: bytes) -> np.ndarray:
         """The packed code of an uploaded image: uint8 ``(1, ceil(bits/8))``."""
+        return self.encode_query(data)[0]
+
+    def encode_query(self, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+        """An uploaded image's packed code ``(1, B)`` and its re-rank vector float ``(D,)`` (None
+        when the model keeps none)."""
         return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
 
     @torch.inference_mode()
-    def _encode_pixels(self, image: np.ndarray) -> np.ndarray:
+    def _encode_pixels(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(image)[None].float().div_(255)
         device = next(self.model.parameters()).device
-        codes = self.model.encode(x.to(device)) if hasattr(self.model, "encode") else torch.where(self.model(x.to(device)) >= 0, 1.0, -1.0)
-        return pack_codes(codes.cpu())
+        if hasattr(self.model, "encode_with_rerank"):
+            codes, vector = self.model.encode_with_rerank(x.to(device))
+        else:
+            codes, vector = torch.where(self.model(x.to(device)) >= 0, 1.0, -1.0), None
+        return pack_codes(codes.cpu()), None if vector is None else vector[0].float().cpu().numpy()
+
+    def item_vector(self, ident: int) -> np.ndarray | None:
+        """The stored re-rank vector of an item (None when the index keeps none)."""
+        vectors = self.index.rerank_vectors
+        position = self._lookup.position(ident)
+        return None if vectors is None or position < 0 else vectors[position].astype(np.float32)
 
     def item(self, ident: int) -> tuple[np.ndarray, Any]:
         """Stored packed code ``(1, B)`` and label of a database item.
@@ -258,13 +272,17 @@ class SearchService:
                 raise NotFoundError("the index is empty")
             return int(self._ids[self._rng.integers(len(self._ids))])
 
-    def search(self, packed: np.ndarray, k: int, radius: int | None = None) -> list[Hit]:
-        """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given.
+    def search(self, packed: np.ndarray, k: int, radius: int | None = None, vector: np.ndarray | None = None,
+               shortlist: int = 100) -> list[Hit]:
+        """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given;
+        with the query's re-rank ``vector`` and an index that keeps vectors, a two-stage search
+        (``retrieval.search``) over a Hamming shortlist of ``shortlist``.
 
         Results are nearest first; fewer than ``k`` when the index is smaller or the radius cuts.
         """
         with self._reading():
-            (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup)
+            rerank = None if vector is None else vector[None, :]
+            (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
             labels = [self.label_of(int(p)) for p in found.positions.tolist()]
         return [Hit(int(i), int(d), label, self.has_image(int(i)))
                 for i, d, label in zip(found.ids.tolist(), found.distances.tolist(), labels)]
@@ -314,7 +332,8 @@ class SearchService:
         if ident is not None and not 0 <= ident < 2**63:
             raise DeephashError(f"id {ident} is outside 0 .. 2**63-1")
         image = decode_image(data, self.input_shape, self.max_pixels)
-        packed = self._encode_pixels(image)
+        packed, vector = self._encode_pixels(image)
+        vectors = None if vector is None or self.index.rerank_vectors is None and self.index.ntotal else vector[None, :]
         labels = self._label_value(label)
         index_dir = self.index_dir
 
@@ -322,7 +341,7 @@ class SearchService:
             save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
 
         added = self.living.add(packed, ids=None if ident is None else [int(ident)], labels=labels,
-                                before=store, after=self._refresh)
+                                before=store, after=self._refresh, rerank=vectors)
         return int(added[0])
 
     def remove_item(self, ident: int) -> None:

@@ -43,9 +43,9 @@ class Strategy:
         """The model and loss that ``fit`` drives (unchanged here)."""
         return model, loss_fn
 
-    def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray, np.ndarray]]
-                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """``fn(range(n_items))``: the whole job's ``(values, labels)`` in item order."""
+    def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
+                   ) -> tuple[np.ndarray | None, ...]:
+        """``fn(range(n_items))``: the whole job's arrays (a tuple of ``(n, ...)`` arrays or None) in item order."""
         return fn(range(n_items))
 
     def barrier(self) -> None:
@@ -83,17 +83,18 @@ class DDPStrategy(Strategy):
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), GatherLoss(loss_fn, self.mine_globally)
 
-    def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray, np.ndarray]]
-                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
+                   ) -> tuple[np.ndarray | None, ...]:
         """Rank ``r`` computes ``fn`` on its contiguous shard (:func:`shard_range`); rank 0 gathers
-        the shards in rank order, so its result equals one process's; other ranks get ``(None, None)``."""
+        the shards in rank order and joins each array, so its result equals one process's; other
+        ranks get a tuple of None."""
         part = fn(shard_range(n_items, self.rank, self.world_size))
         shards: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(part, shards, dst=0)
         if shards is None:
-            return None, None
+            return (None,) * len(part)
         shards = [s for s in shards if len(s[1])] or shards[:1]
-        return np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards])
+        return tuple(None if s0 is None else np.concatenate([s[i] for s in shards]) for i, s0 in enumerate(shards[0]))
 
     def barrier(self) -> None:
         barrier()
