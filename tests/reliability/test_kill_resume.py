@@ -120,6 +120,7 @@ ALLOWED = {
     ("retrieval/index.py", "np.save(tmp / 'codes.npy', self._codes)"): "same temporary folder",
     ("retrieval/index.py", "np.save(tmp / 'ids.npy', self._ids)"): "same temporary folder",
     ("retrieval/index.py", "np.save(tmp / 'labels.npy', self._labels)"): "same temporary folder",
+    ("retrieval/index.py", "np.save(tmp / 'rerank.npy', self._rerank)"): "same temporary folder",
     ("retrieval/index.py", "(tmp / 'index.faiss').write_bytes(data.tobytes())"): "same temporary folder",
     ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
