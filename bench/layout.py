@@ -2,7 +2,7 @@
 
 Training steps (forward + backward + AdamW, batch 128) and encoding (inference, batch 1024) of
 fmnist-cnn and seed-cnn, in one process, default NCHW layout against channels-last parameters and
-inputs (what ``deephash.experiment.channels_last_on_cpu`` does on the CPU). Then the Fashion-MNIST recipe's
+inputs (what ``deephash.models.channels_last_on_cpu`` does on the CPU). Then the Fashion-MNIST recipe's
 network (width 24, fc 256) with its three stage layouts, all channels-last: max-pool after
 BatchNorm + ReLU, ``pool_first`` and the ``space-to-depth`` stem; then the recipe networks
 themselves (with their aux classifier and batch size: the previous one, the shipped one and the
