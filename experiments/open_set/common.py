@@ -233,6 +233,19 @@ def pca_hash(fit_x: torch.Tensor, bits: int = 48) -> Callable[[torch.Tensor], np
     return encode
 
 
+def itq_rotation(v: torch.Tensor, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """ITQ (Gong & Lazebnik 2011): the orthogonal R (D, D) minimising ||sign(V R) - V R||_F for
+    centred float (N, D) ``v``, by alternating sign and orthogonal Procrustes steps."""
+    v = v.double()
+    g = torch.Generator().manual_seed(seed)
+    r, _ = torch.linalg.qr(torch.randn(v.shape[1], v.shape[1], generator=g, dtype=torch.float64))
+    for _ in range(iters):
+        b = torch.where(v @ r >= 0, 1.0, -1.0).double()
+        u, _, wt = torch.linalg.svd(v.T @ b)
+        r = u @ wt
+    return r
+
+
 def eval_open_codes(q_codes: np.ndarray, yq: torch.Tensor, db_codes: np.ndarray, ydb: torch.Tensor, bits: int = 48) -> dict[str, float]:
     r = evaluate_codes(q_codes, yq.numpy(), db_codes, ydb.numpy(), bits, ks=(100,), knn_k=10)
     return {"mAP@all": r["mAP@all/tie-aware"], "kNN": r["kNN-acc@10"], "mAP@100": r["mAP@100/tie-aware"], "P@r<=2": r["P@r<=2"]}

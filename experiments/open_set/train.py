@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (Timer, augment, eval_open_codes, load_fmnist, near_dup_queries, near_dup_recall_codes,  # noqa: E402
+from common import (Timer, augment, eval_open_codes, eval_open_real, itq_rotation, load_fmnist, near_dup_queries, near_dup_recall_codes,  # noqa: E402
                     near_dup_recall_real, near_dup_recall_rerank, open_split, to_jsonable)
 
 from deephash.losses import hash_centers  # noqa: E402
@@ -52,6 +52,7 @@ p.add_argument("--w-pix", type=float, default=0.0, help="pixel-similarity distil
 p.add_argument("--t-pix", type=float, default=0.1, help="temperature of the pixel-similarity target")
 p.add_argument("--t-pix-student", type=float, default=0.2)
 p.add_argument("--views", type=int, default=2)
+p.add_argument("--ste", action="store_true", help="contrastive terms see sign(u) forward, tanh gradient backward (straight-through)")
 p.add_argument("--shift", type=int, default=2)
 p.add_argument("--jitter", type=float, default=0.2)
 p.add_argument("--noise", type=float, default=0.05)
@@ -62,6 +63,7 @@ p.add_argument("--fc", type=int, default=512)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--tag", default="")
 p.add_argument("--no-neardup", action="store_true")
+p.add_argument("--eval-float", action="store_true", help="also rank the float 48-d head outputs (Euclidean, open set)")
 p.add_argument("--save", default="", help="save the model state to this path")
 args = p.parse_args()
 
@@ -113,11 +115,12 @@ while step < total:
         u = torch.tanh(model.head.linear(feats))
         loss = torch.zeros(())
         parts = {}
+        uc = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach() if args.ste else u
         if args.w_sup:
-            parts["sup"] = supcon_loss(u, yv, args.t_sup)
+            parts["sup"] = supcon_loss(uc, yv, args.t_sup)
             loss = loss + args.w_sup * parts["sup"]
         if args.w_inst:
-            parts["inst"] = supcon_loss(u, view_ids(len(x), args.views), args.t_inst)
+            parts["inst"] = supcon_loss(uc, view_ids(len(x), args.views), args.t_inst)
             loss = loss + args.w_inst * parts["inst"]
         if args.w_ce:
             parts["ce"] = F.cross_entropy(model.aux(feats), yv)
@@ -174,10 +177,24 @@ def posterior(x: torch.Tensor, temperature: float = 2.0) -> np.ndarray:
 res: dict = {"args": vars(args), "train_s": round(train_s, 1), "steps": total}
 t2 = Timer()
 if args.mode == "open":
-    cq, _, _ = encode(o["xq"])
-    cdb, _, _ = encode(o["xdb"])
+    cq, hq, _ = encode(o["xq"])
+    cdb, hdb, _ = encode(o["xdb"])
     res["open"] = eval_open_codes(cq, o["yq"], cdb, o["ydb"])
     print("open", res["open"], flush=True)
+    # post-hoc code rules fitted on the training images' head outputs (seen classes only)
+    _, htr, _ = encode(xtrain)
+    mu = htr.mean(0)
+    res["open_center"] = eval_open_codes(pack_codes((hq - mu >= 0).numpy()), o["yq"], pack_codes((hdb - mu >= 0).numpy()), o["ydb"])
+    print("open centred sign", res["open_center"], flush=True)
+    rot = itq_rotation(htr - mu).float()
+    res["open_itq"] = eval_open_codes(pack_codes(((hq - mu) @ rot >= 0).numpy()), o["yq"], pack_codes(((hdb - mu) @ rot >= 0).numpy()), o["ydb"])
+    print("open itq", res["open_itq"], flush=True)
+    sat = (htr.tanh().abs() > 0.9).float().mean()
+    res["saturated_share"] = float(sat)
+    print("share of |tanh h| > 0.9 on train:", float(sat), flush=True)
+    if args.eval_float:
+        res["open_float_h48"] = eval_open_real(hq, o["yq"], hdb, o["ydb"])
+        print("open float h48", res["open_float_h48"], flush=True)
 else:
     cq, _, _ = encode(d["xte"])
     cdb, _, _ = encode(d["xtr"])
