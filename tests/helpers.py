@@ -85,6 +85,41 @@ def gaussian_blobs(n_classes: int, n_per_class: int, dim: int, seed: int, spread
     return x[perm], y[perm]
 
 
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+def tiny_digits_run(root: Path, bits: int = 12, centred: bool = False, index: bool = True):
+    """An untrained tiny CNN on scikit-learn's 8x8 digits saved as a run (``root/run``) and, with
+    ``index``, an index of its train split (``root/index``). ``centred`` sets the hash layer's bias
+    so that codes vary (an untrained one gives most images one code).
+
+    Returns:
+        ``(run_dir, index_dir, config)``.
+    """
+    from deephash import runs
+    from deephash.config import config_from_dict
+    from deephash.models import build_model
+
+    config = config_from_dict({
+        "data": {"dataset": "digits"},
+        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": bits},
+        "device": "cpu",
+    })
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    if centred:
+        x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (256, 1, 8, 8), dtype=np.uint8)).float() / 255
+        with torch.no_grad():
+            features = model.backbone(model.normalize(x))
+            model.head.linear.bias.copy_(-(features.mean(0) @ model.head.linear.weight.T))
+    run_dir, index_dir = root / "run", root / "index"
+    run_dir.mkdir(parents=True)
+    runs.save_model(run_dir / "model.pt", model, config, DIGIT_CLASSES)
+    if index:
+        runs.build_index(run_dir, split="train", out=index_dir)
+    return run_dir, index_dir, config
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

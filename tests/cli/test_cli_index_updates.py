@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import tiny_digits_run
+
 from deephash import runs
 from deephash.cli import main
-from deephash.config import config_from_dict
-from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
@@ -32,17 +32,7 @@ CLASSES = [str(d) for d in range(10)]
 @pytest.fixture()
 def tiny(tmp_path):
     """An untrained tiny CNN on scikit-learn's 8x8 digits and an index over its train split."""
-    config = config_from_dict({
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": BITS},
-        "device": "cpu",
-    })
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    run_dir, index_dir = tmp_path / "run", tmp_path / "index"
-    run_dir.mkdir()
-    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
+    run_dir, index_dir, config = tiny_digits_run(tmp_path, BITS)
     return {"run": run_dir, "index": index_dir, "config": config, "tmp": tmp_path}
 
 

@@ -28,9 +28,9 @@ from PIL import Image
 
 import helpers
 
+from helpers import tiny_digits_run
+
 from deephash import runs
-from deephash.config import config_from_dict
-from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
 
 pytestmark = [pytest.mark.slow]
@@ -47,22 +47,7 @@ pytestmark.append(pytest.mark.timeout(120 + 60 * len(SEEDS)))
 def tiny_run(root: Path) -> tuple[Path, Path]:
     """A tiny CNN on scikit-learn's 8x8 digits, its hash layer's bias centred so that codes vary
     (an untrained one gives every image one code), and an index over the train split."""
-    config = config_from_dict({
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": BITS},
-        "device": "cpu",
-    })
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (256, 1, 8, 8), dtype=np.uint8)).float() / 255
-    with torch.no_grad():
-        features = model.backbone(model.normalize(x))
-        model.head.linear.bias.copy_(-(features.mean(0) @ model.head.linear.weight.T))
-    run_dir, index_dir = root / "run", root / "index"
-    run_dir.mkdir(parents=True)
-    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
-    return run_dir, index_dir
+    return tiny_digits_run(root, BITS, centred=True)[:2]
 
 
 def png_of(pixels: np.ndarray) -> bytes:

@@ -14,9 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from helpers import tiny_digits_run
+
 from deephash import runs
-from deephash.config import config_from_dict
-from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
 from deephash.serve.app import create_app
 from deephash.serve.service import SearchService
@@ -28,18 +28,7 @@ ZERO = "0000"  # the all-zero 12-bit code: 2 bytes
 
 def make_tiny_run(root: Path, bits: int = BITS) -> tuple[Path, Path]:
     """A run (untrained tiny CNN on scikit-learn's 8x8 digits) and an index over its train split."""
-    config = config_from_dict({
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": bits},
-        "device": "cpu",
-    })
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    run_dir, index_dir = root / "run", root / "index"
-    run_dir.mkdir(parents=True)
-    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
-    return run_dir, index_dir
+    return tiny_digits_run(root, bits)[:2]
 
 
 def brute_force(query: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:

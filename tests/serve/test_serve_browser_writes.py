@@ -10,15 +10,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import helpers
-from helpers import CHROMIUM, CHROMIUM_ARGS, playwright_api, stop
+from helpers import tiny_digits_run, CHROMIUM, CHROMIUM_ARGS, playwright_api, stop
 
-from deephash import runs
-from deephash.config import config_from_dict
-from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
@@ -30,22 +26,7 @@ TOKEN = "page-token-7d1e"
 
 def tiny_run(root: Path) -> tuple[Path, Path]:
     """A tiny CNN on 8x8 digits (hash bias centred so codes vary) and an index over its train split."""
-    config = config_from_dict({
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": BITS},
-        "device": "cpu",
-    })
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (256, 1, 8, 8), dtype=np.uint8)).float() / 255
-    with torch.no_grad():
-        features = model.backbone(model.normalize(x))
-        model.head.linear.bias.copy_(-(features.mean(0) @ model.head.linear.weight.T))
-    run_dir, index_dir = root / "run", root / "index"
-    run_dir.mkdir(parents=True)
-    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
-    return run_dir, index_dir
+    return tiny_digits_run(root, BITS, centred=True)[:2]
 
 
 def start_server(index_dir: Path, run_dir: Path, log: Path, token_file: Path | None) -> tuple[subprocess.Popen, str]:

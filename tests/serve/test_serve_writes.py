@@ -17,9 +17,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from helpers import tiny_digits_run
+
 from deephash import runs
-from deephash.config import config_from_dict
-from deephash.models import build_model
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.journal import IndexLockedError
 from deephash.runs.index_updates import item_image_path, remove_items
@@ -35,17 +35,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def tiny_run(root: Path, n: int = 300) -> tuple[Path, Path]:
     """An untrained tiny CNN on scikit-learn's 8x8 digits and an index of ``n`` items with the train
     split's metadata but random codes (the untrained model gives most images one code)."""
-    config = config_from_dict({
-        "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": BITS},
-        "device": "cpu",
-    })
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    run_dir, index_dir = root / "run", root / "index"
-    run_dir.mkdir(parents=True)
-    runs.save_model(run_dir / "model.pt", model, config, CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
+    run_dir, index_dir, _ = tiny_digits_run(root, BITS)
     built = HashIndex.load(index_dir)
     rng = np.random.default_rng(7)
     index = HashIndex(BITS, metadata=built.metadata)
