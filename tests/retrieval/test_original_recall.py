@@ -35,23 +35,3 @@ def test_embeddings_rank_by_euclidean_distance():
     q = np.array([[0.9, 0.0], [2.9, 0.0]])
     got = original_recall_at_k(q, db, [0, 2], [1, 2])
     np.testing.assert_allclose(got["stable"], [0.5, 1.0])  # query 1's original is second, query 2's first
-
-
-def test_two_stage_search_ranks_the_shortlist_by_the_vectors():
-    """Against a loop: the shortlist is every item within the 3rd-nearest code's distance; inside
-    it the vectors decide; an original outside it is missed."""
-    rng = np.random.default_rng(7)
-    q_bits, db_bits = rng.integers(0, 2, (6, 4)), rng.integers(0, 2, (12, 4))
-    q_vec, db_vec = rng.normal(size=(6, 3)), rng.normal(size=(12, 3))
-    targets = rng.integers(0, 12, 6)
-    got = original_recall_at_k(pack_codes(q_bits), pack_codes(db_bits), targets, [1, 2], bits=4,
-                               rerank=(q_vec, db_vec), shortlist=3)
-    want = []
-    for i in range(6):
-        dist = (q_bits[i] != db_bits).sum(1)
-        cut = np.sort(dist)[2]
-        listed = [j for j in range(12) if dist[j] <= cut]
-        order = sorted(listed, key=lambda j: np.linalg.norm(q_vec[i] - db_vec[j]))
-        want.append([targets[i] in order[:k] for k in (1, 2)])
-    np.testing.assert_allclose(got["stable"], np.mean(want, 0))
-    assert 0 < got["stable"][1] < 1  # the case has both found and missed originals

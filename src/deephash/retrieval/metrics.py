@@ -121,8 +121,7 @@ def map_at_r(q: Any, q_labels: Any, db: Any, db_labels: Any, bits: int | None = 
 
 
 def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits: int | None = None,
-                         chunk: int = 256, rerank: tuple[Any, Any] | None = None,
-                         shortlist: int = 1000) -> dict[str, np.ndarray]:
+                         chunk: int = 256) -> dict[str, np.ndarray]:
     """Near-duplicate retrieval: for each query, is its one relevant item (its original, database
     row ``targets[i]``) among the k nearest?
 
@@ -137,11 +136,6 @@ def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits:
         targets: int64 ``(nq,)`` database rows of the originals.
         ks: cut-offs.
         chunk: queries per distance block.
-        rerank: ``(query vectors (nq, D_r), database vectors (n, D_r))``: two-stage search, as
-            ``HashIndex`` with re-rank vectors does it: the ``shortlist`` nearest codes (every item
-            tied with the last one included) are ranked by the Euclidean distance of their vectors;
-            an original outside the shortlist is not found.
-        shortlist: the first stage's size.
 
     Returns:
         ``{"tie-aware": float64 (len(ks),), "stable": float64 (len(ks),)}``, means over queries.
@@ -155,34 +149,13 @@ def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits:
             dist = torch.as_tensor(hamming_distances(np.asarray(q)[rows], np.asarray(db))).to(torch.int64)
         else:
             dist = torch.cdist(torch.as_tensor(np.asarray(q)[rows]).double(), torch.as_tensor(np.asarray(db)).double())
-        if rerank is not None:
-            dist = shortlist_distances(dist, np.asarray(rerank[0])[rows], np.asarray(rerank[1]), shortlist)
         own = dist.gather(1, targets[rows, None])
         n_less = (dist < own).sum(1, keepdim=True).double()
         n_tie = (dist == own).sum(1, keepdim=True).double()
         before_in_tie = ((dist == own) & (torch.arange(dist.shape[1])[None, :] < targets[rows, None])).sum(1, keepdim=True)
-        found = torch.isfinite(own).double()  # outside a two-stage search's shortlist: not found
-        aware.append(((k - n_less) / n_tie).clamp(0, 1) * found)
-        stable.append((n_less + before_in_tie + 1 <= k).double() * found)
+        aware.append(((k - n_less) / n_tie).clamp(0, 1))
+        stable.append((n_less + before_in_tie + 1 <= k).double())
     return {"tie-aware": torch.cat(aware).mean(0).numpy(), "stable": torch.cat(stable).mean(0).numpy()}
-
-
-def shortlist_distances(hamming: torch.Tensor, q_vectors: np.ndarray, db_vectors: np.ndarray,
-                        shortlist: int) -> torch.Tensor:
-    """Second-stage distances of a two-stage search: Euclidean between re-rank vectors for the
-    ``shortlist`` Hamming-nearest items of each query (ties at the cut all kept), ``inf`` elsewhere.
-
-    Args:
-        hamming: int ``(c, n)`` Hamming distances.
-        q_vectors, db_vectors: float ``(c, D_r)``, ``(n, D_r)``.
-        shortlist: first-stage size (capped at n).
-
-    Returns:
-        float64 ``(c, n)``.
-    """
-    cut = hamming.kthvalue(min(shortlist, hamming.shape[1]), dim=1, keepdim=True).values
-    refined = torch.cdist(torch.as_tensor(q_vectors).double(), torch.as_tensor(db_vectors).double())
-    return torch.where(hamming <= cut, refined, torch.full_like(refined, float("inf")))
 
 
 def precision_within_radius(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, radius: int = 2) -> tuple[float, float]:

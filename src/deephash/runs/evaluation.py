@@ -19,7 +19,9 @@ from deephash._io import atomic_write_text
 from deephash.config import NearDuplicateConfig
 from deephash.data.datasets import ArrayDataset
 from deephash.data.perturb import perturb_images
+from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k
+from deephash.retrieval.search import search
 from deephash.runs.data import load_split
 from deephash.runs.encoding import encode_split, encode_with_rerank, rerank_split
 from deephash.runs.layout import METRICS_FILE
@@ -109,10 +111,12 @@ def near_duplicate_recall(model: nn.Module, database: Any, db_codes: np.ndarray,
     q_codes, _, q_vectors = encode_with_rerank(model, perturbed)
     bits = model.bits if is_hash_model(model) else None
     recall = original_recall_at_k(q_codes, db_codes, targets.numpy(), ks, bits=bits)
-    if db_vectors is not None and q_vectors is not None and bits is not None:
-        reranked = original_recall_at_k(q_codes, db_codes, targets.numpy(), ks, bits=bits,
-                                        rerank=(q_vectors, db_vectors), shortlist=shortlist)
-        recall["rerank"] = reranked["stable"]
+    if db_vectors is not None and q_vectors is not None and bits is not None:  # the search engine's two stages
+        index = HashIndex(bits)
+        index.add(db_codes, rerank=db_vectors)
+        found = search(index, q_codes, max(ks), rerank=q_vectors, shortlist=shortlist)
+        hit_rank = np.array([list(f.ids).index(t) if t in f.ids else len(f.ids) for f, t in zip(found, targets.tolist())])
+        recall["rerank"] = np.array([float((hit_rank < k).mean()) for k in ks])
     out: dict[str, Any] = {"protocol": {"n": n, **{k: v for k, v in dataclasses.asdict(settings).items() if k != "n"},
                                         "relevant": "the original database item only"}}
     if "rerank" in recall:
