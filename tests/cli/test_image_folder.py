@@ -14,10 +14,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from helpers import start_server, stop
 from PIL import Image
 
 from deephash import HashIndex
+from deephash.retrieval import pack_codes
+from deephash.retrieval.codes import load_codes
+from deephash.runs import load_run
 from deephash.cli import main
 from deephash.config import load_config
 
@@ -64,6 +68,20 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     assert main(["evaluate", str(run)]) == 0  # queries: the test folder, database: the train folder
     protocol = json.loads((run / "metrics.json").read_text())["protocol"]
     assert (protocol["dataset"], protocol["n_query"], protocol["n_database"]) == ("folder", 12, 24)
+
+    # deephash encode --images names every row: its id and its path relative to the folder
+    assert main(["encode", str(run), "--images", str(photos / "test"), "--out", str(tmp_path / "q.npz")]) == 0
+    code_set = load_codes(tmp_path / "q.npz")
+    assert code_set.ids.tolist() == list(range(12))
+    files = sorted(p.relative_to(photos / "test").as_posix() for p in (photos / "test").rglob("*.png"))
+    assert sorted(code_set.paths.tolist()) == files
+    model, _ = load_run(run)
+    for row in (0, 5, 11):  # each row is the code of the file it names, encoded alone
+        picture = np.asarray(Image.open(photos / "test" / code_set.paths[row]).convert("RGB"), dtype=np.float32)
+        with torch.no_grad():
+            alone = model(torch.from_numpy(picture.transpose(2, 0, 1).copy())[None] / 255)
+        assert np.array_equal(pack_codes(alone), code_set.codes[row:row + 1])
+        assert code_set.labels[row] == sorted(COLOURS).index(code_set.paths[row].split("/")[0])
 
     index_dir = tmp_path / "index"
     assert main(["index", "build", str(run), "--images", str(photos / "train"), "--out", str(index_dir)]) == 0
