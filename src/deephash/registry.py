@@ -1,7 +1,8 @@
 """One registry mechanism for everything chosen by name (timm's ``register_model`` + ``create_model``).
 
-A :class:`Registry` maps names to factories of one kind: backbones, heads, code rules, losses,
-selectors, loss-weight schedules, data sets, optimizers, LR schedulers. A factory registers itself
+A :class:`Registry` maps names to factories of one kind: backbones, heads, code rules, re-rank
+vectors, losses, selectors, loss-weight schedules, augmentations, data sets, split protocols, batch
+samplers, optimizers, LR schedulers. A factory registers itself
 with the decorator where it is defined; configs and the command line create by name; ``names()``
 feeds config validation and help texts. Every lookup or construction problem is a one-line
 :class:`~deephash.errors.ConfigError` that names the kind, the name and the choices.

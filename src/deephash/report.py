@@ -25,8 +25,8 @@ from deephash.retrieval.codes import unpack_codes
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import precision_recall_curve_at_k
 from deephash.retrieval.search import search
-from deephash.runs import encode_split, evaluate_run, load_run, load_split
-from deephash.runs.encoding import rerank_split
+from deephash.runs import evaluate_run, load_run, load_split
+from deephash.runs.encoding import encode_split_with_rerank
 from deephash.runs.layout import CONFIG_FILE, LOG_FILE, METRICS_FILE
 from deephash.train import read_jsonl
 from deephash.viz import (
@@ -65,8 +65,8 @@ def _encode_split(model: torch.nn.Module, config: Any, split: str, run_dir: Path
     """Encode a split (cached by ``deephash.runs.encode_split``): packed codes or embeddings, and
     the re-rank vectors when the model keeps them."""
     dataset = load_split(config, split, run_dir)
-    codes, labels = encode_split(run_dir, model, config, split, dataset)
-    return Encoded(codes, labels, dataset.data, rerank_split(run_dir, model, config, split, dataset))
+    codes, labels, vectors = encode_split_with_rerank(run_dir, model, config, split, dataset)
+    return Encoded(codes, labels, dataset.data, vectors)
 
 
 def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from deephash.runs.layout import CODES_DIR, MODEL_FILE
 from deephash.runs.model_file import is_hash_model, load_run
 from deephash.train.distributed import Strategy, current_strategy
 
-__all__ = ["encode", "encode_run", "encode_sharded", "encode_split", "encode_with_rerank", "rerank_split"]
+__all__ = ["encode", "encode_run", "encode_sharded", "encode_split", "encode_split_with_rerank", "encode_with_rerank"]
 
 
 @torch.inference_mode()
@@ -94,19 +94,15 @@ def encode_split(run_dir: str | os.PathLike, model: nn.Module, config: Config, s
     Returns:
         ``(codes, labels)`` as :func:`encode` returns them.
     """
-    codes, labels, _ = _cached_split(Path(run_dir), model, config, split, dataset)
+    codes, labels, _ = encode_split_with_rerank(run_dir, model, config, split, dataset)
     return codes, labels
 
 
-def rerank_split(run_dir: str | os.PathLike, model: nn.Module, config: Config, split: str,
-                 dataset: Any = None) -> np.ndarray | None:
-    """The re-rank vectors float16 ``(N, D_r)`` of one split (cached with its codes), or None when
-    the model keeps none."""
-    return _cached_split(Path(run_dir), model, config, split, dataset)[2]
-
-
-def _cached_split(run_dir: Path, model: nn.Module, config: Config, split: str,
-                  dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, config: Config, split: str,
+                             dataset: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`encode_split` with the split's re-rank vectors float16 ``(N, D_r)`` (None when the model
+    keeps none), from one read of the same cache."""
+    run_dir = Path(run_dir)
     stamp = _model_digest(run_dir)
     cache = run_dir / CODES_DIR / f"{split}.npz"
     if cache.is_file():

@@ -23,7 +23,7 @@ from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k
 from deephash.retrieval.search import search
 from deephash.runs.data import load_split
-from deephash.runs.encoding import encode_split, encode_with_rerank, rerank_split
+from deephash.runs.encoding import encode_split, encode_split_with_rerank, encode_with_rerank
 from deephash.runs.layout import METRICS_FILE
 from deephash.runs.model_file import is_hash_model, load_run
 
@@ -50,7 +50,7 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
     q_set, db_set = load_split(config, query, run_dir), load_split(config, database, run_dir)
     tic = time.perf_counter()
     q_codes, q_labels = encode_split(run_dir, model, config, query, q_set)
-    db_codes, db_labels = encode_split(run_dir, model, config, database, db_set)
+    db_codes, db_labels, db_vectors = encode_split_with_rerank(run_dir, model, config, database, db_set)
     encode_seconds = time.perf_counter() - tic
     recall_ks = [int(k) for k in config.eval.recall_ks]
     if is_hash_model(model):
@@ -66,7 +66,6 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
         settings = dataclasses.replace(settings, n=int(near_duplicates))
     duplicates = None
     if settings.n > 0:
-        db_vectors = rerank_split(run_dir, model, config, database, db_set)
         duplicates = near_duplicate_recall(model, db_set, db_codes, settings, db_vectors=db_vectors,
                                            shortlist=config.eval.rerank_shortlist)
     result = {

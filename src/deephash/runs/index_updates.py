@@ -21,7 +21,7 @@ from deephash.retrieval.codes import load_codes
 from deephash.retrieval.journal import JOURNAL_FILE, read_journal
 from deephash.retrieval.living import LivingIndex
 from deephash.runs.data import load_split, source_dataset
-from deephash.runs.encoding import encode_split, encode_with_rerank, rerank_split
+from deephash.runs.encoding import encode_split_with_rerank, encode_with_rerank
 from deephash.runs.indexing import index_info, load_index
 from deephash.runs.model_file import is_hash_model, load_run
 
@@ -136,8 +136,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         run_dir = Path(run_dir)
         if split is not None:
             dataset = load_split(config, split, run_dir)
-            packed, labels = encode_split(run_dir, model, config, split, dataset)
-            vectors = rerank_split(run_dir, model, config, split, dataset)
+            packed, labels, vectors = encode_split_with_rerank(run_dir, model, config, split, dataset)
         else:
             dataset = source_dataset(config, run_dir, None, images)
             packed, labels, vectors = encode_with_rerank(model, dataset)

@@ -14,7 +14,7 @@ from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.search import search
 from deephash.runs.data import query_images, source_dataset
-from deephash.runs.encoding import encode_sharded, encode_split, rerank_split
+from deephash.runs.encoding import encode_sharded, encode_split_with_rerank
 from deephash.runs.model_file import is_hash_model, load_run
 from deephash.train.distributed import current_strategy
 
@@ -35,8 +35,7 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
     dataset = source_dataset(config, run_dir, split, images)
     strategy = current_strategy()
     if images is None and strategy.world_size == 1:
-        codes, labels = encode_split(run_dir, model, config, split, dataset)
-        vectors = rerank_split(run_dir, model, config, split, dataset)
+        codes, labels, vectors = encode_split_with_rerank(run_dir, model, config, split, dataset)
     else:
         codes, labels, vectors = encode_sharded(model, dataset, strategy)
     if codes is None:  # another rank of a distributed job: rank 0 writes
