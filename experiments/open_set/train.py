@@ -52,6 +52,9 @@ p.add_argument("--w-pix", type=float, default=0.0, help="pixel-similarity distil
 p.add_argument("--t-pix", type=float, default=0.1, help="temperature of the pixel-similarity target")
 p.add_argument("--t-pix-student", type=float, default=0.2)
 p.add_argument("--views", type=int, default=2)
+p.add_argument("--beta-end", type=float, default=1.0, help="continuation: u = tanh(beta a), beta linear from 1 to this over training")
+p.add_argument("--proj", type=int, default=0, help="contrastive terms on an MLP projection (48 -> proj -> proj) of the codes (SimCLR style)")
+p.add_argument("--w-bal", type=float, default=0.0, help="bit balance + decorrelation of u over the batch")
 p.add_argument("--ste", action="store_true", help="contrastive terms see sign(u) forward, tanh gradient backward (straight-through)")
 p.add_argument("--shift", type=int, default=2)
 p.add_argument("--jitter", type=float, default=0.2)
@@ -83,7 +86,9 @@ if args.subset:
 model = build_model({"backbone": "fmnist-cnn",
                      "backbone_params": {"width": args.width, "depth": [1, 1, 2], "fc": args.fc, "pool_first": True},
                      "head": "hash", "bits": 48, "aux_classes": 10 if args.w_ce > 0 else None})
-opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+proj = (torch.nn.Sequential(torch.nn.Linear(48, args.proj), torch.nn.BatchNorm1d(args.proj), torch.nn.ReLU(), torch.nn.Linear(args.proj, args.proj))
+        if args.proj else torch.nn.Identity())
+opt = torch.optim.AdamW(list(model.parameters()) + list(proj.parameters()), lr=args.lr, weight_decay=args.wd)
 steps_per_epoch = len(xtrain) // args.batch
 total = max(1, int(round(args.epochs * steps_per_epoch)))
 warm = max(1, int(0.1 * total))
@@ -112,10 +117,12 @@ while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         feats = model.features(xv)
-        u = torch.tanh(model.head.linear(feats))
+        beta = 1.0 + (args.beta_end - 1.0) * step / max(1, total - 1)
+        u = torch.tanh(beta * model.head.linear(feats))
         loss = torch.zeros(())
         parts = {}
         uc = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach() if args.ste else u
+        uc = proj(uc)
         if args.w_sup:
             parts["sup"] = supcon_loss(uc, yv, args.t_sup)
             loss = loss + args.w_sup * parts["sup"]
@@ -137,6 +144,10 @@ while step < total:
                 kl = kl + (target * (target.clamp(min=1e-12).log() - logq.masked_fill(eye, 0.0))).sum(1).mean()
             parts["pix"] = kl / args.views
             loss = loss + args.w_pix * parts["pix"]
+        if args.w_bal:
+            cov = u.T @ u / len(u)
+            parts["bal"] = u.mean(0).pow(2).mean() + (cov - torch.eye(u.shape[1])).pow(2).mean()
+            loss = loss + args.w_bal * parts["bal"]
         if args.w_q:
             parts["q"] = ((u.abs() - 1) ** 2).mean()
             loss = loss + args.w_q * parts["q"]

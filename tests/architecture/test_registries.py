@@ -101,10 +101,13 @@ def test_rerank_vectors(name):
     model = build_model(ModelSpec(backbone="seed-cnn", head="hash", bits=16, rerank=name)).eval()
     x = torch.rand(3, 1, 28, 28)
     codes, vectors = model.encode_with_rerank(x)
-    width = {"head": 16, "features": model.backbone.out_features}[name]
+    width = {"head": 16, "features": model.backbone.out_features, "instance": 64}[name]
     assert torch.equal(codes, model(x)) and vectors.shape == (3, width) and torch.isfinite(vectors).all()
     if name == "head":  # the codes are the sign of these vectors
         assert torch.equal(codes, torch.where(vectors >= 0, 1.0, -1.0))
+    if name == "instance":  # its own head's L2-normalised output, the one training_outputs returns
+        torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+        torch.testing.assert_close(model.training_outputs(x, logits=False, rerank=True)[1], vectors)
     assert build_model(ModelSpec(backbone="seed-cnn")).eval().encode_with_rerank(x)[1] is None
 
 

@@ -97,15 +97,34 @@ def test_near_duplicates_match_a_brute_force_search_of_the_perturbed_copies(open
     assert 0 <= result["recall@1/tie-aware"] <= result["recall@10/tie-aware"] <= 1
 
 
-def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny_fmnist):
+#: The model lines and the other lines that keep re-rank vectors: the hash head's output, or a
+#: head of their own (8 values) trained with the instance term over two augmented views.
+RERANK = {
+    "head": ('bits = 16\nrerank = "head"', ""),
+    "instance": ('bits = 16\nrerank = "instance"\nrerank_dim = 8',
+                 "[data]\nviews = 2\naugment = {{ perturb = {{ shift = 1, noise = 0.02 }} }}\n[train]\nrerank_weight = 0.5\n"),
+}
+
+
+def _rerank_config(root: Path, kind: str) -> str:
+    model_lines, extra = RERANK[kind]
+    text = CONFIG.replace("bits = 16", model_lines)
+    for table in ("[data]", "[train]"):  # merge the extra keys into their tables
+        if table in extra:
+            body = extra.split(table + "\n", 1)[1].split("[", 1)[0]
+            text = text.replace(table + "\n", table + "\n" + body, 1)
+    return text.format(root=root)
+
+
+@pytest.mark.parametrize("kind, width", [("head", 16), ("instance", 8)])
+def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny_fmnist, kind, width):
     config = tmp_path / "rerank.toml"
-    config.write_text(CONFIG.format(root=tiny_fmnist[0]).replace('bits = 16', 'bits = 16\nrerank = "head"'),
-                      encoding="utf-8")
+    config.write_text(_rerank_config(tiny_fmnist[0], kind), encoding="utf-8")
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
     assert main(["evaluate", str(run)]) == 0
     near = json.loads((run / "metrics.json").read_text())["near_duplicates"]
-    assert "head vectors, 16 float16 values = 32 bytes per item" in near["protocol"]["rerank"]
+    assert f"{kind} vectors, {width} float16 values = {2 * width} bytes per item" in near["protocol"]["rerank"]
     # a loop: the 1000 nearest codes with every tie at the cut, ordered by the vectors (then Hamming, id)
     model, cfg = load_run(run)
     database = load_split(cfg, "train", run)
@@ -128,7 +147,7 @@ def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny
         hits.append([t in order[:k] for k in (1, 10)])
     assert [near["recall@1/rerank"], near["recall@10/rerank"]] == pytest.approx(np.mean(hits, 0).tolist())
     with np.load(run / "codes" / "train.npz") as cached:
-        assert cached["rerank"].shape == (len(cached["labels"]), 16) and cached["rerank"].dtype == np.float16
+        assert cached["rerank"].shape == (len(cached["labels"]), width) and cached["rerank"].dtype == np.float16
 
 
 def test_evaluate_flag_overrides_the_config_and_prints_the_rows(open_run, capsys):
@@ -144,6 +163,9 @@ def test_evaluate_flag_overrides_the_config_and_prints_the_rows(open_run, capsys
     (["data.seen_classes=[0, 1]", "data.unseen_classes=[1, 2]"], "share \\[1\\]"),
     (["eval.near_duplicates={crop = 0.0}"], "0 < crop"),
     (["eval.near_duplicates={jpeg_quality = [90]}"], "jpeg_quality"),
+    (["model.rerank='instance'"], "needs train.rerank_weight > 0"),
+    (["model.rerank='instance'", "train.rerank_weight=1.0"], "data.views >= 2"),
+    (["train.rerank_weight=1.0"], "which is not set"),
 ])
 def test_bad_protocol_settings_are_one_line_config_errors(tmp_path, sets, message):
     path = tmp_path / "c.toml"

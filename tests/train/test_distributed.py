@@ -19,6 +19,7 @@ from torch import nn
 
 from deephash import cli
 from deephash.data.samplers import DistributedRandomBatchSampler
+from deephash.losses.contrastive import ContrastiveHashLoss
 from deephash.losses.hashing import CSQLoss, DSHLoss, DTSHLoss
 from deephash.losses.online import OnlineTripletLoss
 from deephash.mining import AllTripletSelector, BatchHardTripletSelector
@@ -134,7 +135,17 @@ def _gradient_cases(out: Path) -> None:
                 "loss": value.detach(), "grads": _gradients(ddp.module),
                 "num_selected": torch.as_tensor(loss_fn.num_selected or 0),
             }
+    ddp.zero_grad(set_to_none=True)  # two views per image, stacked view-major in each rank's batch
+    loss_fn = GatherLoss(ContrastiveHashLoss(n_views=2), mine_globally=True, n_views=2)
+    value = loss_fn(ddp(x[rank()]), _two_view_labels(y)[rank()])
+    value.backward()
+    results["contrastive-hash-2-views"] = {"loss": value.detach(), "grads": _gradients(ddp.module)}
     torch.save(results, out / f"grads-rank{rank()}.pt")
+
+
+def _two_view_labels(y: torch.Tensor) -> torch.Tensor:
+    """Each rank's 10 rows as 2 views of 5 images: the first 5 labels, twice. ``(WORLD, 10)``."""
+    return y[:, :5].repeat(1, 2)
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -209,6 +220,25 @@ def test_global_mining_matches_one_process_on_the_concatenated_batch(jobs, name)
         for g, p in zip(got["grads"], model.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-10)
         assert int(got["num_selected"]) == int(torch.as_tensor(getattr(loss_fn, "num_selected", None) or 0))
+
+
+@pytest.mark.timeout(600)
+def test_global_batch_keeps_the_views_of_an_image_paired(jobs):
+    """Gathered rank-major, the views are put back view-major: the instance term pairs each image's
+    two views as one process does on the global batch (every rank's first views, then second)."""
+    x, y = _batches()
+    y = _two_view_labels(y)
+    model = _model()
+    view_major = lambda t: torch.cat([t[0, :5], t[1, :5], t[0, 5:], t[1, 5:]])  # noqa: E731
+    expected = ContrastiveHashLoss(n_views=2)(model(view_major(x)), view_major(y))
+    expected.backward()
+    rank_major = ContrastiveHashLoss(n_views=2)(model(x.reshape(-1, 6)), y.reshape(-1))
+    assert not torch.allclose(rank_major, expected)  # the order matters, so the test can fail
+    for r in range(WORLD):
+        got = torch.load(jobs / f"grads-rank{r}.pt", weights_only=True)["contrastive-hash-2-views"]
+        torch.testing.assert_close(got["loss"], expected.detach(), rtol=1e-6, atol=1e-7)  # supcon_loss works in float32
+        for g, p in zip(got["grads"], model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.timeout(600)

@@ -152,6 +152,15 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(
                 "model.code_rule = 'posterior' needs head = 'hash', aux_classes >= 2 with train.aux_weight > 0 (a trained "
                 f"classifier), loss.name = 'csq' (its hash centers) and code_temperature > 0 in {source}")
+    if config.model.rerank == "instance" and (config.train.rerank_weight <= 0 or config.data.views < 2
+                                              or not config.train.rerank_temperature > 0):
+        raise ConfigError("model.rerank = 'instance' trains its own head: it needs train.rerank_weight > 0, "
+                          f"train.rerank_temperature > 0 and data.views >= 2 (with data.augment), in {source}")
+    if config.train.rerank_weight > 0 and config.model.rerank != "instance":
+        raise ConfigError(f"train.rerank_weight trains the re-rank head of model.rerank = 'instance', which is not set, in {source}")
+    scale = config.train.tanh_scale
+    if scale and (len(scale) != 2 or not min(scale) > 0 or config.model.head != "hash"):
+        raise ConfigError(f"train.tanh_scale must be [start, end], both > 0, for a hash head; got {scale} in {source}")
     if not 0.0 <= config.train.aux_label_smoothing < 1.0:
         raise ConfigError(f"train.aux_label_smoothing must be in [0, 1), got {config.train.aux_label_smoothing} in {source}")
     if not 0.0 <= config.train.ema_decay < 1.0:

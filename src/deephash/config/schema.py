@@ -121,6 +121,10 @@ class TrainConfig:
 
     ``aux_weight``: weight of a cross-entropy term on the aux classifier (``model.aux_classes``).
     ``aux_label_smoothing``: label smoothing of that cross-entropy, in [0, 1).
+    ``rerank_weight``, ``rerank_temperature``: weight and temperature of the instance (NT-Xent)
+    term on the re-rank head of ``model.rerank = "instance"`` over the batch's ``data.views``.
+    ``tanh_scale``: ``[start, end]``: continuation (HashNet): the hash head's relaxed codes are
+    ``tanh(β·a)`` with β rising linearly per batch from start to end (empty = β 1 throughout).
     ``ema_decay``: keep an exponential moving average of the weights, updated after every
     optimizer step with this decay in [0, 1), and save it as the run's model (0 = off).
     ``final_epochs_no_augment``: the last N epochs train without augmentation.
@@ -134,6 +138,9 @@ class TrainConfig:
     log_interval: int = 50
     aux_weight: float = 0.0
     aux_label_smoothing: float = 0.0
+    rerank_weight: float = 0.0
+    rerank_temperature: float = 0.2
+    tanh_scale: list[float] = field(default_factory=list)
     ema_decay: float = 0.0
     final_epochs_no_augment: int = 0
     eval_every: int = 0

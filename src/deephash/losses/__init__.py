@@ -15,6 +15,7 @@ from deephash.losses.hashing import (
     quantization_loss,
 )
 from deephash.losses.memory import CrossBatchMemory
+from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.orthohash import OrthoHashLoss
 from deephash.losses.contrastive import view_ids
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
@@ -32,9 +33,7 @@ __all__ = [
     "DTSHLoss",
     "LinearRamp",
     "OrthoHashLoss",
-    "InstanceContrastiveLoss",
-    "SupConLoss",
-    "supcon_loss",
+    "RerankInstanceLoss",
     "view_ids",
     "QuantizationLoss",
     "bit_balance_loss",

@@ -52,6 +52,10 @@ class HashHead(nn.Module):
         in_features: Feature size F.
         bits: Code length, any integer >= 8.
 
+    Attributes:
+        scale: β of the relaxed codes ``tanh(β·a)`` (1; raised during training by
+            ``deephash.train.TanhContinuation``); the sign does not depend on it.
+
     Shapes:
         forward: float (B, F) -> float (B, bits), in (-1, 1) (train) or {-1, +1} (eval).
     """
@@ -61,11 +65,13 @@ class HashHead(nn.Module):
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 8:
             raise DeephashError(f"hash codes need an integer number of bits >= 8, got {bits!r}")
         self.bits = bits
+        self.scale = 1.0
         self.linear = nn.Linear(in_features, bits)
 
     def relaxed(self, x: torch.Tensor) -> torch.Tensor:
-        """tanh codes in (-1, 1), whatever the mode: float (B, bits)."""
-        return torch.tanh(self.linear(x))
+        """tanh codes ``tanh(scale · a)`` in (-1, 1), whatever the mode: float (B, bits)."""
+        a = self.linear(x)
+        return torch.tanh(a if self.scale == 1.0 else self.scale * a)
 
     def binary(self, x: torch.Tensor) -> torch.Tensor:
         """±1 codes (0 ↦ +1), whatever the mode: float (B, bits)."""

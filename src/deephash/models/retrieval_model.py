@@ -10,7 +10,7 @@ from torch import nn
 
 from deephash.errors import ConfigError
 from deephash.models.backbones import create_backbone
-from deephash.models.heads import HEADS, ClassifierHead, HashHead, Normalize, sign_codes
+from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, Normalize, sign_codes
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
@@ -37,6 +37,9 @@ class RetrievalModel(nn.Module):
             ``"posterior"``: `posterior_path_codes` of the aux classifier's logits over the
             class hash centers (``code_centers``, set with `set_code_centers`).
         code_temperature: The softmax temperature of the ``"posterior"`` rule.
+        rerank: The re-rank vector kept per image (a ``RERANK_VECTORS`` name, ``""`` none).
+        rerank_dim: Size of the ``"instance"`` re-rank head (an L2-normalised linear layer on the
+            backbone features, trained by the instance term; see `training_outputs`).
 
     Shapes:
         forward: float (B, C, H, W) in [0, 1] -> float (B, D); for a hash head D = bits,
@@ -57,6 +60,7 @@ class RetrievalModel(nn.Module):
         code_rule: str = "sign",
         code_temperature: float = 1.0,
         rerank: str = "",
+        rerank_dim: int = 64,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -79,6 +83,11 @@ class RetrievalModel(nn.Module):
         if rerank and rerank not in RERANK_VECTORS:
             raise ConfigError(f"rerank must be '' or one of {tuple(RERANK_VECTORS.names())}, got {rerank!r}")
         self.rerank = rerank
+        self.rerank_head: EmbeddingHead | None = None
+        if rerank == "instance":
+            if isinstance(rerank_dim, bool) or not isinstance(rerank_dim, int) or rerank_dim < 1:
+                raise ConfigError(f"rerank_dim must be a positive integer, got {rerank_dim!r}")
+            self.rerank_head = EmbeddingHead(backbone.out_features, rerank_dim, normalize=True)
 
     def set_code_centers(self, centers: torch.Tensor) -> None:
         """Store the class hash centers of the ``"posterior"`` rule: ±1 float (aux_classes, bits)."""
@@ -136,6 +145,22 @@ class RetrievalModel(nn.Module):
         feats = self.features(x)
         return self.head(feats), self.aux(feats)
 
+    def training_outputs(self, x: torch.Tensor, logits: bool, rerank: bool) -> tuple[torch.Tensor, ...]:
+        """One backbone pass, what a training loss takes: the head output (B, D), then the aux
+        class logits (B, aux_classes) if ``logits``, then the ``"instance"`` re-rank head's
+        vectors (B, rerank_dim) if ``rerank``."""
+        feats = self.features(x)
+        out = [self.head(feats)]
+        if logits:
+            if self.aux is None:
+                raise ConfigError("class logits need a model built with aux_classes set")
+            out.append(self.aux(feats))
+        if rerank:
+            if self.rerank_head is None:
+                raise ConfigError("re-rank vectors for training need a model built with rerank = 'instance'")
+            out.append(self.rerank_head(feats))
+        return tuple(out)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """±1 codes (0 ↦ +1), float (B, D): the eval-mode codes of a hash head (its sign, or the
         ``"posterior"`` rule's codes), or the sign of the embedding for other heads. The backbone
@@ -154,6 +179,15 @@ def _head_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
     """The hash head's output before the sign (its linear layer), float ``(B, bits)``; the embedding
     for other heads."""
     return model.head.linear(feats) if isinstance(model.head, HashHead) else model.head(feats)
+
+
+@RERANK_VECTORS.register("instance")
+def _instance_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+    """The re-rank head's L2-normalised output, float ``(B, rerank_dim)``: trained with the instance
+    (NT-Xent) term over augmented views, so it tells one image from another."""
+    if model.rerank_head is None:
+        raise ConfigError("rerank 'instance' needs the model's re-rank head")
+    return model.rerank_head(feats)
 
 
 @RERANK_VECTORS.register("features")
@@ -196,7 +230,8 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     backbone = create_backbone(s.backbone, in_channels=s.in_channels, **params)
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
-                           code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank)
+                           code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank,
+                           rerank_dim=s.rerank_dim)
     model.spec = s
     return model
 

@@ -31,7 +31,9 @@ class ModelSpec:
     classifier's two likeliest classes' CSQ hash centers, at softmax temperature
     ``code_temperature``; see ``deephash.models.posterior_codes``). ``rerank``: a float vector per
     image kept beside its code for two-stage search (``""`` none; ``"head"`` the hash head's output
-    before the sign, ``bits`` values; ``"features"`` the backbone's features; see ``RERANK_VECTORS``).
+    before the sign, ``bits`` values; ``"features"`` the backbone's features; ``"instance"`` a
+    head of its own, ``rerank_dim`` L2-normalised values trained with the instance term over two
+    views, ``train.rerank_weight``; see ``RERANK_VECTORS``).
     """
 
     backbone: str = "seed-cnn"
@@ -47,6 +49,7 @@ class ModelSpec:
     code_rule: str = "sign"
     code_temperature: float = 1.0
     rerank: str = ""
+    rerank_dim: int = 64
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:

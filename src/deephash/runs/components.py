@@ -20,11 +20,13 @@ from deephash.errors import ConfigError
 from deephash.losses.aux import AuxClassificationLoss
 from deephash.losses.memory import CrossBatchMemory
 from deephash.losses.registry import LOSSES
+from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.schedules import LinearRamp, Schedule
 from deephash.mining import create_selector
 from deephash.train.optim import create_optimizer, create_scheduler
 
-__all__ = ["build_loss", "build_optimizer", "build_scheduler", "loss_schedules", "make_loader", "model_for_data"]
+__all__ = ["build_loss", "build_optimizer", "build_scheduler", "loss_schedules", "make_loader", "model_for_data",
+           "training_outputs"]
 
 _SELECTOR_KEYS = ("selector", "triplet_selector", "pair_selector")
 
@@ -43,7 +45,9 @@ def build_loss(config: Config, n_classes: int, selector_generator: torch.Generat
     one, and ``selector_generator`` when it draws at random) passed as the loss's ``selector``
     (``online-*``), ``triplet_selector`` (``dtsh``) or ``pair_selector`` parameter. With an aux
     classifier and ``train.aux_weight > 0`` the loss is wrapped in :class:`AuxClassificationLoss`;
-    with ``loss.memory.size > 0`` the mining loss inside is a :class:`CrossBatchMemory`.
+    with ``loss.memory.size > 0`` the mining loss inside is a :class:`CrossBatchMemory`; with
+    ``train.rerank_weight > 0`` the outermost wrapper adds the re-rank head's instance term
+    (:class:`RerankInstanceLoss`). `training_outputs` says what the model must return for it.
     """
     name = config.loss.name
     params = dict(config.loss.params)
@@ -62,7 +66,17 @@ def build_loss(config: Config, n_classes: int, selector_generator: torch.Generat
         loss = CrossBatchMemory(loss, config.loss.memory.size, width, config.loss.memory.warmup_steps)
     if config.model.aux_classes and config.train.aux_weight > 0:
         loss = AuxClassificationLoss(loss, config.train.aux_weight, config.train.aux_label_smoothing)
+    if config.train.rerank_weight > 0:
+        loss = RerankInstanceLoss(loss, config.train.rerank_weight, config.train.rerank_temperature, config.data.views)
     return loss
+
+
+def training_outputs(loss: nn.Module) -> dict[str, bool]:
+    """What ``RetrievalModel.training_outputs`` must return for the loss `build_loss` made: class
+    logits for an :class:`AuxClassificationLoss`, re-rank vectors for a :class:`RerankInstanceLoss`."""
+    rerank = isinstance(loss, RerankInstanceLoss)
+    inner = loss.loss if rerank else loss
+    return {"logits": isinstance(inner, AuxClassificationLoss), "rerank": rerank}
 
 
 def build_optimizer(config: Config, params: Any) -> torch.optim.Optimizer:

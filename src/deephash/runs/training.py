@@ -16,9 +16,9 @@ from deephash._io import atomic_write_text
 from deephash.config import Config, dump_config, load_config
 from deephash.devices import resolve_device
 from deephash.errors import ConfigError, DataFormatError, DeephashError, NotFoundError
-from deephash.losses.aux import AuxClassificationLoss
 from deephash.models import build_model, channels_last_on_cpu
-from deephash.runs.components import build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data
+from deephash.runs.components import (build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data,
+                                      training_outputs)
 from deephash.runs.data import channel_stats, load_split
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE
 from deephash.runs.model_file import save_model
@@ -26,6 +26,7 @@ from deephash.data.samplers import RandomBatchSampler
 from deephash.train.callbacks import JsonlLogger, read_jsonl
 from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
 from deephash.train.distributed import Strategy, current_strategy
+from deephash.train.continuation import TanhContinuation
 from deephash.train.ema import WeightAverage
 from deephash.train.fit import fit
 from deephash.train.optim import split_schedule
@@ -47,15 +48,16 @@ class _Generators:
         return [self.sampler, self.augment, self.selector]
 
 
-class _WithLogits(nn.Module):
-    """Training view of a model with an aux classifier: forward -> (head output, class logits)."""
+class _TrainingView(nn.Module):
+    """What the loss takes, from one backbone pass: forward -> (head output[, class logits][, re-rank vectors])."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, logits: bool, rerank: bool) -> None:
         super().__init__()
         self.model = model
+        self.logits, self.rerank = logits, rerank
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_logits(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.training_outputs(x, logits=self.logits, rerank=self.rerank)
 
 
 class _AugmentOff:
@@ -81,6 +83,13 @@ class _ValidateEvery:
     def __iter__(self):
         if (self.epoch + 1) % self.n == 0:
             yield from self.loader
+
+
+def _wrapped_with(loss_fn: nn.Module, attribute: str) -> nn.Module:
+    """The loss itself or the first loss inside its wrappers (``.loss``) that has ``attribute``."""
+    while not hasattr(loss_fn, attribute) and isinstance(getattr(loss_fn, "loss", None), nn.Module):
+        loss_fn = loss_fn.loss
+    return loss_fn
 
 
 def _check_resume_config(config: Config, run_dir: Path) -> None:
@@ -158,10 +167,11 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     model = channels_last_on_cpu(build_model(config.model).to(device))
     loss_fn = build_loss(config, n_classes, generators.selector).to(device)
     if config.model.code_rule == "posterior":  # the codes are drawn from the loss's class hash centers
-        model.set_code_centers(getattr(loss_fn, "loss", loss_fn).centers)
+        model.set_code_centers(_wrapped_with(loss_fn, "centers").centers)
     optimizer = build_optimizer(config, model.parameters())
     scheduler, per_batch = split_schedule(build_scheduler(config, optimizer))
-    trained = _WithLogits(model) if isinstance(loss_fn, AuxClassificationLoss) else model
+    outputs = training_outputs(loss_fn)
+    trained = _TrainingView(model, **outputs) if any(outputs.values()) else model
 
     s = config.sampler
     batches = strategy.batch_sampler(s.kind, train_set.targets, n_classes=s.n_classes, n_samples=s.n_samples,
@@ -184,7 +194,7 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
         _trim_log(run_dir / LOG_FILE, start_epoch)
 
     unwrapped_loss = loss_fn
-    trained, loss_fn = strategy.wrap(trained, loss_fn)  # after loading: DDP copies rank 0's weights
+    trained, loss_fn = strategy.wrap(trained, loss_fn, config.data.views)  # after loading: DDP copies rank 0's weights
     hooks = _hooks(config, run_dir, strategy, model, optimizer, scheduler, generators, history, average, per_batch,
                    loader, val_loader, unwrapped_loss)
     fit(loader, val_loader, trained, loss_fn, optimizer, scheduler, config.train.epochs, device,
@@ -214,6 +224,8 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
     ]
     if average is not None:
         hooks.insert(0, average)
+    if config.train.tanh_scale:
+        hooks.insert(0, TanhContinuation(model.head, *config.train.tanh_scale, n_epochs=config.train.epochs))
     if per_batch is not None:
         hooks.insert(0, per_batch)
     if config.train.final_epochs_no_augment > 0 and loader.augment is not None:

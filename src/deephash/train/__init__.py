@@ -9,6 +9,7 @@ from deephash.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from deephash.train.continuation import TanhContinuation
 from deephash.train.ema import WeightAverage
 from deephash.train.fit import evaluate_epoch, fit, train_epoch
 from deephash.train.metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric
@@ -22,6 +23,7 @@ __all__ = [
     "JsonlLogger",
     "Metric",
     "StopTraining",
+    "TanhContinuation",
     "WeightAverage",
     "evaluate_epoch",
     "fit",

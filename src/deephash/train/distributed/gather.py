@@ -79,16 +79,20 @@ class GatherLoss(nn.Module):
     Args:
         loss_fn: the loss, e.g. ``OnlineTripletLoss`` or a hashing loss.
         mine_globally: gather before mining (True) or mine on the local batch (False).
+        n_views: views per image in each rank's batch, stacked view-major (``data.views``); the
+            gathered batch is put back in view-major order (every rank's first views, then every
+            rank's second views, ...) so instance terms pair each image's views as on one process.
 
     Attributes:
         num_selected: the wrapped loss's ``num_selected`` after the last call (global count when
             gathered), or None.
     """
 
-    def __init__(self, loss_fn: Callable[..., torch.Tensor], mine_globally: bool = True) -> None:
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], mine_globally: bool = True, n_views: int = 1) -> None:
         super().__init__()
         self.loss = loss_fn
         self.mine_globally = mine_globally
+        self.n_views = n_views
 
     @property
     def num_selected(self) -> Any:
@@ -97,9 +101,16 @@ class GatherLoss(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *outputs, labels = inputs
         if self.mine_globally and self.training and world_size() > 1:
-            outputs = [gather_with_grad(o) for o in outputs]
-            labels = gather_no_grad(labels)
+            outputs = [self._view_major(gather_with_grad(o)) for o in outputs]
+            labels = self._view_major(gather_no_grad(labels))
         return self.loss(*outputs, labels)
+
+    def _view_major(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank-major ``(W*V*b, ...)`` rows (each rank's views stacked) -> view-major across ranks."""
+        if self.n_views == 1:
+            return x
+        w, v = world_size(), self.n_views
+        return x.reshape(w, v, -1, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 def unwrap_loss(loss_fn: Any) -> Any:

@@ -39,8 +39,8 @@ class Strategy:
                                      batch_size=batch_size, generator=generator, seed=seed,
                                      rank=self.rank, world=self.world_size)
 
-    def wrap(self, model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any]:
-        """The model and loss that ``fit`` drives (unchanged here)."""
+    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1) -> tuple[nn.Module, Any]:
+        """The model and loss that ``fit`` drives (unchanged here); ``n_views``: views per image in a batch."""
         return model, loss_fn
 
     def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
@@ -66,8 +66,9 @@ class DDPStrategy(Strategy):
     def __init__(self, mine_globally: bool = True) -> None:
         self.rank, self.world_size, self.mine_globally = rank(), world_size(), mine_globally
 
-    def wrap(self, model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any]:
-        """DistributedDataParallel and :class:`GatherLoss`.
+    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1) -> tuple[nn.Module, Any]:
+        """DistributedDataParallel and :class:`GatherLoss` (which keeps the ``n_views`` views of a
+        batch view-major in the global batch).
 
         Call after the checkpoint has been loaded: DDP copies rank 0's weights to every rank. On
         CUDA, BatchNorm layers become ``SyncBatchNorm`` (statistics of the global batch); on the
@@ -81,7 +82,7 @@ class DDPStrategy(Strategy):
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), GatherLoss(loss_fn, self.mine_globally)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), GatherLoss(loss_fn, self.mine_globally, n_views)
 
     def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
                    ) -> tuple[np.ndarray | None, ...]:
