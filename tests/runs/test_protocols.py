@@ -108,7 +108,7 @@ RERANK = {
 
 def _rerank_config(root: Path, kind: str) -> str:
     model_lines, extra = RERANK[kind]
-    text = CONFIG.replace("bits = 16", model_lines)
+    text = CONFIG.replace("bits = 16", model_lines).replace("seen_classes = [0, 1]\nunseen_classes = [2]\n", "")
     for table in ("[data]", "[train]"):  # merge the extra keys into their tables
         if table in extra:
             body = extra.split(table + "\n", 1)[1].split("[", 1)[0]
@@ -148,6 +148,26 @@ def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny
     assert [near["recall@1/rerank"], near["recall@10/rerank"]] == pytest.approx(np.mean(hits, 0).tolist())
     with np.load(run / "codes" / "train.npz") as cached:
         assert cached["rerank"].shape == (len(cached["labels"]), width) and cached["rerank"].dtype == np.float16
+    # the main protocol's two-stage rows (three classes, no class split here): the same loop for every query
+    queries = load_split(cfg, "test", run)
+    with torch.no_grad():
+        t_codes, t_vec = model.encode_with_rerank(queries.data.float() / 255)
+    t_vec = t_vec.half().float()  # evaluate reads the queries' vectors from the float16 cache too
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    p5, r1, knn = [], [], []
+    for i in range(len(t_codes)):
+        dist = (t_codes[i] != db_codes).sum(1)
+        cut = dist.sort().values[min(cfg.eval.rerank_shortlist, len(dist)) - 1]
+        listed = [j for j in range(len(dist)) if dist[j] <= cut]
+        order = sorted(listed, key=lambda j: (float(torch.linalg.norm(db_vec[j] - t_vec[i])), int(dist[j]), j))
+        labels = [int(database.targets[j]) for j in order]
+        same = [label == int(queries.targets[i]) for label in labels]
+        p5.append(sum(same[:5]) / 5)
+        r1.append(same[0])
+        votes = labels[:10]  # majority, a tie to the label ranked first
+        knn.append(max(set(votes), key=lambda c: (votes.count(c), -votes.index(c))) == int(queries.targets[i]))
+    assert metrics["P@5/rerank"] == pytest.approx(np.mean(p5)) and metrics["Recall@1/rerank"] == pytest.approx(np.mean(r1))
+    assert metrics["kNN-acc@10/rerank"] == pytest.approx(np.mean(knn))
 
 
 def test_evaluate_flag_overrides_the_config_and_prints_the_rows(open_run, capsys):

@@ -12,6 +12,7 @@ from deephash.retrieval.metrics import (
     pr_curve,
     precision_at_k,
     precision_within_radius,
+    ranked_list_metrics,
     recall_at_k,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "pr_curve",
     "precision_at_k",
     "precision_within_radius",
+    "ranked_list_metrics",
     "recall_at_k",
     "save_codes",
     "unpack_codes",

@@ -296,7 +296,7 @@ def _stable_map_at_r(rel_sorted: np.ndarray, r_all: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.where(r_all > 0, sums / np.maximum(r_all, 1), 0.0))
 
 
-def _knn_predict(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+def knn_predict(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Majority label of each row of int64 ``(c, k)`` labels, ties to the label ranked first."""
     c, k = neighbour_labels.shape
     votes = torch.zeros(c, n_classes, dtype=torch.int64).scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels))
@@ -387,7 +387,7 @@ def run(
                     stats[f"map_r/{rule}"] = _stable_map_at_r(rel_sorted, r_all)
             if knn_k:
                 neighbours = torch.from_numpy(problem.db_class[order[:, : min(knn_k, length)]]).long()
-                pred = _knn_predict(neighbours, problem.n_classes)
+                pred = knn_predict(neighbours, problem.n_classes)
                 stats["knn"] = (pred == torch.from_numpy(problem.q_class[rows]).long()).double()
         for key, value in stats.items():
             out.setdefault(key, []).append(value)

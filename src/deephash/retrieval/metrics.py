@@ -38,8 +38,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from deephash.errors import DeephashError
 from deephash.retrieval.hamming import hamming_distances
 from deephash.retrieval.metric_engine import codes_problem as _codes_problem
+from deephash.retrieval.metric_engine import knn_predict as _knn_predict
 from deephash.retrieval.metric_engine import mean as _mean
 from deephash.retrieval.metric_engine import real_problem as _real_problem
 from deephash.retrieval.metric_engine import run as _run
@@ -247,6 +249,44 @@ def evaluate_codes(
 
 
 # ---------------------------------------------------------------- public: real embeddings
+def ranked_list_metrics(ranked: Any, q_labels: Any, db_labels: Any, ks: Sequence[int] = (), recall_ks: Sequence[int] = (),
+                        knn_k: int | None = None, rule: str = "rerank") -> dict[str, float]:
+    """P@k, Recall@K and kNN accuracy of given ranked lists (e.g. a two-stage search's), with the
+    definitions of the module docstring; keys ``"P@<k>/<rule>"``, ``"Recall@<K>/<rule>"``,
+    ``"kNN-acc@<knn_k>/<rule>"``.
+
+    Args:
+        ranked: int ``(nq, depth)`` database positions, nearest first; -1 pads a short list.
+            ``depth`` must cover every k asked for (or the whole database).
+        q_labels: int ``(nq,)``; db_labels: int ``(n,)`` (single labels only).
+
+    Raises:
+        DeephashError: multi-hot labels, or a list shorter than a k it is asked for.
+    """
+    ranked = np.asarray(ranked, dtype=np.int64)
+    q_labels, db_labels = np.asarray(q_labels), np.asarray(db_labels)
+    if q_labels.ndim != 1 or db_labels.ndim != 1:
+        raise DeephashError("ranked-list metrics need single labels (N,), not multi-hot labels")
+    n = len(db_labels)
+    depth = max([*ks, *recall_ks, knn_k or 0, 1])
+    if ranked.ndim != 2 or ranked.shape[1] < min(depth, n):
+        raise DeephashError(f"ranked lists of shape {ranked.shape} are shorter than the cut-off {min(depth, n)}")
+    labels = np.where(ranked >= 0, db_labels[np.maximum(ranked, 0)], -1)
+    relevant = (labels == q_labels[:, None]) & (ranked >= 0)
+    classes = max(int(db_labels.max()), int(q_labels.max())) + 1
+    has = np.bincount(db_labels, minlength=classes)[q_labels] > 0
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"P@{k}/{rule}"] = float(relevant[:, :k].sum(1).mean() / min(k, n))
+    for k in recall_ks:
+        out[f"Recall@{k}/{rule}"] = float(relevant[:, :k].any(1)[has].mean()) if has.any() else float("nan")
+    if knn_k:
+        top = torch.from_numpy(np.where(labels[:, :knn_k] >= 0, labels[:, :knn_k], classes))
+        pred = _knn_predict(top, classes + 1).numpy()  # padding votes for an extra class
+        out[f"kNN-acc@{knn_k}/{rule}"] = float((pred == q_labels).mean())
+    return out
+
+
 def mean_average_precision_real(q_emb: Any, q_labels: Any, db_emb: Any, db_labels: Any, k: int | None = None) -> float:
     """mAP@k of Euclidean ranking of real embeddings (ties broken by database position)."""
     return _mean(_run(_real_problem(q_emb, q_labels, db_emb, db_labels), map_ks=[k], ties=("stable",))["ap/stable"][:, 0])

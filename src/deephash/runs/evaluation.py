@@ -20,10 +20,10 @@ from deephash.config import NearDuplicateConfig
 from deephash.data.datasets import ArrayDataset
 from deephash.data.perturb import perturb_images
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k
+from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k, ranked_list_metrics
 from deephash.retrieval.search import search
 from deephash.runs.data import load_split
-from deephash.runs.encoding import encode_split, encode_split_with_rerank, encode_with_rerank
+from deephash.runs.encoding import encode_split_with_rerank, encode_with_rerank
 from deephash.runs.layout import METRICS_FILE
 from deephash.runs.model_file import is_hash_model, load_run
 
@@ -49,7 +49,7 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
     ks = [int(k) for k in (ks or config.eval.ks)]
     q_set, db_set = load_split(config, query, run_dir), load_split(config, database, run_dir)
     tic = time.perf_counter()
-    q_codes, q_labels = encode_split(run_dir, model, config, query, q_set)
+    q_codes, q_labels, q_vectors = encode_split_with_rerank(run_dir, model, config, query, q_set)
     db_codes, db_labels, db_vectors = encode_split_with_rerank(run_dir, model, config, database, db_set)
     encode_seconds = time.perf_counter() - tic
     recall_ks = [int(k) for k in config.eval.recall_ks]
@@ -57,6 +57,10 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
         metrics = evaluate_codes(q_codes, q_labels, db_codes, db_labels, model.bits, ks=ks, radius=config.eval.radius,
                                  knn_k=config.eval.knn_k, splits=(query, database), recall_ks=recall_ks)
         kind = f"hamming ranking of {model.bits}-bit codes"
+        if db_vectors is not None and q_vectors is not None and np.ndim(q_labels) == 1:
+            metrics.update(two_stage_metrics(model.bits, q_codes, q_vectors, q_labels, db_codes, db_vectors, db_labels, ks=ks,
+                                             recall_ks=recall_ks, knn_k=config.eval.knn_k,
+                                             shortlist=config.eval.rerank_shortlist))
     else:
         metrics = evaluate_embeddings(q_codes, q_labels, db_codes, db_labels, ks=ks, knn_k=config.eval.knn_k,
                                       splits=(query, database), recall_ks=recall_ks)
@@ -90,6 +94,21 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
         result["near_duplicates"] = _jsonable(duplicates)
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def two_stage_metrics(bits: int, q_codes: np.ndarray, q_vectors: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray,
+                      db_vectors: np.ndarray, db_labels: np.ndarray, ks: Sequence[int], recall_ks: Sequence[int],
+                      knn_k: int | None, shortlist: int) -> dict[str, float]:
+    """P@k, Recall@K and kNN accuracy of the two-stage search (the ``shortlist`` nearest codes and
+    every tie at the cut, ordered by the re-rank vectors: ``retrieval.search``), keys ``.../rerank``."""
+    index = HashIndex(bits)
+    index.add(db_codes, rerank=db_vectors)
+    depth = min(max([*ks, *recall_ks, knn_k or 0, 1]), len(db_codes))
+    found = search(index, q_codes, depth, rerank=q_vectors, shortlist=max(shortlist, depth))
+    ranked = np.full((len(found), depth), -1, dtype=np.int64)
+    for row, neighbours in zip(ranked, found):
+        row[: len(neighbours.positions)] = neighbours.positions
+    return ranked_list_metrics(ranked, q_labels, db_labels, ks, recall_ks, knn_k)
 
 
 def near_duplicate_recall(model: nn.Module, database: Any, db_codes: np.ndarray, settings: NearDuplicateConfig,
