@@ -15,7 +15,7 @@ from deephash.models.spec import ModelSpec
 ModelConfig = ModelSpec
 
 __all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "NearDuplicateConfig", "ModelSpec", "OptimizerConfig",
-           "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
+           "RerankHeadConfig", "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
 
 
 @dataclass
@@ -149,6 +149,21 @@ class TrainConfig:
 
 
 @dataclass
+class RerankHeadConfig:
+    """A re-rank head trained after the main training (``model.rerank = "instance"``), alone, on the
+    frozen backbone's features: ``epochs`` over the training images (0 = off), ``views`` augmented
+    views of each (``augment``, the table ``data.augment`` takes), NT-Xent at ``temperature``,
+    AdamW at ``lr`` with a per-batch warm-up + cosine. The codes and every other weight stay as the
+    main training left them, so a closed-set recipe keeps its codes and gains near-duplicate search."""
+
+    epochs: int = 0
+    views: int = 2
+    augment: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 0.2
+    lr: float = 4e-3
+
+
+@dataclass
 class NearDuplicateConfig:
     """Near-duplicate retrieval: ``n`` database images (0 = off), each perturbed, searched for in the
     whole database; relevant = the original item. Perturbations, drawn per image with ``seed``:
@@ -197,4 +212,5 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     schedules: list[ScheduleConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rerank_head: RerankHeadConfig = field(default_factory=RerankHeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

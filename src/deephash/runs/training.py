@@ -22,6 +22,7 @@ from deephash.runs.components import (build_loss, build_optimizer, build_schedul
 from deephash.runs.data import channel_stats, load_split
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE
 from deephash.runs.model_file import save_model
+from deephash.runs.rerank_head import train_rerank_head
 from deephash.data.samplers import RandomBatchSampler
 from deephash.train.callbacks import JsonlLogger, read_jsonl
 from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
@@ -204,6 +205,8 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
     if average is not None:
         average.copy_to(model)
+    if config.rerank_head.epochs > 0:  # after the main training: the codes are final, the head learns on them
+        train_rerank_head(config, model, train_set, device, run_dir, progress, strategy.is_main)
     if strategy.is_main:
         save_model(run_dir / MODEL_FILE, model, config, classes)
     strategy.barrier()  # under DDP every rank returns once the run directory is complete
