@@ -262,3 +262,26 @@ def test_seed_embeddingnet_spec_is_the_seed_network():
     x = images()
     assert torch.equal(model(x), seed(x))
     assert model_spec(model)["head"] == "identity"
+
+
+def test_rerank_head_on_the_backbone_map():
+    """``rerank_source = "map"``: the head reads the last feature map as the fully connected layer does."""
+    spec = {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1], "fc": 16}, "bits": 8,
+            "rerank": "instance", "rerank_dim": 5, "rerank_source": "map"}
+    model = build_model(spec).eval()
+    x = torch.rand(3, 1, 28, 28)
+    feats, flat = model.backbone.forward_with_map(model.normalize(x))
+    assert flat.shape == (3, 8 * 14 * 14) == (3, model.backbone.map_features)
+    torch.testing.assert_close(feats, model.features(x))
+    torch.testing.assert_close(model.backbone.fc(flat), feats)
+    codes, vectors = model.encode_with_rerank(x)
+    torch.testing.assert_close(vectors, torch.nn.functional.normalize(model.rerank_head.linear(flat), dim=1))
+    assert torch.equal(codes, model(x))
+    u, z = model.train().training_outputs(x, logits=False, rerank=True)
+    assert u.shape == (3, 8) and z.shape == (3, 5)
+    pooled = build_model({**spec, "backbone_params": {"width": 4, "depth": [1, 1]}})  # no fc: the pooled map = the features
+    assert pooled.rerank_head.linear.in_features == pooled.backbone.out_features == 8
+    with pytest.raises(ConfigError, match="forward_with_map"):
+        build_model({**spec, "backbone": "seed-cnn", "backbone_params": {}})
+    with pytest.raises(ConfigError, match="rerank_source must be"):
+        build_model({**spec, "rerank_source": "pixels"})

@@ -183,9 +183,11 @@ def test_evaluate_flag_overrides_the_config_and_prints_the_rows(open_run, capsys
     (["data.seen_classes=[0, 1]", "data.unseen_classes=[1, 2]"], "share \\[1\\]"),
     (["eval.near_duplicates={crop = 0.0}"], "0 < crop"),
     (["eval.near_duplicates={jpeg_quality = [90]}"], "jpeg_quality"),
-    (["model.rerank='instance'"], "needs train.rerank_weight > 0"),
+    (["model.rerank='instance'"], "set train.rerank_weight > 0"),
     (["model.rerank='instance'", "train.rerank_weight=1.0"], "data.views >= 2"),
     (["train.rerank_weight=1.0"], "which is not set"),
+    (["model.rerank='instance'", "model.rerank_source='pixels'", "rerank_head.epochs=1",
+      "rerank_head.augment={perturb = {shift = 1}}"], "rerank_source must be"),
 ])
 def test_bad_protocol_settings_are_one_line_config_errors(tmp_path, sets, message):
     path = tmp_path / "c.toml"

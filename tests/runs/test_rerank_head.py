@@ -36,7 +36,7 @@ log_interval = 1
 num_threads = 1
 {stage}
 """
-STAGE = ('rerank = "instance"\nrerank_dim = 8',
+STAGE = ('rerank = "instance"\nrerank_dim = 8\nrerank_source = "map"',
          "[rerank_head]\nepochs = 2\nlr = 0.01\naugment = { perturb = { shift = 1, noise = 0.02 } }")
 
 
@@ -68,7 +68,8 @@ def test_codes_equal_the_plain_run_and_the_vectors_are_the_heads(runs):
     with torch.no_grad():
         codes, vectors = staged.encode_with_rerank(x)
         assert torch.equal(codes, plain.encode(x))
-        torch.testing.assert_close(vectors, staged.rerank_head(staged.features(x)))
+        flat = staged.backbone.forward_with_map(staged.normalize(x))[1]  # the map the fully connected layer reads
+        torch.testing.assert_close(vectors, staged.rerank_head(flat))
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(x)))
 
 

@@ -152,16 +152,18 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(
                 "model.code_rule = 'posterior' needs head = 'hash', aux_classes >= 2 with train.aux_weight > 0 (a trained "
                 f"classifier), loss.name = 'csq' (its hash centers) and code_temperature > 0 in {source}")
+    if config.model.rerank_source not in ("features", "map"):
+        raise ConfigError(f"model.rerank_source must be 'features' or 'map', got {config.model.rerank_source!r} in {source}")
     head = config.rerank_head
     joint = config.train.rerank_weight > 0
     if config.model.rerank == "instance" and not joint and head.epochs < 1:
         raise ConfigError("model.rerank = 'instance' trains its own head: set train.rerank_weight > 0 (with the main "
                           f"training) or rerank_head.epochs >= 1 (after it), in {source}")
-    if joint and (config.data.views < 2 or not config.train.rerank_temperature > 0):
-        raise ConfigError(f"train.rerank_weight needs data.views >= 2 (with data.augment) and train.rerank_temperature > 0, in {source}")
     if (joint or head.epochs > 0) and config.model.rerank != "instance":
         raise ConfigError(f"train.rerank_weight and rerank_head.epochs train the re-rank head of model.rerank = 'instance', "
                           f"which is not set, in {source}")
+    if joint and (config.data.views < 2 or not config.train.rerank_temperature > 0):
+        raise ConfigError(f"train.rerank_weight needs data.views >= 2 (with data.augment) and train.rerank_temperature > 0, in {source}")
     if head.epochs > 0 and (head.views < 2 or not head.augment or not head.temperature > 0 or not head.lr > 0):
         raise ConfigError(f"rerank_head needs views >= 2, an augment table, temperature > 0 and lr > 0, in {source}")
     scale = config.train.tanh_scale

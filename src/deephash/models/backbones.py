@@ -121,13 +121,21 @@ class FMnistCNN(nn.Module):
             self.pool: nn.Module = nn.Flatten()
             self.fc = nn.Sequential(nn.Linear(c_in * side * side, fc), nn.BatchNorm1d(fc), nn.ReLU(inplace=True))
             self.out_features = fc
+            self.map_features = c_in * side * side
         else:
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.out_features = c_in
+            self.map_features = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.pool(self.features(x)))
-        return self.fc(x) if self.fc is not None else x
+        return self.forward_with_map(x)[0]
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features (B, out_features) and, from the same pass, the last feature map pooled or
+        flattened (B, map_features): what the fully connected layer reads (the features themselves
+        without one)."""
+        pooled = self.dropout(self.pool(self.features(x)))
+        return (self.fc(pooled) if self.fc is not None else pooled), pooled
 
 
 class BasicBlock(nn.Module):

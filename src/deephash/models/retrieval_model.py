@@ -19,7 +19,8 @@ __all__ = ["CODE_RULES", "RERANK_VECTORS", "RetrievalModel", "build_model", "cha
 
 #: How a model in eval mode turns backbone features into ±1 codes: ``rule(model, features)``.
 CODE_RULES: Registry[torch.Tensor] = Registry("code rule")
-#: The float vector a model keeps per image for re-ranking a Hamming shortlist: ``kind(model, features)``.
+#: The float vector a model keeps per image for re-ranking a Hamming shortlist:
+#: ``kind(model, features, rerank_input)`` (see ``RetrievalModel.features_and_rerank_input``).
 RERANK_VECTORS: Registry[torch.Tensor] = Registry("re-rank vector")
 
 
@@ -40,6 +41,8 @@ class RetrievalModel(nn.Module):
         rerank: The re-rank vector kept per image (a ``RERANK_VECTORS`` name, ``""`` none).
         rerank_dim: Size of the ``"instance"`` re-rank head (an L2-normalised linear layer on the
             backbone features, trained by the instance term; see `training_outputs`).
+        rerank_source: That head's input: ``"features"``, or ``"map"`` (the backbone's
+            ``forward_with_map``: its last feature map as the fully connected layer reads it).
 
     Shapes:
         forward: float (B, C, H, W) in [0, 1] -> float (B, D); for a hash head D = bits,
@@ -61,6 +64,7 @@ class RetrievalModel(nn.Module):
         code_temperature: float = 1.0,
         rerank: str = "",
         rerank_dim: int = 64,
+        rerank_source: str = "features",
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -84,10 +88,16 @@ class RetrievalModel(nn.Module):
             raise ConfigError(f"rerank must be '' or one of {tuple(RERANK_VECTORS.names())}, got {rerank!r}")
         self.rerank = rerank
         self.rerank_head: EmbeddingHead | None = None
+        if rerank_source not in ("features", "map"):
+            raise ConfigError(f"rerank_source must be 'features' or 'map', got {rerank_source!r}")
+        if rerank_source == "map" and not hasattr(backbone, "forward_with_map"):
+            raise ConfigError(f"rerank_source 'map' needs a backbone with forward_with_map (fmnist-cnn), not {type(backbone).__name__}")
+        self.rerank_source = rerank_source
         if rerank == "instance":
             if isinstance(rerank_dim, bool) or not isinstance(rerank_dim, int) or rerank_dim < 1:
                 raise ConfigError(f"rerank_dim must be a positive integer, got {rerank_dim!r}")
-            self.rerank_head = EmbeddingHead(backbone.out_features, rerank_dim, normalize=True)
+            width = backbone.map_features if rerank_source == "map" else backbone.out_features
+            self.rerank_head = EmbeddingHead(width, rerank_dim, normalize=True)
 
     def set_code_centers(self, centers: torch.Tensor) -> None:
         """Store the class hash centers of the ``"posterior"`` rule: ±1 float (aux_classes, bits)."""
@@ -125,6 +135,17 @@ class RetrievalModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
+    def features_and_rerank_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass: the features (B, F) and the re-rank head's input (the features, or
+        the backbone's last map with ``rerank_source = "map"``)."""
+        if self.rerank_source != "map":
+            feats = self.features(x)
+            return feats, feats
+        x = self.normalize(x)
+        if x.dim() == 4 and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone.forward_with_map(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._output(self.features(x))
 
@@ -149,7 +170,7 @@ class RetrievalModel(nn.Module):
         """One backbone pass, what a training loss takes: the head output (B, D), then the aux
         class logits (B, aux_classes) if ``logits``, then the ``"instance"`` re-rank head's
         vectors (B, rerank_dim) if ``rerank``."""
-        feats = self.features(x)
+        feats, rerank_input = self.features_and_rerank_input(x) if rerank else (self.features(x), None)
         out = [self.head(feats)]
         if logits:
             if self.aux is None:
@@ -158,7 +179,7 @@ class RetrievalModel(nn.Module):
         if rerank:
             if self.rerank_head is None:
                 raise ConfigError("re-rank vectors for training need a model built with rerank = 'instance'")
-            out.append(self.rerank_head(feats))
+            out.append(self.rerank_head(rerank_input))
         return tuple(out)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,28 +191,30 @@ class RetrievalModel(nn.Module):
     def encode_with_rerank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One backbone pass: the eval-mode output (``forward``) and the re-rank vectors float
         ``(B, D_r)`` (None when the model keeps none)."""
-        feats = self.features(x)
-        return self._output(feats), RERANK_VECTORS.get(self.rerank)(self, feats) if self.rerank else None
+        if not self.rerank:
+            return self._output(self.features(x)), None
+        feats, rerank_input = self.features_and_rerank_input(x)
+        return self._output(feats), RERANK_VECTORS.get(self.rerank)(self, feats, rerank_input)
 
 
 @RERANK_VECTORS.register("head")
-def _head_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+def _head_vectors(model: RetrievalModel, feats: torch.Tensor, rerank_input: torch.Tensor) -> torch.Tensor:
     """The hash head's output before the sign (its linear layer), float ``(B, bits)``; the embedding
     for other heads."""
     return model.head.linear(feats) if isinstance(model.head, HashHead) else model.head(feats)
 
 
 @RERANK_VECTORS.register("instance")
-def _instance_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+def _instance_vectors(model: RetrievalModel, feats: torch.Tensor, rerank_input: torch.Tensor) -> torch.Tensor:
     """The re-rank head's L2-normalised output, float ``(B, rerank_dim)``: trained with the instance
     (NT-Xent) term over augmented views, so it tells one image from another."""
     if model.rerank_head is None:
         raise ConfigError("rerank 'instance' needs the model's re-rank head")
-    return model.rerank_head(feats)
+    return model.rerank_head(rerank_input)
 
 
 @RERANK_VECTORS.register("features")
-def _feature_vectors(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
+def _feature_vectors(model: RetrievalModel, feats: torch.Tensor, rerank_input: torch.Tensor) -> torch.Tensor:
     """The backbone's features, float ``(B, F)``."""
     return feats
 
@@ -231,7 +254,7 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
                            code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank,
-                           rerank_dim=s.rerank_dim)
+                           rerank_dim=s.rerank_dim, rerank_source=s.rerank_source)
     model.spec = s
     return model
 

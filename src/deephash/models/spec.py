@@ -33,7 +33,10 @@ class ModelSpec:
     image kept beside its code for two-stage search (``""`` none; ``"head"`` the hash head's output
     before the sign, ``bits`` values; ``"features"`` the backbone's features; ``"instance"`` a
     head of its own, ``rerank_dim`` L2-normalised values trained with the instance term over two
-    views, ``train.rerank_weight``; see ``RERANK_VECTORS``).
+    views, ``train.rerank_weight`` or ``[rerank_head]``; its input, ``rerank_source``, is the
+    backbone's features or, for backbones with ``forward_with_map`` (``fmnist-cnn``), ``"map"``:
+    the last feature map as the fully connected layer reads it, which keeps more of the image;
+    see ``RERANK_VECTORS``).
     """
 
     backbone: str = "seed-cnn"
@@ -50,6 +53,7 @@ class ModelSpec:
     code_temperature: float = 1.0
     rerank: str = ""
     rerank_dim: int = 64
+    rerank_source: str = "features"
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:

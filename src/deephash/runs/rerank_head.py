@@ -38,8 +38,8 @@ class _HeadOnFrozenBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.model.features(x)
-        return self.model.rerank_head(feats)
+            _, rerank_input = self.model.features_and_rerank_input(x)
+        return self.model.rerank_head(rerank_input)
 
 
 def train_rerank_head(config: Config, model: nn.Module, train_set: Any, device: torch.device, run_dir: Path,
