@@ -71,6 +71,10 @@ def faiss_available() -> bool:
     return True
 
 
+class DuplicateIdError(DeephashError):
+    """An added id is already in the index (or given twice)."""
+
+
 class HashIndex:
     """Hamming index of packed binary codes with user ids and optional labels.
 
@@ -206,35 +210,8 @@ class HashIndex:
             rerank: float ``(N, D)`` vectors for a two-stage search (kept as float16; FAISS's
                 ``IndexRefine`` pattern, see ``retrieval.search``); every ``add`` or none.
         """
-        packed = self._packed(codes, "codes")
+        packed, id_array, label_array, vectors = self.checked_addition(codes, ids, labels, rerank)
         n = packed.shape[0]
-        if ids is None:
-            start = int(self._ids.max()) + 1 if self.ntotal else 0
-            id_array = np.arange(start, start + n, dtype=np.int64)
-        else:
-            id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64).reshape(-1)
-            if id_array.shape[0] != n:
-                raise DeephashError(f"{id_array.shape[0]} ids for {n} codes")
-            if np.unique(id_array).shape[0] != n or np.isin(id_array, self._ids).any():
-                raise DeephashError("ids must be unique and not already in the index")
-            if (id_array < 0).any():
-                raise DeephashError("ids must be >= 0 (-1 means 'no result')")
-        label_array = None
-        if labels is not None:
-            label_array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
-            if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
-                raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
-        if self.ntotal and (label_array is None) != (self._labels is None):
-            raise DeephashError("either every add() passes labels or none does")
-        vectors = None
-        if rerank is not None:
-            vectors = np.asarray(rerank.detach().cpu() if isinstance(rerank, torch.Tensor) else rerank).astype(np.float16)
-            if vectors.ndim != 2 or vectors.shape[0] != n:
-                raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
-            if self._rerank is not None and vectors.shape[1] != self._rerank.shape[1]:
-                raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps {self._rerank.shape[1]}")
-        if self.ntotal and (vectors is None) != (self._rerank is None):
-            raise DeephashError("either every add() passes re-rank vectors or none does")
         if self._faiss_index is not None and n:
             if not self._faiss_index.is_trained:
                 self.train(packed)
@@ -245,6 +222,57 @@ class HashIndex:
             self._labels = label_array if self._labels is None else np.concatenate([self._labels, label_array])
         if vectors is not None:
             self._rerank = vectors if self._rerank is None else np.concatenate([self._rerank, vectors])
+
+    def checked_addition(self, codes: Any, ids: Any = None, labels: Any = None, rerank: Any = None, name: str = "the index"
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """What `add` would add, checked and converted, without changing the index: packed codes
+        ``(N, B)``, int64 ids ``(N,)`` (default: consecutive after the largest id), int64 labels and
+        float16 re-rank vectors (or None). ``name`` is how messages call the index.
+
+        Raises:
+            DuplicateIdError: an id given twice or already in the index. DeephashError: ids, labels
+            or vectors of the wrong shape or kind, or labels / vectors given where earlier adds
+            gave none (or the reverse).
+        """
+        packed = self._packed(codes, "codes")
+        n = packed.shape[0]
+        if ids is None:
+            start = int(self._ids.max()) + 1 if self.ntotal else 0
+            id_array = np.arange(start, start + n, dtype=np.int64)
+        else:
+            id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64).reshape(-1)
+            if id_array.shape[0] != n:
+                raise DeephashError(f"{id_array.shape[0]} ids for {n} codes")
+            if (id_array < 0).any():
+                raise DeephashError(f"ids must be >= 0 (-1 means 'no result'), got {int(id_array.min())}")
+            values, counts = np.unique(id_array, return_counts=True)
+            if (counts > 1).any():
+                raise DuplicateIdError(f"id {int(values[counts > 1][0])} is given twice (ids must be unique)")
+            taken = id_array[np.isin(id_array, self._ids)]
+            if taken.size:
+                raise DuplicateIdError(f"id {int(taken[0])} is already in {name}"
+                                       f"{f' ({taken.size} ids are)' if taken.size > 1 else ''}; nothing was added (ids must be unique)")
+        if self.ntotal and (labels is None) != (self._labels is None):
+            want = "has labels: give a label for every item" if labels is None else "has no labels: give none"
+            raise DeephashError(f"{name} {want} (either every add() passes labels or none does)")
+        label_array = None
+        if labels is not None:
+            label_array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+            if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
+                raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
+            if self._labels is not None and label_array.shape[1:] != self._labels.shape[1:]:
+                raise DeephashError(f"labels of shape {label_array.shape} do not match the index's {self._labels.shape[1:]}")
+        if self.ntotal and (rerank is None) != (self._rerank is None):
+            want = "keeps re-rank vectors: give one per item" if rerank is None else "keeps no re-rank vectors: give none"
+            raise DeephashError(f"{name} {want} (either every add() passes re-rank vectors or none does)")
+        vectors = None
+        if rerank is not None:
+            vectors = np.asarray(rerank.detach().cpu() if isinstance(rerank, torch.Tensor) else rerank).astype(np.float16)
+            if vectors.ndim != 2 or vectors.shape[0] != n:
+                raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
+            if self._rerank is not None and vectors.shape[1] != self._rerank.shape[1]:
+                raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps {self._rerank.shape[1]}")
+        return packed, id_array, label_array, vectors
 
     def remove(self, ids: torch.Tensor | np.ndarray | list[int]) -> int:
         """Remove the codes with these ids (unknown ids are ignored); returns how many were removed."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from deephash.errors import DeephashError, NotFoundError
-from deephash.retrieval.index import HashIndex
+from deephash.retrieval.index import DuplicateIdError, HashIndex
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
     IndexLock,
@@ -35,10 +35,6 @@ from deephash.retrieval.journal import (
 )
 
 __all__ = ["DuplicateIdError", "LivingIndex", "ReadWriteLock"]
-
-
-class DuplicateIdError(DeephashError):
-    """An added id is already in the index (or given twice)."""
 
 
 class ReadWriteLock:
@@ -192,53 +188,16 @@ class LivingIndex:
         journal = self._open_journal()
         with self._writer:
             index = self.index
-            packed = index._packed(codes, "codes")
+            packed, id_array, label_array, vectors = index.checked_addition(codes, ids, labels, rerank, f"index {self.path}")
             n = packed.shape[0]
             if n == 0:
                 raise DeephashError("nothing to add: no codes given")
-            if ids is None:
-                start = int(index._ids.max()) + 1 if index.ntotal else 0
-                id_array = np.arange(start, start + n, dtype=np.int64)
-            else:
-                id_array = np.asarray(ids, dtype=np.int64).reshape(-1)
-                if id_array.shape[0] != n:
-                    raise DeephashError(f"{id_array.shape[0]} ids for {n} codes")
-                if (id_array < 0).any():
-                    raise DeephashError(f"ids must be >= 0, got {int(id_array.min())}")
-                values, counts = np.unique(id_array, return_counts=True)
-                if (counts > 1).any():
-                    raise DuplicateIdError(f"id {int(values[counts > 1][0])} is given twice")
-                taken = id_array[np.isin(id_array, index._ids)]
-                if taken.size:
-                    raise DuplicateIdError(f"id {int(taken[0])} is already in index {self.path}"
-                                           f"{f' ({taken.size} ids are)' if taken.size > 1 else ''}; nothing was added")
-            label_array = None
-            if (labels is None) != (index._labels is None) and index.ntotal:
-                want = "has labels: give a label for every item" if labels is None else "has no labels: give none"
-                raise DeephashError(f"index {self.path} {want}")
-            if labels is not None:
-                label_array = np.asarray(labels, dtype=np.int64)
-                if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
-                    raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
-                if index._labels is not None and label_array.shape[1:] != index._labels.shape[1:]:
-                    raise DeephashError(f"labels of shape {label_array.shape} do not match the index's {index._labels.shape[1:]}")
             keeps_paths = isinstance(index.metadata, dict) and index.metadata.get("paths") is not None
             path_list = None
             if keeps_paths:
                 path_list = [str(p) for p in paths] if paths is not None else [""] * n
                 if len(path_list) != n:
                     raise DeephashError(f"{len(path_list)} paths for {n} codes")
-            vectors = None
-            if (rerank is None) != (index.rerank_vectors is None) and index.ntotal:
-                want = "keeps re-rank vectors: give one per item" if rerank is None else "keeps no re-rank vectors: give none"
-                raise DeephashError(f"index {self.path} {want}")
-            if rerank is not None:
-                vectors = np.asarray(rerank, dtype=np.float16)
-                if vectors.ndim != 2 or vectors.shape[0] != n:
-                    raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
-                if index.rerank_vectors is not None and vectors.shape[1] != index.rerank_vectors.shape[1]:
-                    raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps "
-                                        f"{index.rerank_vectors.shape[1]}")
             if before is not None:
                 before(id_array)
             record = Record("add", journal.next_seq(), id_array, packed, label_array, path_list, rerank=vectors)
