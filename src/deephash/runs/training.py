@@ -16,6 +16,7 @@ from deephash._io import atomic_write_text
 from deephash.config import Config, dump_config, load_config
 from deephash.devices import resolve_device
 from deephash.errors import ConfigError, DataFormatError, DeephashError, NotFoundError
+from deephash.losses.schedules import inner_loss
 from deephash.models import build_model, channels_last_on_cpu
 from deephash.runs.components import (build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data,
                                       training_outputs)
@@ -84,13 +85,6 @@ class _ValidateEvery:
     def __iter__(self):
         if (self.epoch + 1) % self.n == 0:
             yield from self.loader
-
-
-def _wrapped_with(loss_fn: nn.Module, attribute: str) -> nn.Module:
-    """The loss itself or the first loss inside its wrappers (``.loss``) that has ``attribute``."""
-    while not hasattr(loss_fn, attribute) and isinstance(getattr(loss_fn, "loss", None), nn.Module):
-        loss_fn = loss_fn.loss
-    return loss_fn
 
 
 def _check_resume_config(config: Config, run_dir: Path) -> None:
@@ -168,7 +162,7 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     model = channels_last_on_cpu(build_model(config.model).to(device))
     loss_fn = build_loss(config, n_classes, generators.selector).to(device)
     if config.model.code_rule == "posterior":  # the codes are drawn from the loss's class hash centers
-        model.set_code_centers(_wrapped_with(loss_fn, "centers").centers)
+        model.set_code_centers(inner_loss(loss_fn, "centers").centers)
     optimizer = build_optimizer(config, model.parameters())
     scheduler, per_batch = split_schedule(build_scheduler(config, optimizer))
     outputs = training_outputs(loss_fn)
