@@ -152,8 +152,13 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(
                 "model.code_rule = 'posterior' needs head = 'hash', aux_classes >= 2 with train.aux_weight > 0 (a trained "
                 f"classifier), loss.name = 'csq' (its hash centers) and code_temperature > 0 in {source}")
-    if config.model.rerank_source not in ("features", "map"):
-        raise ConfigError(f"model.rerank_source must be 'features' or 'map', got {config.model.rerank_source!r} in {source}")
+    for key in ("rerank_source", "code_source"):
+        if getattr(config.model, key) not in ("features", "map"):
+            raise ConfigError(f"model.{key} must be 'features' or 'map', got {getattr(config.model, key)!r} in {source}")
+    if config.model.code_rule == "pca" and config.model.head != "hash":
+        raise ConfigError(f"model.code_rule = 'pca' makes the codes of a hash head (its bits): set model.head = 'hash', in {source}")
+    if config.model.code_source == "map" and config.model.code_rule != "pca":
+        raise ConfigError(f"model.code_source = 'map' is read by model.code_rule = 'pca' only, not {config.model.code_rule!r}, in {source}")
     head = config.rerank_head
     joint = config.train.rerank_weight > 0
     if config.model.rerank == "instance" and not joint and head.epochs < 1:

@@ -12,6 +12,7 @@ from deephash.models.backbones import (
     timm_backbone,
 )
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
+from deephash.models.pca_codes import fit_pca_codes, pca_codes, pca_projection
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.retrieval_model import CODE_RULES, RERANK_VECTORS, RetrievalModel, build_model, channels_last_on_cpu, model_spec
 from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
@@ -41,8 +42,11 @@ __all__ = [
     "build_model",
     "create_backbone",
     "channels_last_on_cpu",
+    "fit_pca_codes",
     "list_backbones",
     "model_spec",
+    "pca_codes",
+    "pca_projection",
     "posterior_path_codes",
     "register_backbone",
     "sign_codes",

@@ -11,6 +11,7 @@ from torch import nn
 from deephash.errors import ConfigError
 from deephash.models.backbones import create_backbone
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, Normalize, sign_codes
+from deephash.models.pca_codes import pca_codes
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
@@ -34,15 +35,18 @@ class RetrievalModel(nn.Module):
         std: Per-channel standard deviation the images are divided by.
         aux_classes: If set, a linear classifier on the backbone features (for recipes that
             add a classification loss), used by `forward_with_logits`.
-        code_rule: How a hash model makes its ±1 codes: ``"sign"`` of the hash head, or
+        code_rule: How a hash model makes its ±1 codes: ``"sign"`` of the hash head,
             ``"posterior"``: `posterior_path_codes` of the aux classifier's logits over the
-            class hash centers (``code_centers``, set with `set_code_centers`).
+            class hash centers (``code_centers``, set with `set_code_centers`), or ``"pca"``:
+            `pca_codes` of the code source (``code_mean``, ``code_projection``, fitted on the
+            training images with `fit_pca_codes` and set with `set_code_projection`).
         code_temperature: The softmax temperature of the ``"posterior"`` rule.
         rerank: The re-rank vector kept per image (a ``RERANK_VECTORS`` name, ``""`` none).
         rerank_dim: Size of the ``"instance"`` re-rank head (an L2-normalised linear layer on the
             backbone features, trained by the instance term; see `training_outputs`).
         rerank_source: That head's input: ``"features"``, or ``"map"`` (the backbone's
             ``forward_with_map``: its last feature map as the fully connected layer reads it).
+        code_source: What the ``"pca"`` rule projects: ``"features"`` or ``"map"`` (as above).
 
     Shapes:
         forward: float (B, C, H, W) in [0, 1] -> float (B, D); for a hash head D = bits,
@@ -50,6 +54,8 @@ class RetrievalModel(nn.Module):
     """
 
     code_centers: torch.Tensor
+    code_mean: torch.Tensor
+    code_projection: torch.Tensor
 
     channels_last: bool = False  # set by channels_last_on_cpu along with the parameters' layout
 
@@ -65,6 +71,7 @@ class RetrievalModel(nn.Module):
         rerank: str = "",
         rerank_dim: int = 64,
         rerank_source: str = "features",
+        code_source: str = "features",
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -82,16 +89,26 @@ class RetrievalModel(nn.Module):
             if not code_temperature > 0:
                 raise ConfigError(f"code_temperature must be positive, got {code_temperature}")
             self.register_buffer("code_centers", torch.zeros(aux_classes, head.bits))
+        for name, value in (("rerank_source", rerank_source), ("code_source", code_source)):
+            if value not in ("features", "map"):
+                raise ConfigError(f"{name} must be 'features' or 'map', got {value!r}")
+            if value == "map" and not hasattr(backbone, "forward_with_map"):
+                raise ConfigError(f"{name} 'map' needs a backbone with forward_with_map (fmnist-cnn), not {type(backbone).__name__}")
+        if code_source == "map" and code_rule != "pca":
+            raise ConfigError(f"code_source 'map' is read by code_rule 'pca' only, not {code_rule!r}")
+        self.code_source = code_source
+        if code_rule == "pca":
+            if not isinstance(head, HashHead):
+                raise ConfigError("code_rule 'pca' needs a hash head (its bits)")
+            width = backbone.map_features if code_source == "map" else backbone.out_features
+            self.register_buffer("code_mean", torch.zeros(width))
+            self.register_buffer("code_projection", torch.zeros(width, head.bits))
         self.code_rule = code_rule
         self.code_temperature = float(code_temperature)
         if rerank and rerank not in RERANK_VECTORS:
             raise ConfigError(f"rerank must be '' or one of {tuple(RERANK_VECTORS.names())}, got {rerank!r}")
         self.rerank = rerank
         self.rerank_head: EmbeddingHead | None = None
-        if rerank_source not in ("features", "map"):
-            raise ConfigError(f"rerank_source must be 'features' or 'map', got {rerank_source!r}")
-        if rerank_source == "map" and not hasattr(backbone, "forward_with_map"):
-            raise ConfigError(f"rerank_source 'map' needs a backbone with forward_with_map (fmnist-cnn), not {type(backbone).__name__}")
         self.rerank_source = rerank_source
         if rerank == "instance":
             if isinstance(rerank_dim, bool) or not isinstance(rerank_dim, int) or rerank_dim < 1:
@@ -108,6 +125,16 @@ class RetrievalModel(nn.Module):
                 f"code centers must be ±1 of shape {tuple(self.code_centers.shape)} (aux_classes, bits), "
                 f"got {tuple(centers.shape)}")
         self.code_centers.copy_(centers.to(self.code_centers))
+
+    def set_code_projection(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        """Store the ``"pca"`` rule's fit: float mean (D,) and projection (D, bits) of the code source."""
+        if self.code_rule != "pca":
+            raise ConfigError("a code projection is used by code_rule 'pca' only")
+        if tuple(mean.shape) != tuple(self.code_mean.shape) or tuple(projection.shape) != tuple(self.code_projection.shape):
+            raise ConfigError(f"a code projection needs mean {tuple(self.code_mean.shape)} and projection "
+                              f"{tuple(self.code_projection.shape)}, got {tuple(mean.shape)} and {tuple(projection.shape)}")
+        self.code_mean.copy_(mean.to(self.code_mean))
+        self.code_projection.copy_(projection.to(self.code_projection))
 
     @property
     def is_hash(self) -> bool:
@@ -135,10 +162,10 @@ class RetrievalModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
-    def features_and_rerank_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone pass: the features (B, F) and the re-rank head's input (the features, or
-        the backbone's last map with ``rerank_source = "map"``)."""
-        if self.rerank_source != "map":
+    def features_and_map(self, x: torch.Tensor, with_map: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass: the features (B, F) and the backbone's last feature map as its fully
+        connected layer reads it (``forward_with_map``); the features twice when ``with_map`` is false."""
+        if not with_map:
             feats = self.features(x)
             return feats, feats
         x = self.normalize(x)
@@ -146,14 +173,23 @@ class RetrievalModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone.forward_with_map(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(self.features(x))
+    def features_and_rerank_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass: the features (B, F) and the re-rank head's input (the features, or
+        the backbone's last map with ``rerank_source = "map"``)."""
+        return self.features_and_map(x, self.rerank_source == "map")
 
-    def _output(self, feats: torch.Tensor) -> torch.Tensor:
-        """The head's output; in eval mode under a code rule other than ``sign``, that rule's codes."""
-        if self.code_rule != "sign" and not self.training:
-            return CODE_RULES.get(self.code_rule)(self, feats)
-        return self.head(feats)
+    def code_source_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """What the ``"pca"`` rule projects, float (B, D): the features, or the last map with ``code_source = "map"``."""
+        return self.features_and_map(x, self.code_source == "map")[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.code_rule == "sign":
+            return self.head(self.features(x))
+        return self.encode(x)
+
+    def _code_input(self, feats: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+        """What the code rule reads: the code source (``"pca"``) or the features."""
+        return mapped if self.code_source == "map" else feats
 
     def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Same as forward (the seed's interface)."""
@@ -186,15 +222,21 @@ class RetrievalModel(nn.Module):
         """±1 codes (0 ↦ +1), float (B, D): the eval-mode codes of a hash head (its sign, or the
         ``"posterior"`` rule's codes), or the sign of the embedding for other heads. The backbone
         runs in whatever mode the model is in."""
-        return CODE_RULES.get(self.code_rule)(self, self.features(x))
+        feats, mapped = self.features_and_map(x, self.code_source == "map")
+        return CODE_RULES.get(self.code_rule)(self, self._code_input(feats, mapped))
 
     def encode_with_rerank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One backbone pass: the eval-mode output (``forward``) and the re-rank vectors float
         ``(B, D_r)`` (None when the model keeps none)."""
+        feats, mapped = self.features_and_map(x, "map" in (self.code_source, self.rerank_source if self.rerank else ""))
+        if self.training or self.code_rule == "sign":
+            out = self.head(feats)
+        else:
+            out = CODE_RULES.get(self.code_rule)(self, self._code_input(feats, mapped))
         if not self.rerank:
-            return self._output(self.features(x)), None
-        feats, rerank_input = self.features_and_rerank_input(x)
-        return self._output(feats), RERANK_VECTORS.get(self.rerank)(self, feats, rerank_input)
+            return out, None
+        rerank_input = mapped if self.rerank_source == "map" else feats
+        return out, RERANK_VECTORS.get(self.rerank)(self, feats, rerank_input)
 
 
 @RERANK_VECTORS.register("head")
@@ -235,6 +277,14 @@ def _posterior_rule(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
     return posterior_path_codes(model.aux(feats), model.code_centers, model.code_temperature).to(feats.dtype)
 
 
+@CODE_RULES.register("pca")
+def _pca_rule(model: RetrievalModel, source: torch.Tensor) -> torch.Tensor:
+    """`pca_codes` of the code source (the features or the last map) with the fitted projection."""
+    if not bool(model.code_projection.any()):  # still the zeros of __init__
+        raise ConfigError("code_rule 'pca' has no projection: fit it on the training images (fit_pca_codes) first")
+    return pca_codes(source, model.code_mean, model.code_projection)
+
+
 def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     """Build a RetrievalModel from a :class:`ModelSpec` or a dict of its keys (defaults for the rest).
 
@@ -254,7 +304,7 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
                            code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank,
-                           rerank_dim=s.rerank_dim, rerank_source=s.rerank_source)
+                           rerank_dim=s.rerank_dim, rerank_source=s.rerank_source, code_source=s.code_source)
     model.spec = s
     return model
 
