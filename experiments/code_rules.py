@@ -7,6 +7,9 @@ the same weights encode the queries and the database twice:
 * ``posterior`` at each ``--temperature``: `deephash.models.posterior_codes`, the aux
   classifier's two likeliest classes' CSQ centers (the run's own ``build_loss`` centers).
 
+A run with ``code_rule = "pca"`` (``fashion-mnist-open-48``) is encoded by ``sign`` and by its own
+fitted ``pca`` rule (`deephash.models.pca_codes`).
+
 and each pair is evaluated as ``deephash evaluate`` does (the run's splits, ``evaluate_codes``).
 Training is unchanged by the rule, so the rows of one run differ only in the encoding.
 
@@ -34,10 +37,13 @@ def with_rule(model: torch.nn.Module, config: Config, rule: str, temperature: fl
     """A copy of a run's trained ``model`` with ``code_rule = rule`` (eval mode, CPU layout)."""
     spec = model_spec(model)
     spec.update(code_rule=rule, code_temperature=temperature)
+    if rule != "pca":
+        spec.update(code_source="features")
     rebuilt = build_model(spec)
-    state = {k: v for k, v in model.state_dict().items() if k != "code_centers"}
+    wanted = set(rebuilt.state_dict()) - {"code_centers"}  # a pca run's fitted buffers only under "pca"
+    state = {k: v for k, v in model.state_dict().items() if k in wanted}
     result = rebuilt.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - {"code_centers"}:
+    if set(model.state_dict()) - {"code_centers", "code_mean", "code_projection"} - wanted or set(result.missing_keys) - {"code_centers"}:
         raise RuntimeError(f"the rebuilt model does not fit the trained weights: {result}")
     if rule == "posterior":
         rebuilt.set_code_centers(build_loss(config, int(spec["aux_classes"])).loss.centers)
@@ -50,14 +56,15 @@ def rows(run: Path, temperatures: list[float]) -> list[dict]:
     trained, config = load_run(run)
     query, database = load_split(config, config.data.query_split, run), load_split(config, config.data.database_split, run)
     out = []
-    for rule, temperature in [("sign", 1.0), *(("posterior", t) for t in temperatures)]:
+    others = [("pca", 1.0)] if trained.code_rule == "pca" else [("posterior", t) for t in temperatures]
+    for rule, temperature in [("sign", 1.0), *others]:
         model = with_rule(trained, config, rule, temperature)
         q_codes, q_labels = encode(model, query)
         db_codes, db_labels = encode(model, database)
         m = evaluate_codes(q_codes, q_labels, db_codes, db_labels, config.model.bits, ks=[100, 1000],
                            radius=2, knn_k=config.eval.knn_k, splits=(config.data.query_split, config.data.database_split))
         out.append({
-            "run": run.name, "bits": config.model.bits, "rule": rule if rule == "sign" else f"posterior T={temperature:g}",
+            "run": run.name, "bits": config.model.bits, "rule": f"posterior T={temperature:g}" if rule == "posterior" else rule,
             "mAP tie-aware": m["mAP@all/tie-aware"], "mAP stable": m["mAP@all/stable"],
             "mAP@1000": m["mAP@1000/tie-aware"], "P@100": m["P@100/tie-aware"],
             "P@r≤2": m["P@r<=2"], "empty r≤2": m["P@r<=2/empty"], "kNN acc": m[f"kNN-acc@{config.eval.knn_k}"],

@@ -47,7 +47,7 @@ def open_split(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- augmentation (training views)
 def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2, jitter: float = 0.2, noise: float = 0.05,
-            erase: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+            erase: float = 0.0, scale: float = 0.0, flip: float = 0.0) -> torch.Tensor:
     """Batched random view of float (B, 1, H, W) images in [0, 1].
 
     A random translation by up to ``shift`` pixels (zero fill), an optional random rescale by a
@@ -56,6 +56,8 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2, jitter: float =
     with probability ``erase`` one random rectangle (4..10 px a side) set to 0.
     """
     b, c, h, w = x.shape
+    if flip > 0:
+        x = torch.where((torch.rand(b, 1, 1, 1, generator=g) < flip), x.flip(-1), x)
     if scale > 0 or shift > 0:
         s = 1 + (torch.rand(b, generator=g) * 2 - 1) * scale if scale > 0 else torch.ones(b)
         t = (torch.randint(-shift, shift + 1, (b, 2), generator=g).float() * 2 / w) if shift > 0 else torch.zeros(b, 2)

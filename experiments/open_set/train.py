@@ -61,12 +61,16 @@ p.add_argument("--jitter", type=float, default=0.2)
 p.add_argument("--noise", type=float, default=0.05)
 p.add_argument("--erase", type=float, default=0.0)
 p.add_argument("--scale", type=float, default=0.0)
+p.add_argument("--flip", type=float, default=0.0, help="horizontal flip probability of a training view")
+p.add_argument("--head-input", choices=["fc", "map", "both"], default="fc",
+               help="the hash head reads the fc features, the flattened last feature map, or both concatenated")
 p.add_argument("--width", type=int, default=24)
 p.add_argument("--fc", type=int, default=512)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--tag", default="")
 p.add_argument("--no-neardup", action="store_true")
 p.add_argument("--eval-float", action="store_true", help="also rank the float 48-d head outputs (Euclidean, open set)")
+p.add_argument("--eval-feats", action="store_true", help="also rank the 512-d fc features and the flattened last feature map (open set)")
 p.add_argument("--save", default="", help="save the model state to this path")
 args = p.parse_args()
 
@@ -88,6 +92,16 @@ model = build_model({"backbone": "fmnist-cnn",
                      "head": "hash", "bits": 48, "aux_classes": 10 if args.w_ce > 0 else None})
 proj = (torch.nn.Sequential(torch.nn.Linear(48, args.proj), torch.nn.BatchNorm1d(args.proj), torch.nn.ReLU(), torch.nn.Linear(args.proj, args.proj))
         if args.proj else torch.nn.Identity())
+if args.head_input != "fc":
+    n_in = {"map": model.backbone.map_features, "both": model.backbone.map_features + args.fc}[args.head_input]
+    model.head.linear = torch.nn.Linear(n_in, 48)
+
+
+def head_in(x: torch.Tensor) -> torch.Tensor:
+    f, m = model.backbone.forward_with_map(x)
+    return {"fc": f, "map": m, "both": torch.cat([f, m], 1) if args.head_input == "both" else f}[args.head_input]
+
+
 opt = torch.optim.AdamW(list(model.parameters()) + list(proj.parameters()), lr=args.lr, weight_decay=args.wd)
 steps_per_epoch = len(xtrain) // args.batch
 total = max(1, int(round(args.epochs * steps_per_epoch)))
@@ -112,11 +126,11 @@ while step < total:
             break
         ib = perm[b * args.batch:(b + 1) * args.batch]
         x, y = xtrain[ib], ytrain[ib]
-        views = [augment(x, g, args.shift, args.jitter, args.noise, args.erase, args.scale) for _ in range(args.views)]
+        views = [augment(x, g, args.shift, args.jitter, args.noise, args.erase, args.scale, args.flip) for _ in range(args.views)]
         xv, yv = torch.cat(views), y.repeat(args.views)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        feats = model.features(xv)
+        feats = head_in(xv)
         beta = 1.0 + (args.beta_end - 1.0) * step / max(1, total - 1)
         u = torch.tanh(beta * model.head.linear(feats))
         loss = torch.zeros(())
@@ -167,7 +181,7 @@ def encode(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     model.eval()
     hs, fs = [], []
     for i in range(0, len(x), 2000):
-        f = model.features(x[i:i + 2000])
+        f = head_in(x[i:i + 2000])
         hs.append(model.head.linear(f))
         fs.append(f)
     h, f = torch.cat(hs), torch.cat(fs)
@@ -203,6 +217,17 @@ if args.mode == "open":
     sat = (htr.tanh().abs() > 0.9).float().mean()
     res["saturated_share"] = float(sat)
     print("share of |tanh h| > 0.9 on train:", float(sat), flush=True)
+    if args.eval_feats:
+        with torch.no_grad():
+            model.eval()
+            for name, x_ in (("q", o["xq"]), ("db", o["xdb"])):
+                pairs = [model.backbone.forward_with_map(x_[i:i + 2000]) for i in range(0, len(x_), 2000)]
+                res.setdefault("_f", {})[name] = (torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))
+        fq, mq = res["_f"]["q"]
+        fdb, mdb = res.pop("_f")["db"]
+        res["open_fc"] = eval_open_real(fq, o["yq"], fdb, o["ydb"])
+        res["open_map"] = eval_open_real(mq, o["yq"], mdb, o["ydb"])
+        print("open fc", res["open_fc"], "map", res["open_map"], flush=True)
     if args.eval_float:
         res["open_float_h48"] = eval_open_real(hq, o["yq"], hdb, o["ydb"])
         print("open float h48", res["open_float_h48"], flush=True)

@@ -115,3 +115,25 @@ def test_code_rules_rebuilds_the_same_weights_under_each_rule() -> None:
         assert torch.equal(with_rule(trained, config, "sign")(x), expected_sign)
         assert torch.equal(with_rule(trained, config, "posterior", 2.0)(x), expected_posterior)
     assert not torch.equal(expected_sign, expected_posterior)
+
+
+def test_code_rules_encodes_a_pca_run_by_sign_and_by_its_fit() -> None:
+    """experiments/code_rules.py on a pca run: the sign copy drops the fit, the pca copy keeps it."""
+    from code_rules import with_rule
+
+    from deephash.config import load_config
+    from deephash.models import build_model, fit_pca_codes, pca_codes
+
+    config = load_config("fashion-mnist-open-48")
+    assert config.model.code_rule == "pca" and config.model.code_source == "map"
+    torch.manual_seed(0)
+    trained = build_model(config.model)
+    fit_pca_codes(trained, torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        feats, mapped = trained.eval().features_and_map(x)
+        expected_sign = trained.head.binary(feats)
+        expected_pca = pca_codes(mapped, trained.code_mean, trained.code_projection)
+        assert torch.equal(with_rule(trained, config, "sign")(x), expected_sign)
+        assert torch.equal(with_rule(trained, config, "pca")(x), expected_pca)
+    assert not torch.equal(expected_sign, expected_pca)
