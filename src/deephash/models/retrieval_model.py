@@ -220,8 +220,8 @@ class RetrievalModel(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """±1 codes (0 ↦ +1), float (B, D): the eval-mode codes of a hash head (its sign, or the
-        ``"posterior"`` rule's codes), or the sign of the embedding for other heads. The backbone
-        runs in whatever mode the model is in."""
+        ``"posterior"`` or ``"pca"`` rule's codes), or the sign of the embedding for other heads.
+        The backbone runs in whatever mode the model is in."""
         feats, mapped = self.features_and_map(x, self.code_source == "map")
         return CODE_RULES.get(self.code_rule)(self, self._code_input(feats, mapped))
 
