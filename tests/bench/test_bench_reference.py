@@ -125,7 +125,7 @@ def test_code_rules_encodes_a_pca_run_by_sign_and_by_its_fit() -> None:
     from deephash.models import build_model, fit_pca_codes, pca_codes
 
     config = load_config("fashion-mnist-open-48")
-    assert config.model.code_rule == "pca" and config.model.code_source == "map"
+    assert config.model.code_rule == "pca" and config.model.code_source == "map" and config.model.code_power == 0.5
     torch.manual_seed(0)
     trained = build_model(config.model)
     fit_pca_codes(trained, torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
@@ -133,7 +133,7 @@ def test_code_rules_encodes_a_pca_run_by_sign_and_by_its_fit() -> None:
     with torch.no_grad():
         feats, mapped = trained.eval().features_and_map(x)
         expected_sign = trained.head.binary(feats)
-        expected_pca = pca_codes(mapped, trained.code_mean, trained.code_projection)
+        expected_pca = pca_codes(mapped, trained.code_mean, trained.code_projection, trained.code_power)
         assert torch.equal(with_rule(trained, config, "sign")(x), expected_sign)
         assert torch.equal(with_rule(trained, config, "pca")(x), expected_pca)
     assert not torch.equal(expected_sign, expected_pca)

@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 
 from deephash.cli import main
 from deephash.errors import ConfigError
-from deephash.models import ModelSpec, build_model, fit_pca_codes, pca_codes, pca_projection
+from deephash.models import ModelSpec, build_model, fit_pca_codes, pca_codes, pca_projection, pca_rows
 from deephash.runs import load_run, load_split
 
 
@@ -37,6 +37,23 @@ def test_the_fit_is_scikit_learns_pca_of_the_normalised_rows():
     np.testing.assert_allclose(np.abs(overlap), np.eye(4), atol=1e-5)
     peaks = projection.gather(0, projection.abs().argmax(0, keepdim=True))
     assert bool((peaks > 0).all())  # the sign convention: each direction's largest entry is positive
+
+
+def test_a_power_is_applied_per_value_with_its_sign_before_the_normalisation():
+    x = _rows(n=300, d=8, seed=3) - 0.5  # values of both signs
+    rooted = np.sign(x.double().numpy()) * np.sqrt(np.abs(x.double().numpy()))
+    rooted /= np.linalg.norm(rooted, axis=1, keepdims=True)
+    np.testing.assert_allclose(pca_rows(x, 0.5).numpy(), rooted, atol=1e-6)
+    np.testing.assert_allclose(pca_rows(x).numpy(), F.normalize(x.double(), dim=1).numpy(), atol=1e-6)
+    mean, projection = pca_projection(x.split(64), bits=3, power=0.5)
+    oracle = PCA(n_components=3, svd_solver="full").fit(rooted)
+    np.testing.assert_allclose(mean.numpy(), oracle.mean_, atol=1e-6)
+    np.testing.assert_allclose(np.abs(projection.double().numpy().T @ oracle.components_.T), np.eye(3), atol=1e-5)
+    codes = pca_codes(x, mean, projection, power=0.5)
+    values = (rooted - mean.double().numpy()) @ projection.double().numpy()
+    clear = np.abs(values) > 1e-6
+    assert np.array_equal(codes.numpy()[clear], np.where(values >= 0, 1.0, -1.0)[clear])
+    assert not torch.equal(codes, pca_codes(x, mean, projection))  # the power changes the codes
 
 
 def test_the_fit_does_not_depend_on_how_the_rows_are_batched():
@@ -113,6 +130,9 @@ def test_an_unfitted_or_misbuilt_pca_model_says_so():
         build_model(ModelSpec(backbone="fmnist-cnn", head="embedding", embedding_dim=8, code_rule="pca"))
     with pytest.raises(ConfigError, match="code_source must be"):
         build_model(ModelSpec(backbone="fmnist-cnn", code_rule="pca", code_source="pixels"))
+    for power in (0, -0.5, True, "0.5"):
+        with pytest.raises(ConfigError, match="code_power must be a number > 0"):
+            build_model(ModelSpec(backbone="fmnist-cnn", code_rule="pca", code_power=power))
     with pytest.raises(ConfigError, match="used by code_rule 'pca' only"):
         build_model(ModelSpec(backbone="fmnist-cnn")).set_code_projection(torch.zeros(3), torch.zeros(3, 8))
 
@@ -132,6 +152,7 @@ backbone_params = {{ width = 4, depth = [1, 1], fc = 16 }}
 bits = 8
 code_rule = "pca"
 code_source = "{source}"
+code_power = {power}
 [loss]
 name = "csq"
 [sampler]
@@ -143,9 +164,9 @@ num_threads = 1
 """
 
 
-@pytest.mark.parametrize("source", ["map", "features"])
-def test_a_training_run_fits_the_projection_on_its_training_images(tmp_path, tiny_fmnist, source):
-    (tmp_path / "pca.toml").write_text(CONFIG.format(root=tiny_fmnist[0], source=source), encoding="utf-8")
+@pytest.mark.parametrize("source, power", [("map", 0.5), ("features", 1.0)])
+def test_a_training_run_fits_the_projection_on_its_training_images(tmp_path, tiny_fmnist, source, power):
+    (tmp_path / "pca.toml").write_text(CONFIG.format(root=tiny_fmnist[0], source=source, power=power), encoding="utf-8")
     assert main(["train", str(tmp_path / "pca.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     model, config = load_run(tmp_path / "run")
     seen = load_split(config, config.data.train_split, tmp_path / "run", training=True).data
@@ -157,7 +178,7 @@ def test_a_training_run_fits_the_projection_on_its_training_images(tmp_path, tin
     torch.testing.assert_close(model.code_mean, mean, atol=1e-6, rtol=0)
     torch.testing.assert_close(model.code_projection, projection, atol=1e-5, rtol=0)
     width = model.backbone.map_features if source == "map" else model.backbone.out_features
-    assert projection.shape == (width, 8) and bool(projection.any())
+    assert projection.shape == (width, 8) and bool(projection.any()) and model.code_power == power
     assert main(["evaluate", str(tmp_path / "run")]) == 0
 
 
@@ -165,10 +186,13 @@ def test_a_training_run_fits_the_projection_on_its_training_images(tmp_path, tin
     ('code_source = "map"', "read by model.code_rule = 'pca' only"),
     ('code_rule = "pca"\nhead = "embedding"', "code_rule = 'pca' makes the codes of a hash head"),
     ('code_rule = "pca"\ncode_source = "pixels"', "code_source must be 'features' or 'map'"),
+    ('code_rule = "pca"\ncode_power = 0.0', "code_power must be > 0"),
 ])
 def test_config_checks(tmp_path, model, message):
     from deephash.config import load_config
-    text = CONFIG.format(root=tmp_path, source="features").replace('code_rule = "pca"\ncode_source = "features"\n', model + "\n")
+    text = CONFIG.format(root=tmp_path, source="features", power=1.0).replace(
+        'code_rule = "pca"\ncode_source = "features"\ncode_power = 1.0\n', model + "\n")
+    assert model in text
     (tmp_path / "bad.toml").write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "bad.toml")

@@ -157,6 +157,8 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"model.{key} must be 'features' or 'map', got {getattr(config.model, key)!r} in {source}")
     if config.model.code_rule == "pca" and config.model.head != "hash":
         raise ConfigError(f"model.code_rule = 'pca' makes the codes of a hash head (its bits): set model.head = 'hash', in {source}")
+    if not config.model.code_power > 0:
+        raise ConfigError(f"model.code_power must be > 0, got {config.model.code_power} in {source}")
     if config.model.code_source == "map" and config.model.code_rule != "pca":
         raise ConfigError(f"model.code_source = 'map' is read by model.code_rule = 'pca' only, not {config.model.code_rule!r}, in {source}")
     head = config.rerank_head

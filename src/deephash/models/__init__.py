@@ -12,7 +12,7 @@ from deephash.models.backbones import (
     timm_backbone,
 )
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
-from deephash.models.pca_codes import fit_pca_codes, pca_codes, pca_projection
+from deephash.models.pca_codes import fit_pca_codes, pca_codes, pca_projection, pca_rows
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.retrieval_model import CODE_RULES, RERANK_VECTORS, RetrievalModel, build_model, channels_last_on_cpu, model_spec
 from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
@@ -47,6 +47,7 @@ __all__ = [
     "model_spec",
     "pca_codes",
     "pca_projection",
+    "pca_rows",
     "posterior_path_codes",
     "register_backbone",
     "sign_codes",

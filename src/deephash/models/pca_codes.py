@@ -1,9 +1,11 @@
 """PCA hashing of a trained backbone's features: the ``"pca"`` code rule.
 
-The code of an image is the sign of the top principal components of its L2-normalised source vector
-(the backbone's features, or its last feature map: ``model.code_source``), centred on the training
-images' mean: ``sign((z - mean) @ P)``, 0 ↦ +1, with ``P`` (D, bits) the leading eigenvectors of the
-training images' covariance of z. It is PCA hashing (Gong & Lazebnik's PCAH) on learned features:
+The code of an image is the sign of the top principal components of its source vector (the
+backbone's features, or its last feature map: ``model.code_source``), each value first raised to
+``power`` (signed, ``sign(x)·|x|^power``; 0.5 is the square-root "power normalisation" of ReLU
+features) and the row L2-normalised into z, centred on the training images' mean:
+``sign((z - mean) @ P)``, 0 ↦ +1, with ``P`` (D, bits) the leading eigenvectors of the training
+images' covariance of z. It is PCA hashing (Gong & Lazebnik's PCAH) on learned features:
 an unsupervised projection, so it keeps the local structure of the features for classes that
 training never saw, where a hash head fitted to the seen classes loses it (BENCHMARKS.md, issue 16).
 """
@@ -15,17 +17,25 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fit_pca_codes", "pca_codes", "pca_projection"]
+__all__ = ["fit_pca_codes", "pca_codes", "pca_projection", "pca_rows"]
 
 
-def pca_projection(batches: Iterable[torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and the leading principal directions of the L2-normalised rows of ``batches``.
+def pca_rows(source: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """float32 (B, D) rows z of float (B, ...) ``source``: ``sign(x)·|x|^power`` per value, then L2-normalised."""
+    x = source.detach().flatten(1).float()
+    if power != 1.0:
+        x = x.sign() * x.abs().pow(power)
+    return F.normalize(x, dim=1)
+
+
+def pca_projection(batches: Iterable[torch.Tensor], bits: int, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the leading principal directions of the rows z = `pca_rows` of ``batches``.
 
     Args:
-        batches: float (N_i, D) tensors, the rows of one data set in any number of pieces; each row
-            is L2-normalised before the statistics (each batch's sums in float32, their total in
-            float64, on the rows' device).
+        batches: float (N_i, D) tensors, the rows of one data set in any number of pieces (each
+            batch's sums in float32, their total in float64, on the rows' device).
         bits: how many directions, 1 <= bits <= D.
+        power: the exponent `pca_rows` applies to each value before the L2 normalisation.
 
     Returns:
         ``(mean, projection)``: float32 (D,) and float32 (D, bits), orthonormal columns by
@@ -36,7 +46,7 @@ def pca_projection(batches: Iterable[torch.Tensor], bits: int) -> tuple[torch.Te
     """
     n, total, outer = 0, None, None
     for batch in batches:
-        z = F.normalize(batch.detach().flatten(1).float(), dim=1)
+        z = pca_rows(batch, power)
         if total is None:
             total = z.new_zeros(z.shape[1], dtype=torch.float64)
             outer = z.new_zeros(z.shape[1], z.shape[1], dtype=torch.float64)
@@ -58,9 +68,9 @@ def pca_projection(batches: Iterable[torch.Tensor], bits: int) -> tuple[torch.Te
     return mean.float(), projection.float()
 
 
-def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """±1 codes float (B, bits) of float (B, D) ``source`` rows: sign((normalize(row) - mean) @ projection), 0 ↦ +1."""
-    z = F.normalize(source.flatten(1).float(), dim=1)
+def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """±1 codes float (B, bits) of float (B, D) ``source`` rows: sign((pca_rows(source, power) - mean) @ projection), 0 ↦ +1."""
+    z = pca_rows(source, power)
     return torch.where((z - mean) @ projection >= 0, 1.0, -1.0).to(source.dtype)
 
 
@@ -69,10 +79,10 @@ def fit_pca_codes(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     """Fit a ``"pca"`` model's projection on uint8 images (N, C, H, W), in place.
 
     The model runs in eval mode on its own device; its code source (``model.code_source_vectors``)
-    of every image enters :func:`pca_projection` with ``bits = model.bits``.
+    of every image enters :func:`pca_projection` with ``bits = model.bits`` and ``power = model.code_power``.
     """
     model.eval()
     device = next(model.parameters()).device
     rows = (model.code_source_vectors(images[i:i + batch_size].to(device).float().div_(255))
             for i in range(0, len(images), batch_size))
-    model.set_code_projection(*pca_projection(rows, model.bits))
+    model.set_code_projection(*pca_projection(rows, model.bits, model.code_power))

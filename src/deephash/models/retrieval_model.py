@@ -47,6 +47,8 @@ class RetrievalModel(nn.Module):
         rerank_source: That head's input: ``"features"``, or ``"map"`` (the backbone's
             ``forward_with_map``: its last feature map as the fully connected layer reads it).
         code_source: What the ``"pca"`` rule projects: ``"features"`` or ``"map"`` (as above).
+        code_power: The exponent the ``"pca"`` rule raises each source value to (signed) before
+            the L2 normalisation (`pca_rows`): 1 none, 0.5 the square root.
 
     Shapes:
         forward: float (B, C, H, W) in [0, 1] -> float (B, D); for a hash head D = bits,
@@ -72,6 +74,7 @@ class RetrievalModel(nn.Module):
         rerank_dim: int = 64,
         rerank_source: str = "features",
         code_source: str = "features",
+        code_power: float = 1.0,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -96,7 +99,10 @@ class RetrievalModel(nn.Module):
                 raise ConfigError(f"{name} 'map' needs a backbone with forward_with_map (fmnist-cnn), not {type(backbone).__name__}")
         if code_source == "map" and code_rule != "pca":
             raise ConfigError(f"code_source 'map' is read by code_rule 'pca' only, not {code_rule!r}")
+        if isinstance(code_power, bool) or not isinstance(code_power, (int, float)) or not code_power > 0:
+            raise ConfigError(f"code_power must be a number > 0, got {code_power!r}")
         self.code_source = code_source
+        self.code_power = float(code_power)
         if code_rule == "pca":
             if not isinstance(head, HashHead):
                 raise ConfigError("code_rule 'pca' needs a hash head (its bits)")
@@ -282,7 +288,7 @@ def _pca_rule(model: RetrievalModel, source: torch.Tensor) -> torch.Tensor:
     """`pca_codes` of the code source (the features or the last map) with the fitted projection."""
     if not bool(model.code_projection.any()):  # still the zeros of __init__
         raise ConfigError("code_rule 'pca' has no projection: fit it on the training images (fit_pca_codes) first")
-    return pca_codes(source, model.code_mean, model.code_projection)
+    return pca_codes(source, model.code_mean, model.code_projection, model.code_power)
 
 
 def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
@@ -304,7 +310,8 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
                            code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank,
-                           rerank_dim=s.rerank_dim, rerank_source=s.rerank_source, code_source=s.code_source)
+                           rerank_dim=s.rerank_dim, rerank_source=s.rerank_source, code_source=s.code_source,
+                           code_power=s.code_power)
     model.spec = s
     return model
 

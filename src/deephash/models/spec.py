@@ -30,8 +30,9 @@ class ModelSpec:
     (``sign`` of the hash head, or ``posterior``: on the Hamming path between the aux
     classifier's two likeliest classes' CSQ hash centers, at softmax temperature
     ``code_temperature``; see ``deephash.models.posterior_codes``; or ``pca``: PCA hashing of the
-    L2-normalised ``code_source``, the backbone's features or ``"map"`` (below), fitted on the
-    training images after training; see ``deephash.models.pca_codes``). ``rerank``: a float vector per
+    ``code_source``, the backbone's features or ``"map"`` (below), each value raised to
+    ``code_power`` (signed) and the row L2-normalised, fitted on the training images after
+    training; see ``deephash.models.pca_codes``). ``rerank``: a float vector per
     image kept beside its code for two-stage search (``""`` none; ``"head"`` the hash head's output
     before the sign, ``bits`` values; ``"features"`` the backbone's features; ``"instance"`` a
     head of its own, ``rerank_dim`` L2-normalised values trained with the instance term over two
@@ -57,6 +58,7 @@ class ModelSpec:
     rerank_dim: int = 64
     rerank_source: str = "features"
     code_source: str = "features"
+    code_power: float = 1.0
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:
