@@ -189,9 +189,13 @@ class RetrievalModel(nn.Module):
         return self.features_and_map(x, self.code_source == "map")[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._output(*self.features_and_map(x, self.code_source == "map"))
+
+    def _output(self, feats: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+        """The head's output; in eval mode under a code rule other than ``sign``, that rule's codes."""
         if self.training or self.code_rule == "sign":
-            return self.head(self.features(x))
-        return self.encode(x)
+            return self.head(feats)
+        return CODE_RULES.get(self.code_rule)(self, self._code_input(feats, mapped))
 
     def _code_input(self, feats: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
         """What the code rule reads: the code source (``"pca"``) or the features."""
@@ -235,10 +239,7 @@ class RetrievalModel(nn.Module):
         """One backbone pass: the eval-mode output (``forward``) and the re-rank vectors float
         ``(B, D_r)`` (None when the model keeps none)."""
         feats, mapped = self.features_and_map(x, "map" in (self.code_source, self.rerank_source if self.rerank else ""))
-        if self.training or self.code_rule == "sign":
-            out = self.head(feats)
-        else:
-            out = CODE_RULES.get(self.code_rule)(self, self._code_input(feats, mapped))
+        out = self._output(feats, mapped)
         if not self.rerank:
             return out, None
         rerank_input = mapped if self.rerank_source == "map" else feats
