@@ -82,7 +82,7 @@ def sign_metrics(run: Path) -> dict:
     encoded = {}
     for split in (config.data.query_split, config.data.database_split):
         embeddings, labels = encode_split(run, model, config, split, load_split(config, split, run))
-        encoded[split] = (pack_codes(np.asarray(embeddings) >= 0), labels)
+        encoded[split] = (pack_codes(np.asarray(embeddings)), labels)
     (q, ql), (db, dbl) = encoded[config.data.query_split], encoded[config.data.database_split]
     return evaluate_codes(q, ql, db, dbl, model.embedding_dim, ks=config.eval.ks, radius=config.eval.radius,
                           knn_k=config.eval.knn_k, splits=(config.data.query_split, config.data.database_split))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from deephash.data import load_dataset
 from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, recall_at_k
+from deephash.signs import sign
 
 SEEN = (0, 2, 4, 6, 8)
 UNSEEN = (1, 3, 5, 7, 9)
@@ -230,7 +231,7 @@ def pca_hash(fit_x: torch.Tensor, bits: int = 48) -> Callable[[torch.Tensor], np
     axes = v[:bits].T
 
     def encode(x: torch.Tensor) -> np.ndarray:
-        return pack_codes(((x.reshape(len(x), -1).double() - mean) @ axes >= 0).numpy())
+        return pack_codes((x.reshape(len(x), -1).double() - mean) @ axes)
 
     return encode
 
@@ -242,7 +243,7 @@ def itq_rotation(v: torch.Tensor, iters: int = 50, seed: int = 0) -> torch.Tenso
     g = torch.Generator().manual_seed(seed)
     r, _ = torch.linalg.qr(torch.randn(v.shape[1], v.shape[1], generator=g, dtype=torch.float64))
     for _ in range(iters):
-        b = torch.where(v @ r >= 0, 1.0, -1.0).double()
+        b = sign(v @ r).double()
         u, _, wt = torch.linalg.svd(v.T @ b)
         r = u @ wt
     return r

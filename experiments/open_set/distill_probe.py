@@ -82,10 +82,10 @@ def pca_codes(tr: torch.Tensor, q: torch.Tensor, db: torch.Tensor) -> dict:
     xc_ = tr - mu_
     _, vecs = torch.linalg.eigh(xc_.T @ xc_ / len(xc_))
     w_ = vecs[:, -48:].flip(1)
-    out = {"pca": eval_open_codes(pack_codes(((q - mu_) @ w_ >= 0).numpy()), o["yq"], pack_codes(((db - mu_) @ w_ >= 0).numpy()), o["ydb"])}
+    out = {"pca": eval_open_codes(pack_codes((q - mu_) @ w_), o["yq"], pack_codes((db - mu_) @ w_), o["ydb"])}
     rot_ = itq_rotation(xc_ @ w_).float()
-    out["pca-itq"] = eval_open_codes(pack_codes(((q - mu_) @ w_ @ rot_ >= 0).numpy()), o["yq"],
-                                     pack_codes(((db - mu_) @ w_ @ rot_ >= 0).numpy()), o["ydb"])
+    out["pca-itq"] = eval_open_codes(pack_codes((q - mu_) @ w_ @ rot_), o["yq"],
+                                     pack_codes((db - mu_) @ w_ @ rot_), o["ydb"])
     return out
 
 
@@ -110,7 +110,7 @@ pca = evecs[:, -48:].flip(1)  # (D, 48), largest first
 def codes(w: torch.Tensor, b: torch.Tensor | None = None) -> tuple:
     def enc(m: torch.Tensor):
         a = (m - mu) @ w + (0 if b is None else b)
-        return pack_codes((a >= 0).numpy())
+        return pack_codes(a)
     return enc(mq), enc(mdb)
 
 

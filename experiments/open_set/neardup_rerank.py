@@ -50,7 +50,7 @@ def enc(x):
         hs.append(model.head.linear(f))
         ps.append(posterior_path_codes(model.aux(f), centers, 2.0))
     h = torch.cat(hs)
-    return pack_codes((h >= 0).numpy()), pack_codes((torch.cat(ps) > 0).numpy()), h
+    return pack_codes(h), pack_codes(torch.cat(ps)), h
 
 
 d = load_fmnist()

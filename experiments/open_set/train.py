@@ -34,6 +34,7 @@ from deephash.models.posterior_codes import posterior_path_codes  # noqa: E402
 from deephash.models import build_model  # noqa: E402
 from deephash.retrieval.codes import pack_codes  # noqa: E402
 from deephash.retrieval.metrics import evaluate_codes  # noqa: E402
+from deephash.signs import sign  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--mode", choices=["open", "closed"], default="open")
@@ -135,7 +136,7 @@ while step < total:
         u = torch.tanh(beta * model.head.linear(feats))
         loss = torch.zeros(())
         parts = {}
-        uc = u + (torch.where(u >= 0, 1.0, -1.0) - u).detach() if args.ste else u
+        uc = u + (sign(u) - u).detach() if args.ste else u
         uc = proj(uc)
         if args.w_sup:
             parts["sup"] = supcon_loss(uc, yv, args.t_sup)
@@ -185,7 +186,7 @@ def encode(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         hs.append(model.head.linear(f))
         fs.append(f)
     h, f = torch.cat(hs), torch.cat(fs)
-    return pack_codes((h >= 0).numpy()), h, f
+    return pack_codes(h), h, f
 
 
 CENTERS = hash_centers(10, 48, seed=0)
@@ -196,7 +197,7 @@ def posterior(x: torch.Tensor, temperature: float = 2.0) -> np.ndarray:
     """Packed codes of the shipped "posterior" rule (CSQ centers, softmax at T over the aux head)."""
     model.eval()
     out = [posterior_path_codes(model.aux(model.features(x[i:i + 2000])), CENTERS, temperature) for i in range(0, len(x), 2000)]
-    return pack_codes((torch.cat(out) > 0).numpy())
+    return pack_codes(torch.cat(out))
 
 
 res: dict = {"args": vars(args), "train_s": round(train_s, 1), "steps": total}
@@ -209,10 +210,10 @@ if args.mode == "open":
     # post-hoc code rules fitted on the training images' head outputs (seen classes only)
     _, htr, _ = encode(xtrain)
     mu = htr.mean(0)
-    res["open_center"] = eval_open_codes(pack_codes((hq - mu >= 0).numpy()), o["yq"], pack_codes((hdb - mu >= 0).numpy()), o["ydb"])
+    res["open_center"] = eval_open_codes(pack_codes(hq - mu), o["yq"], pack_codes(hdb - mu), o["ydb"])
     print("open centred sign", res["open_center"], flush=True)
     rot = itq_rotation(htr - mu).float()
-    res["open_itq"] = eval_open_codes(pack_codes(((hq - mu) @ rot >= 0).numpy()), o["yq"], pack_codes(((hdb - mu) @ rot >= 0).numpy()), o["ydb"])
+    res["open_itq"] = eval_open_codes(pack_codes((hq - mu) @ rot), o["yq"], pack_codes((hdb - mu) @ rot), o["ydb"])
     print("open itq", res["open_itq"], flush=True)
     sat = (htr.tanh().abs() > 0.9).float().mean()
     res["saturated_share"] = float(sat)

@@ -49,6 +49,7 @@ from deephash.models import (
     build_model,
 )
 from deephash.retrieval import HashIndex, mean_average_precision, pack_codes, unpack_codes
+from deephash.signs import sign
 from deephash.train import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, fit
 
 from deephash._version import __version__
@@ -95,6 +96,7 @@ __all__ = [
     "mean_average_precision",
     "pack_codes",
     "pairwise_distances",
+    "sign",
     "unpack_codes",
     "__version__",
 ]

@@ -49,9 +49,8 @@ def test_pack_is_msb_first_and_round_trips_for_every_input_kind(bits):
     np.testing.assert_array_equal(unpacked, b.astype(np.uint8))
 
 
-def test_pack_rejects_real_values_and_unpack_checks_length():
-    with pytest.raises(ValueError, match="binarize"):
-        pack_codes(np.array([[0.3, -1.0]]))
+def test_pack_reads_real_values_by_sign_and_unpack_checks_length():
+    assert pack_codes(np.array([[0.3, -1.0, 0.0, -0.2]])).tolist() == [[0b10100000]]
     with pytest.raises(CodeLengthError, match="2 bytes"):
         unpack_codes(np.zeros((1, 2), np.uint8), 24)
 

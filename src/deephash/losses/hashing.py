@@ -19,6 +19,7 @@ from torch import nn
 from deephash.errors import CodeLengthError, DeephashError
 from deephash.losses.metric import upcast_half
 from deephash.losses.registry import register_loss
+from deephash.signs import sign
 
 __all__ = [
     "DTSHLoss",
@@ -32,11 +33,6 @@ __all__ = [
     "BitBalanceLoss",
     "QuantizationLoss",
 ]
-
-
-def _sign(u: torch.Tensor) -> torch.Tensor:
-    """±1 of u's dtype, 0 ↦ +1, without gradient."""
-    return torch.where(u.detach() >= 0, 1.0, -1.0).to(u.dtype)
 
 
 def quantization_loss(u: torch.Tensor) -> torch.Tensor:
@@ -154,7 +150,7 @@ class DTSHLoss(nn.Module):
             triplets = self.triplet_selector.get_triplets(u.detach(), labels, memory, memory_labels)
             columns = torch.cat((u, memory))
         self.num_selected = int(triplets.shape[0])
-        quant = (u - _sign(u)).pow(2).sum(dim=1).mean()
+        quant = (u - sign(u)).pow(2).sum(dim=1).mean()
         if self.num_selected == 0:
             return u.sum() * 0 + self.quantization_weight * quant
         a, p, n = triplets.unbind(dim=1)
@@ -359,7 +355,7 @@ class CSQLoss(nn.Module):
         """Center of each sample: float (B, bits) ±1, from int64 (B,) or multi-hot (B, K) labels."""
         centers = self.centers.to(dtype)
         if labels.ndim == 2:
-            return _sign(labels.to(dtype) @ centers)
+            return sign(labels.to(dtype) @ centers)
         return centers[labels]
 
     def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

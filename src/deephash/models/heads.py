@@ -10,6 +10,7 @@ from torch import nn
 
 from deephash.errors import DeephashError
 from deephash.registry import Registry
+from deephash.signs import sign
 
 __all__ = ["HEADS", "Normalize", "HashHead", "EmbeddingHead", "IdentityHead", "ClassifierHead", "sign_codes"]
 
@@ -18,8 +19,8 @@ HEADS: Registry[nn.Module] = Registry("head")
 
 
 def sign_codes(x: torch.Tensor) -> torch.Tensor:
-    """Sign with 0 mapped to +1: float tensor of x's shape with values in {-1, +1}."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """Sign with 0 mapped to +1 (:func:`deephash.signs.sign`): tensor of x's shape in {-1, +1}."""
+    return sign(x)
 
 
 class Normalize(nn.Module):

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from deephash.signs import sign
+
 __all__ = ["fit_pca_codes", "pca_codes", "pca_projection", "pca_rows"]
 
 
@@ -71,7 +73,7 @@ def pca_projection(batches: Iterable[torch.Tensor], bits: int, power: float = 1.
 def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     """±1 codes float (B, bits) of float (B, D) ``source`` rows: sign((pca_rows(source, power) - mean) @ projection), 0 ↦ +1."""
     z = pca_rows(source, power)
-    return torch.where((z - mean) @ projection >= 0, 1.0, -1.0).to(source.dtype)
+    return sign(((z - mean) @ projection).to(source.dtype))
 
 
 @torch.no_grad()

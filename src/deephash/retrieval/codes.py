@@ -17,6 +17,7 @@ import torch
 
 from deephash._io import atomic_savez
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
+from deephash.signs import is_plus, sign
 
 
 def n_bytes(bits: int) -> int:
@@ -25,19 +26,51 @@ def n_bytes(bits: int) -> int:
 
 
 def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Sign of ``x`` as float ``{-1, +1}`` with ``0 -> +1``; same type and shape as ``x``."""
-    if isinstance(x, torch.Tensor):
-        one = torch.ones((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
-        return torch.where(x >= 0, one, -one)
-    x = np.asarray(x)
-    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-    return np.where(x >= 0, 1.0, -1.0).astype(dtype)
+    """Sign of ``x`` as float ``{-1, +1}`` with ``0 -> +1`` (:func:`deephash.signs.sign`); same type and shape."""
+    return sign(x)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The bits of unpacked codes: bool ``(N, bits)``, True for a 1 bit.
+
+    How the input is read (by its dtype first, so a real-valued output is never taken for bits):
+
+    - bool: as bits (True is 1);
+    - floats: as signs, a 1 bit where the value is ``>= 0`` (the sign rule, 0 ↦ +1:
+      :func:`deephash.signs.is_plus`), so ±1 codes and real-valued outputs pack by their sign,
+      exact zeros as 1 bits;
+    - integers: as signs when any value is negative (±1 or {-1, 0, +1}: 0 is a 1 bit), else as
+      bits, which must then be 0 or 1 (``uint8`` bits from :func:`unpack_codes`, {0, 1} int64).
+
+    To pack {0, 1} bits held in floats, pass them as bool (``x > 0.5``).
+
+    Raises:
+        DeephashError: not 2-D, NaN or infinite values, or bits other than 0 and 1.
+    """
+    array = _to_numpy(codes)
+    if array.ndim != 2:
+        raise DeephashError(f"codes must be 2-D (N, bits), got shape {array.shape}")
+    if array.dtype == np.bool_:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DeephashError(f"codes must be bool, integers or floats, got {array.dtype}")
+    if array.size == 0:
+        return array.astype(bool)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DeephashError("codes hold NaN or infinite values")
+        return np.asarray(is_plus(array))
+    if (array < 0).any():
+        return np.asarray(is_plus(array))
+    if array.max() > 1:
+        raise DeephashError(f"integer codes without a negative value are bits and must be 0 or 1, got {int(array.max())} (packed codes?)")
+    return array.astype(bool)
 
 
 def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -47,20 +80,13 @@ def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     (``np.packbits(..., bitorder="big")``).
 
     Args:
-        codes: ``(N, bits)`` bool, ``{0, 1}`` integers or ``{-1, +1}`` floats (numpy or torch);
-            a value ``> 0`` (or ``True``) is a 1 bit. Apply :func:`binarize` to real values first.
+        codes: ``(N, bits)`` numpy or torch: bool or {0, 1} bits, or ±1 / real-valued signs
+            packed by the sign rule (0 ↦ +1); :func:`code_bits` says how each input is read.
 
     Returns:
         uint8 ``(N, ceil(bits / 8))``.
     """
-    array = _to_numpy(codes)
-    if array.ndim != 2:
-        raise DeephashError(f"codes must be 2-D (N, bits), got shape {array.shape}")
-    if array.dtype != np.bool_:
-        if array.size and not np.isin(array, (-1, 0, 1)).all():
-            raise DeephashError("codes must be bool, {0, 1} or {-1, +1}; call binarize() on real values first")
-        array = array > 0
-    return np.packbits(array, axis=1, bitorder="big")
+    return np.packbits(code_bits(codes), axis=1, bitorder="big")
 
 
 def unpack_codes(packed: torch.Tensor | np.ndarray, bits: int) -> np.ndarray:

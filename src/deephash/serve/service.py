@@ -35,6 +35,7 @@ from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
 from deephash.retrieval.living import LivingIndex
 from deephash.retrieval.search import IdLookup, search
 from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
+from deephash.signs import sign
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ class SearchService:
         if hasattr(self.model, "encode_with_rerank"):
             codes, vector = self.model.encode_with_rerank(x.to(device))
         else:
-            codes, vector = torch.where(self.model(x.to(device)) >= 0, 1.0, -1.0), None
+            codes, vector = sign(self.model(x.to(device))), None
         return pack_codes(codes.cpu()), None if vector is None else vector[0].float().cpu().numpy()
 
     def item_vector(self, ident: int) -> np.ndarray | None:
