@@ -173,10 +173,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from deephash.retrieval.search import DEFAULT_SHORTLIST
     from deephash.runs import search_run
 
     k = args.k if args.k is not None else (None if args.radius is not None else 10)
-    results = search_run(args.index, args.run, args.images, k=k, radius=args.radius, shortlist=args.shortlist)
+    shortlist = DEFAULT_SHORTLIST if args.shortlist is None else args.shortlist
+    results = search_run(args.index, args.run, args.images, k=k, radius=args.radius, shortlist=shortlist)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -201,9 +203,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    help="image files, or SPLIT:N for item N of a split of the run's data set (e.g. test:0)")
     p.add_argument("-k", type=int, help="at most this many results per query (default 10; no limit with --radius)")
     p.add_argument("--radius", type=int, help="only items within this Hamming distance (inclusive)")
-    p.add_argument("--shortlist", type=int, default=100,
+    p.add_argument("--shortlist", type=int,
                    help="first stage of a two-stage search, when the run keeps re-rank vectors (model.rerank): this "
-                        "many nearest codes, ties included, ranked by the vectors (default 100)")
+                        "many nearest codes, ties included, ranked by the vectors (default: the one evaluate "
+                        "measures with, deephash.retrieval.search.DEFAULT_SHORTLIST = 1000)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_search)
 

@@ -24,7 +24,7 @@ from deephash.errors import DataFormatError, NotFoundError
 from deephash.retrieval.codes import unpack_codes
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import precision_recall_curve_at_k
-from deephash.retrieval.search import search
+from deephash.retrieval.search import DEFAULT_SHORTLIST, search
 from deephash.runs import evaluate_run, load_run, load_split
 from deephash.runs.encoding import encode_split_with_rerank
 from deephash.runs.layout import CONFIG_FILE, LOG_FILE, METRICS_FILE
@@ -79,15 +79,16 @@ def scatter_sample(encoded: Encoded, max_points: int = SCATTER_POINTS, seed: int
     return np.asarray(encoded.features)[keep], encoded.labels[keep]
 
 
-def nearest(query: Encoded, database: Encoded, bits: int | None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def nearest(query: Encoded, database: Encoded, bits: int | None, k: int = 10,
+            shortlist: int = DEFAULT_SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` nearest database rows and their distances, int64 / float ``(nq, k')``:
-    through the search engine (a ``HashIndex``, two-stage when the run keeps re-rank vectors) for
-    codes, by Euclidean distance for embeddings."""
+    through the search engine (a ``HashIndex``, two-stage over a Hamming shortlist of
+    ``shortlist`` when the run keeps re-rank vectors) for codes, by Euclidean distance for embeddings."""
     k = min(k, len(database.labels))
     if bits is not None:
         index = HashIndex(bits)
         index.add(database.features, rerank=database.rerank)
-        found = search(index, query.features, k, rerank=query.rerank)
+        found = search(index, query.features, k, rerank=query.rerank, shortlist=shortlist)
         return np.stack([f.positions for f in found]), np.stack([f.distances for f in found]).astype(np.float64)
     d = torch.cdist(torch.from_numpy(query.features), torch.from_numpy(database.features))
     order = torch.sort(d, dim=1, stable=True).indices[:, :k]
@@ -194,20 +195,21 @@ def _curves_section(query: Encoded, database: Encoded, config: Any, bits: int | 
 
 
 def _grid_section(query: Encoded, database: Encoded, bits: int | None, n_grid: int, classes: Any,
-                  run_dir: Path) -> tuple[str, str] | None:
+                  run_dir: Path, shortlist: int = DEFAULT_SHORTLIST) -> tuple[str, str] | None:
     """The first ``n_grid`` queries and their nearest database images (None when there are none)."""
     if n_grid <= 0 or len(database.labels) == 0:
         return None
     grid_query = Encoded(query.features[:n_grid], query.labels[:n_grid], query.images[:n_grid],
                          None if query.rerank is None else query.rerank[:n_grid])
-    ids, distances = nearest(grid_query, database, bits)
+    ids, distances = nearest(grid_query, database, bits, shortlist=shortlist)
     grid = plot_retrieval_grid(
         query.images[:n_grid].numpy(), database.images[torch.from_numpy(ids)].numpy(),
         database.labels[ids] == query.labels[:n_grid, None], run_dir / "report" / "retrieval_grid.png",
         query_labels=query.labels[:n_grid], result_labels=database.labels[ids],
         distances=distances, class_names=classes,
     )
-    order = ("the Hamming shortlist re-ranked by the model's re-rank vectors (d = Hamming distance)"
+    order = (f"the Hamming shortlist of {shortlist} (ties included) re-ranked by the model's re-rank vectors, "
+             "as evaluate (d = Hamming distance)"
              if query.rerank is not None and database.rerank is not None else "d = distance")
     return ("Retrieval examples", '<p class="note">Each row: a query, then its top '
             f"{ids.shape[1]} results; green frame = same class, red = different class; "
@@ -258,7 +260,8 @@ def write_report(run_dir: str | os.PathLike, max_queries: int = 8, curve_queries
     sections.append(_embedding_section(query, database, config, bits, classes, run_dir))
     n_curve = min(curve_queries, len(query.labels))
     sections.append(_curves_section(query, database, config, bits, n_curve, run_dir))
-    grid = _grid_section(query, database, bits, min(max_queries, n_curve), classes, run_dir)
+    grid = _grid_section(query, database, bits, min(max_queries, n_curve), classes, run_dir,
+                         shortlist=config.eval.rerank_shortlist)
     if grid is not None:
         sections.append(grid)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deephash.models.spec import ModelSpec
+from deephash.retrieval.search import DEFAULT_SHORTLIST
 
 #: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
 ModelConfig = ModelSpec
@@ -192,7 +193,7 @@ class EvalConfig:
     radius: int = 2
     knn_k: int = 10
     recall_ks: list[int] = field(default_factory=lambda: [1, 10])
-    rerank_shortlist: int = 1000
+    rerank_shortlist: int = DEFAULT_SHORTLIST
     near_duplicates: NearDuplicateConfig = field(default_factory=NearDuplicateConfig)
 
 

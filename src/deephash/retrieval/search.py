@@ -15,6 +15,8 @@ Two-stage search (FAISS's ``IndexRefine`` pattern), when the index keeps re-rank
 query's vectors are given: the ``shortlist`` nearest codes, with every item tied with the last one
 (so a class of equal codes is never cut arbitrarily), are ranked by the Euclidean distance between
 the vectors (``scores``), then by Hamming distance and id; ``k`` and ``radius`` then apply as above.
+The shortlist's size defaults to :data:`DEFAULT_SHORTLIST` everywhere (the CLI, the service,
+``evaluate`` and the report), so the search that is measured is the search that is served.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import torch
 
 from deephash.errors import DeephashError
 
-__all__ = ["IdLookup", "Neighbours", "search"]
+__all__ = ["DEFAULT_SHORTLIST", "IdLookup", "Neighbours", "search"]
+
+#: The first stage's size of a two-stage search, unless a caller asks for another: the CLI's
+#: ``--shortlist``, the service, ``evaluate`` (``eval.rerank_shortlist``) and the report.
+DEFAULT_SHORTLIST = 1000
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class IdLookup:
 
 def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, radius: int | None = None,
            lookup: IdLookup | None = None, rerank: torch.Tensor | np.ndarray | None = None,
-           shortlist: int = 100) -> list[Neighbours]:
+           shortlist: int = DEFAULT_SHORTLIST) -> list[Neighbours]:
     """Each query's neighbours in ``index`` (see the module docstring for ``k`` and ``radius``).
 
     Args:

@@ -21,7 +21,7 @@ from deephash.data.datasets import ArrayDataset
 from deephash.data.perturb import perturb_images
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k, ranked_list_metrics
-from deephash.retrieval.search import search
+from deephash.retrieval.search import DEFAULT_SHORTLIST, search
 from deephash.runs.data import load_split
 from deephash.runs.encoding import encode_split_with_rerank, encode_with_rerank
 from deephash.runs.layout import METRICS_FILE
@@ -113,7 +113,7 @@ def two_stage_metrics(bits: int, q_codes: np.ndarray, q_vectors: np.ndarray, q_l
 
 def near_duplicate_recall(model: nn.Module, database: Any, db_codes: np.ndarray, settings: NearDuplicateConfig,
                           ks: Sequence[int] = (1, 10), db_vectors: np.ndarray | None = None,
-                          shortlist: int = 1000) -> dict[str, Any]:
+                          shortlist: int = DEFAULT_SHORTLIST) -> dict[str, Any]:
     """``settings.n`` database images, drawn with ``settings.seed``, perturbed (``data.perturb``) and
     encoded as queries; the relevant item of each is its original. Returns the protocol and the
     recall@k of the originals, tie-aware and stable (``retrieval.metrics.original_recall_at_k``), by

@@ -12,7 +12,7 @@ import torch
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
 from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.search import search
+from deephash.retrieval.search import DEFAULT_SHORTLIST, search
 from deephash.runs.data import query_images, source_dataset
 from deephash.runs.encoding import encode_sharded, encode_split_with_rerank
 from deephash.runs.model_file import is_hash_model, load_run
@@ -81,7 +81,7 @@ def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images: Sequence[str], k: int | None = 10,
-               radius: int | None = None, shortlist: int = 100) -> list[dict[str, Any]]:
+               radius: int | None = None, shortlist: int = DEFAULT_SHORTLIST) -> list[dict[str, Any]]:
     """Encode query images with a run's model and look up their neighbours in an index.
 
     Args:

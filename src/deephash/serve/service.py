@@ -33,7 +33,7 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
 from deephash.retrieval.living import LivingIndex
-from deephash.retrieval.search import IdLookup, search
+from deephash.retrieval.search import DEFAULT_SHORTLIST, IdLookup, search
 from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
 from deephash.signs import sign
 
@@ -274,7 +274,7 @@ class SearchService:
             return int(self._ids[self._rng.integers(len(self._ids))])
 
     def search(self, packed: np.ndarray, k: int, radius: int | None = None, vector: np.ndarray | None = None,
-               shortlist: int = 100) -> list[Hit]:
+               shortlist: int = DEFAULT_SHORTLIST) -> list[Hit]:
         """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given;
         with the query's re-rank ``vector`` and an index that keeps vectors, a two-stage search
         (``retrieval.search``) over a Hamming shortlist of ``shortlist``.
