@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from deephash.data import load_dataset
 from deephash.retrieval.codes import pack_codes
-from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, recall_at_k
+from deephash.retrieval.index import HashIndex
+from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k, original_recall_of_lists
+from deephash.retrieval.search import DEFAULT_SHORTLIST, ranked_positions, search
 from deephash.signs import sign
 
 SEEN = (0, 2, 4, 6, 8)
@@ -190,36 +192,27 @@ def near_dup_queries(xtr: torch.Tensor, n: int = 500, seed: int = 0) -> tuple[to
 
 
 def near_dup_recall_codes(q_codes: np.ndarray, db_codes: np.ndarray, idx: torch.Tensor, bits: int) -> tuple[float, float]:
-    """Tie-aware recall@1 / @10 of the original item (labels = item ids, so only it is relevant)."""
-    db_ids = np.arange(len(db_codes))
-    r = recall_at_k(q_codes, idx.numpy(), db_codes, db_ids, bits, [1, 10])
+    """Tie-aware recall@1 / @10 of the original item (the library's ``original_recall_at_k``)."""
+    r = original_recall_at_k(q_codes, db_codes, idx.numpy(), [1, 10], bits=bits)["tie-aware"]
     return float(r[0]), float(r[1])
 
 
 def near_dup_recall_real(q: torch.Tensor, db: torch.Tensor, idx: torch.Tensor, ks=(1, 10)) -> tuple[float, ...]:
-    """Recall@k of the original under Euclidean ranking of float vectors (exact, no ties expected)."""
-    d = torch.cdist(q.float(), db.float())
-    true = d[torch.arange(len(idx)), idx]
-    rank = (d < true[:, None]).sum(1)  # strict: items strictly nearer than the original
-    return tuple(float((rank < k).float().mean()) for k in ks)
+    """Recall@k of the original under Euclidean ranking of float vectors (``original_recall_at_k``)."""
+    r = original_recall_at_k(q.float().numpy(), db.float().numpy(), idx.numpy(), list(ks))["stable"]
+    return tuple(float(v) for v in r)
 
 
 def near_dup_recall_rerank(q_codes: np.ndarray, db_codes: np.ndarray, q_vec: torch.Tensor, db_vec: torch.Tensor,
-                           idx: torch.Tensor, bits: int, shortlist: int = 1000) -> tuple[float, float]:
-    """Two-stage search: Hamming shortlist of ``shortlist`` items (ties at the cut-off broken by
-    database order, as a FAISS k-NN list would), then exact Euclidean re-ranking of the shortlist by
-    the re-rank vectors. Recall@1 / @10 of the original (the original counts only if shortlisted)."""
-    qb = torch.from_numpy(np.unpackbits(q_codes, axis=1)[:, :bits].astype(np.float32))
-    db = torch.from_numpy(np.unpackbits(db_codes, axis=1)[:, :bits].astype(np.float32))
-    ham = torch.cdist(qb, db, p=1)  # (nq, n) integer-valued
-    order = torch.from_numpy(np.argsort(ham.numpy(), axis=1, kind="stable")[:, :shortlist])
-    cand = db_vec[order].float()  # (nq, s, d)
-    dist = ((cand - q_vec[:, None].float()) ** 2).sum(-1)
-    hit = order == idx[:, None]
-    present = hit.any(1)
-    true = torch.where(present, (dist * hit).sum(1), torch.full((len(idx),), float("inf")))
-    rank = (dist < true[:, None]).sum(1)
-    return float((present & (rank < 1)).float().mean()), float((present & (rank < 10)).float().mean())
+                           idx: torch.Tensor, bits: int, shortlist: int = DEFAULT_SHORTLIST) -> tuple[float, float]:
+    """The library's two-stage search (``retrieval.search``: the ``shortlist`` nearest codes and
+    every item tied with the last, ranked by the re-rank vectors); recall@1 / @10 of the original
+    (``original_recall_of_lists``; the original counts only if shortlisted)."""
+    index = HashIndex(bits)
+    index.add(db_codes, rerank=db_vec.float().numpy())
+    found = search(index, q_codes, 10, rerank=q_vec.float().numpy(), shortlist=shortlist)
+    r = original_recall_of_lists(ranked_positions(found, 10), idx.numpy(), len(db_codes), [1, 10])
+    return float(r[0]), float(r[1])
 
 
 # ---------------------------------------------------------------- baselines and evaluation

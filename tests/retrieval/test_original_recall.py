@@ -1,4 +1,5 @@
-"""Recall of the original item (near-duplicate retrieval) against a per-query loop over every order."""
+"""Recall of the original item (near-duplicate retrieval), through the metrics engine, against a
+per-query loop over every order and a loop over ranked lists."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from deephash.errors import DeephashError
 from deephash.retrieval import pack_codes
-from deephash.retrieval.metrics import original_recall_at_k
+from deephash.retrieval.metrics import original_recall_at_k, original_recall_of_lists
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -35,3 +37,28 @@ def test_embeddings_rank_by_euclidean_distance():
     q = np.array([[0.9, 0.0], [2.9, 0.0]])
     got = original_recall_at_k(q, db, [0, 2], [1, 2])
     np.testing.assert_allclose(got["stable"], [0.5, 1.0])  # query 1's original is second, query 2's first
+
+
+def test_embeddings_break_exact_ties_by_database_position():
+    db = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 5.0]])  # rows 0 and 1 tie for the query at the origin
+    got = original_recall_at_k(np.zeros((2, 2)), db, [0, 1], [1, 2])
+    np.testing.assert_allclose(got["stable"], [0.5, 1.0])
+    np.testing.assert_allclose(got["tie-aware"], got["stable"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranked_lists_match_a_loop(seed):
+    rng = np.random.default_rng(seed)
+    n, nq, depth, ks = 9, 12, 5, [1, 3, 5]
+    ranked = np.stack([rng.permutation(n)[:depth] for _ in range(nq)])
+    ranked[rng.random((nq, depth)) < 0.2] = -1  # short lists, padded
+    targets = rng.integers(0, n, nq)
+    want = [np.mean([targets[i] in list(ranked[i, :k]) for i in range(nq)]) for k in ks]
+    np.testing.assert_allclose(original_recall_of_lists(ranked, targets, n, ks), want, atol=1e-12)
+
+
+def test_a_target_outside_the_database_is_an_error():
+    with pytest.raises(DeephashError, match="original rows"):
+        original_recall_at_k(np.zeros((1, 2)), np.zeros((3, 2)), [3], [1])
+    with pytest.raises(DeephashError, match="original rows"):
+        original_recall_of_lists(np.zeros((1, 2), np.int64), [-1], 3, [1])

@@ -122,42 +122,63 @@ def map_at_r(q: Any, q_labels: Any, db: Any, db_labels: Any, bits: int | None = 
     return _mean(stats[f"map_r/{rule}"], stats["R"] > 0)
 
 
-def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits: int | None = None,
-                         chunk: int = 256) -> dict[str, np.ndarray]:
+def original_recall_at_k(q: Any, db: Any, targets: Any, ks: Sequence[int], bits: int | None = None
+                         ) -> dict[str, np.ndarray]:
     """Near-duplicate retrieval: for each query, is its one relevant item (its original, database
     row ``targets[i]``) among the k nearest?
 
-    With ``n_less`` items strictly nearer than the original and ``n_tie`` at its distance (itself
-    included), the tie-aware value is ``clip((k - n_less) / n_tie, 0, 1)``, the probability over
-    random orders within the tie; stable breaks ties by database position.
+    The metrics engine's Recall@K with every database item its own label and each query labelled
+    with its original's row, so the original is the only relevant item: with ``n_less`` items
+    strictly nearer than it and ``n_tie`` at its distance (itself included), tie-aware is
+    ``clip((k - n_less) / n_tie, 0, 1)``, the probability over random orders within the tie;
+    stable breaks ties by database position. Embeddings have no tie rule: both keys hold the
+    stable value.
 
     Args:
         q: packed uint8 codes ``(nq, bytes)`` (``bits`` given: Hamming distances) or float
             embeddings ``(nq, D)`` (Euclidean).
         db: the database, same kind ``(n, ...)``.
-        targets: int64 ``(nq,)`` database rows of the originals.
+        targets: int ``(nq,)`` database rows of the originals.
         ks: cut-offs.
-        chunk: queries per distance block.
 
     Returns:
         ``{"tie-aware": float64 (len(ks),), "stable": float64 (len(ks),)}``, means over queries.
+
+    Raises:
+        DeephashError: a target outside the database.
     """
-    targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-    k = torch.tensor([float(v) for v in ks], dtype=torch.float64)[None, :]
-    aware, stable = [], []
-    for start in range(0, len(targets), chunk):
-        rows = slice(start, start + chunk)
-        if bits is not None:
-            dist = torch.as_tensor(hamming_distances(np.asarray(q)[rows], np.asarray(db))).to(torch.int64)
-        else:
-            dist = torch.cdist(torch.as_tensor(np.asarray(q)[rows]).double(), torch.as_tensor(np.asarray(db)).double())
-        own = dist.gather(1, targets[rows, None])
-        n_less = (dist < own).sum(1, keepdim=True).double()
-        n_tie = (dist == own).sum(1, keepdim=True).double()
-        before_in_tie = ((dist == own) & (torch.arange(dist.shape[1])[None, :] < targets[rows, None])).sum(1, keepdim=True)
-        aware.append(((k - n_less) / n_tie).clamp(0, 1))
-        stable.append((n_less + before_in_tie + 1 <= k).double())
-    return {"tie-aware": torch.cat(aware).mean(0).numpy(), "stable": torch.cat(stable).mean(0).numpy()}
+    targets, items = _original_labels(targets, len(db))
+    problem = _codes_problem(q, targets, db, items, bits) if bits is not None else _real_problem(q, targets, db, items)
+    stats = _run(problem, recall_ks=ks, ties=("tie-aware", "stable"))
+    return {rule: stats[f"recall/{rule}"].mean(0).numpy() for rule in ("tie-aware", "stable")}
+
+
+def original_recall_of_lists(ranked: Any, targets: Any, n_database: int, ks: Sequence[int]) -> np.ndarray:
+    """Near-duplicate recall@k of given ranked lists (e.g. a two-stage search's): the share of
+    queries whose original (database row ``targets[i]``) is among the first k of its list.
+
+    :func:`ranked_list_metrics`'s Recall@K with the labels of :func:`original_recall_at_k`.
+
+    Args:
+        ranked: int ``(nq, depth)`` database rows, nearest first; -1 pads a short list.
+        targets: int ``(nq,)`` database rows of the originals.
+        n_database: the database's size.
+        ks: cut-offs.
+
+    Returns:
+        float64 ``(len(ks),)``.
+    """
+    targets, items = _original_labels(targets, n_database)
+    found = ranked_list_metrics(ranked, targets, items, recall_ks=ks, rule="original")
+    return np.array([found[f"Recall@{k}/original"] for k in ks], dtype=np.float64)
+
+
+def _original_labels(targets: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels that make each query's original its only relevant item: ``(targets, arange(n))``."""
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if targets.size and (targets.min() < 0 or targets.max() >= n):
+        raise DeephashError(f"original rows must lie in 0..{n - 1}, got {int(targets.min())}..{int(targets.max())}")
+    return targets, np.arange(n, dtype=np.int64)
 
 
 def precision_within_radius(q_codes: Any, q_labels: Any, db_codes: Any, db_labels: Any, bits: int, radius: int = 2) -> tuple[float, float]:

@@ -28,7 +28,7 @@ import torch
 
 from deephash.errors import DeephashError
 
-__all__ = ["DEFAULT_SHORTLIST", "IdLookup", "Neighbours", "search"]
+__all__ = ["DEFAULT_SHORTLIST", "IdLookup", "Neighbours", "ranked_positions", "search"]
 
 #: The first stage's size of a two-stage search, unless a caller asks for another: the CLI's
 #: ``--shortlist``, the service, ``evaluate`` (``eval.rerank_shortlist``) and the report.
@@ -122,6 +122,16 @@ def search(index: object, codes: torch.Tensor | np.ndarray, k: int | None = 10, 
         lims, distances, ids = index.range_search(codes, min(int(radius), int(index.bits)))
         rows = [(distances[a:b][:k], ids[a:b][:k]) for a, b in zip(lims[:-1], lims[1:])]
     return [Neighbours(d.astype(np.int32), i.astype(np.int64), lookup.positions(i)) for d, i in rows]
+
+
+def ranked_positions(found: list[Neighbours], depth: int) -> np.ndarray:
+    """The index rows of each query's first ``depth`` results, nearest first: int64 ``(nq, depth)``,
+    ``-1`` where a query has fewer (the ranked lists that ``retrieval.metrics`` reads)."""
+    ranked = np.full((len(found), int(depth)), -1, dtype=np.int64)
+    for row, neighbours in zip(ranked, found):
+        kept = neighbours.positions[: int(depth)]
+        row[: len(kept)] = kept
+    return ranked
 
 
 def _two_stage(index: object, code: torch.Tensor | np.ndarray, vector: np.ndarray, vectors: np.ndarray, k: int | None,

@@ -20,8 +20,14 @@ from deephash.config import NearDuplicateConfig
 from deephash.data.datasets import ArrayDataset
 from deephash.data.perturb import perturb_images
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.metrics import evaluate_codes, evaluate_embeddings, original_recall_at_k, ranked_list_metrics
-from deephash.retrieval.search import DEFAULT_SHORTLIST, search
+from deephash.retrieval.metrics import (
+    evaluate_codes,
+    evaluate_embeddings,
+    original_recall_at_k,
+    original_recall_of_lists,
+    ranked_list_metrics,
+)
+from deephash.retrieval.search import DEFAULT_SHORTLIST, ranked_positions, search
 from deephash.runs.data import load_split
 from deephash.runs.encoding import encode_split_with_rerank, encode_with_rerank
 from deephash.runs.layout import METRICS_FILE
@@ -105,10 +111,7 @@ def two_stage_metrics(bits: int, q_codes: np.ndarray, q_vectors: np.ndarray, q_l
     index.add(db_codes, rerank=db_vectors)
     depth = min(max([*ks, *recall_ks, knn_k or 0, 1]), len(db_codes))
     found = search(index, q_codes, depth, rerank=q_vectors, shortlist=max(shortlist, depth))
-    ranked = np.full((len(found), depth), -1, dtype=np.int64)
-    for row, neighbours in zip(ranked, found):
-        row[: len(neighbours.positions)] = neighbours.positions
-    return ranked_list_metrics(ranked, q_labels, db_labels, ks, recall_ks, knn_k)
+    return ranked_list_metrics(ranked_positions(found, depth), q_labels, db_labels, ks, recall_ks, knn_k)
 
 
 def near_duplicate_recall(model: nn.Module, database: Any, db_codes: np.ndarray, settings: NearDuplicateConfig,
@@ -133,8 +136,7 @@ def near_duplicate_recall(model: nn.Module, database: Any, db_codes: np.ndarray,
         index = HashIndex(bits)
         index.add(db_codes, rerank=db_vectors)
         found = search(index, q_codes, max(ks), rerank=q_vectors, shortlist=shortlist)
-        hit_rank = np.array([list(f.ids).index(t) if t in f.ids else len(f.ids) for f, t in zip(found, targets.tolist())])
-        recall["rerank"] = np.array([float((hit_rank < k).mean()) for k in ks])
+        recall["rerank"] = original_recall_of_lists(ranked_positions(found, max(ks)), targets.numpy(), len(db_codes), ks)
     out: dict[str, Any] = {"protocol": {"n": n, **{k: v for k, v in dataclasses.asdict(settings).items() if k != "n"},
                                         "relevant": "the original database item only"}}
     if "rerank" in recall:
