@@ -2,8 +2,10 @@
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that registers its arguments and sets
 ``handler``; adding a command is adding one such function to ``_COMMANDS``. A user mistake
-(:class:`~deephash.errors.DeephashError`, a missing file) prints one line
-``deephash: error: <message>`` to stderr and exits with status 2; ``--debug`` shows the traceback.
+(:class:`~deephash.errors.DeephashError`, a missing or unreadable file, bad TOML) prints one line
+``deephash: error: <message>`` to stderr and exits with status 2; any other exception prints one
+``deephash: internal error: ...`` line asking for a report and exits with status 1; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deephash.errors import DeephashError, first_line
+from deephash.errors import failure_line
 
-EXIT_USAGE = 2
 _NPROC_HELP = "processes on this machine (DDP: gloo on CPU, nccl on GPUs); under torchrun leave it at 1"
 
 
@@ -279,13 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(message: str) -> int:
-    print(f"deephash: error: {first_line(message) or 'unknown error'}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 2 usage or data error, 1 internal error,
+    130 interrupted). Every error prints one line (``errors.failure_line``); ``--debug`` raises it
+    instead, with its traceback."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -293,12 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.handler(args) or 0)
-    except (DeephashError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-        if args.debug:
-            raise
-        if isinstance(exc, OSError) and exc.filename is not None:
-            return _error(f"{exc.filename}: {exc.strerror}")
-        return _error(str(exc))
     except BrokenPipeError:  # `deephash search ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -307,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("deephash: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line; --debug shows the traceback
+        if args.debug:
+            raise
+        status, line = failure_line(exc)
+        print(line, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover
