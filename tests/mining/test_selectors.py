@@ -185,7 +185,7 @@ def test_registry_errors() -> None:
 
 
 def test_random_negative_pairs_sparse_sample_is_uniform() -> None:
-    """Few positives among many negatives: the rejection-sampling path (4·n ≤ Q)."""
+    """Few positives among many negatives (n = 8 of Q = 112): every negative pair equally often."""
     labels = torch.arange(8).repeat_interleave(2)  # 8 positive pairs, 112 negative pairs
     _, negatives = _brute_pairs(labels)
     counts = dict.fromkeys(negatives, 0)
@@ -204,7 +204,7 @@ def test_random_negative_pairs_sparse_sample_is_uniform() -> None:
 
 @pytest.mark.parametrize("pattern", ["random", "sample-sees-small", "sample-sees-large"])
 def test_hardest_negative_pairs_large_batch_matches_full_topk(pattern) -> None:
-    """B = 400: the quantile pre-filter subsamples every 2nd value; its set equals a full top-n."""
+    """B = 400: the selected set equals a full top-n over the negatives (small values on a pattern)."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(20).repeat_interleave(20)
     distances = torch.rand(400, 400, generator=g)

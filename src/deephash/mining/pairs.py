@@ -112,45 +112,26 @@ def random_negative_pairs(
     Returns:
         int64 ``(min(n, Q), 2)``.
     """
+    candidates = _negative_candidates(labels, column_labels)
+    # Every cell of the grid gets an independent uniform key (float64: ties are negligible), the
+    # cells that are no negative pair get 2, and the n smallest keys are a uniform n-subset of the
+    # negative pairs, in random order: one top-k on the device, no rejection loop; the only value
+    # read back is the output's size (the mask of the pairs that exist).
+    keys = uniform(candidates.numel(), labels.device, generator, torch.float64).masked_fill(~candidates.flatten(), 2.0)
+    values, flat = torch.topk(keys, min(int(n), keys.numel()), largest=False)
+    return _grid_pairs(flat[values < 2.0], candidates.shape[1])
+
+
+def _negative_candidates(labels: torch.Tensor, column_labels: torch.Tensor | None) -> torch.Tensor:
+    """bool grid of the negative pairs: ``(B, B)`` upper triangle, or ``(B, B + M)`` (see the module)."""
     if column_labels is not None:
-        return _random_negative_columns(labels, column_labels, n, generator)
-    size = len(labels)
-    counts = torch.unique(labels, return_counts=True)[1]
-    total = (size * size - int(counts.pow(2).sum())) // 2
-    if 4 * n > total:  # a large share of all pairs: permute the full list
-        negatives = all_negative_pairs(labels)
-        return negatives[randperm(len(negatives), labels.device, generator)[:n]]
-    # A small share: draw flat indices of the B×B grid uniformly, keep distinct pairs i < j with
-    # different labels (each kept draw is uniform over those pairs), repeat until n are distinct,
-    # then take a uniform n-subset of them. By symmetry the result is a uniform n-subset.
-    found = labels.new_empty(0)
-    while len(found) < n:
-        draws = 2 * (n - len(found)) * size * size // total + 64
-        flat = randint(size * size, draws, labels.device, generator)
-        i, j = flat // size, flat % size
-        flat = flat[(i < j) & (labels[i] != labels[j])]
-        found = torch.unique(torch.cat((found, flat)))
-    flat = found[randperm(len(found), labels.device, generator)[:n]]
-    return torch.stack((flat // size, flat % size), dim=1)
+        check_columns(labels, column_labels)
+        return negative_mask(labels, column_labels)
+    return torch.triu(negative_mask(labels), diagonal=1)
 
 
-def _random_negative_columns(
-    labels: torch.Tensor, column_labels: torch.Tensor, n: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """``random_negative_pairs`` in the rectangular case: the same two regimes on the B×(B+M) grid."""
-    check_columns(labels, column_labels)
-    rows, width = len(labels), len(column_labels)
-    total = int(negative_mask(labels, column_labels).sum())
-    if 4 * n > total:
-        negatives = all_negative_pairs(labels, column_labels)
-        return negatives[randperm(len(negatives), labels.device, generator)[:n]]
-    found = labels.new_empty(0)
-    while len(found) < n:
-        draws = 2 * (n - len(found)) * rows * width // total + 64
-        flat = randint(rows * width, draws, labels.device, generator)
-        flat = flat[labels[flat // width] != column_labels[flat % width]]
-        found = torch.unique(torch.cat((found, flat)))
-    flat = found[randperm(len(found), labels.device, generator)[:n]]
+def _grid_pairs(flat: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 ``(P, 2)`` ``(row, column)`` of flat indices into a grid ``width`` columns wide."""
     return torch.stack((flat // width, flat % width), dim=1)
 
 
@@ -174,55 +155,15 @@ def hardest_negative_pairs(
     """
     if column_labels is not None:
         check_columns(labels, column_labels, distances)
-        candidates = negative_mask(labels, column_labels)
-    else:
-        candidates = torch.triu(negative_mask(labels), diagonal=1)
-    width = candidates.shape[1]
+    candidates = _negative_candidates(labels, column_labels)
     flat = distances.masked_fill(~candidates, float("inf")).flatten()
-    n = min(n, flat.numel())
-    if n == 0:
-        return labels.new_empty((0, 2), dtype=torch.int64)
-    index = _below_estimated_quantile(flat, n)
-    values, top = torch.topk(flat[index], n, largest=False)
-    index = index[top[values.isfinite()]]
-    return torch.stack((index // width, index % width), dim=1)
+    values, index = torch.topk(flat, min(int(n), flat.numel()), largest=False)
+    return _grid_pairs(index[values.isfinite()], candidates.shape[1])
 
 
-def _below_estimated_quantile(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of a subset of ``flat`` that surely holds its ``n`` smallest values.
-
-    A full top-n over B² values is slow when n is large. The n/len quantile is estimated on an
-    evenly strided subsample (no randomness), padded by a safety factor; when fewer than n values
-    fall below it the threshold rises, ending with every index. The subset is exact, only its
-    size depends on the estimate.
-    """
-    stride = max(1, len(flat) // 65536)
-    sample = flat[::stride]
-    for share in (1.5, 3.0):
-        rank = min(len(sample) - 1, int(share * n / stride) + 16)
-        threshold = torch.kthvalue(sample, rank + 1).values
-        below = (flat <= threshold).nonzero().squeeze(1)
-        if len(below) >= n:
-            return below
-    return torch.arange(len(flat), device=flat.device)
-
-
-def randperm(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """``torch.randperm(n)`` drawn from ``generator`` (on its own device), placed on ``device``."""
+def uniform(n: int, device: torch.device, generator: torch.Generator | None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(n,)`` uniform in ``[0, 1)`` of ``dtype`` drawn from ``generator``, placed on ``device``."""
     if generator is None:
-        return torch.randperm(n, device=device)
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
-
-
-def randint(high: int, n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """int64 ``(n,)`` uniform in ``[0, high)`` drawn from ``generator``, placed on ``device``."""
-    if generator is None:
-        return torch.randint(high, (n,), device=device)
-    return torch.randint(high, (n,), generator=generator, device=generator.device).to(device)
-
-
-def uniform(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """float32 ``(n,)`` uniform in ``[0, 1)`` drawn from ``generator``, placed on ``device``."""
-    if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
+        return torch.rand(n, device=device, dtype=dtype)
+    return torch.rand(n, generator=generator, device=generator.device, dtype=dtype).to(device)

@@ -204,9 +204,9 @@ def _pairs_with_distances(
 def count_below(values: torch.Tensor, anchor: torch.Tensor, queries: torch.Tensor, side: str) -> torch.Tensor:
     """``searchsorted(values[anchor[i]], queries[i], side)`` for every i, in one batched call.
 
-    Only the P queries are searched (not all B² pairs): they are laid out in a ``(B, m)`` matrix,
-    one row per anchor (m = the most pairs of any anchor), so that torch's batched searchsorted
-    runs once. ``anchor`` must be sorted (anchor-major pairs).
+    The P queries are laid out in a matrix of ``values``' shape, one row per anchor (an anchor has
+    at most one pair per column), so that torch's batched searchsorted runs once and no size is
+    read back to the host. ``anchor`` must be sorted (anchor-major pairs).
 
     Args:
         values: float ``(B, B)`` (or ``(B, B + M)``) rows sorted ascending.
@@ -222,7 +222,7 @@ def count_below(values: torch.Tensor, anchor: torch.Tensor, queries: torch.Tenso
     per_row = torch.bincount(anchor, minlength=len(values))
     first = torch.cumsum(per_row, 0) - per_row
     slot = torch.arange(len(anchor), device=anchor.device) - first[anchor]
-    grid = queries.new_zeros(len(values), int(per_row.max()))
+    grid = queries.new_zeros(values.shape)  # a row holds at most one query per column: no host sync for the width
     grid[anchor, slot] = queries
     return torch.searchsorted(values, grid, side=side)[anchor, slot]
 
