@@ -60,8 +60,8 @@ def overrides(method: str, bits: int, epochs: int) -> list[str]:
         selector = selector or "all"
         if selector not in SELECTORS:
             raise SystemExit(f"unknown selector in {method!r}; known: {', '.join(SELECTORS)}")
-        # α = bits/4 in inner-product units is bits in squared-distance units (|a−b|² = 2·bits − 4θ for ±1 codes)
-        margin = [f"selector.params={{margin={float(bits)}}}"] if selector in ("hardest", "random", "semihard") else []
+        # the selector's margin is DTSH's α converted by the library (deephash.losses.margins: 4α = bits)
+        margin: list[str] = []
         schedule = [f"schedules=[{{attribute=\"quantization_weight\",start={1 / bits!r},end={16 / bits!r}}}]"] if ramp else []
         return common + ['loss.name="dtsh"', "loss.params={}", f'selector.name="{selector}"'] + margin + schedule
     if method == "triplet-sign":

@@ -100,7 +100,8 @@ def test_overrides_are_toml_literals_with_string_fallback(tmp_path):
 
 
 def test_dump_round_trips(tmp_path):
-    config = config_from_dict({"model": {"backbone_params": {"width": 8, "depth": [1, 2]}},
+    config = config_from_dict({"model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 8, "depth": [1, 2]}},
+                               "loss": {"name": "dtsh"},
                                "schedules": [{"attribute": "quantization_weight", "start": 1.0, "end": 2.0}]},
                               overrides=["selector.name=semihard", "selector.params.margin=0.2"])
     text = dump_config(config)

@@ -76,6 +76,5 @@ def test_warmup_cosine_from_config() -> None:
     schedule = build_scheduler(config, optimizer)
     assert split_schedule(schedule) == (None, schedule)
     assert schedule.rate(0, 1, 10) == pytest.approx(0.5) and schedule.rate(2, 10, 10) == pytest.approx(0.25 * (1 + math.cos(math.pi * 29 / 30)))
-    bad = config_from_dict({"scheduler": {"name": "warmup-cosine", "params": {"warm": 0.1}}})
-    with pytest.raises(ConfigError, match="'warm'"):
-        build_scheduler(bad, optimizer)
+    with pytest.raises(ConfigError, match="scheduler.params.warm is not a parameter"):  # refused when the config loads
+        config_from_dict({"scheduler": {"name": "warmup-cosine", "params": {"warm": 0.1}}})

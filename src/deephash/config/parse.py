@@ -12,6 +12,7 @@ import tomllib
 import typing
 from typing import Any
 
+from deephash.config.names import check_names
 from deephash.config.schema import Config
 from deephash.errors import ConfigError
 
@@ -204,6 +205,7 @@ def _validate(config: Config, source: str) -> None:
                           f"gathered global batch) for rank 0's checkpoint to carry it, in {source}")
     if config.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
+    check_names(config, source)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

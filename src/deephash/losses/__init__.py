@@ -14,6 +14,7 @@ from deephash.losses.hashing import (
     hash_centers,
     quantization_loss,
 )
+from deephash.losses.margins import dtsh_selector_margin, selector_margin
 from deephash.losses.memory import CrossBatchMemory
 from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.orthohash import OrthoHashLoss
@@ -21,6 +22,8 @@ from deephash.losses.contrastive import view_ids
 from deephash.losses.schedules import Constant, LinearRamp, build_schedule
 
 __all__ = [
+    "dtsh_selector_margin",
+    "selector_margin",
     "ContrastiveHashLoss",
     "InstanceContrastiveLoss",
     "SupConLoss",

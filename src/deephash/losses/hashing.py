@@ -18,6 +18,7 @@ from torch import nn
 
 from deephash.errors import CodeLengthError, DeephashError
 from deephash.losses.metric import upcast_half
+from deephash.losses.margins import dtsh_alpha, selector_margin
 from deephash.losses.registry import register_loss
 from deephash.signs import sign
 
@@ -89,13 +90,18 @@ class DTSHLoss(nn.Module):
 
     Args:
         triplet_selector: object with ``get_triplets(embeddings (B,D), labels (B,)) -> int64 (N,3)``,
-            or a selector name for `deephash.mining.create_selector` (e.g. "all", "batch-hard").
+            or a selector name for `deephash.mining.create_selector` (e.g. "all", "batch-hard");
+            a named selector that takes a margin (``hardest``, ``random``, ``semihard``) gets α
+            converted to squared-distance units, 4α (`deephash.losses.margins`), unless
+            ``selector_params`` gives one.
         alpha: Margin α in inner-product units. None (default) means bits/4, resolved at each call
-            from u's width. DeepHash-pytorch's DTSH uses a fixed α = 5; we could not confirm the
+            from u's width (from ``bits`` when given). DeepHash-pytorch's DTSH uses a fixed α = 5; we could not confirm the
             paper's own setting, so bits/4 is our choice (α ≤ bits/2 keeps it reachable:
             θ_ap − θ_an ranges over [−bits, bits]).
         quantization_weight: λ.
         selector_params: keyword parameters for the selector when ``triplet_selector`` is a name.
+        bits: the code length, when known when the loss is built (a config fills it in): α's
+            default and the named selector's margin come from it, and inputs must be that wide.
 
     Attributes:
         num_selected: number of triplets used in the last call (int).
@@ -107,20 +113,23 @@ class DTSHLoss(nn.Module):
         alpha: float | None = None,
         quantization_weight: float = 1.0,
         selector_params: Mapping[str, Any] | None = None,
+        bits: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(triplet_selector, str):
             from deephash.mining import create_selector
 
-            triplet_selector = create_selector(triplet_selector, **dict(selector_params or {}))
+            margin = selector_margin("dtsh", {"alpha": alpha, "bits": bits})
+            triplet_selector = create_selector(triplet_selector, default_margin=margin, **dict(selector_params or {}))
         self.triplet_selector = triplet_selector
+        self.bits = bits
         self.alpha = alpha
         self.quantization_weight = quantization_weight
         self.num_selected: int = 0
 
     def margin(self, bits: int) -> float:
         """α for codes of ``bits`` bits."""
-        return bits / 4 if self.alpha is None else float(self.alpha)
+        return dtsh_alpha(self.alpha, bits)
 
     def forward(
         self,
@@ -135,7 +144,7 @@ class DTSHLoss(nn.Module):
         `deephash.losses.CrossBatchMemory`): triplets are mined from the batch's anchors to
         batch ∪ memory (see `deephash.mining.triplets`), θ is read against the columns
         ``cat(u, memory.detach())``, and the quantization term stays the batch's own."""
-        _check_bits(u, None)
+        _check_bits(u, self.bits)
         u = upcast_half(u)
         columns = u
         if memory is None:

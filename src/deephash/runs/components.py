@@ -19,6 +19,7 @@ from deephash.data.augment import build_augment
 from deephash.errors import ConfigError
 from deephash.losses.aux import AuxClassificationLoss
 from deephash.losses.memory import CrossBatchMemory
+from deephash.losses.margins import selector_margin
 from deephash.losses.registry import LOSSES
 from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.schedules import LinearRamp, Schedule
@@ -59,8 +60,8 @@ def build_loss(config: Config, n_classes: int, selector_generator: torch.Generat
         key = next((k for k in _SELECTOR_KEYS if LOSSES.accepts(name, k)), None)
         if key is None:
             raise ConfigError(f"loss {name!r} takes no selector; remove the [selector] table")
-        params[key] = create_selector(config.selector.name, default_margin=params.get("margin"), generator=selector_generator,
-                                      **config.selector.params)
+        params[key] = create_selector(config.selector.name, default_margin=selector_margin(name, params),
+                                      generator=selector_generator, **config.selector.params)
     loss = LOSSES.create(name, **params)
     if config.loss.memory.size > 0:
         loss = CrossBatchMemory(loss, config.loss.memory.size, width, config.loss.memory.warmup_steps)
