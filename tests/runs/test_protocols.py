@@ -153,7 +153,9 @@ def test_a_model_with_rerank_vectors_reports_the_two_stage_recall(tmp_path, tiny
     with torch.no_grad():
         t_codes, t_vec = model.encode_with_rerank(queries.data.float() / 255)
     t_vec = t_vec.half().float()  # evaluate reads the queries' vectors from the float16 cache too
-    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    result = json.loads((run / "metrics.json").read_text())
+    metrics = result["metrics"]
+    assert f"shortlist of {cfg.eval.rerank_shortlist} nearest codes" in result["protocol"]["ranking"]  # says which it used
     p5, r1, knn = [], [], []
     for i in range(len(t_codes)):
         dist = (t_codes[i] != db_codes).sum(1)

@@ -64,6 +64,8 @@ def evaluate_run(run_dir: str | os.PathLike, query: str | None = None, database:
                                  knn_k=config.eval.knn_k, splits=(query, database), recall_ks=recall_ks)
         kind = f"hamming ranking of {model.bits}-bit codes"
         if db_vectors is not None and q_vectors is not None and np.ndim(q_labels) == 1:
+            kind += (f"; the '/rerank' columns: the two-stage search, the Hamming shortlist of "
+                     f"{config.eval.rerank_shortlist} nearest codes (ties included) ranked by the re-rank vectors")
             metrics.update(two_stage_metrics(model.bits, q_codes, q_vectors, q_labels, db_codes, db_vectors, db_labels, ks=ks,
                                              recall_ks=recall_ks, knn_k=config.eval.knn_k,
                                              shortlist=config.eval.rerank_shortlist))
