@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from deephash.errors import DeephashError
-from deephash.retrieval.hamming import hamming_distances
 from deephash.retrieval.metric_engine import codes_problem as _codes_problem
 from deephash.retrieval.metric_engine import knn_predict as _knn_predict
 from deephash.retrieval.metric_engine import mean as _mean
