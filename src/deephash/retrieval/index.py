@@ -324,10 +324,10 @@ class HashIndex:
             return np.full(n, "", dtype=np.str_) if self.ntotal and self._paths is not None else None
         if self.ntotal and self._paths is None:
             raise DeephashError(f"{name} keeps no paths: give none")
-        array = np.asarray([str(p) for p in (paths.tolist() if isinstance(paths, np.ndarray) else paths)], dtype=np.str_)
+        array = np.array([str(p) for p in (paths.tolist() if isinstance(paths, np.ndarray) else paths)], dtype=np.str_)
         if array.shape != (n,):
-            raise DeephashError(f"{array.shape[0] if array.ndim == 1 else array.size} paths for {n} codes")
-        return array.reshape(n)
+            raise DeephashError(f"{array.shape[0]} paths for {n} codes")
+        return array
 
     def _append_rows(self, rows: ItemRows) -> None:
         """Add checked rows to every column (and FAISS) and advance :attr:`next_id`; with

@@ -237,7 +237,7 @@ class LivingIndex:
             id_array = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
             if id_array.size == 0:
                 raise DeephashError("nothing to remove: no ids given")
-            missing = id_array[~np.isin(id_array, self.index.ids)]
+            missing = id_array[~np.isin(id_array, self.index._ids)]
             if missing.size:
                 shown = ", ".join(str(int(i)) for i in missing[:5]) + (" ..." if missing.size > 5 else "")
                 raise NotFoundError(f"{'id' if missing.size == 1 else 'ids'} {shown} not in index {self.path}; nothing was removed")
