@@ -88,10 +88,11 @@ def gaussian_blobs(n_classes: int, n_per_class: int, dim: int, seed: int, spread
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
-def tiny_digits_run(root: Path, bits: int = 12, centred: bool = False, index: bool = True):
+def tiny_digits_run(root: Path, bits: int = 12, centred: bool = False, index: bool = True, model_extra: dict | None = None):
     """An untrained tiny CNN on scikit-learn's 8x8 digits saved as a run (``root/run``) and, with
     ``index``, an index of its train split (``root/index``). ``centred`` sets the hash layer's bias
-    so that codes vary (an untrained one gives most images one code).
+    so that codes vary (an untrained one gives most images one code); ``model_extra``: more keys of the
+    config's model section (e.g. ``{"rerank": "head"}`` for an index that keeps re-rank vectors).
 
     Returns:
         ``(run_dir, index_dir, config)``.
@@ -102,7 +103,7 @@ def tiny_digits_run(root: Path, bits: int = 12, centred: bool = False, index: bo
 
     config = config_from_dict({
         "data": {"dataset": "digits"},
-        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": bits},
+        "model": {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": bits, **(model_extra or {})},
         "device": "cpu",
     })
     torch.manual_seed(0)

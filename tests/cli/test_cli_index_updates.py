@@ -215,3 +215,157 @@ def test_a_change_is_all_or_nothing_when_the_process_dies(tiny, monkeypatch):
             living.remove([4])
     del items[4]
     assert items_of(HashIndex.load(index_dir)) == items
+
+
+# ------------------------------------------------------------------ ids, folds, every column
+
+def small_code_file(path: Path, seed: int, n: int = 2) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A code file of ``n`` random codes with labels: (file, packed codes, labels)."""
+    from deephash.retrieval.codes import save_codes
+
+    rng = np.random.default_rng(seed)
+    codes, labels = np.packbits(rng.integers(0, 2, (n, BITS)).astype(bool), axis=1), rng.integers(0, 10, n)
+    save_codes(path, codes, labels, BITS)
+    return path, codes, labels
+
+
+def index_info_lines(capsys, index_dir: Path) -> dict[str, str]:
+    """`deephash index info`'s lines as a dict."""
+    status, out, err = cli(capsys, "index", "info", index_dir)
+    assert status == 0, err
+    return dict(line.split(None, 1) for line in out.strip().splitlines())
+
+
+def test_the_cli_never_hands_out_an_id_twice_across_a_crash_a_fold_and_a_restart(tiny, capsys, monkeypatch):
+    """Bug: `index add` numbered new items after the largest present id, so removing that item
+    gave its id to the next add."""
+    index_dir = tiny["index"]
+    items = items_of(HashIndex.load(index_dir))
+    start = max(items) + 1
+    issued = []
+
+    def add(seed: int) -> list[int]:
+        code_file, codes, labels = small_code_file(tiny["tmp"] / f"c{seed}.npz", seed)
+        status, out, err = cli(capsys, "index", "add", index_dir, "--codes", code_file, "--new-ids")
+        assert status == 0, err
+        first, last = (int(v) for v in out.strip().rsplit("(ids ", 1)[1].rstrip(")").split(" .. "))
+        items.update({first + n: (c.tobytes(), int(l)) for n, (c, l) in enumerate(zip(codes, labels))})
+        issued.extend(range(first, last + 1))
+        return list(range(first, last + 1))
+
+    def remove(*ids: int) -> None:
+        assert cli(capsys, "index", "remove", index_dir, *ids)[0] == 0
+        for i in ids:
+            del items[i]
+
+    remove(*add(1)[-1:])  # the largest id goes
+    remove(*add(2))
+    assert issued == list(range(start, start + 4))
+
+    class Killed(BaseException):
+        pass
+
+    def die(self):
+        raise Killed
+
+    monkeypatch.setattr(LivingIndex, "_fold_locked", die)  # killed before the fold: the add only in the journal
+    code_file, codes, labels = small_code_file(tiny["tmp"] / "c3.npz", 3)
+    with pytest.raises(Killed):
+        cli(capsys, "index", "add", index_dir, "--codes", code_file, "--new-ids")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert HashIndex.load(index_dir).next_id == start + 6  # replayed from the journal
+    items.update({start + 4 + n: (c.tobytes(), int(l)) for n, (c, l) in enumerate(zip(codes, labels))})
+    issued += [start + 4, start + 5]
+    remove(start + 5)  # replays, then folds
+    remove(*add(4))
+    assert issued == list(range(start, start + 8))  # every default id once, none twice
+    assert_same_as_scratch(index_dir, items)
+    lines = index_info_lines(capsys, index_dir)
+    assert lines["next_id"] == str(start + 8) and lines["ids"] == f"0 .. {start + 4}"
+
+
+def test_a_failed_fold_keeps_the_change_and_the_next_command_works(tiny, capsys, monkeypatch):
+    """Bug: a failing save made `index add` fail after its change was durable, and kept the
+    index locked (the next command in the process was refused)."""
+    index_dir = tiny["index"]
+    items = items_of(HashIndex.load(index_dir))
+    start = max(items) + 1
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(HashIndex, "save", full_disk)
+    code_file, codes, labels = small_code_file(tiny["tmp"] / "c.npz", 5)
+    with pytest.warns(UserWarning, match="folding 1 journal records .*No space left on device"):
+        status, out, err = cli(capsys, "index", "add", index_dir, "--codes", code_file, "--new-ids")
+    assert status == 0 and out.strip() == f"added 2 items to {index_dir} (ids {start} .. {start + 1})"
+    items.update({start + n: (c.tobytes(), int(l)) for n, (c, l) in enumerate(zip(codes, labels))})
+    assert items_of(HashIndex.load(index_dir)) == items  # durable: in the journal
+    assert index_info_lines(capsys, index_dir)["journal"] == "1 records not yet folded into the snapshot"
+    monkeypatch.undo()
+    status, _, err = cli(capsys, "index", "remove", index_dir, start)  # not locked; folds both records
+    assert status == 0, err
+    del items[start]
+    assert (index_dir / JOURNAL_FILE).stat().st_size == 0
+    assert_same_as_scratch(index_dir, items)
+
+
+def digit_folder(root: Path, seed: int, per_class: int) -> list[Path]:
+    """Classes "0" and "1" (the index's own class numbers) of random 8x8 grey PNGs; their files."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for name in ("0", "1"):
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            files.append(root / name / f"{seed}-{k}.png")
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(files[-1])
+    return files
+
+
+def test_a_folder_index_with_rerank_vectors_after_adds_and_removes_equals_one_built_from_scratch(tmp_path, capsys):
+    """Every column (codes, labels, re-rank vectors, paths) of every id is the one of the file the
+    id was given to, computed here image by image; and the index answers as one built from scratch."""
+    run_dir = tiny_digits_run(tmp_path, BITS, centred=True, index=False, model_extra={"rerank": "head"})[0]
+    index_dir = tmp_path / "folder-index"
+    files = {name: digit_folder(tmp_path / name, seed, n) for seed, (name, n) in enumerate([("a", 3), ("b", 2), ("c", 2)])}
+    assert cli(capsys, "index", "build", run_dir, "--images", tmp_path / "a", "--out", index_dir)[0] == 0
+    assert cli(capsys, "index", "add", index_dir, "--run", run_dir, "--images", tmp_path / "b")[0] == 0
+    assert HashIndex.load(index_dir).ids.tolist() == list(range(10))
+    assert cli(capsys, "index", "remove", index_dir, 9, 2)[0] == 0  # the largest id, and one built
+    assert cli(capsys, "index", "add", index_dir, "--run", run_dir, "--images", tmp_path / "c")[0] == 0
+
+    model, _ = runs.load_run(run_dir)
+    expected = {}
+    for path in [*files["a"], *files["b"], *files["c"]]:
+        pixels = torch.from_numpy(np.array(Image.open(path)))[None, None].float() / 255
+        with torch.inference_mode():
+            code, vector = model.encode_with_rerank(pixels)
+        expected[str(path)] = (np.packbits(code.numpy() > 0, axis=1)[0].tobytes(), int(path.parent.name),
+                               vector[0].numpy().astype(np.float16))
+    changed = HashIndex.load(index_dir)
+    assert changed.ids.tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]  # 9 is never given out again
+    assert changed.next_id == 14 and (index_dir / "paths.npy").is_file() and (index_dir / "rerank.npy").is_file()
+    by_path = dict(zip(changed.paths.tolist(), changed.ids.tolist()))
+    assert len(by_path) == 12 and set(by_path) <= set(expected)
+    assert sorted(by_path[str(p)] for p in files["c"]) == [10, 11, 12, 13]
+    rows = {int(i): (c.tobytes(), int(l), v, str(p)) for i, c, l, v, p in
+            zip(changed.ids, changed.codes, changed.labels, changed.rerank_vectors, changed.paths)}
+    for ident, (code, label, vector, path) in rows.items():
+        assert (code, label) == expected[path][:2]
+        np.testing.assert_allclose(vector.astype(np.float32), expected[path][2].astype(np.float32), rtol=1e-2, atol=1e-3)
+    ids = np.array(sorted(rows), dtype=np.int64)
+    scratch = HashIndex(BITS)
+    scratch.add(np.stack([np.frombuffer(rows[i][0], np.uint8) for i in ids]), ids=ids, labels=[rows[i][1] for i in ids],
+                rerank=np.stack([rows[i][2] for i in ids]), paths=[rows[i][3] for i in ids])
+    scratch.save(tmp_path / "scratch")
+    scratch = HashIndex.load(tmp_path / "scratch")
+    order = np.argsort(changed.ids)
+    np.testing.assert_array_equal(changed.ids[order], scratch.ids)
+    for column in ("codes", "labels", "rerank_vectors", "paths"):
+        np.testing.assert_array_equal(getattr(changed, column)[order], getattr(scratch, column))
+    for query in changed.codes:
+        assert sorted(zip(*(a[0].tolist() for a in changed.search(query[None], 12)))) == \
+               sorted(zip(*(a[0].tolist() for a in scratch.search(query[None], 12))))
+    lines = index_info_lines(capsys, index_dir)
+    assert lines["paths"] == "12 image files" and lines["next_id"] == "14"

@@ -86,7 +86,7 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     index_dir = tmp_path / "index"
     assert main(["index", "build", str(run), "--images", str(photos / "train"), "--out", str(index_dir)]) == 0
     index = HashIndex.load(index_dir)
-    paths = index.metadata["paths"]
+    paths = index.paths.tolist()
     assert len(index) == 24 and sorted(Path(p) for p in paths) == sorted((photos / "train").rglob("*.png"))
     packed = index.codes
     ids = np.asarray(index.ids)

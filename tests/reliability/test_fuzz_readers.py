@@ -341,7 +341,8 @@ def test_object_array_code_file_is_refused_without_unpickling(tmp_path):
 def _saved_index(backend: str) -> dict[str, bytes]:
     index = HashIndex(12, backend=backend)
     rng = np.random.default_rng(0)
-    index.add(rng.integers(0, 2, (5, 12)).astype(bool), ids=np.array([3, 1, 4, 15, 9]), labels=np.arange(5))
+    index.add(rng.integers(0, 2, (5, 12)).astype(bool), ids=np.array([3, 1, 4, 15, 9]), labels=np.arange(5),
+              paths=["a.png", "b/c.png", "", "é.png", "d.png"])
     folder = WORK / f"index-{backend}"
     index.save(folder)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -374,10 +375,10 @@ def damaged_index(draw):
         elif how == "truncate_faiss" and "index.faiss" in files:
             files["index.faiss"] = files["index.faiss"][: draw(st.integers(0, len(files["index.faiss"])))]
         elif how == "swap":  # a file of the other backend's index / another array (mismatched counts)
-            name = draw(st.sampled_from(["codes.npy", "ids.npy", "labels.npy"]))
-            other = draw(st.sampled_from(["codes.npy", "ids.npy", "labels.npy"]))
+            name = draw(st.sampled_from(["codes.npy", "ids.npy", "labels.npy", "paths.npy"]))
+            other = draw(st.sampled_from(["codes.npy", "ids.npy", "labels.npy", "paths.npy"]))
             arrays = {"codes.npy": np.zeros((4, 2), np.uint8), "ids.npy": np.arange(6),
-                      "labels.npy": np.zeros((5, 2), np.int64)}
+                      "labels.npy": np.zeros((5, 2), np.int64), "paths.npy": np.array(["x"] * 4)}
             buffer = io.BytesIO()
             np.save(buffer, arrays[other])
             files[name] = buffer.getvalue()

@@ -117,10 +117,7 @@ WRITER_NAMES = {"write_text", "write_bytes", "save", "savez", "savez_compressed"
 ALLOWED = {
     ("retrieval/index.py", "(tmp / 'meta.json').write_text(json.dumps(meta, indent=2), encoding='utf-8')"):
         "inside a mkdtemp folder moved into place by atomic_replace_dir",
-    ("retrieval/index.py", "np.save(tmp / 'codes.npy', self._codes)"): "same temporary folder",
-    ("retrieval/index.py", "np.save(tmp / 'ids.npy', self._ids)"): "same temporary folder",
-    ("retrieval/index.py", "np.save(tmp / 'labels.npy', self._labels)"): "same temporary folder",
-    ("retrieval/index.py", "np.save(tmp / 'rerank.npy', self._rerank)"): "same temporary folder",
+    ("retrieval/index.py", "np.save(tmp / name, array)"): "same temporary folder (one .npy per per-item column)",
     ("retrieval/index.py", "(tmp / 'index.faiss').write_bytes(data.tobytes())"): "same temporary folder",
     ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",

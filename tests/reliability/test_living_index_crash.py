@@ -70,8 +70,9 @@ def brute(query: np.ndarray, items: dict[int, bytes]) -> list[tuple[int, int]]:
 class Round:
     """One seeded client session against a running server, until the server is killed."""
 
-    def __init__(self, seed: int, model) -> None:
+    def __init__(self, seed: int, model, issued: set[int]) -> None:
         self.seed = seed
+        self.issued = issued  # every id the index held or an add was answered with, in any round
         self.rng = np.random.default_rng(seed)
         self.pictures = self.rng.integers(0, 256, (N_ADDS, 8, 8), dtype=np.uint8)
         with torch.inference_mode():
@@ -121,8 +122,11 @@ class Round:
                         self.errors.append(response.text)
                         return
                     ident = response.json()["id"]
+                    if ident in self.issued:  # default ids come from the id mark: never one handed out before
+                        self.errors.append(f"id {ident} was handed out twice")
+                        return
+                    self.issued.add(ident)
                     self.added[ident] = row
-                    self.removed.discard(ident)  # ids follow the largest: a removed last id comes back
                     row += 1
                     self.adds += 1
                 self.in_flight.clear()
@@ -166,9 +170,10 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
     expected_labels = dict(zip(original.ids.tolist(), original.labels.tolist()))
     log = tmp_path / "server.log"
     proc, base = start_server(index_dir, run_dir, log)
+    issued = set(expected)
     try:
         for seed in SEEDS:
-            r = Round(seed, model)
+            r = Round(seed, model, issued)
             r.run(proc, base, sorted(expected))
             assert r.errors == [], r.errors
             for ident, row in r.added.items():
@@ -184,6 +189,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
                 assert len(extra) <= 1 and not missing
                 for ident in extra:
                     assert state[ident] == r.codes[which].tobytes()
+                    issued.add(ident)  # applied though never answered: its id is taken too
                     expected[ident], expected_labels[ident] = r.codes[which].tobytes(), int(r.labels[which])
                     r.added[ident] = which
             elif kind == "remove":

@@ -6,6 +6,7 @@ brute-force Hamming distance over it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -13,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from deephash.errors import DataFormatError, NotFoundError
+from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
@@ -139,22 +140,24 @@ def test_living_index_matches_the_oracle_through_adds_removes_folds_and_reopen(t
     path = tmp_path / "idx"
     oracle = make_index(path, rng, n=30, factory=factory, backend=backend)
     living = LivingIndex(path, fold_every=4, backend=backend).open()
+    mark = max(oracle) + 1
     for step in range(15):
         if step % 3 == 2:
-            gone = rng.choice(sorted(oracle), 2, replace=False)
+            gone = np.array([max(oracle), rng.choice(sorted(oracle)[:-1])])  # the largest id must not come back
             living.remove(gone)
             for g in gone.tolist():
                 del oracle[g]
         else:
             codes, labels = random_codes(rng, 3), rng.integers(0, 3, 3)
             new = living.add(codes, labels=labels)
-            assert new.tolist() == list(range(max(oracle) + 1, max(oracle) + 4))  # after the largest id
+            assert new.tolist() == list(range(mark, mark + 3))  # from the mark, never a removed id
+            mark += 3
             oracle.update({int(i): (c.tobytes(), int(l)) for i, c, l in zip(new, codes, labels)})
         assert state(living.index) == oracle
     assert 0 < living.pending < 4  # folded every 4 records, the rest still in the journal
     living.close(fold=False)  # as after a crash: the last records only in the journal
     reopened = HashIndex.load(path, backend=backend)
-    assert state(reopened) == oracle
+    assert state(reopened) == oracle and reopened.next_id == mark
     for query in random_codes(rng, 5 if factory == "BFlat" else 0):  # BHash is approximate
         d, i = reopened.search(query[None], len(oracle))
         assert sorted(zip(d[0].tolist(), i[0].tolist())) == brute(query, oracle)
@@ -227,3 +230,78 @@ def test_read_write_lock_excludes_readers_while_writing():
     t.join(10)
     reader.join(10)
     assert seen == ["write done", "read"]
+
+
+def test_living_index_never_hands_out_an_id_twice_across_a_crash_a_fold_and_a_restart(tmp_path):
+    """Bug: default ids followed the largest present id, so removing it gave its id out again."""
+    rng = np.random.default_rng(8)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng, n=5)  # ids 0 .. 4
+    issued = list(oracle)
+    living = LivingIndex(path, fold_every=100).open()
+    for _ in range(2):  # add, then remove the largest id
+        issued += living.add(random_codes(rng, 1), labels=[1]).tolist()
+        living.remove([max(living.index.ids)])
+    assert issued == [0, 1, 2, 3, 4, 5, 6]
+    living.close(fold=False)  # a crash before the fold: the adds and removes only in the journal
+    with LivingIndex(path) as reopened:  # replayed from the journal
+        assert reopened.index.next_id == 7 and reopened.pending == 4
+        issued += reopened.add(random_codes(rng, 1), labels=[2]).tolist()
+        reopened.fold()
+        reopened.remove([7])
+        reopened.fold()  # a snapshot with the item gone and the journal empty
+        assert reopened.pending == 0
+    assert HashIndex.load(path).next_id == 8
+    assert json.loads((path / "meta.json").read_text())["next_id"] == 8
+    with LivingIndex(path) as restarted:
+        issued += restarted.add(random_codes(rng, 2), labels=[0, 0]).tolist()
+        assert restarted.index.ids.tolist() == [0, 1, 2, 3, 4, 8, 9]
+    assert issued == list(range(10))  # every default id once, none twice
+
+
+def _cut_swap(tmp_dir, final_dir):
+    """A swap that dies between its renames: the old folder moved aside, the new one not in place."""
+    os.replace(final_dir, final_dir.with_name(final_dir.name + ".old"))
+    raise OSError(28, "No space left on device")
+
+
+def _failing_save(self, path):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["save", "swap"])
+def test_a_failed_fold_loses_nothing_and_leaves_the_journal_and_lock_usable(tmp_path, monkeypatch, failure):
+    """Bug: a fold that failed left close() with the journal open and the lock held."""
+    rng = np.random.default_rng(9)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng)
+    if failure == "save":
+        monkeypatch.setattr(HashIndex, "save", _failing_save)
+    else:
+        monkeypatch.setattr("deephash.retrieval.index.atomic_replace_dir", _cut_swap)
+    living = LivingIndex(path, fold_every=2).open()
+    codes = random_codes(rng, 3)
+    first = living.add(codes[:1], labels=[0])
+    with pytest.warns(UserWarning, match="folding 2 journal records .* failed .*No space left.* stay in journal.log"):
+        second = living.add(codes[1:], labels=[1, 2])  # the automatic fold fails: the add still stands
+    oracle.update({int(first[0]): (codes[0].tobytes(), 0), int(second[0]): (codes[1].tobytes(), 1),
+                   int(second[1]): (codes[2].tobytes(), 2)})
+    assert state(living.index) == oracle and living.pending == 2 and path.is_dir()
+    with pytest.raises(DeephashError, match="stay in journal.log"):
+        living.fold()
+    with pytest.warns(UserWarning, match="folding 3 journal records"):
+        living.remove([0])
+    del oracle[0]
+    with pytest.warns(UserWarning, match="folding 3 journal records"):
+        living.close()
+    with IndexLock(path):  # released
+        pass
+    monkeypatch.undo()
+    assert state(HashIndex.load(path)) == oracle  # every change is in the journal
+    with LivingIndex(path) as again:  # the next writer works and folds them
+        assert again.pending == 3
+        again.remove([1])
+        del oracle[1]
+    assert (path / JOURNAL_FILE).stat().st_size == 0 and not path.with_name("idx.old").exists()
+    loaded = HashIndex.load(path)
+    assert state(loaded) == oracle and loaded.journal_seq == 4 and loaded.next_id == 23

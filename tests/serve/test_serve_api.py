@@ -252,8 +252,8 @@ def test_image_folder_index_serves_the_files(env, tmp_path):
     with TestClient(create_app(index_dir, env["run"])) as client:
         body = client.post("/api/search", json={"id": 3, "k": 4}).json()
         assert sorted(r["id"] for r in body["results"]) == [0, 1, 2, 3]
-        meta = HashIndex.load(index_dir).metadata
-        names, paths = meta["classes"], meta["paths"]  # names: build_index's choice (the run's classes first)
+        built = HashIndex.load(index_dir)
+        names, paths = built.metadata["classes"], built.paths.tolist()  # names: build_index's choice (the run's classes first)
         assert body["query"]["label"] == names[1] and {r["label"] for r in body["results"]} == {names[0], names[1]}
         for ident in range(4):
             png = client.get(f"/api/items/{ident}/image")

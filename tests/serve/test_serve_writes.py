@@ -216,3 +216,49 @@ def test_the_token_comes_from_a_file_or_a_named_environment_variable(tmp_path, m
 
     with pytest.raises(SystemExit):  # there is no way to pass the token itself on the command line
         build_parser().parse_args(["serve", "idx", "--run", "run", "--token", TOKEN])
+
+
+def test_a_writable_server_on_an_index_with_rerank_vectors_folds_and_unlocks_at_sigterm(tmp_path):
+    """Bug: every fold of an index that keeps re-rank vectors failed (the second save of the folder
+    hard-linked the old rerank.npy over the new one), and so did the shutdown fold, which then
+    kept the lock. Here a real server folds after every second write and at SIGTERM."""
+    import os
+    import signal
+
+    import httpx
+
+    import helpers
+    from deephash.retrieval.journal import IndexLock
+
+    run_dir, index_dir, _ = tiny_digits_run(tmp_path, BITS, centred=True, model_extra={"rerank": "head"})
+    before = HashIndex.load(index_dir)
+    assert before.rerank_vectors is not None
+    items = {int(i): c.tobytes() for i, c in zip(before.ids, before.codes)}
+    start = max(items) + 1
+    proc, base = helpers.start_server(index_dir, run_dir, tmp_path / "serve.log", "--token-env", "DEEPHASH_TEST_TOKEN",
+                                      "--fold-every", "2", env={**os.environ, "DEEPHASH_TEST_TOKEN": TOKEN})
+    try:
+        rng = np.random.default_rng(3)
+        pictures = rng.integers(0, 256, (2, 8, 8), dtype=np.uint8)
+        added = []
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for step, pixels in enumerate(pictures):  # add, delete it (the largest id: a fold), add again
+                response = client.post("/api/items", files={"image": ("a.png", png_of(pixels), "image/png")},
+                                       data={"label": "3"}, headers=AUTH)
+                assert response.status_code == 201, response.text
+                added.append(response.json()["id"])
+                if step == 0:
+                    assert client.delete(f"/api/items/{added[0]}", headers=AUTH).status_code == 204
+        assert added == [start, start + 1]  # the deleted id is not handed out again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(30)
+    log = (tmp_path / "serve.log").read_text()
+    assert status in (0, -signal.SIGTERM) and "Traceback" not in log and "FoldWarning" not in log, log[-3000:]
+    after = HashIndex.load(index_dir)  # folded at shutdown: the journal is empty
+    assert (index_dir / "journal.log").stat().st_size == 0 and after.journal_seq == 3 and after.next_id == start + 2
+    items[start + 1] = code_of(run_dir, pictures[1]).tobytes()
+    assert {int(i): c.tobytes() for i, c in zip(after.ids, after.codes)} == items
+    assert after.rerank_vectors.shape == (len(items), BITS) and after.labels[-1] == 3
+    with IndexLock(index_dir):  # released
+        pass

@@ -11,6 +11,17 @@ look up buckets of ``b`` bits; ``"BIVF<nlist>"`` inverted file, trained on the c
 The index keeps its own copy of the packed codes (``N * ceil(bits/8)`` bytes), so ``remove`` works
 for every factory (hash indexes are rebuilt) and a saved index can be reopened without FAISS.
 
+Per-item columns: ids, codes and the optional labels, re-rank vectors and paths (the image file
+of each item, ``""`` for an item without one). Row ``i`` of every column describes the item
+``ids[i]``; ``_append_rows`` and ``_keep_rows`` are the one place that adds and removes rows, so
+the columns cannot drift apart. Each column is saved as its own ``.npy`` file (``_COLUMN_FILES``).
+
+Ids: :attr:`HashIndex.next_id` is the smallest id never handed out (a high-water mark, saved as
+``meta.json["next_id"]``). Default ids start there, so an id is never given out twice, even after
+the item holding the largest id was removed. An explicit id above the mark advances it; an
+explicit id below it that is not present is allowed (a caller re-adding a removed item under its
+old id, on purpose) and leaves the mark where it is.
+
 A saved folder may also hold a journal of later adds and removes (:mod:`deephash.retrieval.journal`):
 :meth:`HashIndex.load` applies it, and :meth:`HashIndex.save` keeps every file it does not own
 (the journal, the write lock, stored item images) across the atomic swap of the folder.
@@ -22,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +47,24 @@ from deephash.retrieval.hamming import hamming_knn, hamming_range
 
 FORMAT_VERSION = 1
 _META_KEYS = {"format_version": int, "bits": int, "factory": str, "count": int, "created": str, "deephash_version": str}
-_OWN_FILES = {"meta.json", "codes.npy", "ids.npy", "labels.npy", "index.faiss"}
+#: The per-item columns and their files; ``ids`` and ``codes`` always exist, the others when kept.
+_COLUMN_FILES = {"ids": "ids.npy", "codes": "codes.npy", "labels": "labels.npy", "rerank": "rerank.npy",
+                 "paths": "paths.npy"}
+#: Every file :meth:`HashIndex.save` may write (whether or not this save writes it): never carried over.
+_OWN_FILES = frozenset({"meta.json", "index.faiss", *_COLUMN_FILES.values()})
+#: One past the largest id an int64 holds: the highest ``next_id`` can go.
+_ID_LIMIT = 2**63
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link every file of ``old`` the index does not own into ``new`` (same inodes: open
-    journal handles and held locks stay valid after the swap)."""
+    """Hard-link every file of ``old`` the index does not own, and ``new`` does not have, into
+    ``new`` (same inodes: open journal handles and held locks stay valid after the swap)."""
     if not old.is_dir():
         return
     import shutil
 
     for entry in old.iterdir():
-        if entry.name in _OWN_FILES:
+        if entry.name in _OWN_FILES or os.path.lexists(new / entry.name):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, copy_function=os.link)
@@ -73,6 +91,25 @@ def faiss_available() -> bool:
 
 class DuplicateIdError(DeephashError):
     """An added id is already in the index (or given twice)."""
+
+
+@dataclass(frozen=True)
+class ItemRows:
+    """Checked rows to add (:meth:`HashIndex.checked_addition`): one value per item in each column.
+
+    Attributes:
+        ids: int64 ``(n,)``.
+        codes: packed uint8 ``(n, ceil(bits/8))``.
+        labels: int64 ``(n,)`` or ``(n, C)``, or None.
+        rerank: float16 ``(n, D)``, or None.
+        paths: unicode ``(n,)`` image paths (``""``: no file), or None.
+    """
+
+    ids: np.ndarray
+    codes: np.ndarray
+    labels: np.ndarray | None = None
+    rerank: np.ndarray | None = None
+    paths: np.ndarray | None = None
 
 
 class HashIndex:
@@ -105,6 +142,8 @@ class HashIndex:
         self._ids = np.zeros(0, dtype=np.int64)
         self._labels: np.ndarray | None = None
         self._rerank: np.ndarray | None = None
+        self._paths: np.ndarray | None = None
+        self._next_id = 0
         self._faiss_index: Any = self._new_faiss_index() if backend == "faiss" else None
         #: Sequence number of the last journal record this index holds (0: none).
         self.journal_seq = 0
@@ -139,6 +178,16 @@ class HashIndex:
     def rerank_vectors(self) -> np.ndarray | None:
         """float16 ``(ntotal, D)`` re-rank vectors (two-stage search), or ``None`` when none were added."""
         return self._rerank
+
+    @property
+    def paths(self) -> np.ndarray | None:
+        """unicode ``(ntotal,)`` image path of each item (``""``: none), or ``None`` when the index keeps no paths."""
+        return None if self._paths is None else self._paths.copy()
+
+    @property
+    def next_id(self) -> int:
+        """The smallest id never handed out: default ids start here (``meta.json["next_id"]``)."""
+        return self._next_id
 
     @property
     def rerank_bytes_per_item(self) -> int:
@@ -199,46 +248,40 @@ class HashIndex:
         ids: torch.Tensor | np.ndarray | None = None,
         labels: torch.Tensor | np.ndarray | None = None,
         rerank: torch.Tensor | np.ndarray | None = None,
+        paths: Any = None,
     ) -> None:
         """Add codes.
 
         Args:
             codes: packed uint8 ``(N, ceil(bits/8))`` or unpacked ``(N, bits)`` bool/{0,1}/±1.
-            ids: int64 ``(N,)`` unique ids; default consecutive from the largest id + 1 (from
-                ``ntotal`` for an index filled only with default ids).
+            ids: int64 ``(N,)`` unique ids; default consecutive from :attr:`next_id` (never an id
+                handed out before). An explicit id above the mark advances it; one below it that is
+                not present is allowed (re-adding a removed item under its old id).
             labels: int ``(N,)`` or ``(N, C)``; either every ``add`` has labels or none does.
             rerank: float ``(N, D)`` vectors for a two-stage search (kept as float16; FAISS's
                 ``IndexRefine`` pattern, see ``retrieval.search``); every ``add`` or none.
+            paths: ``N`` image paths (strings); an index that keeps paths gets ``""`` (no file)
+                for an add without them; one that keeps none (and is not empty) refuses them.
         """
-        packed, id_array, label_array, vectors = self.checked_addition(codes, ids, labels, rerank)
-        n = packed.shape[0]
-        if self._faiss_index is not None and n:
-            if not self._faiss_index.is_trained:
-                self.train(packed)
-            self._faiss_index.add_with_ids(packed, id_array)
-        self._codes = np.concatenate([self._codes, packed])
-        self._ids = np.concatenate([self._ids, id_array])
-        if label_array is not None:
-            self._labels = label_array if self._labels is None else np.concatenate([self._labels, label_array])
-        if vectors is not None:
-            self._rerank = vectors if self._rerank is None else np.concatenate([self._rerank, vectors])
+        self._append_rows(self.checked_addition(codes, ids, labels, rerank, paths=paths))
 
-    def checked_addition(self, codes: Any, ids: Any = None, labels: Any = None, rerank: Any = None, name: str = "the index"
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """What `add` would add, checked and converted, without changing the index: packed codes
-        ``(N, B)``, int64 ids ``(N,)`` (default: consecutive after the largest id), int64 labels and
-        float16 re-rank vectors (or None). ``name`` is how messages call the index.
+    def checked_addition(self, codes: Any, ids: Any = None, labels: Any = None, rerank: Any = None,
+                         name: str = "the index", paths: Any = None) -> ItemRows:
+        """What `add` would add, checked and converted, without changing the index: the
+        :class:`ItemRows` (default ids: consecutive from :attr:`next_id`). ``name`` is how messages
+        call the index. An empty index takes the columns of its next add (labels, vectors, paths).
 
         Raises:
-            DuplicateIdError: an id given twice or already in the index. DeephashError: ids, labels
-            or vectors of the wrong shape or kind, or labels / vectors given where earlier adds
-            gave none (or the reverse).
+            DuplicateIdError: an id given twice or already in the index. DeephashError: ids, labels,
+            vectors or paths of the wrong shape or kind, labels / vectors given where earlier adds
+            gave none (or the reverse), paths given to an index that keeps none, no ids left.
         """
         packed = self._packed(codes, "codes")
         n = packed.shape[0]
         if ids is None:
-            start = int(self._ids.max()) + 1 if self.ntotal else 0
-            id_array = np.arange(start, start + n, dtype=np.int64)
+            if self._next_id + n > _ID_LIMIT:
+                raise DeephashError(f"no ids left in {name}: the next id would be {self._next_id} and ids stop at 2**63-1")
+            id_array = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         else:
             id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64).reshape(-1)
             if id_array.shape[0] != n:
@@ -252,7 +295,8 @@ class HashIndex:
             if taken.size:
                 raise DuplicateIdError(f"id {int(taken[0])} is already in {name}"
                                        f"{f' ({taken.size} ids are)' if taken.size > 1 else ''}; nothing was added (ids must be unique)")
-        if self.ntotal and (labels is None) != (self._labels is None):
+        filled = self.ntotal > 0  # an empty index takes the columns of this add
+        if filled and (labels is None) != (self._labels is None):
             want = "has labels: give a label for every item" if labels is None else "has no labels: give none"
             raise DeephashError(f"{name} {want} (either every add() passes labels or none does)")
         label_array = None
@@ -260,9 +304,9 @@ class HashIndex:
             label_array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
             if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
                 raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
-            if self._labels is not None and label_array.shape[1:] != self._labels.shape[1:]:
+            if filled and label_array.shape[1:] != self._labels.shape[1:]:
                 raise DeephashError(f"labels of shape {label_array.shape} do not match the index's {self._labels.shape[1:]}")
-        if self.ntotal and (rerank is None) != (self._rerank is None):
+        if filled and (rerank is None) != (self._rerank is None):
             want = "keeps re-rank vectors: give one per item" if rerank is None else "keeps no re-rank vectors: give none"
             raise DeephashError(f"{name} {want} (either every add() passes re-rank vectors or none does)")
         vectors = None
@@ -270,22 +314,55 @@ class HashIndex:
             vectors = np.asarray(rerank.detach().cpu() if isinstance(rerank, torch.Tensor) else rerank).astype(np.float16)
             if vectors.ndim != 2 or vectors.shape[0] != n:
                 raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
-            if self._rerank is not None and vectors.shape[1] != self._rerank.shape[1]:
+            if filled and vectors.shape[1] != self._rerank.shape[1]:
                 raise DeephashError(f"re-rank vectors have {vectors.shape[1]} values but the index keeps {self._rerank.shape[1]}")
-        return packed, id_array, label_array, vectors
+        return ItemRows(id_array, packed, label_array, vectors, self._checked_paths(paths, n, name))
+
+    def _checked_paths(self, paths: Any, n: int, name: str) -> np.ndarray | None:
+        """unicode ``(n,)`` paths of an add: ``""`` each when the index keeps paths and none are given."""
+        if paths is None:
+            return np.full(n, "", dtype=np.str_) if self.ntotal and self._paths is not None else None
+        if self.ntotal and self._paths is None:
+            raise DeephashError(f"{name} keeps no paths: give none")
+        array = np.array([str(p) for p in (paths.tolist() if isinstance(paths, np.ndarray) else paths)], dtype=np.str_)
+        if array.shape != (n,):
+            raise DeephashError(f"{array.shape[0]} paths for {n} codes")
+        return array
+
+    def _append_rows(self, rows: ItemRows) -> None:
+        """Add checked rows to every column (and FAISS) and advance :attr:`next_id`; with
+        :meth:`_keep_rows`, the one place that changes the columns."""
+        n = rows.ids.shape[0]
+        if self._faiss_index is not None and n:
+            if not self._faiss_index.is_trained:
+                self.train(rows.codes)
+            self._faiss_index.add_with_ids(rows.codes, rows.ids)
+        empty = self.ntotal == 0
+        for column in _COLUMN_FILES:
+            old, new = getattr(self, f"_{column}"), getattr(rows, column)
+            if empty and column not in ("ids", "codes"):
+                setattr(self, f"_{column}", new)  # an empty index takes the columns of this add
+            elif new is not None:
+                setattr(self, f"_{column}", np.concatenate([old, new]))
+        if n:
+            self._next_id = max(self._next_id, int(rows.ids.max()) + 1)
+
+    def _keep_rows(self, keep: np.ndarray) -> None:
+        """Keep the rows where the bool ``(ntotal,)`` mask ``keep`` is True, in every column."""
+        for column in _COLUMN_FILES:
+            old = getattr(self, f"_{column}")
+            if old is not None:
+                setattr(self, f"_{column}", old[keep])
 
     def remove(self, ids: torch.Tensor | np.ndarray | list[int]) -> int:
-        """Remove the codes with these ids (unknown ids are ignored); returns how many were removed."""
+        """Remove the items with these ids (unknown ids are ignored); returns how many were removed.
+        Their ids are not handed out again (:attr:`next_id` stays)."""
         id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
         keep = ~np.isin(self._ids, id_array)
         removed = int((~keep).sum())
         if removed == 0:
             return 0
-        self._codes, self._ids = self._codes[keep], self._ids[keep]
-        if self._labels is not None:
-            self._labels = self._labels[keep]
-        if self._rerank is not None:
-            self._rerank = self._rerank[keep]
+        self._keep_rows(keep)
         if self._faiss_index is not None:
             try:
                 self._faiss_index.remove_ids(_import_faiss().IDSelectorBatch(id_array))
@@ -350,9 +427,11 @@ class HashIndex:
         """Write the index to the folder ``path`` atomically (replacing any old one).
 
         Files: ``meta.json`` (format_version, bits, factory, count, created (ISO 8601 UTC),
-        deephash_version, model, journal_seq, changed), ``codes.npy``, ``ids.npy``, ``labels.npy``
-        (when labels were added), ``rerank.npy`` (float16 re-rank vectors, when added) and ``index.faiss`` (FAISS backend). Other files of an existing
-        folder (a journal, a lock file, item images) are kept.
+        deephash_version, model, journal_seq, changed, next_id), a ``.npy`` per column
+        (``_COLUMN_FILES``): ``codes.npy``, ``ids.npy``, ``labels.npy`` (when labels were added),
+        ``rerank.npy`` (float16 re-rank vectors, when added), ``paths.npy`` (unicode image paths,
+        when kept), and ``index.faiss`` (FAISS backend). Other files of an existing folder (a
+        journal, a lock file, item images) are kept.
         """
         from deephash._version import __version__
 
@@ -370,14 +449,12 @@ class HashIndex:
                 "model": self.metadata,
                 "journal_seq": self.journal_seq,
                 "changed": self.changed,
+                "next_id": self._next_id,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            np.save(tmp / "codes.npy", self._codes)
-            np.save(tmp / "ids.npy", self._ids)
-            if self._labels is not None:
-                np.save(tmp / "labels.npy", self._labels)
-            if self._rerank is not None:
-                np.save(tmp / "rerank.npy", self._rerank)
+            for column, name in _COLUMN_FILES.items():
+                if (array := getattr(self, f"_{column}")) is not None:
+                    np.save(tmp / name, array)
             if self._faiss_index is not None:
                 data = _import_faiss().serialize_index_binary(self._faiss_index)
                 (tmp / "index.faiss").write_bytes(data.tobytes())
@@ -442,6 +519,10 @@ class HashIndex:
         bits, count = meta["bits"], meta["count"]
         if bits < 1 or count < 0:
             raise bad(f"meta.json has bits={bits}, count={count}")
+        for key in ("journal_seq", "next_id"):  # optional: folders written before them lack them
+            value = meta.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _ID_LIMIT):
+                raise bad(f"meta.json '{key}' must be int in 0 .. 2**63, got {value!r:.40}")
 
         def read(name: str, dtype: type, shape: tuple[int, ...] | None) -> np.ndarray:
             file = folder / name
@@ -451,7 +532,8 @@ class HashIndex:
                 array = np.load(file, allow_pickle=False)
             except Exception as error:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError...
                 raise bad(f"{name} is not a readable .npy file ({first_line(error)})") from None
-            if array.dtype != dtype or (shape is not None and array.shape != shape):
+            right_type = array.dtype.kind == "U" if dtype is np.str_ else array.dtype == dtype
+            if not right_type or (shape is not None and array.shape != shape):
                 want = f"{np.dtype(dtype).name} {shape}" if shape else np.dtype(dtype).name
                 raise bad(f"{name} holds {array.dtype} {array.shape}, expected {want}")
             return array
@@ -472,16 +554,35 @@ class HashIndex:
             rerank = read("rerank.npy", np.float16, None)
             if rerank.ndim != 2 or rerank.shape[0] != count:
                 raise bad(f"rerank.npy has shape {rerank.shape}, expected ({count}, D)")
+        metadata = meta.get("model")
+        paths = None
+        if isinstance(metadata, dict) and "paths" in metadata:  # folders written before paths.npy: migrate
+            metadata = dict(metadata)
+            old_paths = metadata.pop("paths")
+            if old_paths is not None and not (folder / "paths.npy").exists():
+                if not isinstance(old_paths, list) or len(old_paths) != count or not all(isinstance(p, str) for p in old_paths):
+                    raise bad(f"meta.json 'model.paths' must be a list of {count} strings")
+                paths = np.array(old_paths, dtype=np.str_).reshape(count)
+        if (folder / "paths.npy").exists():
+            paths = read("paths.npy", np.str_, None)
+            if paths.shape != (count,):
+                raise bad(f"paths.npy has shape {paths.shape}, expected ({count},)")
+        next_id = int(ids.max()) + 1 if count else 0
+        if meta.get("next_id") is not None:
+            if meta["next_id"] < next_id:
+                raise bad(f"meta.json next_id {meta['next_id']} is not above the largest id {next_id - 1}")
+            next_id = meta["next_id"]
         has_faiss_file = (folder / "index.faiss").is_file()
         if backend is None:
             backend = "faiss" if has_faiss_file and faiss_available() else "torch"
         if backend == "faiss" and not has_faiss_file:
             raise bad("missing index.faiss")
         try:
-            index = cls(bits, meta["factory"], metadata=meta.get("model"), backend=backend)
+            index = cls(bits, meta["factory"], metadata=metadata, backend=backend)
         except DeephashError as error:
             raise bad(str(error)) from None
-        index._codes, index._ids, index._labels, index._rerank = codes, ids, labels, rerank
+        index._codes, index._ids, index._labels, index._rerank, index._paths = codes, ids, labels, rerank, paths
+        index._next_id = next_id
         index.journal_seq = int(meta.get("journal_seq") or 0)
         index.changed = meta.get("changed") if isinstance(meta.get("changed"), str) else None
         if backend == "faiss":

@@ -7,7 +7,9 @@ acknowledged; loading the folder applies the records newer than the snapshot
 
 Record layout (little-endian): ``b"DHJ1"``, ``uint32`` payload length, ``uint32`` CRC32 of the
 payload, then the payload: a UTF-8 JSON header (``op``, ``seq``, ``n``, ``time``, label shape,
-paths), a NUL byte, and the raw arrays (ids int64, then for ``add`` codes uint8 and labels int64).
+paths), a NUL byte, and the raw arrays (ids int64, then for ``add`` codes uint8, labels int64 and
+re-rank vectors float16). Every ``add`` names its ids, so replaying the journal also recovers the
+index's id mark (``HashIndex.next_id``) when a crash came before the fold.
 
 A record cut short by a crash (the last one, incomplete or failing its checksum with nothing
 after it) is dropped with a :class:`TornJournalWarning`; a bad record followed by more data is
@@ -66,7 +68,7 @@ class Record:
         ids: int64 ``(n,)``.
         codes: packed uint8 ``(n, ceil(bits/8))`` for ``add``, else None.
         labels: int64 ``(n,)`` or ``(n, C)`` for an ``add`` to a labelled index, else None.
-        paths: an image path per added item (indexes that keep ``metadata["paths"]``), else None.
+        paths: an image path per added item (indexes that keep a paths column), else None.
         time: ISO 8601 UTC time of the change.
         rerank: float16 ``(n, D)`` re-rank vectors for an ``add`` to an index that keeps them, else None.
     """
@@ -189,23 +191,19 @@ def read_journal(path: str | os.PathLike) -> JournalScan:
 
 
 def apply_record(index: Any, record: Record) -> None:
-    """Apply one record to a ``HashIndex`` (and its ``metadata["paths"]``) and advance its ``journal_seq``.
+    """Apply one record to a ``HashIndex`` (every per-item column, paths included) and advance
+    its ``journal_seq`` (and, through ``add``, its ``next_id`` past the record's ids).
 
     Records at or below the index's ``journal_seq`` are already in it and are skipped, so
     replaying a journal twice changes nothing. An ``add`` of an id already present replaces it.
+    Because every ``add`` record names its ids, replaying the journal recovers ``next_id`` even
+    when the items were removed again before the snapshot was folded.
     """
     if record.seq <= index.journal_seq:
         return
-    paths = index.metadata.get("paths") if isinstance(index.metadata, dict) else None
-    if paths is not None:
-        gone = np.isin(index.ids, record.ids)
-        if gone.any():
-            index.metadata["paths"] = [p for p, out in zip(paths, gone.tolist()) if not out]
     index.remove(record.ids)
     if record.op == "add":
-        index.add(record.codes, ids=record.ids, labels=record.labels, rerank=record.rerank)
-        if isinstance(index.metadata, dict) and index.metadata.get("paths") is not None:
-            index.metadata["paths"] = list(index.metadata["paths"]) + list(record.paths or [""] * len(record.ids))
+        index.add(record.codes, ids=record.ids, labels=record.labels, rerank=record.rerank, paths=record.paths)
     index.journal_seq = record.seq
     index.changed = record.time
 
@@ -258,14 +256,13 @@ class Journal:
 
     def truncate(self) -> None:
         """Empty the journal (after its records were folded into a snapshot)."""
+        if self._fd >= 0 or self.path.exists():
+            fd = self._file()
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            self._end = 0
+            os.fsync(fd)
         self.records = 0
-        if self._fd < 0 and not self.path.exists():
-            return
-        fd = self._file()
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.fsync(fd)
-        self._end = 0
 
     def close(self) -> None:
         """Close the file."""

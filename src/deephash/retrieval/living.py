@@ -7,6 +7,16 @@ fsynced, and only then applied in memory, so a change that returned survives ``k
 :meth:`LivingIndex.fold` saves a snapshot (atomically) and empties the journal; it runs every
 ``fold_every`` records and at :meth:`LivingIndex.close`.
 
+A fold that fails (a full disk, a failing save) loses nothing and wedges nothing: the old snapshot
+and the journal still hold every change (the journal is emptied only after the new snapshot is in
+place, and a swap cut half-way is undone at once). :meth:`LivingIndex.fold` raises
+:class:`FoldError`; the automatic folds after a write and at :meth:`LivingIndex.close` warn with
+:class:`FoldWarning` instead (the write was durable before the fold began) and leave the records to
+the next fold; ``close`` always closes the journal and releases the write lock.
+
+Default ids come from the index's id mark (``HashIndex.next_id``), so the service and the command
+line never hand out an id twice, even after the item with the largest id was removed.
+
 Readers (searches) hold :meth:`LivingIndex.reading` while they use the index; the in-memory
 change runs under the matching write side, so a search sees an item either before or after a
 change, never half-applied. Writers are serialised among themselves; the fsync happens outside
@@ -18,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from deephash.errors import DeephashError, NotFoundError
+from deephash.errors import DeephashError, NotFoundError, first_line
 from deephash.retrieval.index import DuplicateIdError, HashIndex
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
@@ -34,7 +45,15 @@ from deephash.retrieval.journal import (
     read_journal,
 )
 
-__all__ = ["DuplicateIdError", "LivingIndex", "ReadWriteLock"]
+__all__ = ["DuplicateIdError", "FoldError", "FoldWarning", "LivingIndex", "ReadWriteLock"]
+
+
+class FoldError(DeephashError):
+    """Saving the snapshot of a fold failed; every change is still in the old snapshot and the journal."""
+
+
+class FoldWarning(UserWarning):
+    """An automatic fold (after a write, or at close) failed; its records stay in the journal."""
 
 
 class ReadWriteLock:
@@ -131,15 +150,19 @@ class LivingIndex:
         return self
 
     def close(self, fold: bool = True) -> None:
-        """Fold pending records into the snapshot (unless ``fold=False``) and release the lock."""
+        """Fold pending records into the snapshot (unless ``fold=False``), close the journal and
+        release the lock. A failed fold warns (:class:`FoldWarning`) and loses nothing: its records
+        stay in the journal, applied by every load and folded by the next writer."""
         if self._journal is None:
             return
         with self._writer:
-            if fold and self._journal.records:
-                self._fold_locked()
-            self._journal.close()
-            self._journal = None
-            self._file_lock.release()
+            try:
+                if fold and self._journal.records:
+                    self._fold_warning_on_failure()
+            finally:
+                self._journal.close()
+                self._journal = None
+                self._file_lock.release()
 
     def __enter__(self) -> LivingIndex:
         return self.open()
@@ -170,9 +193,12 @@ class LivingIndex:
 
         Args:
             codes: packed uint8 ``(n, ceil(bits/8))`` or unpacked ``(n, bits)``.
-            ids: int64 ``(n,)`` new ids; default consecutive after the largest id.
+            ids: int64 ``(n,)`` new ids; default consecutive from the index's ``next_id`` (never an
+                id handed out before). An explicit id below the mark that is not present re-adds
+                an item under that id (the caller's choice).
             labels: int64 ``(n,)`` / ``(n, C)``, required exactly when the index has labels.
-            paths: an image path per item (kept when the index keeps paths).
+            paths: an image path per item; ``""`` each when omitted from an index that keeps
+                paths; refused by a (non-empty) index that keeps none.
             rerank: float ``(n, D)`` re-rank vectors, required exactly when the index keeps them.
             before: called with the ids once they are known and valid, before the journal write
                 (e.g. to store the items' images); an exception there cancels the add.
@@ -183,26 +209,19 @@ class LivingIndex:
 
         Raises:
             DuplicateIdError: an id is already in the index or given twice. DeephashError: codes,
-            ids or labels of the wrong shape or kind.
+            ids, labels, vectors or paths of the wrong shape or kind.
         """
         journal = self._open_journal()
         with self._writer:
-            index = self.index
-            packed, id_array, label_array, vectors = index.checked_addition(codes, ids, labels, rerank, f"index {self.path}")
-            n = packed.shape[0]
-            if n == 0:
+            rows = self.index.checked_addition(codes, ids, labels, rerank, f"index {self.path}", paths=paths)
+            if rows.ids.shape[0] == 0:
                 raise DeephashError("nothing to add: no codes given")
-            keeps_paths = isinstance(index.metadata, dict) and index.metadata.get("paths") is not None
-            path_list = None
-            if keeps_paths:
-                path_list = [str(p) for p in paths] if paths is not None else [""] * n
-                if len(path_list) != n:
-                    raise DeephashError(f"{len(path_list)} paths for {n} codes")
             if before is not None:
-                before(id_array)
-            record = Record("add", journal.next_seq(), id_array, packed, label_array, path_list, rerank=vectors)
+                before(rows.ids)
+            record = Record("add", journal.next_seq(), rows.ids, rows.codes, rows.labels,
+                            None if rows.paths is None else rows.paths.tolist(), rerank=rows.rerank)
             self._commit(journal, record, after)
-            return id_array
+            return rows.ids
 
     def remove(self, ids: Sequence[int] | np.ndarray, after: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """Remove items durably; every id must be in the index (else nothing is removed).
@@ -232,14 +251,30 @@ class LivingIndex:
             if after is not None:
                 after(record.ids)
         if journal.records >= self.fold_every:
-            self._fold_locked()
+            self._fold_warning_on_failure()  # the change is durable: a failed fold must not fail it
 
     def fold(self) -> None:
-        """Save a snapshot holding every change (atomically) and empty the journal."""
+        """Save a snapshot holding every change (atomically) and empty the journal.
+
+        Raises:
+            FoldError: the snapshot could not be saved; the old one and the journal still hold
+            every change (the journal is not emptied) and the index stays open and writable.
+        """
         self._open_journal()
         with self._writer:
             self._fold_locked()
 
+    def _fold_warning_on_failure(self) -> None:
+        try:
+            self._fold_locked()
+        except FoldError as error:
+            warnings.warn(str(error), FoldWarning, stacklevel=3)
+
     def _fold_locked(self) -> None:
-        self.index.save(self.path)  # the journal file is carried into the new folder, then emptied
-        self._journal.truncate()
+        try:
+            self.index.save(self.path)  # the journal file is carried into the new folder, then emptied
+            self._journal.truncate()
+        except Exception as error:  # noqa: BLE001 - whatever failed, the snapshot on disk + the journal hold everything
+            _recover_swap(self.path)  # a swap cut between its renames: put the old folder back
+            raise FoldError(f"index {self.path}: folding {self._journal.records} journal records into a new snapshot "
+                            f"failed ({first_line(error)}); they stay in {JOURNAL_FILE}, applied on every load") from error

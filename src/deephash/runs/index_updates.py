@@ -3,7 +3,11 @@
 Each command takes the index's write lock (refused while a writing server or another command
 holds it), writes one journal record for the whole batch (so it is applied completely or not at
 all), folds it into a new snapshot and releases the lock. Images of added items (from a folder,
-a split or an upload) are stored as ``INDEX/items/<id>.png``, which the service shows.
+a split or an upload) are stored as ``INDEX/items/<id>.png``, which the service shows. Items added
+from a folder (or a code file that names its files) keep their paths in the index's ``paths``
+column when the index keeps one. New ids start at the index's id mark (``next_id``), so an id is
+never handed out twice; a failed fold warns and leaves the change in the journal (see
+:mod:`deephash.retrieval.living`).
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         images: a folder with one sub-folder per class (class names mapped to the index's).
         split: a split of the run's data set.
         codes: a code file (``deephash encode``); its ids are used unless ``new_ids``.
-        ids: int64 ``(n,)`` ids to give the items; default: after the largest id.
+        ids: int64 ``(n,)`` ids to give the items; default: from the index's ``next_id`` on (ids
+            never handed out before).
         new_ids: ignore a code file's ids.
 
     Returns:
@@ -145,6 +150,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
                 labels = _class_map(list(dataset.classes), index_classes, str(images))[labels]
         pictures = dataset.data.numpy()
     labels = None if probe.labels is None and probe.ntotal else labels
+    paths = None if probe.paths is None and probe.ntotal else paths  # an index built without paths stays without
     if probe.ntotal and probe.rerank_vectors is None:
         vectors = None  # an index built without re-rank vectors stays without them
     elif probe.rerank_vectors is not None and vectors is None:
@@ -190,14 +196,16 @@ def remove_items(index_dir: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
 
 
 def index_status(index_dir: str | os.PathLike) -> dict[str, Any]:
-    """:func:`~deephash.runs.index_info` plus the count (``items``), the id range (``ids``), when it
-    last changed (``changed``: the last add or remove, else when it was built) and how many journal
-    records wait to be folded (``journal``, only when some do)."""
+    """:func:`~deephash.runs.index_info` plus the count (``items``), the id range (``ids``), the id
+    mark (``next_id``: the id the next add gets by default; no id below it is ever handed out
+    again), when it last changed (``changed``: the last add or remove, else when it was built) and
+    how many journal records wait to be folded (``journal``, only when some do)."""
     index = load_index(index_dir)
     info = index_info(index_dir)
     ids = index.ids
     status: dict[str, Any] = {"items": len(index),
                               "ids": f"{int(ids.min())} .. {int(ids.max())}" if len(ids) else "(none)",
+                              "next_id": index.next_id,
                               "changed": index.changed or _created(index_dir)}
     pending = len(read_journal(Path(index_dir) / JOURNAL_FILE).records)
     if pending:

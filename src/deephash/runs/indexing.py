@@ -25,8 +25,8 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
                 out: str | os.PathLike = "index", factory: str = "BFlat") -> Path:
     """Encode a split (or an image folder) with a run's hash model and save a :class:`HashIndex`.
 
-    The index metadata records the run, the source (split or folder) and, for folders, the path
-    of every item, so :func:`search_run` can name them.
+    The index metadata records the run and the source (split or folder); for folders the index
+    keeps the path of every item (its ``paths`` column), so :func:`search_run` can name them.
     """
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
@@ -45,10 +45,8 @@ def build_index(run_dir: str | os.PathLike, split: str | None = None, images: st
         "source": f"images:{Path(images).resolve()}" if images is not None else f"split:{split}",
         "classes": list(getattr(model, "classes", []) or dataset.classes or []),
     }
-    if dataset.paths is not None:
-        metadata["paths"] = list(dataset.paths)
     index = HashIndex(model.bits, factory=factory, metadata=metadata)
-    index.add(codes, labels=labels, rerank=vectors)
+    index.add(codes, labels=labels, rerank=vectors, paths=None if dataset.paths is None else [str(p) for p in dataset.paths])
     out = Path(out)
     index.save(out)
     return out
@@ -71,12 +69,12 @@ def index_info(index_dir: str | os.PathLike) -> dict[str, Any]:
     index = load_index(index_dir)
     meta = dict(index.metadata) if isinstance(index.metadata, dict) else {"model": index.metadata}
     info: dict[str, Any] = {"bits": index.bits, "items": len(index), "factory": index.factory}
-    paths, classes = meta.pop("paths", None), meta.pop("classes", None)
+    classes = meta.pop("classes", None)
     info.update(meta)
     if classes:
         info["classes"] = ", ".join(classes)
-    if paths:
-        info["paths"] = f"{len(paths)} image files"
+    if index.paths is not None:
+        info["paths"] = f"{int((index.paths != '').sum())} image files"
     return info
 
 
@@ -96,7 +94,8 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
     Returns:
         One dict per query: ``query``, ``label``, ``class``, ``hits``: a list of ``{rank, id,
         distance, score, label, class, path}`` (``score`` the re-rank distance of a two-stage
-        search, else None; ``path`` None unless the index was built from an image folder).
+        search, else None; ``path`` the item's image file, None when the index keeps no paths or
+        the item has none).
 
     Raises:
         CodeLengthError: the run's code length differs from the index's.
@@ -115,7 +114,7 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
     codes = pack_codes(out.cpu())
     vectors = None if vectors is None else vectors.float().cpu().numpy()
     meta = index.metadata if isinstance(index.metadata, dict) else {}
-    classes, paths = meta.get("classes") or getattr(model, "classes", []), meta.get("paths")
+    classes, paths = meta.get("classes") or getattr(model, "classes", []), index.paths
     labels = index.labels
 
     def class_of(label: int | None) -> str | None:
@@ -131,6 +130,6 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
             label = int(labels[pos]) if labels is not None and pos >= 0 else None
             hits.append({"rank": rank, "id": int(ident), "distance": int(distance),
                          "score": None if score is None else round(float(score), 4), "label": label,
-                         "class": class_of(label), "path": paths[pos] if paths is not None and pos >= 0 else None})
+                         "class": class_of(label), "path": (str(paths[pos]) or None) if paths is not None and pos >= 0 else None})
         results.append({"query": item, "label": q_label, "class": class_of(q_label), "hits": hits})
     return results

@@ -139,7 +139,7 @@ class SearchService:
              writable: bool = False, fold_every: int = 1000) -> SearchService:
         """Open an index folder and the run that built it (model on the CPU).
 
-        Database images come from the index metadata: ``paths`` (an image folder) or
+        Database images come from the index's ``paths`` column (an image folder) or its metadata's
         ``source = "split:NAME"`` (that split of the run's data set), and for added items from
         ``INDEX/items/<id>.png``; they are optional.
 
@@ -160,8 +160,8 @@ class SearchService:
         index = living.index if living is not None else load_index(index_dir)
         meta = index.metadata if isinstance(index.metadata, dict) else {}
         images: torch.Tensor | dict[int, str] | None = None
-        if meta.get("paths"):  # one per index row
-            images = {int(i): str(p) for i, p in zip(index.ids.tolist(), meta["paths"]) if p}
+        if index.paths is not None:  # one per index row ("" for an item without a file)
+            images = {int(i): str(p) for i, p in zip(index.ids.tolist(), index.paths.tolist()) if p}
         elif str(meta.get("source", "")).startswith("split:"):
             images = load_split(config, str(meta["source"])[len("split:"):], run_dir).data
         if isinstance(images, torch.Tensor):
@@ -319,7 +319,7 @@ class SearchService:
         Args:
             data: the image file's bytes (decoded as search uploads are, size limits included).
             label: a class name or number; None for unknown.
-            ident: the new id; None: after the largest id.
+            ident: the new id; None: the index's ``next_id`` (never an id handed out before).
 
         Returns:
             the new item's id.
