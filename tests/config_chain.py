@@ -282,6 +282,7 @@ class Chain:
     serve: str = "app"
     serve_command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "deephash"])
     env: dict[str, str] | None = None
+    serve_cwd: Path | None = None  # default: this process's (a relative PYTHONPATH=src keeps pointing at the checkout)
     data_sets: list[str] | None = None  # default: tree.sets (the wheel test finds its data by env instead)
     handed_out: set[int] = field(default_factory=set)
     reused: list[str] = field(default_factory=list)
@@ -586,7 +587,7 @@ class Chain:
             token = self.work / "token"
             token.write_text(TOKEN + "\n")
             log = self.work / "serve.log"
-            proc, base = start_service(self.serve_command, self.index, self.run, log, self.env, self.work,
+            proc, base = start_service(self.serve_command, self.index, self.run, log, self.env, self.serve_cwd,
                                        "--token-file", token)
             try:
                 with httpx.Client(base_url=base, timeout=60) as client:
@@ -661,7 +662,7 @@ class Chain:
         assert status == 2 and "locked for writing" in err and "deephash serve" in err, err
 
 
-def start_service(command: list[str], index: Path, run: Path, log: Path, env: dict[str, str] | None, cwd: Path,
+def start_service(command: list[str], index: Path, run: Path, log: Path, env: dict[str, str] | None, cwd: Path | None,
                   *extra: Any) -> tuple[subprocess.Popen, str]:
     """``command serve INDEX --run RUN`` on a free loopback port; returns once /healthz answers."""
     port = free_port()

@@ -115,4 +115,4 @@ def test_installed_wheel_runs_every_command_outside_the_checkout(venv, tmp_path,
     monkeypatch.setenv("DEEPHASH_DATA", str(data))  # where the checks here read the split images
     tree = fashion_mnist_slice(data)
     Chain(in_subprocess([str(deephash)], cwd=work, env=env), work, "fashion-mnist-48", tree, serve="process",
-          serve_command=[str(deephash)], env=env, data_sets=[]).go()
+          serve_command=[str(deephash)], env=env, serve_cwd=work, data_sets=[]).go()
