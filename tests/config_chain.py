@@ -368,16 +368,18 @@ class Chain:
             distances = np.linalg.norm(self.q_emb[:, None, :].astype(np.float64) - self.db_emb[None], axis=-1)
             relevant = self.q_labels[:, None] == self.db_labels[None, :]
             expected = np.mean([ap_stable(d, r) for d, r in zip(distances, relevant)])
-            assert metrics["mAP@all"] == pytest.approx(expected, abs=1e-6)
+            assert metrics["mAP@all"] == pytest.approx(expected, abs=1e-6), f"mAP@all {metrics['mAP@all']}, the direct formula {expected}"
             return
         assert (protocol["n_query"], protocol["n_database"]) == (len(self.q), len(self.db))
         distances = hamming(self.q.codes, self.db.codes)
         relevant = self.q.labels[:, None] == self.db.labels[None, :]
         expected = np.mean([ap_stable(d, r) for d, r in zip(distances, relevant)])
-        assert metrics["mAP@all/stable"] == pytest.approx(expected, abs=1e-9)
+        got = metrics["mAP@all/stable"]
+        assert got == pytest.approx(expected, abs=1e-9), f"mAP@all/stable {got}, the direct formula {expected}"
         radius = self.config.eval.radius
         expected = np.mean([ball_precision(d, r, radius) for d, r in zip(distances, relevant)])
-        assert metrics[f"P@r<={radius}"] == pytest.approx(expected, abs=1e-9)
+        got = metrics[f"P@r<={radius}"]
+        assert got == pytest.approx(expected, abs=1e-9), f"P@r<={radius} {got}, the direct formula {expected}"
 
     def embedding_model_refuses_an_index(self) -> None:
         status, out, err = self.runner("index", "build", self.run, "--split", self.config.data.database_split,
