@@ -6,12 +6,13 @@ environment reuses the test venv's installed dependencies through a plain path l
 file (which does not run the test venv's own ``.pth`` files, so its editable install of the
 checkout stays invisible). Oracles: the wheel's file list against the source tree, the shipped
 config files and ``pyproject.toml`` read directly, and search distances against a brute-force
-Hamming distance over the codes ``deephash encode`` writes.
+Hamming distance over the codes ``deephash encode`` writes, with every other command of
+``tests/config_chain.py`` (its evaluate, index changes, report and service checks) on the shipped
+config fashion-mnist-48 and a slice of the real Fashion-MNIST found through ``DEEPHASH_DATA``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,15 +22,13 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import tiny_fashion_mnist
+from config_chain import Chain, fashion_mnist_slice, in_subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "src" / "deephash"
 SHIPPED = sorted((PACKAGE / "configs").glob("*.toml"))
 STATIC = sorted((PACKAGE / "serve" / "static").iterdir())
-N_CLASSES, PER_CLASS, LIMIT = 3, 16, 30
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +44,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PIP_NO_INPUT="1", PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1", **extra)
     return env
-
-
-def _tiny_fashion_mnist(root: Path) -> None:
-    """Fashion-MNIST's four IDX files: 3 classes of 28x28 noise with a bright class-dependent band."""
-    tiny_fashion_mnist(root, N_CLASSES, PER_CLASS, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +89,8 @@ def test_the_wheel_holds_every_file_of_the_package(wheel):
         n for n in names if n.startswith("deephash-") and ".dist-info/" in n}  # nothing outside the package
 
 
-def test_installed_wheel_trains_evaluates_indexes_and_searches_outside_the_checkout(venv, tmp_path):
+def test_installed_wheel_runs_every_command_outside_the_checkout(venv, tmp_path, monkeypatch):
     data = tmp_path / "data"
-    _tiny_fashion_mnist(data / "fashion-mnist")
     work = tmp_path / "work"  # a user's directory: no configs/, no src/
     work.mkdir()
     env = _clean_env(DEEPHASH_DATA=str(data))
@@ -117,29 +110,9 @@ def test_installed_wheel_trains_evaluates_indexes_and_searches_outside_the_check
     shown = _run([deephash, "configs", "show", "fashion-mnist-48"], cwd=work, env=env)
     assert shown == (PACKAGE / "configs" / "fashion-mnist-48.toml").read_text(encoding="utf-8")
 
-    sets = [f"data.limit={LIMIT}", 'device="cpu"', "train.epochs=1", "train.num_threads=1", "sampler.batch_size=16",
-            "train.log_interval=1"]
-    _run([deephash, "train", "fashion-mnist-48", "--out", "run", "--quiet", *[a for s in sets for a in ("--set", s)]],
-         cwd=work, env=env)
-    run = work / "run"
-    assert (run / "model.pt").is_file() and (run / "config.toml").is_file()
-
-    _run([deephash, "evaluate", "run"], cwd=work, env=env)
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    assert (metrics["protocol"]["n_query"], metrics["protocol"]["n_database"]) == (LIMIT, LIMIT)
-    assert 0.0 <= metrics["metrics"]["mAP@all/tie-aware"] <= 1.0
-
-    _run([deephash, "index", "build", "run", "--split", "train", "--out", "index"], cwd=work, env=env)
-    _run([deephash, "encode", "run", "--split", "test", "--out", "q.npz"], cwd=work, env=env)
-    _run([deephash, "encode", "run", "--split", "train", "--out", "db.npz"], cwd=work, env=env)
-    results = json.loads(_run([deephash, "search", "index", "--run", "run", "test:0", "test:1", "-k", "5", "--json"],
-                              cwd=work, env=env))
-    with np.load(work / "q.npz") as q, np.load(work / "db.npz") as db:
-        queries, database, bits = q["codes"], db["codes"], int(db["bits"])
-    assert bits == 48 and database.shape == (LIMIT, 6)
-    hamming = np.unpackbits(queries[:2, None] ^ database[None], axis=-1).sum(-1)  # (2, LIMIT) brute force
-    assert len(results) == 2
-    for row, result in zip(hamming, results):
-        hits = result["hits"]
-        assert [hit["distance"] for hit in hits] == sorted(row)[:5]
-        assert all(row[hit["id"]] == hit["distance"] for hit in hits)
+    # the same command chain as tests/reliability/test_shipped_configs.py, through the wheel's `deephash`
+    # (the service a real `deephash serve` process): every result against its oracle
+    monkeypatch.setenv("DEEPHASH_DATA", str(data))  # where the checks here read the split images
+    tree = fashion_mnist_slice(data)
+    Chain(in_subprocess([str(deephash)], cwd=work, env=env), work, "fashion-mnist-48", tree, serve="process",
+          serve_command=[str(deephash)], env=env, serve_cwd=work, data_sets=[]).go()

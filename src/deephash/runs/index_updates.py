@@ -145,9 +145,9 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         else:
             dataset = source_dataset(config, run_dir, None, images)
             packed, labels, vectors = encode_with_rerank(model, dataset)
-            paths = [str(p) for p in dataset.paths] if dataset.paths is not None else None
             if index_classes and dataset.classes:
                 labels = _class_map(list(dataset.classes), index_classes, str(images))[labels]
+        paths = [str(p) for p in dataset.paths] if dataset.paths is not None else None  # as `index build` keeps them
         pictures = dataset.data.numpy()
     labels = None if probe.labels is None and probe.ntotal else labels
     paths = None if probe.paths is None and probe.ntotal else paths  # an index built without paths stays without
