@@ -399,7 +399,7 @@ class Chain:
             assert built.rerank_vectors is None
         meta = built.metadata
         assert meta["classes"] == self.classes
-        self.keeps_paths = meta.get("paths") is not None
+        self.keeps_paths = built.paths is not None
         assert self.keeps_paths == (self.config.data.dataset == "folder")
         paths = self.split_paths(self.config.data.database_split)
         self.items = {int(i): Item(c.tobytes(), int(l), None if self.db.rerank is None else self.db.rerank[n],
@@ -542,12 +542,14 @@ class Chain:
             np.testing.assert_allclose(changed.rerank_vectors[at].astype(np.float32), vectors, rtol=vector_tol, atol=vector_tol)
         else:
             assert changed.rerank_vectors is None
-        meta = dict(changed.metadata)
+        paths = None
         if self.keeps_paths:
-            assert [meta["paths"][rows[i]] for i in order] == [self.items[i].path for i in order]
-            meta["paths"] = [self.items[i].path for i in order]
-        scratch = HashIndex(changed.bits, metadata=meta)
-        scratch.add(codes, ids=np.array(order, dtype=np.int64), labels=labels, rerank=vectors)
+            paths = [self.items[i].path or "" for i in order]
+            assert [changed.paths[rows[i]] for i in order] == paths
+        else:
+            assert changed.paths is None
+        scratch = HashIndex(changed.bits, metadata=changed.metadata)
+        scratch.add(codes, ids=np.array(order, dtype=np.int64), labels=labels, rerank=vectors, paths=paths)
         rng = np.random.default_rng(len(self.items))
         queries = np.concatenate([self.q.codes[:3], np.packbits(rng.integers(0, 2, (2, changed.bits)).astype(bool), axis=1)])
         for query in queries:
@@ -563,6 +565,7 @@ class Chain:
         lines = dict(line.split(None, 1) for line in out.strip().splitlines())
         assert lines["items"] == str(len(self.items)) and lines["bits"] == str(self.config.model.bits)
         assert lines["ids"] == f"{min(self.items)} .. {max(self.items)}"
+        assert int(lines["next_id"]) == max(self.handed_out) + 1, (lines["next_id"], max(self.handed_out))
         assert "journal" not in lines and lines["changed"] == HashIndex.load(self.index).changed
 
     def report(self) -> None:
