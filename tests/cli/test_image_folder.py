@@ -55,7 +55,7 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     photos = tmp_path / "photos"
     write_folder(photos, {"train": 8, "test": 4}, seed=0)
     run = tmp_path / "run"
-    overrides = [f"data.images={photos}", "device=cpu", "train.epochs=2", "train.final_epochs_no_augment=1",
+    overrides = [f"data.images={photos}", "data.image_size=20", "data.num_workers=0", "device=cpu", "train.epochs=2", "train.final_epochs_no_augment=1",
                  "sampler.batch_size=12", "model.backbone_params={ width = 4, depth = [1, 1], fc = 0 }",
                  "eval.ks=[5]", "eval.knn_k=3"]
     argv = ["train", str(CONFIG), "--out", str(run), "--quiet"]
@@ -76,8 +76,10 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     files = sorted(p.relative_to(photos / "test").as_posix() for p in (photos / "test").rglob("*.png"))
     assert sorted(code_set.paths.tolist()) == files
     model, _ = load_run(run)
-    for row in (0, 5, 11):  # each row is the code of the file it names, encoded alone
-        picture = np.asarray(Image.open(photos / "test" / code_set.paths[row]).convert("RGB"), dtype=np.float32)
+    for row in (0, 5, 11):  # each row is the code of the file it names, encoded alone: shorter side
+        # resized to floor(20 / 0.875) = 22 px, then the centre 20 x 20 crop
+        resized = Image.open(photos / "test" / code_set.paths[row]).convert("RGB").resize((22, 22), Image.Resampling.BILINEAR)
+        picture = np.asarray(resized.crop((1, 1, 21, 21)), dtype=np.float32)
         with torch.no_grad():
             alone = model(torch.from_numpy(picture.transpose(2, 0, 1).copy())[None] / 255)
         assert np.array_equal(pack_codes(alone), code_set.codes[row:row + 1])
