@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from helpers import start_server, stop
 from PIL import Image
@@ -117,3 +122,106 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(served.content))), np.asarray(Image.open(query)))
     finally:
         stop(server)
+
+
+# ------------------------------------------------------------------- photo folders of any shape
+
+KILL_AFTER_CHUNKS = """
+import os, signal, sys
+import deephash.runs.encoding as encoding
+from deephash.runs import build_index
+
+real, written = encoding.atomic_savez, []
+
+def save_then_die(path, **arrays):
+    real(path, **arrays)
+    if path.name.startswith("chunk-"):
+        written.append(path)
+        if len(written) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+encoding.atomic_savez = save_then_die
+build_index(sys.argv[1], images=sys.argv[2], out=sys.argv[3], batch_size=4)
+"""
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """A tiny model trained on 20 px colour photos, with one bad file among them."""
+    root = tmp_path_factory.mktemp("photos")
+    write_folder(root / "photos", {"train": 6, "test": 3}, seed=1)
+    (root / "photos" / "train" / "red" / "zz-notes.png").write_bytes(b"not an image")
+    run = root / "run"
+    argv = ["train", CONFIG, "--out", str(run), "--quiet"]
+    for item in [f"data.images={root / 'photos'}", "data.image_size=16", "data.num_workers=0", "device=cpu",
+                 "train.epochs=1", "train.final_epochs_no_augment=0", "sampler.batch_size=9",
+                 "model.backbone_params={ width = 4, depth = [1], fc = 0 }", "data.max_bad_fraction=0.1"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return run, root / "photos"
+
+
+def test_training_skips_a_bad_file_and_lists_it_and_fails_past_the_allowed_share(photo_run, tmp_path, capsys):
+    run, photos = photo_run
+    skipped = (run / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in skipped] == [str(photos / "train" / "red" / "zz-notes.png")]
+    argv = ["train", str(run / "config.toml"), "--out", str(tmp_path / "strict"), "--quiet",
+            "--set", "data.max_bad_fraction=0.05"]  # 1 bad of 19 files is more than 5 %
+    assert main(argv) == 2
+    assert "zz-notes.png" in capsys.readouterr().err and not (tmp_path / "strict" / "model.pt").exists()
+
+
+def test_flat_folder_encodes_and_indexes_unlabelled_with_relative_paths(photo_run, tmp_path):
+    run, photos = photo_run
+    flat = tmp_path / "flat"
+    (flat / "deep" / "er").mkdir(parents=True)
+    sources = sorted((photos / "test").rglob("*.png"))
+    for i, source in enumerate(sources):
+        target = flat / ("deep/er" if i % 3 == 0 else "deep" if i % 3 == 1 else ".") / f"{i:02d}.png"
+        target.write_bytes(source.read_bytes())
+    assert main(["encode", str(run), "--images", str(flat), "--out", str(tmp_path / "flat.npz")]) == 0
+    code_set = load_codes(tmp_path / "flat.npz")
+    assert sorted(code_set.paths.tolist()) == sorted(p.relative_to(flat).as_posix() for p in flat.rglob("*.png"))
+    assert code_set.labels.tolist() == [-1] * len(sources) and code_set.ids.tolist() == list(range(len(sources)))
+    assert main(["index", "build", str(run), "--images", str(flat), "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    index = HashIndex.load(tmp_path / "ix")
+    assert index.labels is None and len(index) == len(sources)
+    by_path = dict(zip(code_set.paths.tolist(), code_set.codes))
+    for path, code in zip(index.metadata["paths"], index.codes):  # the same codes as `encode`, file by file
+        assert np.array_equal(code, by_path[Path(path).relative_to(flat).as_posix()])
+    # --no-labels: a tree of class sub-folders read as unlabelled images at any depth
+    assert main(["encode", str(run), "--images", str(photos / "test"), "--no-labels", "--out", str(tmp_path / "t.npz")]) == 0
+    assert set(load_codes(tmp_path / "t.npz").labels.tolist()) == {-1}
+
+
+def test_index_build_killed_midway_resumes_to_the_same_index(photo_run, tmp_path, monkeypatch):
+    import deephash.runs.encoding as encoding
+    from deephash.runs import build_index
+
+    run, photos = photo_run
+    folder = tmp_path / "train"  # 18 images, a file cut short (first: batch 0) and a non-image: 5 batches of 4
+    shutil.copytree(photos / "train", folder)
+    (folder / "blue" / "0-cut.png").write_bytes((folder / "blue" / "0.png").read_bytes()[:100])
+    out = tmp_path / "index"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CHUNKS, str(run), str(folder), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    work = tmp_path / "index.partial"
+    assert not out.exists() and len(list(work.glob("chunk-*.npz"))) == 3
+
+    written = []
+    real = encoding.atomic_savez
+    monkeypatch.setattr(encoding, "atomic_savez", lambda path, **a: written.append(path.name) or real(path, **a))
+    build_index(run, images=folder, out=out, batch_size=4)
+    assert sorted(n for n in written if n.startswith("chunk-")) == ["chunk-000003.npz", "chunk-000004.npz"]
+    assert not work.exists()
+    monkeypatch.setattr(encoding, "atomic_savez", real)
+    build_index(run, images=folder, out=tmp_path / "whole", batch_size=4)
+
+    resumed, whole = HashIndex.load(out), HashIndex.load(tmp_path / "whole")
+    assert len(resumed) == len(whole) == 18
+    assert np.array_equal(resumed.codes, whole.codes) and np.array_equal(resumed.ids, whole.ids)
+    assert np.array_equal(resumed.labels, whole.labels) and resumed.metadata["paths"] == whole.metadata["paths"]
+    for built in (out, tmp_path / "whole"):  # the file cut short, found before the kill, is still reported
+        listed = [line.split("\t")[0] for line in Path(f"{built}.skipped.txt").read_text().splitlines()]
+        assert listed == [str(folder / "red" / "zz-notes.png"), str(folder / "blue" / "0-cut.png")]

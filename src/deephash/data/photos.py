@@ -109,9 +109,14 @@ class _DecodedImages:
     """
 
     dtype = torch.uint8
+    ndim = 4
 
     def __init__(self, dataset: ImageFolder) -> None:
         self.dataset = dataset
+
+    def dim(self) -> int:
+        """4, as a tensor of ``(N, C, H, W)`` images."""
+        return 4
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
