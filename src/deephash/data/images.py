@@ -245,7 +245,7 @@ def check_image_header(path: str | os.PathLike) -> str | None:
         None when Pillow recognises the file as an image of an accepted size, else the reason
         (one line: not an image, unreadable header, or too many pixels).
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -256,6 +256,8 @@ def check_image_header(path: str | os.PathLike) -> str | None:
                     return f"empty image ({width}x{height})"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         return "refused: image too large (possible decompression bomb)"
+    except UnidentifiedImageError:
+        return "not a readable image: no image format recognised"
     except Exception as err:  # Pillow raises many types on corrupt input
         return f"not a readable image: {first_line(err)}"
     return None
