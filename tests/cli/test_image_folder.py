@@ -225,3 +225,30 @@ def test_index_build_killed_midway_resumes_to_the_same_index(photo_run, tmp_path
     for built in (out, tmp_path / "whole"):  # the file cut short, found before the kill, is still reported
         listed = [line.split("\t")[0] for line in Path(f"{built}.skipped.txt").read_text().splitlines()]
         assert listed == [str(folder / "red" / "zz-notes.png"), str(folder / "blue" / "0-cut.png")]
+
+
+def test_a_split_that_loses_a_file_while_encoding_stays_aligned_with_its_rows(photo_run, tmp_path):
+    import dataclasses
+
+    from deephash.runs import load_split
+    from deephash.runs.encoding import encode_split_with_rerank
+
+    run, photos = photo_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("model.pt", "config.toml"):
+        shutil.copy(run / name, copy / name)
+    shutil.copytree(photos / "test", tmp_path / "photos" / "test")
+    cut = tmp_path / "photos" / "test" / "green" / "1-cut.png"
+    cut.write_bytes((tmp_path / "photos" / "test" / "green" / "1.png").read_bytes()[:100])  # decodes in no worker
+    model, config = load_run(copy)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, images=str(tmp_path / "photos")))
+    for attempt in ("encoded", "from the cache"):
+        dataset = load_split(config, "test", copy)
+        assert len(dataset) == 10 and str(cut) in dataset.paths
+        codes, labels, _ = encode_split_with_rerank(copy, model, config, "test", dataset)
+        assert len(codes) == len(labels) == len(dataset) == 9 and str(cut) not in dataset.paths, attempt
+        assert labels.tolist() == dataset.targets.tolist()
+        with torch.no_grad():  # row i is the code of dataset item i
+            alone = model(dataset.data[torch.arange(9)].float() / 255)
+        assert np.array_equal(pack_codes(alone), codes), attempt

@@ -220,6 +220,8 @@ def test_lazy_data_view_decodes_what_is_indexed(tmp_path):
     assert dataset.data.shape == (6, 3, 10, 10)
     some = dataset.data[torch.tensor([4, 1])]
     assert some.shape == (2, 3, 10, 10) and torch.equal(some[0], dataset[4][0])
+    grid = dataset.data[torch.tensor([[4, 1, 0], [2, 2, 5]])]  # indices of any shape, as a tensor's
+    assert grid.shape == (2, 3, 3, 10, 10) and torch.equal(grid[1, 2], dataset[5][0]) and torch.equal(grid[0, 0], some[0])
     subset = dataset.subset([5, 0])
     assert subset.paths == [dataset.paths[5], dataset.paths[0]] and subset.targets.tolist() == [1, 0]
     assert math.isclose(dataset.crop_fraction, 0.875)

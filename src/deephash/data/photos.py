@@ -104,7 +104,8 @@ class _Collate:
 class _DecodedImages:
     """``dataset.data`` of an :class:`ImageFolder`: indexing decodes (evaluation transform) on demand.
 
-    ``view[i]`` is uint8 ``(C, H, W)``; ``view[slice or indices]`` uint8 ``(n, C, H, W)``; an image
+    ``view[i]`` is uint8 ``(C, H, W)``; ``view[slice]`` uint8 ``(n, C, H, W)``; ``view[indices]``
+    uint8 ``(*indices.shape, C, H, W)``; an image
     that does not decode is recorded as bad and given as zeros.
     """
 
@@ -136,12 +137,14 @@ class _DecodedImages:
         if isinstance(index, (int, np.integer)) or (torch.is_tensor(index) and index.ndim == 0):
             return self._one(int(index))
         if isinstance(index, slice):
-            chosen = range(len(self.dataset))[index]
+            chosen, shape = range(len(self.dataset))[index], None
         else:
-            chosen = torch.as_tensor(index, dtype=torch.int64).reshape(-1).tolist()
+            index = torch.as_tensor(index, dtype=torch.int64)
+            chosen, shape = index.reshape(-1).tolist(), tuple(index.shape)
         if not len(chosen):
-            return torch.empty(0, *self.dataset.shape, dtype=torch.uint8)
-        return torch.stack([self._one(i) for i in chosen])
+            return torch.empty(*(shape or (0,)), *self.dataset.shape, dtype=torch.uint8)
+        images = torch.stack([self._one(i) for i in chosen])
+        return images if shape is None else images.reshape(*shape, *self.dataset.shape)
 
     def numpy(self) -> np.ndarray:
         """Every image decoded: uint8 ``(N, C, H, W)`` (memory grows with N; for small folders)."""
@@ -252,6 +255,14 @@ class ImageFolder(torch.utils.data.Dataset):
         out.targets = self.targets[indices]
         out.data = _DecodedImages(out)
         return out
+
+    def keep(self, positions: np.ndarray | Sequence[int]) -> None:
+        """Keep only the items at ``positions`` (int, ascending), in place: e.g. those that decoded."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == len(self.paths):
+            return
+        self.paths = [self.paths[i] for i in positions.tolist()]
+        self.targets = self.targets[torch.from_numpy(positions)]
 
     def __repr__(self) -> str:
         return (f"ImageFolder({self.root}: {len(self)} images -> {self.channels}x{self.image_size}x{self.image_size}, "

@@ -229,7 +229,11 @@ def encode_split(run_dir: str | os.PathLike, model: nn.Module, config: Config, s
 def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, config: Config, split: str,
                              dataset: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`encode_split` with the split's re-rank vectors float16 ``(N, D_r)`` (None when the model
-    keeps none), from one read of the same cache."""
+    keeps none), from one read of the same cache.
+
+    A photo folder's items that do not decode have no row; the ``dataset`` passed in is then
+    narrowed in place to the items that have one (:meth:`ImageFolder.keep`), so its images stay
+    aligned with the rows (the report's pictures, the near-duplicate queries)."""
     run_dir = Path(run_dir)
     stamp = model_digest(run_dir)
     cache = run_dir / CODES_DIR / f"{split}.npz"
@@ -237,12 +241,21 @@ def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, confi
         try:
             with np.load(cache, allow_pickle=False) as stored:
                 if str(stored["model_sha256"]) == stamp:
+                    if "positions" in stored.files and isinstance(dataset, ImageFolder):
+                        dataset.keep(stored["positions"])
                     return stored["codes"], stored["labels"], stored["rerank"] if "rerank" in stored.files else None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # a stale or torn cache is simply rebuilt
     dataset = dataset if dataset is not None else load_split(config, split, run_dir)
-    codes, labels, vectors = encode_with_rerank(model, dataset, num_workers=config.data.num_workers)
-    extra = {"rerank": vectors} if vectors is not None else {}
+    extra: dict[str, np.ndarray] = {}
+    if isinstance(dataset, ImageFolder):
+        codes, labels, vectors, positions = encode_items(model, dataset, num_workers=config.data.num_workers)
+        dataset.keep(positions)
+        extra["positions"] = positions
+    else:
+        codes, labels, vectors = encode_with_rerank(model, dataset, num_workers=config.data.num_workers)
+    if vectors is not None:
+        extra["rerank"] = vectors
     atomic_savez(cache, codes=codes, labels=labels, model_sha256=np.str_(stamp), **extra)
     return codes, labels, vectors
 
