@@ -225,3 +225,14 @@ def test_lazy_data_view_decodes_what_is_indexed(tmp_path):
     subset = dataset.subset([5, 0])
     assert subset.paths == [dataset.paths[5], dataset.paths[0]] and subset.targets.tolist() == [1, 0]
     assert math.isclose(dataset.crop_fraction, 0.875)
+
+
+def test_iterating_never_touches_the_global_random_state(tmp_path):
+    write_photos(tmp_path)
+    dataset = ImageFolder(tmp_path, image_size=8)
+    before = torch.get_rng_state()
+    for workers in (0, 1):
+        loader = StreamLoader(dataset, [[0, 1], [2, 5]], num_workers=workers, random_crops=True,
+                              generator=torch.Generator().manual_seed(1))
+        assert sum(len(x) for x, _ in loader) == 4
+    assert torch.equal(before, torch.get_rng_state())  # a resumed run's other draws are unaffected

@@ -337,7 +337,10 @@ class StreamLoader:
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_KeyedBatches(self.batch_sampler, self), num_workers=self.num_workers,
                 collate_fn=_Collate(self.dataset.shape), pin_memory=self.device.type == "cuda",
-                persistent_workers=self.num_workers > 0)
+                persistent_workers=self.num_workers > 0,
+                # its own generator for the workers' base seed (unused: the keys carry the draws), so
+                # iterating never consumes torch's global random state
+                generator=torch.Generator().manual_seed(0))
         return self._loader
 
     def decoded(self) -> Iterator[DecodedBatch]:
