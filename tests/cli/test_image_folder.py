@@ -252,3 +252,29 @@ def test_a_split_that_loses_a_file_while_encoding_stays_aligned_with_its_rows(ph
         with torch.no_grad():  # row i is the code of dataset item i
             alone = model(dataset.data[torch.arange(9)].float() / 255)
         assert np.array_equal(pack_codes(alone), codes), attempt
+
+
+def test_photo_training_resumed_with_workers_equals_an_uninterrupted_run_without(photo_run, tmp_path):
+    """Random resized crops are drawn per item from a per-epoch seed (from the checkpointed augment
+    generator), so a run interrupted after its first epoch and resumed with 2 decoding workers ends
+    with the weights of an uninterrupted run decoding in the main process."""
+    from deephash import runs
+
+    run, _ = photo_run
+    base = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.3"])
+    whole = runs.train_run(base, tmp_path / "whole", progress=False)
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            raise KeyboardInterrupt
+
+    pooled = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.3", "data.num_workers=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_run(pooled, tmp_path / "parted", progress=False, callbacks=[Interrupt()])
+    runs.train_run(pooled, tmp_path / "parted", resume=True, progress=False)
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "parted" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    once = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.0"])  # the draws matter
+    c = torch.load(runs.train_run(once, tmp_path / "plain", progress=False) / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
