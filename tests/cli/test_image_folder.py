@@ -278,3 +278,21 @@ def test_photo_training_resumed_with_workers_equals_an_uninterrupted_run_without
     once = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.0"])  # the draws matter
     c = torch.load(runs.train_run(once, tmp_path / "plain", progress=False) / "model.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_batch_whose_every_file_fails_leaves_no_row_and_no_gap(photo_run, tmp_path):
+    from deephash.data import ImageFolder
+    from deephash.runs import build_index
+    from deephash.runs.encoding import encode_items
+
+    run, photos = photo_run
+    folder = tmp_path / "test"
+    shutil.copytree(photos / "test", folder)
+    (folder / "red" / "0-cut.png").write_bytes((folder / "red" / "0.png").read_bytes()[:100])
+    model, _ = load_run(run)
+    dataset = ImageFolder(folder, image_size=16)
+    codes, labels, _, positions = encode_items(model, dataset, batch_size=1)  # the cut file is a batch alone
+    cut = dataset.paths.index(str(folder / "red" / "0-cut.png"))
+    assert positions.tolist() == [i for i in range(10) if i != cut] and codes.shape == (9, 6)
+    index = HashIndex.load(build_index(run, images=folder, out=tmp_path / "ix", batch_size=1))
+    assert np.array_equal(index.codes, codes) and str(folder / "red" / "0-cut.png") not in index.metadata["paths"]

@@ -39,8 +39,13 @@ def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _finish(model: nn.Module, outputs: list[torch.Tensor], vectors: list[torch.Tensor]
             ) -> tuple[np.ndarray, np.ndarray | None]:
-    out = torch.cat(outputs) if outputs else torch.empty(0, getattr(model, "embedding_dim", 0))
+    """The passes' outputs joined: packed codes (hash model) or float32 embeddings, and the vectors."""
     kept = torch.cat(vectors).numpy() if vectors else None
+    if not outputs:  # no image (none decoded): rows of the right width, none of them
+        if is_hash_model(model):
+            return np.zeros((0, (int(model.bits) + 7) // 8), dtype=np.uint8), kept
+        return np.zeros((0, int(getattr(model, "embedding_dim", 0))), dtype=np.float32), kept
+    out = torch.cat(outputs)
     return (pack_codes(out) if is_hash_model(model) else out.numpy().astype(np.float32)), kept
 
 
@@ -63,6 +68,8 @@ def encode_items(model: nn.Module, dataset: Any, batch_size: int | None = None, 
     if isinstance(dataset, ImageFolder):
         labels, positions = [], []
         for batch in StreamLoader.sequential(dataset, batch_size or PHOTO_BATCH, device, num_workers).decoded():
+            if len(batch.images) == 0:  # every file of the batch failed
+                continue
             out, vec = _forward(model, batch.images.float().div_(255))
             outputs.append(out)
             vectors += [] if vec is None else [vec]
@@ -178,13 +185,13 @@ def encode_resumable(model: nn.Module, dataset: ImageFolder, work_dir: str | os.
     loader = StreamLoader(dataset, [ranges[k] for k in todo], device, num_workers=num_workers)
     try:
         for k, batch in zip(todo, loader.decoded()):
-            out, vec = _forward(model, batch.images.float().div_(255))
-            codes, kept = _finish(model, [out], [] if vec is None else [vec])
+            out, vec = _forward(model, batch.images.float().div_(255)) if len(batch.images) else (None, None)
+            codes, kept = _finish(model, [] if out is None else [out], [] if vec is None else [vec])
             extra = {} if kept is None else {"rerank": kept}
-            failed = [dataset.paths[f.index] for f in batch.failures]
+            failed_paths = np.array([dataset.paths[f.index] for f in batch.failures], dtype=str)
+            failed_reasons = np.array([f.reason for f in batch.failures], dtype=str)
             atomic_savez(chunk[k], codes=codes, labels=batch.labels.cpu().numpy(), positions=batch.positions.numpy(),
-                         failed_paths=np.array(failed, dtype=str), failed_reasons=np.array([f.reason for f in batch.failures], dtype=str),
-                         **extra)
+                         failed_paths=failed_paths, failed_reasons=failed_reasons, **extra)
             bar.update(len(ranges[k]))
     finally:
         bar.close()
@@ -197,7 +204,8 @@ def encode_resumable(model: nn.Module, dataset: ImageFolder, work_dir: str | os.
     if not parts:
         codes, vectors = _finish(model, [], [])
         return codes, np.zeros(0, dtype=np.int64), vectors, np.zeros(0, dtype=np.int64)
-    vectors = np.concatenate([p["rerank"] for p in parts]) if "rerank" in parts[0] else None
+    with_vectors = [p["rerank"] for p in parts if "rerank" in p]  # a chunk of failures alone has none
+    vectors = np.concatenate(with_vectors) if with_vectors else None
     return (np.concatenate([p["codes"] for p in parts]), np.concatenate([p["labels"] for p in parts]).astype(np.int64),
             vectors, np.concatenate([p["positions"] for p in parts]).astype(np.int64))
 
