@@ -1,9 +1,12 @@
 """Your own images end to end through the command line, with the shipped config image-folder-48:
 a folder of class sub-folders of PNGs → ``deephash train`` → ``deephash index build --images`` →
-``deephash search`` and ``deephash serve``.
+``deephash search`` and ``deephash serve``; then photo folders of any shape (flat, unlabelled),
+bad files (skipped, listed, refused past ``data.max_bad_fraction``), an index build killed by
+SIGKILL and resumed, and a training run resumed with decoding workers.
 
 Oracles: a brute-force popcount over the index's stored codes, the query's own file found at
-distance 0, and the served image compared pixel by pixel with the file.
+distance 0, the served image compared pixel by pixel with the file, codes of each file encoded
+alone (the evaluation crop computed by hand), and uninterrupted runs.
 """
 
 from __future__ import annotations
