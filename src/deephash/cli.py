@@ -20,6 +20,7 @@ from pathlib import Path
 
 from deephash.errors import failure_line
 
+_NO_LABELS_HELP = "--images: every image under the folder at any depth, unlabelled (sub-folders are not classes)"
 _NPROC_HELP = "processes on this machine (DDP: gloo on CPU, nccl on GPUs); under torchrun leave it at 1"
 
 
@@ -62,7 +63,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from deephash.train.distributed import launch
 
     out = launch(encode_run, args.nproc, (args.run,),
-                 {"split": args.split, "images": args.images, "out": args.out}, result=Path(args.out))
+                 {"split": args.split, "images": args.images, "out": args.out,
+                  "labelled": False if args.no_labels else None}, result=Path(args.out))
     if out is not None:  # None on the other ranks under torchrun
         print(f"codes written to {out}")
     return 0
@@ -73,8 +75,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", help="a split of the run's data set (test, train; query/database under a protocol)")
-    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    source.add_argument("--images", help="a folder of images: one sub-folder per class, or unlabelled (a flat folder)")
     p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--no-labels", action="store_true", help=_NO_LABELS_HELP)
     p.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     p.set_defaults(handler=_cmd_encode)
 
@@ -106,7 +109,8 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from deephash.train.distributed import launch
 
     out = launch(build_index, args.nproc, (args.run,),
-                 {"split": args.split, "images": args.images, "out": args.out, "factory": args.factory},
+                 {"split": args.split, "images": args.images, "out": args.out, "factory": args.factory,
+                  "labelled": False if args.no_labels else None, "progress": not args.quiet},
                  result=Path(args.out))
     if out is not None:  # None on the other ranks under torchrun
         print(f"index written to {out}")
@@ -148,16 +152,18 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("run", help="run directory")
     source = b.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", help="a split of the run's data set")
-    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    source.add_argument("--images", help="a folder of images: one sub-folder per class, or unlabelled (a flat folder)")
     b.add_argument("--out", required=True, help="index directory to write")
     b.add_argument("--factory", default="BFlat", help="FAISS binary index factory string (default: BFlat, exact)")
+    b.add_argument("--no-labels", action="store_true", help=_NO_LABELS_HELP)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--nproc", type=int, default=1, help=_NPROC_HELP)
     b.set_defaults(handler=_cmd_index_build)
     a = isub.add_parser("add", help="add images, a split or a code file to an index (all or nothing)")
     a.add_argument("index", help="index directory")
     a.add_argument("--run", help="run directory of the model that built the index (needed for --images and --split)")
     source = a.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="a folder with one sub-folder of images per class")
+    source.add_argument("--images", help="a folder of images: one sub-folder per class, or unlabelled (a flat folder)")
     source.add_argument("--split", help="a split of the run's data set")
     source.add_argument("--codes", help="a code file (.npz, from `deephash encode`); its ids are used")
     a.add_argument("--ids", nargs="+", metavar="ID", help="ids for the new items (default: after the largest id)")

@@ -1,19 +1,27 @@
 """Your own images end to end through the command line, with the shipped config image-folder-48:
 a folder of class sub-folders of PNGs → ``deephash train`` → ``deephash index build --images`` →
-``deephash search`` and ``deephash serve``.
+``deephash search`` and ``deephash serve``; then photo folders of any shape (flat, unlabelled),
+bad files (skipped, listed, refused past ``data.max_bad_fraction``), an index build killed by
+SIGKILL and resumed, and a training run resumed with decoding workers.
 
 Oracles: a brute-force popcount over the index's stored codes, the query's own file found at
-distance 0, and the served image compared pixel by pixel with the file.
+distance 0, the served image compared pixel by pixel with the file, codes of each file encoded
+alone (the evaluation crop computed by hand), and uninterrupted runs.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from helpers import start_server, stop
 from PIL import Image
@@ -55,7 +63,7 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     photos = tmp_path / "photos"
     write_folder(photos, {"train": 8, "test": 4}, seed=0)
     run = tmp_path / "run"
-    overrides = [f"data.images={photos}", "device=cpu", "train.epochs=2", "train.final_epochs_no_augment=1",
+    overrides = [f"data.images={photos}", "data.image_size=20", "data.num_workers=0", "device=cpu", "train.epochs=2", "train.final_epochs_no_augment=1",
                  "sampler.batch_size=12", "model.backbone_params={ width = 4, depth = [1, 1], fc = 0 }",
                  "eval.ks=[5]", "eval.knn_k=3"]
     argv = ["train", str(CONFIG), "--out", str(run), "--quiet"]
@@ -76,8 +84,10 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
     files = sorted(p.relative_to(photos / "test").as_posix() for p in (photos / "test").rglob("*.png"))
     assert sorted(code_set.paths.tolist()) == files
     model, _ = load_run(run)
-    for row in (0, 5, 11):  # each row is the code of the file it names, encoded alone
-        picture = np.asarray(Image.open(photos / "test" / code_set.paths[row]).convert("RGB"), dtype=np.float32)
+    for row in (0, 5, 11):  # each row is the code of the file it names, encoded alone: shorter side
+        # resized to floor(20 / 0.875) = 22 px, then the centre 20 x 20 crop
+        resized = Image.open(photos / "test" / code_set.paths[row]).convert("RGB").resize((22, 22), Image.Resampling.BILINEAR)
+        picture = np.asarray(resized.crop((1, 1, 21, 21)), dtype=np.float32)
         with torch.no_grad():
             alone = model(torch.from_numpy(picture.transpose(2, 0, 1).copy())[None] / 255)
         assert np.array_equal(pack_codes(alone), code_set.codes[row:row + 1])
@@ -115,3 +125,177 @@ def test_shipped_folder_config_trains_indexes_searches_and_serves(tmp_path, caps
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(served.content))), np.asarray(Image.open(query)))
     finally:
         stop(server)
+
+
+# ------------------------------------------------------------------- photo folders of any shape
+
+KILL_AFTER_CHUNKS = """
+import os, signal, sys
+import deephash.runs.encoding as encoding
+from deephash.runs import build_index
+
+real, written = encoding.atomic_savez, []
+
+def save_then_die(path, **arrays):
+    real(path, **arrays)
+    if path.name.startswith("chunk-"):
+        written.append(path)
+        if len(written) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+encoding.atomic_savez = save_then_die
+build_index(sys.argv[1], images=sys.argv[2], out=sys.argv[3], batch_size=4)
+"""
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """A tiny model trained on 20 px colour photos, with one bad file among them."""
+    root = tmp_path_factory.mktemp("photos")
+    write_folder(root / "photos", {"train": 6, "test": 3}, seed=1)
+    (root / "photos" / "train" / "red" / "zz-notes.png").write_bytes(b"not an image")
+    run = root / "run"
+    argv = ["train", CONFIG, "--out", str(run), "--quiet"]
+    for item in [f"data.images={root / 'photos'}", "data.image_size=16", "data.num_workers=0", "device=cpu",
+                 "train.epochs=1", "train.final_epochs_no_augment=0", "sampler.batch_size=9",
+                 "model.backbone_params={ width = 4, depth = [1], fc = 0 }", "data.max_bad_fraction=0.1"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return run, root / "photos"
+
+
+def test_training_skips_a_bad_file_and_lists_it_and_fails_past_the_allowed_share(photo_run, tmp_path, capsys):
+    run, photos = photo_run
+    skipped = (run / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in skipped] == [str(photos / "train" / "red" / "zz-notes.png")]
+    argv = ["train", str(run / "config.toml"), "--out", str(tmp_path / "strict"), "--quiet",
+            "--set", "data.max_bad_fraction=0.05"]  # 1 bad of 19 files is more than 5 %
+    assert main(argv) == 2
+    assert "zz-notes.png" in capsys.readouterr().err and not (tmp_path / "strict" / "model.pt").exists()
+
+
+def test_flat_folder_encodes_and_indexes_unlabelled_with_relative_paths(photo_run, tmp_path):
+    run, photos = photo_run
+    flat = tmp_path / "flat"
+    (flat / "deep" / "er").mkdir(parents=True)
+    sources = sorted((photos / "test").rglob("*.png"))
+    for i, source in enumerate(sources):
+        target = flat / ("deep/er" if i % 3 == 0 else "deep" if i % 3 == 1 else ".") / f"{i:02d}.png"
+        target.write_bytes(source.read_bytes())
+    assert main(["encode", str(run), "--images", str(flat), "--out", str(tmp_path / "flat.npz")]) == 0
+    code_set = load_codes(tmp_path / "flat.npz")
+    assert sorted(code_set.paths.tolist()) == sorted(p.relative_to(flat).as_posix() for p in flat.rglob("*.png"))
+    assert code_set.labels.tolist() == [-1] * len(sources) and code_set.ids.tolist() == list(range(len(sources)))
+    assert main(["index", "build", str(run), "--images", str(flat), "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    index = HashIndex.load(tmp_path / "ix")
+    assert index.labels is None and len(index) == len(sources)
+    by_path = dict(zip(code_set.paths.tolist(), code_set.codes))
+    for path, code in zip(index.metadata["paths"], index.codes):  # the same codes as `encode`, file by file
+        assert np.array_equal(code, by_path[Path(path).relative_to(flat).as_posix()])
+    # --no-labels: a tree of class sub-folders read as unlabelled images at any depth
+    assert main(["encode", str(run), "--images", str(photos / "test"), "--no-labels", "--out", str(tmp_path / "t.npz")]) == 0
+    assert set(load_codes(tmp_path / "t.npz").labels.tolist()) == {-1}
+
+
+def test_index_build_killed_midway_resumes_to_the_same_index(photo_run, tmp_path, monkeypatch):
+    import deephash.runs.encoding as encoding
+    from deephash.runs import build_index
+
+    run, photos = photo_run
+    folder = tmp_path / "train"  # 18 images, a file cut short (first: batch 0) and a non-image: 5 batches of 4
+    shutil.copytree(photos / "train", folder)
+    (folder / "blue" / "0-cut.png").write_bytes((folder / "blue" / "0.png").read_bytes()[:100])
+    out = tmp_path / "index"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CHUNKS, str(run), str(folder), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    work = tmp_path / "index.partial"
+    assert not out.exists() and len(list(work.glob("chunk-*.npz"))) == 3
+
+    written = []
+    real = encoding.atomic_savez
+    monkeypatch.setattr(encoding, "atomic_savez", lambda path, **a: written.append(path.name) or real(path, **a))
+    build_index(run, images=folder, out=out, batch_size=4)
+    assert sorted(n for n in written if n.startswith("chunk-")) == ["chunk-000003.npz", "chunk-000004.npz"]
+    assert not work.exists()
+    monkeypatch.setattr(encoding, "atomic_savez", real)
+    build_index(run, images=folder, out=tmp_path / "whole", batch_size=4)
+
+    resumed, whole = HashIndex.load(out), HashIndex.load(tmp_path / "whole")
+    assert len(resumed) == len(whole) == 18
+    assert np.array_equal(resumed.codes, whole.codes) and np.array_equal(resumed.ids, whole.ids)
+    assert np.array_equal(resumed.labels, whole.labels) and resumed.metadata["paths"] == whole.metadata["paths"]
+    for built in (out, tmp_path / "whole"):  # the file cut short, found before the kill, is still reported
+        listed = [line.split("\t")[0] for line in Path(f"{built}.skipped.txt").read_text().splitlines()]
+        assert listed == [str(folder / "red" / "zz-notes.png"), str(folder / "blue" / "0-cut.png")]
+
+
+def test_a_split_that_loses_a_file_while_encoding_stays_aligned_with_its_rows(photo_run, tmp_path):
+    import dataclasses
+
+    from deephash.runs import load_split
+    from deephash.runs.encoding import encode_split_with_rerank
+
+    run, photos = photo_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("model.pt", "config.toml"):
+        shutil.copy(run / name, copy / name)
+    shutil.copytree(photos / "test", tmp_path / "photos" / "test")
+    cut = tmp_path / "photos" / "test" / "green" / "1-cut.png"
+    cut.write_bytes((tmp_path / "photos" / "test" / "green" / "1.png").read_bytes()[:100])  # decodes in no worker
+    model, config = load_run(copy)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, images=str(tmp_path / "photos")))
+    for attempt in ("encoded", "from the cache"):
+        dataset = load_split(config, "test", copy)
+        assert len(dataset) == 10 and str(cut) in dataset.paths
+        codes, labels, _ = encode_split_with_rerank(copy, model, config, "test", dataset)
+        assert len(codes) == len(labels) == len(dataset) == 9 and str(cut) not in dataset.paths, attempt
+        assert labels.tolist() == dataset.targets.tolist()
+        with torch.no_grad():  # row i is the code of dataset item i
+            alone = model(dataset.data[torch.arange(9)].float() / 255)
+        assert np.array_equal(pack_codes(alone), codes), attempt
+
+
+def test_photo_training_resumed_with_workers_equals_an_uninterrupted_run_without(photo_run, tmp_path):
+    """Random resized crops are drawn per item from a per-epoch seed (from the checkpointed augment
+    generator), so a run interrupted after its first epoch and resumed with 2 decoding workers ends
+    with the weights of an uninterrupted run decoding in the main process."""
+    from deephash import runs
+
+    run, _ = photo_run
+    base = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.3"])
+    whole = runs.train_run(base, tmp_path / "whole", progress=False)
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            raise KeyboardInterrupt
+
+    pooled = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.3", "data.num_workers=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_run(pooled, tmp_path / "parted", progress=False, callbacks=[Interrupt()])
+    runs.train_run(pooled, tmp_path / "parted", resume=True, progress=False)
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "parted" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    once = load_config(run / "config.toml", ["train.epochs=2", "data.color_jitter=0.0"])  # the draws matter
+    c = torch.load(runs.train_run(once, tmp_path / "plain", progress=False) / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_batch_whose_every_file_fails_leaves_no_row_and_no_gap(photo_run, tmp_path):
+    from deephash.data import ImageFolder
+    from deephash.runs import build_index
+    from deephash.runs.encoding import encode_items
+
+    run, photos = photo_run
+    folder = tmp_path / "test"
+    shutil.copytree(photos / "test", folder)
+    (folder / "red" / "0-cut.png").write_bytes((folder / "red" / "0.png").read_bytes()[:100])
+    model, _ = load_run(run)
+    dataset = ImageFolder(folder, image_size=16)
+    codes, labels, _, positions = encode_items(model, dataset, batch_size=1)  # the cut file is a batch alone
+    cut = dataset.paths.index(str(folder / "red" / "0-cut.png"))
+    assert positions.tolist() == [i for i in range(10) if i != cut] and codes.shape == (9, 6)
+    index = HashIndex.load(build_index(run, images=folder, out=tmp_path / "ix", batch_size=1))
+    assert np.array_equal(index.codes, codes) and str(folder / "red" / "0-cut.png") not in index.metadata["paths"]

@@ -23,6 +23,7 @@ from deephash.data import (
     load_dataset,
     read_cifar_batch,
     read_idx,
+    read_image,
 )
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 
@@ -220,14 +221,15 @@ def test_image_folder(tmp_path):
             Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
             expected[f"{cls}/{i}.png"] = pixels
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
-    data = ImageFolder(tmp_path)
-    assert data.classes == ["ant", "cat"] and data.data.shape == (5, 3, 6, 5) and data.data.dtype == torch.uint8
+    # 6x5 (HxW) images at 5 px, the whole shorter side: no resize, the centre 5 rows of 6 from row 0
+    data = ImageFolder(tmp_path, image_size=5, crop_fraction=1.0)
+    assert data.classes == ["ant", "cat"] and data.data.shape == (5, 3, 5, 5) and data.data.dtype == torch.uint8
     assert data.targets.tolist() == [0, 0, 0, 1, 1]
     for k, path in enumerate(data.paths):
         rel = Path(path).relative_to(tmp_path).as_posix()
-        np.testing.assert_array_equal(data.data[k].permute(1, 2, 0).numpy(), expected[rel])
-    grey = ImageFolder(tmp_path, image_size=4, grayscale=True)
-    assert grey.data.shape == (5, 1, 4, 4)
+        np.testing.assert_array_equal(data.data[k].permute(1, 2, 0).numpy(), expected[rel][:5])
+    grey = ImageFolder(tmp_path, image_size=4, channels=1)
+    assert grey.data.shape == (5, 1, 4, 4) and grey.data[0].shape == (1, 4, 4)
 
 
 def test_image_folder_bad_file_and_bomb(tmp_path):
@@ -235,12 +237,16 @@ def test_image_folder_bad_file_and_bomb(tmp_path):
     Image.new("L", (4, 4)).save(tmp_path / "a" / "ok.png")
     bad = tmp_path / "a" / "zz.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    listed = ImageFolder(tmp_path)  # skipped when listed (header check), recorded with its reason
+    assert len(listed) == 1 and list(listed.bad_files.found) == [str(bad)]
+    listed.bad_files.max_fraction = 0.25
     with pytest.raises(DataFormatError, match="zz.png"):
-        ImageFolder(tmp_path)
+        listed.bad_files.check()
     bad.unlink()
     Image.new("1", (20000, 10000)).save(tmp_path / "a" / "zz.png")  # 2e8 pixels, a tiny file
+    assert "decompression bomb" in ImageFolder(tmp_path).bad_files.found[str(bad)]
     with pytest.raises(DataFormatError, match="decompression bomb"):
-        ImageFolder(tmp_path)
+        read_image(bad)
     with pytest.raises(NotFoundError):
         ImageFolder(tmp_path / "missing")
 

@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deephash.config import load_config
-from deephash.data.images import read_image
+from deephash.data.images import check_image_header, read_image
+from deephash.data.photos import DecodeFailure, ImageFolder
 from deephash.data.sources import MAX_IDX_BYTES, parse_cifar_batch, read_idx
 from deephash.errors import DeephashError
 from deephash.retrieval.codes import load_codes, save_codes
@@ -265,6 +266,54 @@ def test_decompression_bomb_is_refused_by_name(size):
     path.write_bytes(bomb_png(*size))
     with pytest.raises(DeephashError, match="decompression bomb"):
         read_image(path)
+
+
+def _exif_png(orientation: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(30, dtype=np.uint8).reshape(5, 6)).save(buffer, "PNG", exif=exif)
+    return buffer.getvalue()
+
+
+@fuzz(100)
+@given(st.one_of(st.sampled_from([*VALID_IMAGES, _exif_png(6)]).flatmap(lambda b: mutated(b, header=40)),
+                 st.binary(max_size=64)))
+@example(bomb_png())
+@example(bomb_png(12_000, 12_000))
+@example(_exif_png(0))  # orientations outside 1..8 are ignored
+@example(_exif_png(65535))
+def test_fuzz_streamed_photo_items(data):
+    """The streaming path (a photo folder): the header check made when listing returns None or a
+    one-line reason; an item decodes (evaluation and training transforms) to uint8 (3, 8, 8) or
+    comes back from the worker as a DecodeFailure with a one-line reason, never raising."""
+    folder = WORK / "stream"
+    folder.mkdir(exist_ok=True)
+    (folder / "item.png").write_bytes(data)
+    reason = check_image_header(folder / "item.png")
+    assert reason is None or (reason and "\n" not in reason)
+    dataset = ImageFolder(folder, image_size=8, check=False)
+    for key in (0, (0, (1, 2))):
+        item = dataset[key]
+        if isinstance(item, DecodeFailure):
+            assert item.reason and "\n" not in item.reason
+        else:
+            assert item[0].dtype == torch.uint8 and item[0].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (12_000, 12_000)])
+def test_decompression_bomb_in_a_photo_folder_is_skipped_by_name(size):
+    folder = WORK / "bombs"
+    folder.mkdir(exist_ok=True)
+    (folder / "bomb.png").write_bytes(bomb_png(*size))
+    (folder / "fine.png").write_bytes(_png())
+    listed = ImageFolder(folder, image_size=4)  # refused at listing, from the header alone
+    assert len(listed) == 1 and "decompression bomb" in listed.bad_files.found[str(folder / "bomb.png")]
+    unchecked = ImageFolder(folder, image_size=4, check=False)  # and again by the worker's decoder
+    failure = unchecked[unchecked.paths.index(str(folder / "bomb.png"))]
+    assert isinstance(failure, DecodeFailure) and "decompression bomb" in failure.reason
 
 
 # ------------------------------------------------------------------------------------ code files

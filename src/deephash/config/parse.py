@@ -183,6 +183,12 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay} in {source}")
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
+    d = config.data
+    if d.image_size < 1 or d.channels not in (1, 3) or d.num_workers < 0 or not 0 <= d.max_bad_fraction <= 1:
+        raise ConfigError(f"data.image_size must be >= 1, data.channels 1 or 3, data.num_workers >= 0 and "
+                          f"data.max_bad_fraction in [0, 1], in {source}")
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1 or not 0 <= d.color_jitter < 1:
+        raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1 and data.color_jitter in [0, 1), in {source}")
     if config.data.views < 1 or (config.data.views > 1 and not config.data.augment):
         raise ConfigError(f"data.views must be >= 1, and views > 1 needs data.augment (else the views are equal), in {source}")
     seen, unseen = config.data.seen_classes, config.data.unseen_classes

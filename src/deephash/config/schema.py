@@ -34,6 +34,12 @@ class DataConfig:
     ``seen_classes`` / ``unseen_classes`` (labels; both or neither) make a class split, the open-set
     protocol of metric learning: training uses only the seen classes' images, queries and database
     only the unseen classes' (retrieval of classes training never saw).
+
+    A photo folder (``dataset = "folder"``) is streamed from disk: ``image_size`` (pixels, square)
+    and ``channels`` (1 or 3) are what the model sees; ``num_workers`` decoding processes;
+    training crops a random ``crop_scale`` share of each image, flips it and jitters its colours
+    by ``color_jitter``; evaluation resizes the shorter side and crops the centre. Unreadable files
+    are skipped (listed in ``RUN_DIR/skipped.txt``) until more than ``max_bad_fraction`` are bad.
     """
 
     dataset: str = "fashion-mnist"
@@ -49,6 +55,12 @@ class DataConfig:
     views: int = 1
     seen_classes: list[int] = field(default_factory=list)
     unseen_classes: list[int] = field(default_factory=list)
+    image_size: int = 224
+    channels: int = 3
+    num_workers: int = 0
+    max_bad_fraction: float = 0.01
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    color_jitter: float = 0.4
 
 
 @dataclass

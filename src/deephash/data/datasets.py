@@ -1,4 +1,5 @@
-"""In-memory image data sets: one uint8 tensor plus labels, and the named data sets deephash knows.
+"""In-memory image data sets (one uint8 tensor plus labels) and the named data sets deephash knows;
+a photo folder (``"folder"``) is streamed from disk instead (:class:`~deephash.data.photos.ImageFolder`).
 
 ``load_dataset("fashion-mnist", "train")`` looks for the official files in, in order: the ``root``
 argument, ``$DEEPHASH_DATA``, ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``)
@@ -11,12 +12,12 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from deephash.data.images import list_image_folder, read_image
+from deephash.data.photos import ImageFolder
 from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.registry import Registry
@@ -119,42 +120,6 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         c, h, w = self.data.shape[1:]
         return f"ArrayDataset({self.name or 'unnamed'}: {len(self)} images {c}x{h}x{w}, train={self.train})"
-
-
-class ImageFolder(ArrayDataset):
-    """A folder with one sub-folder of images per class, decoded by Pillow into memory.
-
-    Args:
-        root: the folder; sorted sub-folder names are the classes.
-        image_size: ``int`` or ``(height, width)`` to resize every image to; None uses the first
-            image's size.
-        grayscale: True for 1 channel, False for 3, None for 1 only when the first image is grey.
-        train: value of the ``train`` attribute.
-
-    Raises:
-        NotFoundError: no such folder or no images in it.
-        DataFormatError: an image cannot be decoded (names the file).
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        image_size: int | tuple[int, int] | None = None,
-        grayscale: bool | None = None,
-        train: bool = True,
-    ) -> None:
-        paths, labels, classes = list_image_folder(root)
-        mode = None if grayscale is None else ("L" if grayscale else "RGB")
-        size = (image_size, image_size) if isinstance(image_size, int) else image_size
-        first = read_image(paths[0], mode=mode, size=size)
-        mode = "L" if first.shape[0] == 1 else "RGB"
-        size = tuple(first.shape[1:])
-        images = np.empty((len(paths), first.shape[0], *size), dtype=np.uint8)
-        images[0] = first
-        for i, path in enumerate(paths[1:], start=1):
-            images[i] = read_image(path, mode=mode, size=size)
-        super().__init__(images, labels, classes, paths, name=str(root), train=train)
-        self.root = Path(root)
 
 
 # ------------------------------------------------------------------------------------ named sets
@@ -276,7 +241,8 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[chosen], digits.target[chosen].astype(np.int64)
 
 
-def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None) -> ArrayDataset:
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+                 **options: Any) -> ArrayDataset | ImageFolder:
     """Load a named data set into memory.
 
     Args:
@@ -284,11 +250,12 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
             digits, a fixed seeded 80/20 split, for quick tests) or ``"folder"`` (an image folder:
             ``root``, or ``root/split`` when that sub-folder exists).
         split: ``"train"`` or ``"test"``.
+        options: for ``"folder"``: ``image_size`` (pixels, default 224) and ``channels`` (1 or 3).
         root: a folder searched first (see :func:`data_search_dirs` for the rest); the image folder
             itself for ``"folder"``.
 
     Returns:
-        An :class:`ArrayDataset`: images uint8 ``(N, 1, 28, 28)`` (MNIST-like), ``(N, 3, 32, 32)``
+        An :class:`ArrayDataset` (a streamed :class:`ImageFolder` for ``"folder"``): images uint8 ``(N, 1, 28, 28)`` (MNIST-like), ``(N, 3, 32, 32)``
         (CIFAR-10) or ``(N, 1, 8, 8)`` (digits), with class names and ``train`` set by the split.
 
     Raises:
@@ -299,7 +266,7 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     key = _canonical(name)
     if split not in ("train", "test"):
         raise DeephashError(f"unknown split {split!r} for {key}; use 'train' or 'test'")
-    return DATASETS.create(key, split=split, root=root)
+    return DATASETS.create(key, split=split, root=root, **options)
 
 
 @DATASETS.register("fashion-mnist")
@@ -324,11 +291,12 @@ def _digits(split: str, root: str | os.PathLike | None) -> ArrayDataset:
 
 
 @DATASETS.register("folder")
-def _folder(split: str, root: str | os.PathLike | None) -> ArrayDataset:
+def _folder(split: str, root: str | os.PathLike | None, image_size: int = 224, channels: int = 3) -> ImageFolder:
     if root is None:
         raise DeephashError("data set 'folder' needs the image folder as root (data.images in a config)")
     folder = Path(root)
-    return ImageFolder(folder / split if (folder / split).is_dir() else folder, train=split == "train")
+    return ImageFolder(folder / split if (folder / split).is_dir() else folder, image_size=image_size, channels=channels,
+                       train=split == "train")
 
 
 def _labelled(key: str, split: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ArrayDataset:

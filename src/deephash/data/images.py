@@ -1,8 +1,10 @@
-"""Images: folders of class sub-folders, and the one decoder (Pillow) for files and uploads.
+"""Images: folders (class sub-folders or unlabelled trees), and the one decoder (Pillow) for files and uploads.
 
-Every decode goes through :func:`_pixels` (mode conversion and bilinear resizing) behind a size
-guard against decompression bombs; failures are one-line :class:`~deephash.errors.DataFormatError`
-subclasses that name the file or say what was wrong with the upload.
+Every decode goes through :func:`to_model_mode` (EXIF orientation, transparency composited over
+white, every Pillow mode to ``L`` or ``RGB``) behind a size guard against decompression bombs;
+failures are one-line :class:`~deephash.errors.DataFormatError` subclasses that name the file or
+say what was wrong with the upload. :func:`open_image` also lets a JPEG decode at a reduced scale
+(Pillow's draft mode) when the model needs far fewer pixels than the file has.
 """
 
 from __future__ import annotations
@@ -18,35 +20,60 @@ import numpy as np
 from deephash.errors import DataFormatError, NotFoundError, first_line
 
 __all__ = ["IMAGE_EXTENSIONS", "UPLOAD_FORMATS", "CorruptImageError", "ImageTooLargeError", "UnsupportedImageError",
-           "decode_image", "list_image_folder", "read_image"]
+           "check_image_header", "decode_image", "image_array", "list_image_folder", "open_image", "read_image", "to_model_mode"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 
 
-def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
-    """List a folder with one sub-folder per class.
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` at any depth, sorted; hidden files and folders skipped."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def list_image_folder(root: str | os.PathLike, labelled: bool | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """List a folder of images: one sub-folder per class (at any depth below it), or unlabelled.
+
+    Args:
+        root: the folder.
+        labelled: True: the sorted sub-folder names are the classes; False: every image file
+            under ``root`` at any depth, unlabelled; None: labelled unless image files lie
+            directly in ``root`` (a flat folder).
 
     Returns:
-        ``(paths, labels int64 (N,), classes)``: classes are the sorted sub-folder names, a label
-        is the index of its class; hidden files and files without an image extension are skipped.
+        ``(paths, labels int64 (N,), classes)``: a label is the index of its class, ``-1`` for
+        unlabelled images (``classes`` then empty); hidden files and files without an image
+        extension are skipped.
+
+    Raises:
+        NotFoundError: no such folder, or no images in it.
     """
     root = Path(root)
     if not root.is_dir():
-        raise NotFoundError(f"{root}: no such folder (expected one sub-folder of images per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise NotFoundError(f"{root}: no such folder (expected images, or one sub-folder of images per class)")
+    if labelled is None:
+        labelled = not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                           for p in root.iterdir())
     paths: list[Path] = []
     labels: list[int] = []
-    for index, name in enumerate(classes):
-        files = sorted(
-            p for p in (root / name).rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        paths += files
-        labels += [index] * len(files)
+    classes: list[str] = []
+    if labelled:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for index, name in enumerate(classes):
+            files = _image_files(root / name)
+            paths += files
+            labels += [index] * len(files)
+    else:
+        paths = _image_files(root)
+        labels = [-1] * len(paths)
     if not paths:
-        raise NotFoundError(f"{root}: no images found (expected one sub-folder of {', '.join(IMAGE_EXTENSIONS)} files per class)")
+        raise NotFoundError(f"{root}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, "
+                            f"{'in one sub-folder per class' if labelled else 'at any depth'})")
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -66,18 +93,56 @@ class ImageTooLargeError(DataFormatError):
     """The image has more pixels than allowed, e.g. a decompression bomb (HTTP 413)."""
 
 
-def _pixels(image: Any, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
-    """A loaded Pillow image converted (``L``/``RGB``; None: L for grey, else RGB) and resized
-    (bilinear, ``(height, width)``; None keeps it): uint8 ``(C, H, W)``. The one pixel path of
-    every decoder here."""
-    from PIL import Image
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-    target = mode or ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-    image = image.convert(target)
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+
+def to_model_mode(image: Any, mode: str | None = None) -> Any:
+    """A Pillow image upright (its EXIF orientation applied) in ``L`` or ``RGB``.
+
+    Args:
+        image: a loaded Pillow image of any mode.
+        mode: ``"L"`` or ``"RGB"``; None: ``L`` for grey images (``1``, ``L``, ``I``, ``I;16``,
+            ``F``), ``RGB`` otherwise.
+
+    Returns:
+        A Pillow image in ``mode``. Transparent pixels (``RGBA``, ``LA``, ``P`` with a
+        transparency) are composited over white; 16-bit and 32-bit integer grey keeps its top 8
+        of 16 bits (value >> 8, 32-bit values clipped to 0..65535 first); ``F`` is clipped to
+        0..255; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` convert with Pillow's own formulas.
+    """
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    target = mode or ("L" if image.mode in _GREY_MODES else "RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    elif image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == target else image.convert(target)
+
+
+def image_array(image: Any) -> np.ndarray:
+    """A Pillow ``L``/``RGB`` image as uint8 ``(C, H, W)`` (a new array)."""
     array = np.asarray(image, dtype=np.uint8)
     return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def _pixels(image: Any, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
+    """A loaded Pillow image made upright and converted (:func:`to_model_mode`) and resized
+    (bilinear, ``(height, width)``; None keeps it): uint8 ``(C, H, W)``."""
+    from PIL import Image
+
+    image = to_model_mode(image, mode)
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return image_array(image)
 
 
 def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
@@ -119,7 +184,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> n
 
 
 def read_image(path: str | os.PathLike, mode: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode one image file with Pillow, refusing decompression bombs.
+    """Decode one image file with Pillow (:func:`open_image`), refusing decompression bombs.
 
     Args:
         path: the image file.
@@ -131,16 +196,68 @@ def read_image(path: str | os.PathLike, mode: str | None = None, size: tuple[int
     """
     from PIL import Image
 
+    image = open_image(path, mode)
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return image_array(image)
+
+
+def open_image(path: str | os.PathLike, mode: str | None = None, min_side: int | None = None) -> Any:
+    """Decode one image file into a Pillow image, upright, in ``L`` or ``RGB``, refusing bombs.
+
+    Args:
+        path: the image file.
+        mode: ``"L"``, ``"RGB"`` or None, as :func:`to_model_mode` takes it.
+        min_side: the smallest side the caller needs (pixels); a JPEG whose both sides are at
+            least twice that is decoded at a reduced scale (Pillow's draft mode: 1/2, 1/4 or 1/8)
+            that keeps both sides ``>= min_side``. None decodes at full size.
+
+    Returns:
+        A loaded Pillow image.
+
+    Raises:
+        NotFoundError: no such file. DataFormatError: not an image, truncated, or too many pixels
+        (more than Pillow's ``Image.MAX_IMAGE_PIXELS``; a possible decompression bomb).
+    """
+    from PIL import Image
+
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if min_side is not None and image.format == "JPEG" and min(image.size) >= 2 * min_side:
+                    image.draft(image.mode, (min_side, min_side))
                 image.load()
-                return _pixels(image, mode, size)
+                return to_model_mode(image, mode)
     except FileNotFoundError as err:
         raise NotFoundError(f"{path}: no such file") from err
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise DataFormatError(f"{path}: refused: image too large (possible decompression bomb)") from err
     except Exception as err:  # Pillow raises many types on corrupt input
         raise DataFormatError(f"{path}: cannot decode image: {first_line(err)}") from err
+
+
+def check_image_header(path: str | os.PathLike) -> str | None:
+    """The cheap check made when a folder is listed: the header alone (no pixel data) is read.
+
+    Returns:
+        None when Pillow recognises the file as an image of an accepted size, else the reason
+        (one line: not an image, unreadable header, or too many pixels).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width < 1 or height < 1:
+                    return f"empty image ({width}x{height})"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return "refused: image too large (possible decompression bomb)"
+    except UnidentifiedImageError:
+        return "not a readable image: no image format recognised"
+    except Exception as err:  # Pillow raises many types on corrupt input
+        return f"not a readable image: {first_line(err)}"
+    return None

@@ -15,6 +15,7 @@ from torch import nn
 
 from deephash.config import Config
 from deephash.data import BatchLoader
+from deephash.data.photos import ImageFolder, StreamLoader
 from deephash.data.augment import build_augment
 from deephash.errors import ConfigError
 from deephash.losses.aux import AuxClassificationLoss
@@ -99,9 +100,14 @@ def loss_schedules(config: Config) -> list[Schedule]:
 
 
 def make_loader(dataset: Any, batches: Any, device: torch.device, config: Config,
-                generator: torch.Generator | None) -> BatchLoader:
-    """A ``BatchLoader`` with the configured augmentation (none when ``generator`` is None)."""
+                generator: torch.Generator | None) -> BatchLoader | StreamLoader:
+    """A ``BatchLoader`` (in-memory data) or a ``StreamLoader`` (a photo folder, decoded in
+    ``data.num_workers`` processes) with the configured augmentation; a training loader
+    (``generator`` given) of a photo folder also draws random resized crops, flips and jitter."""
     augment = None
     if generator is not None and config.data.augment:
         augment = build_augment(dict(config.data.augment), generator=generator)
+    if isinstance(dataset, ImageFolder):
+        return StreamLoader(dataset, batches, device, augment=augment, views=config.data.views,
+                            num_workers=config.data.num_workers, random_crops=generator is not None, generator=generator)
     return BatchLoader(dataset, batches, device, augment=augment, views=config.data.views)

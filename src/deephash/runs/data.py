@@ -11,23 +11,32 @@ import torch
 
 from deephash._io import atomic_savez
 from deephash.config import Config
-from deephash.data.datasets import ArrayDataset, ImageFolder, load_dataset
-from deephash.data.images import read_image
+from deephash.data.datasets import ArrayDataset, load_dataset
+from deephash.data.images import open_image
+from deephash.data.photos import ImageFolder
+from deephash.data.transforms import EVAL_CROP_FRACTION, eval_resize_side, eval_transform
 from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
-__all__ = ["channel_stats", "load_split", "model_input_shape", "query_images", "source_dataset"]
+__all__ = ["channel_stats", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
 
 #: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
 _SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
 
 
-def _load_source(config: Config, split: str) -> ArrayDataset:
-    """One split of the configured data set (no protocol, no limit)."""
+def _load_source(config: Config, split: str) -> ArrayDataset | ImageFolder:
+    """One split of the configured data set (no protocol, no limit); a photo folder is streamed."""
     data = config.data
-    root = data.images if data.dataset == "folder" else (data.root or None)
-    return load_dataset(data.dataset, split, root=root)
+    if data.dataset == "folder":
+        folder = Path(data.images)
+        folder = folder / split if (folder / split).is_dir() else folder
+        dataset = ImageFolder(folder, image_size=data.image_size, channels=data.channels, train=split == "train",
+                              crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=_crop_fraction(config))
+        dataset.bad_files.max_fraction = data.max_bad_fraction
+        dataset.bad_files.check()
+        return dataset
+    return load_dataset(data.dataset, split, root=data.root or None)
 
 
 def _protocol_indices(config: Config, pooled_labels: np.ndarray, run_dir: Path | None) -> dict[str, np.ndarray]:
@@ -55,7 +64,7 @@ def _protocol_indices(config: Config, pooled_labels: np.ndarray, run_dir: Path |
 
 
 def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = None,
-               training: bool = False) -> ArrayDataset:
+               training: bool = False) -> ArrayDataset | ImageFolder:
     """The images of one split, as the config says (protocol, class split and ``data.limit`` applied).
 
     Args:
@@ -67,13 +76,18 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
             training uses), False the unseen ones (queries, database, everything evaluated).
 
     Returns:
-        An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``.
+        An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``; for a photo
+        folder an :class:`~deephash.data.photos.ImageFolder` (paths, decoded on demand; files
+        that do not read are left out, and more than ``data.max_bad_fraction`` of them raise).
 
     Raises:
         NotFoundError: no data found. DeephashError: unknown split, or an empty split.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     if config.data.protocol:
+        if config.data.dataset == "folder":
+            raise DeephashError("split protocols pool in-memory data sets; a photo folder takes its splits from "
+                                "its train/ and test/ sub-folders (leave data.protocol empty)")
         if split not in PROTOCOL_SPLITS:
             raise DeephashError(f"split {split!r} is not one of protocol {config.data.protocol}'s {PROTOCOL_SPLITS}")
         parts = [_load_source(config, name) for name in ("train", "test")]
@@ -103,19 +117,46 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return [round(float(v), 6) for v in x.mean(dim=1)], [round(max(float(v), 1e-6), 6) for v in x.std(dim=1)]
 
 
+def training_stats(dataset: ArrayDataset | ImageFolder, sample: int = 512, seed: int = 0) -> tuple[list[float], list[float]]:
+    """:func:`channel_stats` of a training set: every image in memory, or for a photo folder a
+    seeded sample of ``sample`` images decoded with the evaluation transform."""
+    if isinstance(dataset, ImageFolder):
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+        return channel_stats(dataset.data[chosen])
+    return channel_stats(dataset.data)
+
+
 def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images the run's model was trained on."""
     if config.data.dataset in _SHAPES:
         return _SHAPES[config.data.dataset]
+    if config.data.dataset == "folder":
+        return config.data.channels, config.data.image_size, config.data.image_size
     return tuple(load_split(config, config.data.train_split, run_dir).data.shape[1:])
 
 
-def source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None) -> ArrayDataset:
-    """A split of the run's data (protocol and limit applied), or an image folder sized for the model."""
+def source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None,
+                   labelled: bool | None = None) -> ArrayDataset | ImageFolder:
+    """A split of the run's data (protocol and limit applied), or a photo folder streamed at the
+    model's input size (``labelled``: see :func:`~deephash.data.images.list_image_folder`)."""
     if images is None:
         return load_split(config, split, run_dir)
-    channels, height, width = model_input_shape(config, run_dir)
-    return ImageFolder(images, image_size=(height, width), grayscale=channels == 1, train=False)
+    channels, height, _ = model_input_shape(config, run_dir)
+    return ImageFolder(images, image_size=height, channels=channels, train=False, labelled=labelled,
+                       crop_fraction=_crop_fraction(config))
+
+
+def _crop_fraction(config: Config) -> float:
+    """The evaluation crop of image files: a photo-folder run's centre crop, else the whole shorter side."""
+    return EVAL_CROP_FRACTION if config.data.dataset == "folder" else 1.0
+
+
+def model_view(config: Config, path: str | os.PathLike, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One image file as the run's model sees it, as :func:`source_dataset` decodes folders: uint8
+    ``(C, H, W)`` (the evaluation transform; a square image is simply resized outside photo-folder runs)."""
+    fraction = _crop_fraction(config)
+    image = open_image(path, "L" if shape[0] == 1 else "RGB", min_side=eval_resize_side(shape[1], fraction))
+    return torch.from_numpy(eval_transform(image, shape[1], fraction))
 
 
 def query_images(config: Config, run_dir: Path, items: Sequence[str]) -> tuple[torch.Tensor, list[int | None]]:
@@ -135,7 +176,6 @@ def query_images(config: Config, run_dir: Path, items: Sequence[str]) -> tuple[t
             images.append(dataset.data[i])
             labels.append(int(dataset.targets[i]))
         else:
-            mode = "L" if shape[0] == 1 else "RGB"
-            images.append(torch.from_numpy(read_image(item, mode=mode, size=tuple(shape[1:])).copy()))
+            images.append(model_view(config, item, shape))
             labels.append(None)
     return torch.stack(images), labels

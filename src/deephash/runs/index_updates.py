@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from deephash._io import atomic_write_bytes
+from deephash.data.photos import ImageFolder
 from deephash.errors import CodeLengthError, DeephashError
 from deephash.retrieval.codes import load_codes
 from deephash.retrieval.journal import JOURNAL_FILE, read_journal
 from deephash.retrieval.living import LivingIndex
 from deephash.runs.data import load_split, source_dataset
-from deephash.runs.encoding import encode_split_with_rerank, encode_with_rerank
+from deephash.runs.encoding import encode_items, encode_split_with_rerank, write_skipped
 from deephash.runs.indexing import index_info, load_index
 from deephash.runs.model_file import is_hash_model, load_run
 
@@ -101,7 +103,9 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         index_dir: the index folder.
         run_dir: the run whose model built the index (needed to encode ``images`` or ``split``;
             with ``codes`` it is only checked).
-        images: a folder with one sub-folder per class (class names mapped to the index's).
+        images: a folder with one sub-folder per class (class names mapped to the index's), or
+            a flat folder of unlabelled images; streamed, files that do not decode left out (and
+            listed in ``INDEX/added.skipped.txt``).
         split: a split of the run's data set.
         codes: a code file (``deephash encode``); its ids are used unless ``new_ids``.
         ids: int64 ``(n,)`` ids to give the items; default: from the index's ``next_id`` on (ids
@@ -121,7 +125,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
     probe = load_index(index_dir)
     meta = probe.metadata if isinstance(probe.metadata, dict) else {}
     index_classes = list(meta.get("classes") or [])
-    pictures: np.ndarray | None = None
+    pictures: Any = None
     paths: list[str] | None = None
     if codes is not None:
         code_set = load_codes(codes)
@@ -142,14 +146,21 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         if split is not None:
             dataset = load_split(config, split, run_dir)
             packed, labels, vectors = encode_split_with_rerank(run_dir, model, config, split, dataset)
+            kept = np.arange(len(labels))
         else:
             dataset = source_dataset(config, run_dir, None, images)
-            packed, labels, vectors = encode_with_rerank(model, dataset)
+            packed, labels, vectors, kept = encode_items(model, dataset, num_workers=config.data.num_workers)
             if index_classes and dataset.classes:
                 labels = _class_map(list(dataset.classes), index_classes, str(images))[labels]
-        paths = [str(p) for p in dataset.paths] if dataset.paths is not None else None  # as `index build` keeps them
-        pictures = dataset.data.numpy()
-    labels = None if probe.labels is None and probe.ntotal else labels
+            if isinstance(dataset, ImageFolder) and not dataset.labelled:
+                labels = None
+            write_skipped(dataset, Path(index_dir) / "added")
+        # as `index build` keeps them: the path of every encoded item
+        paths = [str(dataset.paths[i]) for i in kept.tolist()] if dataset.paths is not None else None
+        # the added items' pictures: an in-memory array, or decoded one at a time from a photo folder
+        pictures = dataset.data.numpy() if isinstance(dataset.data, torch.Tensor) else (
+            dataset.data[i].numpy() for i in kept.tolist())
+    labels = None if labels is None or (probe.labels is None and probe.ntotal) else labels
     paths = None if probe.paths is None and probe.ntotal else paths  # an index built without paths stays without
     if probe.ntotal and probe.rerank_vectors is None:
         vectors = None  # an index built without re-rank vectors stays without them

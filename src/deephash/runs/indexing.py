@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from deephash.retrieval.codes import pack_codes
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.search import DEFAULT_SHORTLIST, search
 from deephash.runs.data import query_images, source_dataset
-from deephash.runs.encoding import encode_sharded, encode_split_with_rerank
+from deephash.data.photos import ImageFolder
+from deephash.runs.encoding import (PHOTO_BATCH, encode_resumable, encode_sharded, encode_split_with_rerank, model_digest,
+                                     write_skipped)
 from deephash.runs.model_file import is_hash_model, load_run
 from deephash.train.distributed import current_strategy
 
@@ -22,33 +25,56 @@ __all__ = ["build_index", "index_info", "load_index", "search_run"]
 
 
 def build_index(run_dir: str | os.PathLike, split: str | None = None, images: str | os.PathLike | None = None,
-                out: str | os.PathLike = "index", factory: str = "BFlat") -> Path:
-    """Encode a split (or an image folder) with a run's hash model and save a :class:`HashIndex`.
+                out: str | os.PathLike = "index", factory: str = "BFlat", labelled: bool | None = None,
+                progress: bool = False, batch_size: int = PHOTO_BATCH) -> Path:
+    """Encode a split (or a photo folder) with a run's hash model and save a :class:`HashIndex`.
 
     The index metadata records the run and the source (split or folder); for folders the index
-    keeps the path of every item (its ``paths`` column), so :func:`search_run` can name them.
+    keeps the path of every item (its ``paths`` column), so :func:`search_run` can name them, and
+    the folder's own class names (its labels index them). A folder is encoded resumably: batches of
+    ``batch_size`` codes go to ``OUT.partial/`` as they are made, so a build killed midway and
+    run again encodes only what is missing and ends with the same index (see
+    :func:`~deephash.runs.encoding.encode_resumable`); ``progress`` shows a bar. Files that do not
+    decode are left out and listed in ``OUT.skipped.txt``; an unlabelled folder (``labelled``,
+    see :func:`~deephash.data.images.list_image_folder`) makes an index without labels.
     """
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     if not is_hash_model(model):
         raise DeephashError(f"{run_dir} holds an embedding model; a Hamming index needs a hash model (model.head = 'hash')")
-    dataset = source_dataset(config, run_dir, split, images)
+    dataset = source_dataset(config, run_dir, split, images, labelled)
     strategy = current_strategy()
+    out = Path(out)
+    work_dir = out.with_name(out.name + ".partial")
+    positions = None
     if images is None and strategy.world_size == 1:
         codes, labels, vectors = encode_split_with_rerank(run_dir, model, config, split, dataset)
+    elif strategy.world_size == 1:
+        codes, labels, vectors, positions = encode_resumable(model, dataset, work_dir, model_digest(run_dir), batch_size,
+                                                             config.data.num_workers, progress)
     else:
-        codes, labels, vectors = encode_sharded(model, dataset, strategy)
+        codes, labels, vectors, positions = encode_sharded(model, dataset, strategy, num_workers=config.data.num_workers,
+                                                           with_positions=True)
     if codes is None:  # another rank of a distributed job: rank 0 writes
-        return Path(out)
+        return out
     metadata: dict[str, Any] = {
         "run": str(run_dir.resolve()),
         "source": f"images:{Path(images).resolve()}" if images is not None else f"split:{split}",
-        "classes": list(getattr(model, "classes", []) or dataset.classes or []),
+        # a folder's labels index its own class names; a split's, the run's
+        "classes": list(dataset.classes or []) if images is not None
+        else list(getattr(model, "classes", []) or dataset.classes or []),
     }
+    paths = None
+    if dataset.paths is not None:
+        kept = positions.tolist() if positions is not None else range(len(dataset.paths))
+        paths = [str(dataset.paths[i]) for i in kept]
+    unlabelled = isinstance(dataset, ImageFolder) and not dataset.labelled
     index = HashIndex(model.bits, factory=factory, metadata=metadata)
-    index.add(codes, labels=labels, rerank=vectors, paths=None if dataset.paths is None else [str(p) for p in dataset.paths])
-    out = Path(out)
+    index.add(codes, labels=None if unlabelled else labels, rerank=vectors, paths=paths)
     index.save(out)
+    if isinstance(dataset, ImageFolder):
+        write_skipped(dataset, out)
+        shutil.rmtree(work_dir, ignore_errors=True)
     return out
 
 

@@ -21,5 +21,6 @@ MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.npz"
 CODES_DIR = "codes"
 METRICS_FILE = "metrics.json"
+SKIPPED_FILE = "skipped.txt"  # photo files skipped as unreadable: one "path<TAB>reason" line each
 
-__all__ = ["CHECKPOINT_DIR", "CODES_DIR", "CONFIG_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "SPLIT_FILE"]
+__all__ = ["CHECKPOINT_DIR", "CODES_DIR", "CONFIG_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "SKIPPED_FILE", "SPLIT_FILE"]

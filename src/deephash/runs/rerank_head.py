@@ -10,6 +10,7 @@ from torch import nn
 
 from deephash.config import Config
 from deephash.data import BatchLoader
+from deephash.data.photos import ImageFolder, StreamLoader
 from deephash.data.augment import build_augment
 from deephash.data.samplers import RandomBatchSampler
 from deephash.losses.contrastive import InstanceContrastiveLoss
@@ -63,8 +64,12 @@ def train_rerank_head(config: Config, model: nn.Module, train_set: Any, device: 
     generator = torch.Generator().manual_seed(config.seed + 7919)
     augment_generator = torch.Generator(device=device).manual_seed(config.seed + 7920)
     batches = RandomBatchSampler(len(train_set), config.sampler.batch_size, generator)
-    loader = BatchLoader(train_set, batches, device, augment=build_augment(dict(head.augment), augment_generator),
-                         views=head.views)
+    augment = build_augment(dict(head.augment), augment_generator)
+    if isinstance(train_set, ImageFolder):  # a photo folder: decoded in workers, the views from the batched augment
+        loader = StreamLoader(train_set, batches, device, augment=augment, views=head.views,
+                              num_workers=config.data.num_workers)
+    else:
+        loader = BatchLoader(train_set, batches, device, augment=augment, views=head.views)
     optimizer = create_optimizer("adamw", model.rerank_head.parameters(), lr=head.lr,
                                  weight_decay=config.optimizer.weight_decay)
     _, per_batch = split_schedule(create_scheduler("warmup-cosine", optimizer, lr=head.lr, epochs=head.epochs, warmup=0.1))

@@ -21,8 +21,8 @@ from deephash.models import build_model, channels_last_on_cpu
 from deephash.models.pca_codes import fit_pca_codes
 from deephash.runs.components import (build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data,
                                       training_outputs)
-from deephash.runs.data import channel_stats, load_split
-from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE
+from deephash.runs.data import load_split, training_stats
+from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE, SKIPPED_FILE
 from deephash.runs.model_file import save_model
 from deephash.runs.rerank_head import train_rerank_head
 from deephash.data.samplers import RandomBatchSampler
@@ -64,13 +64,16 @@ class _TrainingView(nn.Module):
 
 
 class _AugmentOff:
-    """Turns the loader's augmentation off for the last ``n_last`` epochs."""
+    """Turns the loader's augmentation (and a photo loader's random crops) off for the last ``n_last`` epochs."""
 
     def __init__(self, loader: Any, n_epochs: int, n_last: int) -> None:
         self.loader, self.augment, self.first_plain = loader, loader.augment, n_epochs - n_last
+        self.random_crops = getattr(loader, "random_crops", False)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.loader.augment = None if epoch >= self.first_plain else self.augment
+        if self.random_crops:
+            self.loader.random_crops = epoch < self.first_plain
 
 
 class _ValidateEvery:
@@ -155,7 +158,9 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     run_dir.mkdir(parents=True, exist_ok=True)
 
     train_set = load_split(config, config.data.train_split, run_dir, training=True)
-    config = model_for_data(config, int(train_set.data.shape[1]), *channel_stats(train_set.data))
+    if int(train_set.targets.min()) < 0:
+        raise DeephashError(f"{train_set.name}: training needs labelled images (one sub-folder of images per class)")
+    config = model_for_data(config, int(train_set.data.shape[1]), *training_stats(train_set, seed=config.seed))
     if strategy.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
 
@@ -193,9 +198,13 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     trained, loss_fn = strategy.wrap(trained, loss_fn, config.data.views)  # after loading: DDP copies rank 0's weights
     hooks = _hooks(config, run_dir, strategy, model, optimizer, scheduler, generators, history, average, per_batch,
                    loader, val_loader, unwrapped_loss)
-    fit(loader, val_loader, trained, loss_fn, optimizer, scheduler, config.train.epochs, device,
-        config.train.log_interval, start_epoch=start_epoch, schedules=loss_schedules(config),
-        callbacks=[*hooks, *callbacks], progress=progress)
+    try:
+        fit(loader, val_loader, trained, loss_fn, optimizer, scheduler, config.train.epochs, device,
+            config.train.log_interval, start_epoch=start_epoch, schedules=loss_schedules(config),
+            callbacks=[*hooks, *callbacks], progress=progress)
+    finally:
+        if strategy.is_main:
+            _write_skipped(run_dir, train_set, val_loader)
 
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
     if average is not None:
@@ -208,6 +217,15 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
         save_model(run_dir / MODEL_FILE, model, config, classes)
     strategy.barrier()  # under DDP every rank returns once the run directory is complete
     return run_dir
+
+
+def _write_skipped(run_dir: Path, train_set: Any, val_loader: Any) -> None:
+    """``RUN_DIR/skipped.txt``: the photo files training skipped (only when there are some)."""
+    found: dict[str, str] = {}
+    for dataset in (train_set, getattr(getattr(val_loader, "loader", None), "dataset", None)):
+        found.update(getattr(getattr(dataset, "bad_files", None), "found", {}))
+    if found:
+        atomic_write_text(run_dir / SKIPPED_FILE, "".join(f"{p}\t{r}\n" for p, r in found.items()))
 
 
 def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -228,7 +246,7 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
         hooks.insert(0, TanhContinuation(model.head, *config.train.tanh_scale, n_epochs=config.train.epochs))
     if per_batch is not None:
         hooks.insert(0, per_batch)
-    if config.train.final_epochs_no_augment > 0 and loader.augment is not None:
+    if config.train.final_epochs_no_augment > 0 and (loader.augment is not None or getattr(loader, "random_crops", False)):
         hooks.insert(0, _AugmentOff(loader, config.train.epochs, config.train.final_epochs_no_augment))
     if val_loader is not None:
         hooks.insert(0, val_loader)
