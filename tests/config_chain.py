@@ -492,7 +492,9 @@ class Chain:
 
         ids = self.added_ids(ok(self.runner, "index", "add", self.index, "--codes", self.q_file, "--new-ids"))
         self.new_ids(ids, "index add --codes --new-ids")
-        self.items.update(zip(ids, [Item(it.code, it.label, it.vector, "" if self.keeps_paths else None)
+        # a folder's code file holds paths relative to the folder and the folder (root): the index
+        # keeps them joined, as `index build` does, so the service can show the added items' images
+        self.items.update(zip(ids, [Item(it.code, it.label, it.vector, (it.path or "") if self.keeps_paths else None)
                                     for it in q_items]))
         self.assert_index_holds_items(vector_tol=2e-3)
 
@@ -545,7 +547,8 @@ class Chain:
         paths = None
         if self.keeps_paths:
             paths = [self.items[i].path or "" for i in order]
-            assert [changed.paths[rows[i]] for i in order] == paths
+            stored = [str(changed.paths[rows[i]]) for i in order]
+            assert stored == paths, [(i, a, b) for i, a, b in zip(order, stored, paths) if a != b][:3]
         else:
             assert changed.paths is None
         scratch = HashIndex(changed.bits, metadata=changed.metadata)

@@ -190,7 +190,7 @@ def test_flat_folder_encodes_and_indexes_unlabelled_with_relative_paths(photo_ru
     index = HashIndex.load(tmp_path / "ix")
     assert index.labels is None and len(index) == len(sources)
     by_path = dict(zip(code_set.paths.tolist(), code_set.codes))
-    for path, code in zip(index.metadata["paths"], index.codes):  # the same codes as `encode`, file by file
+    for path, code in zip(index.paths.tolist(), index.codes):  # the same codes as `encode`, file by file
         assert np.array_equal(code, by_path[Path(path).relative_to(flat).as_posix()])
     # --no-labels: a tree of class sub-folders read as unlabelled images at any depth
     assert main(["encode", str(run), "--images", str(photos / "test"), "--no-labels", "--out", str(tmp_path / "t.npz")]) == 0
@@ -224,7 +224,7 @@ def test_index_build_killed_midway_resumes_to_the_same_index(photo_run, tmp_path
     resumed, whole = HashIndex.load(out), HashIndex.load(tmp_path / "whole")
     assert len(resumed) == len(whole) == 18
     assert np.array_equal(resumed.codes, whole.codes) and np.array_equal(resumed.ids, whole.ids)
-    assert np.array_equal(resumed.labels, whole.labels) and resumed.metadata["paths"] == whole.metadata["paths"]
+    assert np.array_equal(resumed.labels, whole.labels) and np.array_equal(resumed.paths, whole.paths)
     for built in (out, tmp_path / "whole"):  # the file cut short, found before the kill, is still reported
         listed = [line.split("\t")[0] for line in Path(f"{built}.skipped.txt").read_text().splitlines()]
         assert listed == [str(folder / "red" / "zz-notes.png"), str(folder / "blue" / "0-cut.png")]
@@ -298,4 +298,4 @@ def test_a_batch_whose_every_file_fails_leaves_no_row_and_no_gap(photo_run, tmp_
     cut = dataset.paths.index(str(folder / "red" / "0-cut.png"))
     assert positions.tolist() == [i for i in range(10) if i != cut] and codes.shape == (9, 6)
     index = HashIndex.load(build_index(run, images=folder, out=tmp_path / "ix", batch_size=1))
-    assert np.array_equal(index.codes, codes) and str(folder / "red" / "0-cut.png") not in index.metadata["paths"]
+    assert np.array_equal(index.codes, codes) and str(folder / "red" / "0-cut.png") not in index.paths.tolist()

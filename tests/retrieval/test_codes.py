@@ -119,3 +119,25 @@ def test_load_codes_rejects_non_npz_pickles_and_missing_files(tmp_path):
         load_codes(tmp_path / "trunc.npz")
     with pytest.raises(NotFoundError):
         load_codes(tmp_path / "absent.npz")
+
+
+def test_code_file_root_joins_relative_paths_and_is_checked(tmp_path):
+    from deephash.errors import DeephashError
+    from deephash.retrieval.codes import load_codes, save_codes
+
+    codes = np.array([[1, -1, 1, 1, -1, 1, 1, 1], [-1, -1, 1, 1, 1, 1, 1, -1]])
+    save_codes(tmp_path / "c.npz", codes, np.array([0, 1]), 8, paths=["a/x.png", "b/y.jpg"], root="/photos/test")
+    loaded = load_codes(tmp_path / "c.npz")
+    assert loaded.root == "/photos/test" and loaded.paths.tolist() == ["a/x.png", "b/y.jpg"]
+    assert loaded.full_paths() == ["/photos/test/a/x.png", "/photos/test/b/y.jpg"]
+    save_codes(tmp_path / "old.npz", codes, np.array([0, 1]), 8, paths=["a/x.png", "b/y.jpg"])  # no root: as stored
+    assert load_codes(tmp_path / "old.npz").full_paths() == ["a/x.png", "b/y.jpg"]
+    save_codes(tmp_path / "none.npz", codes, np.array([0, 1]), 8)
+    assert load_codes(tmp_path / "none.npz").full_paths() is None
+    with pytest.raises(DeephashError, match="root needs paths"):
+        save_codes(tmp_path / "bad.npz", codes, np.array([0, 1]), 8, root="/photos")
+    arrays = dict(np.load(tmp_path / "c.npz"))
+    arrays["root"] = np.array(["/a", "/b"])
+    np.savez(tmp_path / "two.npz", **arrays)
+    with pytest.raises(DataFormatError, match="'root' must be a 0-d string"):
+        load_codes(tmp_path / "two.npz")

@@ -120,6 +120,7 @@ class CodeSet:
         ids: int64 ``(N,)``; ``0..N-1`` when the file stores none.
         paths: ``(N,)`` strings (image paths relative to their folder), or None.
         rerank: float16 ``(N, D)`` re-rank vectors (models with ``model.rerank``), or None.
+        root: the folder ``paths`` are relative to (absolute, as encoded), or None.
     """
 
     codes: np.ndarray
@@ -128,6 +129,13 @@ class CodeSet:
     ids: np.ndarray
     paths: np.ndarray | None = None
     rerank: np.ndarray | None = None
+    root: str | None = None
+
+    def full_paths(self) -> list[str] | None:
+        """Each item's path joined to :attr:`root` (as stored when the file has no root); None without paths."""
+        if self.paths is None:
+            return None
+        return [str(p) if self.root is None else str(Path(self.root) / str(p)) for p in self.paths]
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -141,6 +149,7 @@ def save_codes(
     ids: torch.Tensor | np.ndarray | None = None,
     paths: Sequence[str] | np.ndarray | None = None,
     rerank: np.ndarray | None = None,
+    root: str | os.PathLike | None = None,
 ) -> None:
     """Write a code file atomically.
 
@@ -153,6 +162,7 @@ def save_codes(
         ids: int64 ``(N,)``, the items' ids; default ``0..N-1``.
         paths: optional ``(N,)`` strings, e.g. each image's path relative to its folder.
         rerank: optional float ``(N, D)`` re-rank vectors, stored as float16.
+        root: the folder ``paths`` are relative to (stored as a 0-d string; needs ``paths``).
     """
     bits = int(bits)
     if bits < 1:
@@ -182,6 +192,10 @@ def save_codes(
         arrays["rerank"] = np.asarray(rerank, dtype=np.float16)
         if arrays["rerank"].ndim != 2 or arrays["rerank"].shape[0] != array.shape[0]:
             raise DeephashError(f"re-rank vectors of shape {arrays['rerank'].shape} do not match {array.shape[0]} codes")
+    if root is not None:
+        if paths is None:
+            raise DeephashError("a code file's root needs paths relative to it")
+        arrays["root"] = np.array(str(root), dtype=np.str_)
     atomic_savez(path, **arrays)
 
 
@@ -233,4 +247,8 @@ def load_codes(path: str | os.PathLike) -> CodeSet:
     rerank = arrays.get("rerank")
     if rerank is not None and (rerank.dtype != np.float16 or rerank.ndim != 2 or rerank.shape[0] != codes.shape[0]):
         raise bad(f"'rerank' must be float16 ({codes.shape[0]}, D), got {rerank.dtype} {rerank.shape}")
-    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids, paths=paths, rerank=rerank)
+    root = arrays.get("root")
+    if root is not None and (root.dtype.kind != "U" or root.shape != () or paths is None):
+        raise bad(f"'root' must be a 0-d string beside 'paths', got {root.dtype} {root.shape}")
+    return CodeSet(codes=codes, labels=labels, bits=bits, ids=ids, paths=paths, rerank=rerank,
+                   root=None if root is None else str(root))

@@ -274,7 +274,7 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
 
     A hash model writes the code file of the retrieval contract (``codes`` packed uint8,
     ``labels`` (-1 for an unlabelled folder), ``bits``, the items' ``ids`` = their positions in the
-    split or folder listing, and for a folder each image's ``paths`` relative to it); an embedding
+    split or folder listing, and for a folder each image's ``paths`` relative to it and that folder, ``root``); an embedding
     model writes ``embeddings`` float32 ``(N, D)`` with the same ``labels``, ``ids`` and ``paths``.
     Files of a folder that do not decode are left out (no row) and listed in ``OUT.skipped.txt``.
 
@@ -294,6 +294,7 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
     if isinstance(dataset, ImageFolder):
         relative = dataset.relative_paths
         extra["paths"] = np.array([relative[i] for i in positions.tolist()], dtype=str)
+        extra["root"] = str(Path(dataset.root).resolve())
         write_skipped(dataset, out)
     if is_hash_model(model):
         save_codes(out, codes, labels, model.bits, **extra, rerank=vectors)

@@ -134,8 +134,7 @@ def add_items(index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = 
         packed, labels, vectors = code_set.codes, code_set.labels, code_set.rerank
         if ids is None and not new_ids:
             ids = code_set.ids
-        if code_set.paths is not None:
-            paths = [str(p) for p in code_set.paths]
+        paths = code_set.full_paths()  # joined to the folder they were encoded from, as `index build` keeps them
         if run_dir is not None:
             _checked_model(run_dir, probe.bits, index_dir)
     else:
