@@ -93,8 +93,11 @@ def _posterior_codes_by_a_loop(logits: np.ndarray, centers: np.ndarray, temperat
         p = np.exp(row - row.max())
         p /= p.sum()
         a, b = np.argsort(-p, kind="stable")[:2]
+        assert p[a] - p[b] > 1e-4  # no tie for the likeliest class for rounding to decide
         differ = np.flatnonzero(centers[a] != centers[b])
-        m = round(p[b] / (p[a] + p[b]) * len(differ))
+        share = p[b] / (p[a] + p[b]) * len(differ)
+        assert abs(share - np.floor(share) - 0.5) > 1e-4  # nor a half for rounding to decide
+        m = round(share)
         code = centers[a].copy()
         code[differ[:m]] = centers[b][differ[:m]]
         out.append(code)
