@@ -48,11 +48,13 @@ near_duplicates = {{ n = 10, seed = 4, shift = 1, noise = 0.01 }}
 
 @pytest.fixture(scope="module")
 def open_run(tmp_path_factory):
-    """A run trained on classes 0 and 1 of a 4-class tiny Fashion-MNIST and evaluated on 2 and 3."""
+    """A run trained on classes 0 and 1 of a 4-class tiny Fashion-MNIST and evaluated on 2 and 3.
+    Its codes are the pca rule's, so that they differ between images (after one epoch the hash
+    head gives every unseen image the same code, and a metric then cannot tell one order from another)."""
     base = tmp_path_factory.mktemp("open")
     data = tiny_fashion_mnist(base / "data", n_classes=4)
     config = base / "open.toml"
-    config.write_text(CONFIG.format(root=base / "data"), encoding="utf-8")
+    config.write_text(CONFIG.format(root=base / "data").replace("bits = 16", 'bits = 8\ncode_rule = "pca"'), encoding="utf-8")
     run = base / "run"
     assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
     assert main(["evaluate", str(run)]) == 0
@@ -78,6 +80,7 @@ def test_training_sees_only_the_seen_classes_and_evaluation_only_the_unseen(open
         codes = {split: model.encode(torch.from_numpy(data[split][0][unseen[split]]).float().div(255)[:, None]).numpy() > 0
                  for split in ("train", "test")}
     labels = {split: data[split][1][unseen[split]] for split in ("train", "test")}
+    assert len({code.tobytes() for code in codes["test"]}) > len(codes["test"]) // 4  # codes that differ
     with np.load(run / "codes" / "train.npz") as cached:  # the database: the unseen classes' training images
         assert np.array_equal(cached["labels"], labels["train"])
         assert np.array_equal(cached["codes"], np.packbits(codes["train"], axis=1))
@@ -125,7 +128,8 @@ RERANK = {
 
 def _rerank_config(root: Path, kind: str) -> str:
     model_lines, extra = RERANK[kind]
-    text = CONFIG.replace("bits = 16", model_lines).replace("seen_classes = [0, 1]\nunseen_classes = [2]\n", "")
+    assert "seen_classes = [0, 1]\nunseen_classes = [2, 3]\n" in CONFIG
+    text = CONFIG.replace("bits = 16", model_lines).replace("seen_classes = [0, 1]\nunseen_classes = [2, 3]\n", "")
     for table in ("[data]", "[train]"):  # merge the extra keys into their tables
         if table in extra:
             body = extra.split(table + "\n", 1)[1].split("[", 1)[0]
