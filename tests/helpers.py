@@ -7,6 +7,7 @@ on these live in ``tests/conftest.py``.
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import struct
 import subprocess
@@ -178,3 +179,10 @@ def playwright_api(chromium: str | None = None):
     except ImportError:
         pytest.fail("the playwright Python package is missing: pip install playwright (a dev dependency)")
     return sync_playwright, expect
+
+
+def learning_seeds() -> list[int]:
+    """Seeds the learning tests run with: ``[0]``, or the comma-separated list in the environment
+    variable ``DEEPHASH_LEARNING_SEEDS`` (set only to check that a learning test holds for several
+    seeds, RELIABILITY.md)."""
+    return [int(s) for s in os.environ.get("DEEPHASH_LEARNING_SEEDS", "0").split(",")]

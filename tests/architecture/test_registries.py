@@ -86,17 +86,83 @@ def test_head(name):
     _every_parameter_gets_a_gradient(model.backbone, out)
 
 
+def _posterior_codes_by_a_loop(logits: np.ndarray, centers: np.ndarray, temperature: float) -> np.ndarray:
+    """The posterior rule as its module docstring states it, one row at a time in float64."""
+    out = []
+    for row in logits.astype(np.float64) / temperature:
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        a, b = np.argsort(-p, kind="stable")[:2]
+        assert p[a] - p[b] > 1e-4  # no tie for the likeliest class for rounding to decide
+        differ = np.flatnonzero(centers[a] != centers[b])
+        share = p[b] / (p[a] + p[b]) * len(differ)
+        assert abs(share - np.floor(share) - 0.5) > 1e-4  # nor a half for rounding to decide
+        m = round(share)
+        code = centers[a].copy()
+        code[differ[:m]] = centers[b][differ[:m]]
+        out.append(code)
+    return np.array(out)
+
+
+def _codes_up_to_polarity_agree(ours: np.ndarray, projected: np.ndarray, margin: float = 1e-4) -> None:
+    """``ours`` (±1) against the signs of scikit-learn's projections, each bit's polarity fixed by
+    the rows where that projection is clearly away from 0 (a PCA direction's sign is arbitrary)."""
+    clear = np.abs(projected) > margin
+    assert clear.mean() > 0.9
+    reference = np.where(projected >= 0, 1.0, -1.0)
+    for bit in range(ours.shape[1]):
+        rows = clear[:, bit]
+        agree = ours[rows, bit] == reference[rows, bit]
+        assert agree.all() or (~agree).all(), bit
+
+
 @pytest.mark.parametrize("name", CODE_RULES.names())
 def test_code_rule(name):
+    """Each rule's codes (eval-mode forward and ``encode``) against the rule computed by hand from
+    the backbone's features: the sign of the head's affine map, the posterior path by a loop, PCA
+    by scikit-learn."""
+    from sklearn.decomposition import PCA
+
     spec = ModelSpec(backbone="seed-cnn", head="hash", bits=16, aux_classes=3, code_rule=name)
+    torch.manual_seed(0)
     model = build_model(spec)
+    x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     if name == "posterior":
         model.set_code_centers(torch.where(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) >= 0, 1.0, -1.0))
+        with torch.no_grad():  # logits of spread 3 around 0 on these images: confident rows and ambiguous ones
+            feats = model.backbone(x)
+            direction = torch.randn(3, feats.shape[1], generator=torch.Generator().manual_seed(3))
+            direction *= 3 / ((feats - feats.mean(0)) @ direction.T).std()
+            model.aux.linear.weight.copy_(direction)
+            model.aux.linear.bias.copy_(-feats.mean(0) @ direction.T)
+    fit_images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     if name == "pca":
-        fit_pca_codes(model, torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
-    codes = model.eval()(torch.rand(4, 1, 28, 28))
-    assert codes.shape == (4, 16) and set(codes.unique().tolist()) <= {-1.0, 1.0}
-    assert torch.equal(model.encode(x := torch.rand(2, 1, 28, 28)), model(x))  # encode = eval-mode forward
+        fit_pca_codes(model, fit_images)
+    model.eval()
+    with torch.no_grad():
+        forward, encoded = model(x).numpy(), model.encode(x).numpy()
+        feats = model.backbone(x).double().numpy()  # mean 0, std 1: the images enter unchanged
+        fit_feats = model.backbone(fit_images.float() / 255).double().numpy()
+    assert forward.shape == (24, 16) and set(np.unique(forward).tolist()) <= {-1.0, 1.0}
+    weight = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    if name == "sign":
+        pre = feats @ weight["head.linear.weight"].T + weight["head.linear.bias"]
+        assert np.abs(pre).min() > 1e-6  # no value close enough to 0 for rounding to decide it
+        expected = np.where(pre >= 0, 1.0, -1.0)
+        assert np.array_equal(forward, expected) and np.array_equal(encoded, expected)
+    elif name == "posterior":
+        logits = feats @ weight["aux.linear.weight"].T + weight["aux.linear.bias"]
+        expected = _posterior_codes_by_a_loop(logits, weight["code_centers"], spec.code_temperature)
+        centers = {tuple(c) for c in weight["code_centers"].tolist()}
+        assert 0 < sum(tuple(c) in centers for c in expected.tolist()) < len(expected)  # on a center, and between
+        assert np.array_equal(forward, expected) and np.array_equal(encoded, expected)
+    elif name == "pca":
+        unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731 (code_power 1: rows L2-normalised)
+        projected = PCA(n_components=16, svd_solver="full").fit(unit(fit_feats)).transform(unit(feats))
+        _codes_up_to_polarity_agree(forward, projected)
+        _codes_up_to_polarity_agree(encoded, projected)
+    else:
+        pytest.fail(f"code rule {name!r} has no oracle in this test: add one")
 
 
 @pytest.mark.parametrize("name", RERANK_VECTORS.names())

@@ -7,10 +7,13 @@ import json
 
 import pytest
 import torch
+from pytorch_metric_learning import losses as pml
 
 from deephash.cli import main
 from deephash.config import load_config
 from deephash.errors import ConfigError
+from deephash.losses.contrastive import InstanceContrastiveLoss
+import deephash.runs.rerank_head as rerank_stage
 from deephash.runs import load_run, load_split
 
 CONFIG = """
@@ -40,14 +43,30 @@ STAGE = ('rerank = "instance"\nrerank_dim = 8\nrerank_source = "map"',
          "[rerank_head]\nepochs = 2\nlr = 0.01\naugment = { perturb = { shift = 1, noise = 0.02 } }")
 
 
+class _RecordingLoss(InstanceContrastiveLoss):
+    """The stage's loss, keeping a copy of the rows it was given at each step (the rows only: the
+    value the test checks is the one the stage logs)."""
+
+    seen: list[torch.Tensor] = []
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append(features.detach().clone())
+        return super().forward(features, labels)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_fmnist):
     base = tmp_path_factory.mktemp("stage")
     out = {}
     for name, (model, stage) in {"plain": ("", ""), "staged": STAGE}.items():
         (base / f"{name}.toml").write_text(CONFIG.format(root=tiny_fmnist[0], model=model, stage=stage), encoding="utf-8")
-        assert main(["train", str(base / f"{name}.toml"), "--out", str(base / name), "--quiet"]) == 0
+        _RecordingLoss.seen = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rerank_stage, "InstanceContrastiveLoss", _RecordingLoss)
+            assert main(["train", str(base / f"{name}.toml"), "--out", str(base / name), "--quiet"]) == 0
         out[name] = base / name
+        out[f"{name} rows"] = _RecordingLoss.seen
+    out["staged log"] = (out["staged"] / "rerank_head_log.jsonl").read_text()  # before a test reruns the stage
     return out
 
 
@@ -76,13 +95,35 @@ def test_codes_equal_the_plain_run_and_the_vectors_are_the_heads(runs):
 def test_the_stage_logs_each_epoch_and_a_resume_trains_the_same_head(runs):
     log = [json.loads(line) for line in (runs["staged"] / "rerank_head_log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["type"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["train_loss"] > 0 for r in epochs)
+    assert [r["epoch"] for r in epochs] == [0, 1]
     before = torch.load(runs["staged"] / "model.pt", weights_only=True)["state_dict"]
     assert main(["train", str(runs["staged"]), "--resume", "--quiet"]) == 0
     after = torch.load(runs["staged"] / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     lines = (runs["staged"] / "rerank_head_log.jsonl").read_text().splitlines()
     assert len(lines) == len(log)  # the rerun's log replaces the first one
+
+
+def test_each_logged_step_loss_is_ntxent_of_the_views_as_pytorch_metric_learning_computes_it(runs, tiny_fmnist):
+    """Oracle: pytorch-metric-learning's NTXentLoss (temperature 0.2, the stage's default) on the
+    rows the stage's loss was given, the two views of an image labelled alike (view-major rows)."""
+    log = [json.loads(line) for line in runs["staged log"].splitlines()]
+    steps = [r for r in log if r["type"] == "step"]
+    rows = runs["staged rows"]
+    n_train = len(tiny_fmnist[1]["train"][1])
+    assert n_train % 12 == 0
+    batches = n_train // 12  # sampler.batch_size = 12
+    assert len(steps) == len(rows) == 2 * batches and runs["plain rows"] == []  # 2 epochs; no stage in the plain run
+    assert [len(z) for z in rows] == [2 * 12] * len(rows)  # two views of each image
+    ntxent = pml.NTXentLoss(temperature=0.2)
+    for step, z in zip(steps, rows):
+        b = len(z) // 2
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(len(z)))  # the head's L2-normalised vectors
+        expected = ntxent(z.double(), torch.arange(b).repeat(2)).item()
+        assert step["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for epoch in (0, 1):  # an epoch's loss: the mean of its steps
+        mean = sum(s["loss"] for s in steps if s["epoch"] == epoch) / batches
+        assert next(r for r in log if r["type"] == "epoch" and r["epoch"] == epoch)["train_loss"] == pytest.approx(mean, rel=1e-6)
 
 
 @pytest.mark.parametrize("model, stage, message", [
