@@ -1,20 +1,41 @@
-"""Data: readers, in-memory data sets, balanced samplers, batched augmentation, pair wrappers."""
+"""Data: readers, in-memory data sets, balanced samplers, batched augmentation, pair wrappers.
 
-from deephash.data.augment import Compose, RandomCrop, RandomHorizontalFlip, build_augment
-from deephash.data.datasets import (
-    CIFAR10_CLASSES,
-    FASHION_MNIST_CLASSES,
-    MNIST_CLASSES,
-    ArrayDataset,
-    ImageFolder,
-    data_search_dirs,
-    load_dataset,
-)
-from deephash.data.loader import BatchLoader
-from deephash.data.siamese import SiameseDataset, SiameseMNIST, TripletCifar, TripletDataset, TripletMNIST
-from deephash.data.samplers import BalancedBatchSampler, BalancedBatchSamplerCifar, DistributedBalancedBatchSampler
-from deephash.data.images import list_image_folder, read_image
-from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx
+Names load lazily (PEP 562): ``deephash.data.images`` (the image decoder) imports without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Each public name and the module that defines it (imported on first use: PEP 562).
+_EXPORTS: dict[str, str] = {
+    "ArrayDataset": "deephash.data.datasets",
+    "BalancedBatchSampler": "deephash.data.samplers",
+    "BalancedBatchSamplerCifar": "deephash.data.samplers",
+    "BatchLoader": "deephash.data.loader",
+    "build_augment": "deephash.data.augment",
+    "CIFAR10_CLASSES": "deephash.data.datasets",
+    "Compose": "deephash.data.augment",
+    "data_search_dirs": "deephash.data.datasets",
+    "DistributedBalancedBatchSampler": "deephash.data.samplers",
+    "FASHION_MNIST_CLASSES": "deephash.data.datasets",
+    "ImageFolder": "deephash.data.datasets",
+    "list_image_folder": "deephash.data.images",
+    "load_dataset": "deephash.data.datasets",
+    "MNIST_CLASSES": "deephash.data.datasets",
+    "parse_cifar_batch": "deephash.data.sources",
+    "RandomCrop": "deephash.data.augment",
+    "RandomHorizontalFlip": "deephash.data.augment",
+    "read_cifar_batch": "deephash.data.sources",
+    "read_idx": "deephash.data.sources",
+    "read_image": "deephash.data.images",
+    "SiameseDataset": "deephash.data.siamese",
+    "SiameseMNIST": "deephash.data.siamese",
+    "TripletCifar": "deephash.data.siamese",
+    "TripletDataset": "deephash.data.siamese",
+    "TripletMNIST": "deephash.data.siamese",
+}
 
 __all__ = [
     "ArrayDataset",
@@ -43,3 +64,25 @@ __all__ = [
     "read_idx",
     "read_image",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name from its module, or a sub-package (``deephash.runs``), imported when first asked for."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif not name.startswith("__"):
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

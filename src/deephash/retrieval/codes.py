@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from deephash._io import atomic_savez
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
+from deephash.retrieval.tensors import as_numpy, is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def n_bytes(bits: int) -> int:
@@ -26,7 +29,9 @@ def n_bytes(bits: int) -> int:
 
 def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Sign of ``x`` as float ``{-1, +1}`` with ``0 -> +1``; same type and shape as ``x``."""
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
+        import torch
+
         one = torch.ones((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
         return torch.where(x >= 0, one, -one)
     x = np.asarray(x)
@@ -35,9 +40,7 @@ def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+    return as_numpy(x)
 
 
 def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -20,11 +20,14 @@ the vectors (``scores``), then by Hamming distance and id; ``k`` and ``radius`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from deephash.errors import DeephashError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["IdLookup", "Neighbours", "search"]
 
