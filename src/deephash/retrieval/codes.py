@@ -16,7 +16,7 @@ import numpy as np
 
 from deephash._io import atomic_savez
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
-from deephash.retrieval.tensors import as_numpy, is_tensor
+from deephash._tensors import as_numpy, is_tensor
 
 if TYPE_CHECKING:
     import torch

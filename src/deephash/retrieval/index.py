@@ -30,7 +30,7 @@ import numpy as np
 from deephash._io import atomic_replace_dir
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
-from deephash.retrieval.tensors import as_numpy
+from deephash._tensors import as_numpy
 
 if TYPE_CHECKING:
     import torch

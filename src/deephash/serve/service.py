@@ -35,7 +35,7 @@ from deephash.retrieval.index import HashIndex
 from deephash.retrieval.item_images import drop_item_images, item_image_path, save_item_image
 from deephash.retrieval.living import LivingIndex
 from deephash.retrieval.search import IdLookup, search
-from deephash.retrieval.tensors import as_numpy
+from deephash._tensors import as_numpy
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
-"""Tensor-or-array inputs without importing torch: the retrieval modules a server loads stay
-importable where PyTorch is not installed (``deephash serve --model``)."""
+"""Tensor-or-array inputs without importing torch: the modules a server on an exported model loads
+(``deephash serve --model``: retrieval's codes and index, the service) stay importable where
+PyTorch is not installed. Layer 0, so that any part can ask."""
 
 from __future__ import annotations
 
