@@ -109,8 +109,9 @@ def _check_exportable(model: nn.Module, run_dir: Path) -> None:
         raise DeephashError(f"{run_dir}: code_rule {model.code_rule!r} cannot be exported (known: {sorted(_RULE_VALUES)})")
 
 
-def _description(model: nn.Module, config: Any, shape: tuple[int, int, int], run_dir: Path) -> dict[str, Any]:
-    """The content of ``encoder.json``."""
+def _description(model: nn.Module, config: Any, shape: tuple[int, int, int], run_dir: Path,
+                 rerank_dim: int | None) -> dict[str, Any]:
+    """The content of ``encoder.json`` (``rerank_dim``: the width of the graph's re-rank output)."""
     channels, height, width = shape
     rule: dict[str, Any] = {"name": model.code_rule, "in_graph": _RULE_NOTES[model.code_rule]}
     if model.code_rule == "posterior":
@@ -118,10 +119,6 @@ def _description(model: nn.Module, config: Any, shape: tuple[int, int, int], run
     elif model.code_rule == "pca":
         rule.update(source=model.code_source, power=model.code_power,
                     fitted={"code_mean": list(model.code_mean.shape), "code_projection": list(model.code_projection.shape)})
-    rerank_dim = None
-    if model.rerank:
-        rerank_dim = {"head": model.bits, "features": model.backbone.out_features}.get(
-            model.rerank, getattr(model.rerank_head, "dim", None))
     spec = model.spec
     return {
         "format": FORMAT,
@@ -162,8 +159,9 @@ def _onnx_bytes(graph: EncoderGraph, x: torch.Tensor, outputs: list[str]) -> byt
     return buffer.getvalue()
 
 
-def _check_onnx(data: bytes, graph: EncoderGraph, x: torch.Tensor, outputs: list[str]) -> None:
-    """ONNX's checker, then ONNX Runtime against PyTorch on ``x``: every output within `CHECK_TOLERANCE`."""
+def _check_onnx(data: bytes, graph: EncoderGraph, x: torch.Tensor, outputs: list[str]) -> list[np.ndarray]:
+    """ONNX's checker, then ONNX Runtime against PyTorch on ``x``: every output within `CHECK_TOLERANCE`.
+    Returns ONNX Runtime's outputs."""
     try:
         import onnx
         import onnxruntime
@@ -178,6 +176,7 @@ def _check_onnx(data: bytes, graph: EncoderGraph, x: torch.Tensor, outputs: list
         gap = float(np.abs(a - b).max()) if a.size else 0.0
         if a.shape != b.shape or not gap <= CHECK_TOLERANCE:
             raise DeephashError(f"the exported graph's {name} differs from PyTorch's by {gap:.3g} (shape {a.shape} vs {b.shape})")
+    return got
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx") -> Path:
@@ -215,12 +214,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
         raise
     except Exception as error:  # the exporter's own errors: an operator it cannot write, say
         raise DeephashError(f"{run_dir}: the model does not export to ONNX ({first_line(error)})") from None
-    _check_onnx(data, graph, x, outputs)
+    checked = _check_onnx(data, graph, x, outputs)
+    rerank_dim = int(checked[1].shape[1]) if len(checked) > 1 else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / ENCODER_FILE).write_bytes(data)
-        text = json.dumps(_description(model, config, shape, run_dir), indent=2) + "\n"
+        text = json.dumps(_description(model, config, shape, run_dir, rerank_dim), indent=2) + "\n"
         (tmp / DESCRIPTION_FILE).write_text(text, encoding="utf-8")
         atomic_replace_dir(tmp, out)
     except BaseException:
