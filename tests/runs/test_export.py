@@ -266,3 +266,12 @@ def test_the_encoder_refuses_a_bad_folder_naming_the_key(exported, tmp_path):
     encoder = OnnxEncoder(exported["sign"]["onnx"])
     with pytest.raises(DeephashError, match=r"takes uint8 images \(B, 1, 28, 28\)"):
         encoder.encode(np.zeros((2, 1, 28, 27), np.uint8))
+
+
+def test_an_export_whose_codes_differ_from_the_models_is_not_written(exported, tmp_path, monkeypatch):
+    from deephash.runs import export
+
+    monkeypatch.setitem(export._RULE_VALUES, "sign", lambda model, feats: -model.head.linear(feats))
+    with pytest.raises(DeephashError, match="the exported graph's codes differ from the model's"):
+        export_run(exported["sign"]["run"], tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists() and list(tmp_path.iterdir()) == []

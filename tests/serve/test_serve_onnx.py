@@ -25,7 +25,8 @@ from deephash.errors import CodeLengthError
 from deephash.models.heads import sign_codes
 from deephash.runs.export import export_run
 from deephash.serve.app import create_app
-from deephash.serve.onnx_encoder import OnnxEncoder, sign_bits
+from deephash.export_format import sign_bits
+from deephash.serve.onnx_encoder import OnnxEncoder
 
 BITS = 12
 TOKEN = "onnx-test-token"

@@ -35,7 +35,7 @@ from torch import nn
 from deephash._io import atomic_replace_dir
 from deephash._version import __version__
 from deephash.errors import DeephashError, first_line
-from deephash.export_format import DESCRIPTION_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, INPUT, RERANK, VALUES
+from deephash.export_format import DESCRIPTION_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, INPUT, RERANK, VALUES, sign_bits
 from deephash.models.heads import HashHead
 from deephash.models.pca_codes import pca_values
 from deephash.models.posterior_codes import posterior_path_codes
@@ -143,10 +143,20 @@ def _description(model: nn.Module, config: Any, shape: tuple[int, int, int], run
     }
 
 
-def _check_batch(shape: tuple[int, int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """8 seeded noise images, normalised as the graph's input (the export's trace and check batch)."""
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, *shape), dtype=np.uint8))
-    return (pixels.float().div_(255) - mean) / std
+def _check_batch(shape: tuple[int, int, int]) -> torch.Tensor:
+    """8 seeded noise images in [0, 1], float32 (8, C, H, W): the export's trace and check batch."""
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, *shape), dtype=np.uint8)).float().div_(255)
+
+
+def _check_codes(model: nn.Module, images: torch.Tensor, values: np.ndarray) -> None:
+    """The graph's code values against the model's own codes (``encode``) of [0, 1] ``images``:
+    the same sign wherever a value is further than `CHECK_TOLERANCE` from 0. A never-fitted code
+    rule raises its ConfigError here."""
+    with torch.inference_mode():
+        codes = model.encode(images).numpy()
+    clear = np.abs(values) > CHECK_TOLERANCE
+    if not np.array_equal(sign_bits(values)[clear], (codes > 0)[clear]):
+        raise DeephashError(f"the exported graph's codes differ from the model's ({model.code_rule} rule)")
 
 
 def _onnx_bytes(graph: EncoderGraph, x: torch.Tensor, outputs: list[str]) -> bytes:
@@ -204,9 +214,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     _check_exportable(model, run_dir)
     shape = tuple(int(v) for v in model_input_shape(config, run_dir))
     graph = EncoderGraph(model).eval()
-    x = _check_batch(shape, model.normalize.mean.cpu(), model.normalize.std.cpu())
-    with torch.inference_mode():
-        model.encode(x.new_zeros(1, *shape))  # a never-fitted rule says so here (ConfigError)
+    images = _check_batch(shape)
+    with torch.no_grad():  # not inference mode: the exporter traces with x
+        model.encode(images[:1])  # a never-fitted rule says so here (ConfigError), before the export
+        x = model.normalize(images)  # the graph's input
     outputs = [VALUES, RERANK] if model.rerank else [VALUES]
     try:
         data = _onnx_bytes(graph, x, outputs)
@@ -215,6 +226,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     except Exception as error:  # the exporter's own errors: an operator it cannot write, say
         raise DeephashError(f"{run_dir}: the model does not export to ONNX ({first_line(error)})") from None
     checked = _check_onnx(data, graph, x, outputs)
+    _check_codes(model, images, checked[0])
     rerank_dim = int(checked[1].shape[1]) if len(checked) > 1 else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

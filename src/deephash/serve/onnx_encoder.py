@@ -18,20 +18,10 @@ import numpy as np
 
 from deephash.data.images import decode_image
 from deephash.errors import DataFormatError, DeephashError, NotFoundError, first_line
-from deephash.export_format import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
+from deephash.export_format import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION, sign_bits
 from deephash.retrieval.codes import pack_codes
 
-__all__ = ["OnnxEncoder", "sign_bits"]
-
-
-def sign_bits(values: np.ndarray) -> np.ndarray:
-    """The sign rule on code values: bool of the same shape, True (a 1 bit, +1) where ``value >= 0``
-    (0 ↦ +1, NaN ↦ -1), as ``deephash.models.heads.sign_codes`` does for tensors.
-
-    The only place the ONNX path binarises; to be replaced by the low-layer sign function of
-    branch ``rules`` (``deephash.signs.is_plus``) once both are merged.
-    """
-    return np.asarray(values) >= 0
+__all__ = ["OnnxEncoder"]
 
 
 class OnnxEncoder:
