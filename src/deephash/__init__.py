@@ -9,8 +9,7 @@ need PyTorch (the ONNX search service) run without it; ``deephash.X`` imports X'
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deephash._lazy import lazy_exports
 
 from deephash._version import __version__
 
@@ -107,23 +106,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """A public name from its module, or a sub-package (``deephash.runs``), imported when first asked for."""
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(module), name)
-    elif not name.startswith("__"):
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "deephash"
 #: Layer of each top-level part of the package (ARCHITECTURE.md, with config one layer up: its
 #: validation reads the registries of the data, model, loss and optimizer parts).
 LAYERS: dict[str, int] = {
-    "errors": 0, "_io": 0, "registry": 0, "_version": 0, "devices": 0, "export_format": 0, "_tensors": 0,
+    "errors": 0, "_io": 0, "registry": 0, "_version": 0, "devices": 0, "export_format": 0, "_tensors": 0, "_lazy": 0,
     "distances": 1, "data": 1, "models": 1, "mining": 1, "losses": 1,
     "config": 2, "train": 2, "retrieval": 2,
     "runs": 3,
