@@ -2,57 +2,63 @@
 
 The seed's public names are re-exported here; the sub-packages follow the path of the data:
 ``data`` → ``models`` → ``distances`` → ``mining`` → ``losses`` → ``train`` → ``retrieval``.
+
+Names load lazily (PEP 562): ``import deephash`` imports no sub-package, so the parts that do not
+need PyTorch (the ONNX search service) run without it; ``deephash.X`` imports X's module when first used.
 """
 
+from __future__ import annotations
 
-from deephash.data import (
-    BalancedBatchSampler,
-    BalancedBatchSamplerCifar,
-    BatchLoader,
-    SiameseMNIST,
-    TripletCifar,
-    TripletMNIST,
-    load_dataset,
-)
-from deephash.distances import pairwise_distances
-from deephash.errors import DeephashError
-from deephash.losses import (
-    ContrastiveLoss,
-    CrossBatchMemory,
-    CSQLoss,
-    DSHLoss,
-    DTSHLoss,
-    LinearRamp,
-    OnlineContrastiveLoss,
-    OnlineTripletLoss,
-    TripletLoss,
-)
-from deephash.mining import (
-    AllPositivePairSelector,
-    AllTripletSelector,
-    BatchHardTripletSelector,
-    HardestNegativeTripletSelector,
-    HardNegativePairSelector,
-    PairSelector,
-    RandomNegativeTripletSelector,
-    SemihardNegativeTripletSelector,
-    TripletSelector,
-)
-from deephash.models import (
-    ClassificationNet,
-    EmbeddingNet,
-    EmbeddingNetL2,
-    HashHead,
-    RetrievalModel,
-    SiameseNet,
-    TripletNet,
-    build_model,
-)
-from deephash.retrieval import HashIndex, mean_average_precision, pack_codes, unpack_codes
-from deephash.signs import sign
-from deephash.train import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, fit
+from deephash._lazy import lazy_exports
 
 from deephash._version import __version__
+
+#: Each public name and the module that defines it (imported on first use: PEP 562).
+_EXPORTS: dict[str, str] = {
+    "AccumulatedAccuracyMetric": "deephash.train",
+    "AllPositivePairSelector": "deephash.mining",
+    "AllTripletSelector": "deephash.mining",
+    "AverageNonzeroTripletsMetric": "deephash.train",
+    "BalancedBatchSampler": "deephash.data",
+    "BalancedBatchSamplerCifar": "deephash.data",
+    "BatchHardTripletSelector": "deephash.mining",
+    "BatchLoader": "deephash.data",
+    "build_model": "deephash.models",
+    "ClassificationNet": "deephash.models",
+    "ContrastiveLoss": "deephash.losses",
+    "CrossBatchMemory": "deephash.losses",
+    "CSQLoss": "deephash.losses",
+    "DeephashError": "deephash.errors",
+    "DSHLoss": "deephash.losses",
+    "DTSHLoss": "deephash.losses",
+    "EmbeddingNet": "deephash.models",
+    "EmbeddingNetL2": "deephash.models",
+    "fit": "deephash.train",
+    "HardestNegativeTripletSelector": "deephash.mining",
+    "HardNegativePairSelector": "deephash.mining",
+    "HashHead": "deephash.models",
+    "HashIndex": "deephash.retrieval",
+    "LinearRamp": "deephash.losses",
+    "load_dataset": "deephash.data",
+    "mean_average_precision": "deephash.retrieval",
+    "OnlineContrastiveLoss": "deephash.losses",
+    "OnlineTripletLoss": "deephash.losses",
+    "pack_codes": "deephash.retrieval",
+    "sign": "deephash.signs",
+    "PairSelector": "deephash.mining",
+    "pairwise_distances": "deephash.distances",
+    "RandomNegativeTripletSelector": "deephash.mining",
+    "RetrievalModel": "deephash.models",
+    "SemihardNegativeTripletSelector": "deephash.mining",
+    "SiameseMNIST": "deephash.data",
+    "SiameseNet": "deephash.models",
+    "TripletCifar": "deephash.data",
+    "TripletLoss": "deephash.losses",
+    "TripletMNIST": "deephash.data",
+    "TripletNet": "deephash.models",
+    "TripletSelector": "deephash.mining",
+    "unpack_codes": "deephash.retrieval",
+}
 
 __all__ = [
     "AccumulatedAccuracyMetric",
@@ -95,8 +101,11 @@ __all__ = [
     "load_dataset",
     "mean_average_precision",
     "pack_codes",
-    "pairwise_distances",
     "sign",
+    "pairwise_distances",
     "unpack_codes",
     "__version__",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

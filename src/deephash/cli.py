@@ -235,6 +235,21 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_report)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from deephash.runs.export import export_run
+
+    print(f"exported model written to {export_run(args.run, args.out, args.format)}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's encoder as ONNX + JSON, for `deephash serve --model` without torch")
+    p.add_argument("run", help="run directory (a hash model)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--out", required=True, help="folder to write (encoder.onnx, encoder.json)")
+    p.set_defaults(handler=_cmd_export)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from deephash.serve.cli import add_serve_parser  # argparse only; FastAPI loads when serving
 
@@ -263,7 +278,7 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report, _add_serve, _add_configs,
+    _add_train, _add_encode, _add_evaluate, _add_index, _add_search, _add_report, _add_export, _add_serve, _add_configs,
 ]
 
 

@@ -2,13 +2,20 @@
 
 Hash heads, hashing losses, PCA codes, the search service and :func:`deephash.retrieval.pack_codes`
 all binarise with these two functions, so a value of exactly 0 gives the same bit everywhere: a
-``+1`` (a ``1`` bit once packed).
+``+1`` (a ``1`` bit once packed). PyTorch is imported only when a tensor comes in, so the
+server of an exported model (``deephash serve --model``) uses the same rule without it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+from deephash._tensors import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["is_plus", "sign"]
 
@@ -28,7 +35,9 @@ def sign(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         The same kind (torch on x's device, or numpy) and shape; x's dtype when it is floating,
         else float32.
     """
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):  # torch only where a tensor came in: an exported model's server runs without it
+        import torch
+
         dtype = x.dtype if x.is_floating_point() else torch.float32
         one = torch.ones((), dtype=dtype, device=x.device)
         return torch.where(is_plus(x.detach()), one, -one)

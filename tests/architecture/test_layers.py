@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "deephash"
 #: Layer of each top-level part of the package (ARCHITECTURE.md, with config one layer up: its
 #: validation reads the registries of the data, model, loss and optimizer parts).
 LAYERS: dict[str, int] = {
-    "errors": 0, "_io": 0, "registry": 0, "_version": 0, "devices": 0, "signs": 0,
+    "errors": 0, "_io": 0, "registry": 0, "_version": 0, "devices": 0, "signs": 0, "export_format": 0, "_tensors": 0,
+    "_lazy": 0,
     "distances": 1, "data": 1, "models": 1, "mining": 1, "losses": 1,
     "config": 2, "train": 2, "retrieval": 2,
     "runs": 3,
@@ -131,3 +132,85 @@ def test_the_checker_reads_function_level_imports(tmp_path):
     (package / "runs").mkdir()
     (package / "runs" / "__init__.py").write_text("")
     assert violations(edges(package)) == ["models/__init__.py:2: models (layer 1) imports runs (layer 3)"]
+
+
+# ------------------------------------------------------------------ the server of an exported model
+
+#: What a server on an exported model (``deephash serve INDEX --model DIR``) imports first
+#: (ARCHITECTURE.md: it sits in serve/ and must not import torch).
+TORCH_FREE_ROOTS = ("deephash.__main__", "deephash.cli", "deephash.serve.cli", "deephash.serve.app",
+                    "deephash.serve.onnx_encoder")
+
+
+def module_file(module: str, package: Path = PACKAGE) -> Path | None:
+    """The file of ``deephash.a.b`` (a module or a package's ``__init__``); None when it is not a module."""
+    base = package.parent.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def load_time_imports(path: Path) -> list[str]:
+    """Modules a file imports when it is loaded: its top-level statements (also inside top-level
+    ``if``/``try`` blocks, but not under ``if TYPE_CHECKING``), not those inside functions or classes.
+    ``from deephash.x import y`` yields ``deephash.x`` and ``deephash.x.y`` (y may be a module)."""
+    found: list[str] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append(node.module)
+                found.extend(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.If):
+                if ast.unparse(node.test) not in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return found
+
+
+def torch_imports_at_load(roots: tuple[str, ...] = TORCH_FREE_ROOTS, package: Path = PACKAGE) -> list[str]:
+    """``"module imports torch (via a <- b <- root)"`` for every deephash module loaded with ``roots``
+    (and the packages above each) whose top level imports torch."""
+    chain: dict[str, str | None] = {}
+    todo = [(root, None) for root in roots]
+    while todo:
+        module, parent = todo.pop()
+        if module in chain or module_file(module, package) is None:
+            continue
+        chain[module] = parent
+        parts = module.split(".")
+        todo += [(".".join(parts[:i]), module) for i in range(1, len(parts))]  # the packages above run first
+        todo += [(name, module) for name in load_time_imports(module_file(module, package))
+                 if name.split(".")[0] == "deephash"]
+    problems = []
+    for module in sorted(chain):
+        if any(name.split(".")[0] == "torch" for name in load_time_imports(module_file(module, package))):
+            path, step = [module], chain[module]
+            while step is not None:
+                path.append(step)
+                step = chain[step]
+            problems.append(f"{module} imports torch (via {' <- '.join(path)})")
+    return problems
+
+
+def test_the_server_of_an_exported_model_never_imports_torch():
+    assert torch_imports_at_load() == []
+
+
+def test_a_torch_import_on_the_serving_path_is_reported(tmp_path):
+    package = tmp_path / "deephash"
+    (package / "serve").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "serve" / "__init__.py").write_text("from deephash.serve.app import create_app\n")
+    (package / "serve" / "app.py").write_text("import typing\nif typing.TYPE_CHECKING:\n    import torch\n"
+                                              "def f():\n    import torch\nfrom deephash import tools\n")
+    (package / "tools.py").write_text("try:\n    import torch.nn\nexcept ImportError:\n    pass\n")
+    assert torch_imports_at_load(("deephash.serve.app",), package) == [
+        "deephash.tools imports torch (via deephash.tools <- deephash.serve.app)"]

@@ -37,3 +37,18 @@ def test_hashing_losses_are_registered_on_import():
     for name in ("dtsh", "dsh", "csq", "online-triplet", "online-contrastive"):
         assert name in __import__("deephash.losses", fromlist=["loss_names"]).loss_names()
     assert create_loss("csq", bits=16, n_classes=4).__class__.__name__ == "CSQLoss"
+
+
+def test_names_load_lazily_and_unknown_ones_are_attribute_errors():
+    import subprocess
+    import sys
+
+    script = ("import sys, deephash; before = 'torch' in sys.modules; deephash.HashIndex; "
+              "print(before, 'torch' in sys.modules, deephash.runs.__name__, 'HashIndex' in dir(deephash))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "deephash.runs", "True"]  # the index needs no torch either
+    with pytest.raises(AttributeError, match="module 'deephash' has no attribute 'no_such_name'"):
+        deephash.no_such_name  # noqa: B018
+    with pytest.raises(AttributeError, match="module 'deephash.data' has no attribute 'no_such_name'"):
+        deephash.data.no_such_name  # noqa: B018

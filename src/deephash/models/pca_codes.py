@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from deephash.signs import sign
 
-__all__ = ["fit_pca_codes", "pca_codes", "pca_projection", "pca_rows"]
+__all__ = ["fit_pca_codes", "pca_codes", "pca_projection", "pca_rows", "pca_values"]
 
 
 def pca_rows(source: torch.Tensor, power: float = 1.0) -> torch.Tensor:
@@ -70,10 +70,14 @@ def pca_projection(batches: Iterable[torch.Tensor], bits: int, power: float = 1.
     return mean.float(), projection.float()
 
 
+def pca_values(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """float32 (B, bits) values whose signs are the codes: ``(pca_rows(source, power) - mean) @ projection``."""
+    return (pca_rows(source, power) - mean) @ projection
+
+
 def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-    """±1 codes float (B, bits) of float (B, D) ``source`` rows: sign((pca_rows(source, power) - mean) @ projection), 0 ↦ +1."""
-    z = pca_rows(source, power)
-    return sign(((z - mean) @ projection).to(source.dtype))
+    """±1 codes float (B, bits) of float (B, D) ``source`` rows: the sign of `pca_values`, 0 ↦ +1."""
+    return sign(pca_values(source, mean, projection, power).to(source.dtype))
 
 
 @torch.no_grad()

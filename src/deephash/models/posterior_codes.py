@@ -42,5 +42,5 @@ def posterior_path_codes(logits: torch.Tensor, centers: torch.Tensor, temperatur
     share = top.values[:, 1] / top.values.sum(1)  # in [0, 1/2]
     differ = first != second  # (B, bits)
     n_taken = torch.round(share * differ.sum(1))
-    taken = differ & (differ.cumsum(1) <= n_taken[:, None])
+    taken = differ & (differ.long().cumsum(1) <= n_taken[:, None])  # a count in int64: ONNX's CumSum takes no bools
     return torch.where(taken, second, first)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from deephash._io import atomic_savez
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
+from deephash._tensors import as_numpy
 from deephash.signs import is_plus, sign
+
+if TYPE_CHECKING:
+    import torch
 
 
 def n_bytes(bits: int) -> int:
@@ -31,9 +34,7 @@ def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+    return as_numpy(x)
 
 
 def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -35,15 +35,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from deephash._io import atomic_replace_dir
 from deephash.errors import CodeLengthError, DataFormatError, DeephashError, NotFoundError, first_line
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
-from deephash.retrieval.hamming import hamming_knn, hamming_range
+from deephash._tensors import as_numpy
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 _META_KEYS = {"format_version": int, "bits": int, "factory": str, "count": int, "created": str, "deephash_version": str}
@@ -213,7 +215,7 @@ class HashIndex:
     # ------------------------------------------------------------------ input
     def _packed(self, codes: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
         """Packed uint8 codes from packed uint8 or unpacked (N, bits) bool/{0,1}/±1 input."""
-        array = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        array = as_numpy(codes)
         if array.ndim == 1:
             array = array[None, :]
         if array.ndim != 2:
@@ -283,7 +285,7 @@ class HashIndex:
                 raise DeephashError(f"no ids left in {name}: the next id would be {self._next_id} and ids stop at 2**63-1")
             id_array = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         else:
-            id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.int64).reshape(-1)
+            id_array = as_numpy(ids).astype(np.int64).reshape(-1)
             if id_array.shape[0] != n:
                 raise DeephashError(f"{id_array.shape[0]} ids for {n} codes")
             if (id_array < 0).any():
@@ -301,7 +303,7 @@ class HashIndex:
             raise DeephashError(f"{name} {want} (either every add() passes labels or none does)")
         label_array = None
         if labels is not None:
-            label_array = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+            label_array = as_numpy(labels).astype(np.int64)
             if label_array.shape[:1] != (n,) or label_array.ndim not in (1, 2):
                 raise DeephashError(f"labels of shape {label_array.shape} do not match {n} codes")
             if filled and label_array.shape[1:] != self._labels.shape[1:]:
@@ -311,7 +313,7 @@ class HashIndex:
             raise DeephashError(f"{name} {want} (either every add() passes re-rank vectors or none does)")
         vectors = None
         if rerank is not None:
-            vectors = np.asarray(rerank.detach().cpu() if isinstance(rerank, torch.Tensor) else rerank).astype(np.float16)
+            vectors = as_numpy(rerank).astype(np.float16)
             if vectors.ndim != 2 or vectors.shape[0] != n:
                 raise DeephashError(f"re-rank vectors of shape {vectors.shape} do not match {n} codes")
             if filled and vectors.shape[1] != self._rerank.shape[1]:
@@ -357,7 +359,7 @@ class HashIndex:
     def remove(self, ids: torch.Tensor | np.ndarray | list[int]) -> int:
         """Remove the items with these ids (unknown ids are ignored); returns how many were removed.
         Their ids are not handed out again (:attr:`next_id` stays)."""
-        id_array = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        id_array = np.asarray(as_numpy(ids), dtype=np.int64).reshape(-1)
         keep = ~np.isin(self._ids, id_array)
         removed = int((~keep).sum())
         if removed == 0:
@@ -390,6 +392,8 @@ class HashIndex:
         packed = self._packed(codes, "query codes")
         k = int(k)
         if self._faiss_index is None:
+            from deephash.retrieval.hamming import hamming_knn  # the torch backend: torch only here
+
             distances, positions = hamming_knn(packed, self._codes, k)
             found = positions >= 0
             return distances, np.where(found, self._ids[np.maximum(positions, 0)], -1)
@@ -413,6 +417,8 @@ class HashIndex:
         if radius < 0 or self.ntotal == 0:
             return np.zeros(nq + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
         if self._faiss_index is None:
+            from deephash.retrieval.hamming import hamming_range
+
             lims, distances, positions = hamming_range(packed, self._codes, radius)
             ids = self._ids[positions]
         else:  # FAISS's binary radius is strict (d < radius)

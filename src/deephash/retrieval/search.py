@@ -22,11 +22,14 @@ The shortlist's size defaults to :data:`DEFAULT_SHORTLIST` everywhere (the CLI, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from deephash.errors import DeephashError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_SHORTLIST", "IdLookup", "Neighbours", "ranked_positions", "search"]
 

@@ -7,6 +7,7 @@ run directory (see :mod:`deephash.runs.layout` for its files).
 from deephash.runs.data import channel_stats, load_split, model_input_shape, query_images, source_dataset
 from deephash.runs.encoding import encode, encode_items, encode_resumable, encode_run, encode_sharded, encode_split
 from deephash.runs.evaluation import evaluate_run, format_metrics
+from deephash.runs.export import export_run
 from deephash.runs.index_updates import add_items, index_status, remove_items
 from deephash.runs.indexing import build_index, index_info, load_index, search_run
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, SKIPPED_FILE
@@ -28,6 +29,7 @@ __all__ = [
     "encode_sharded",
     "encode_split",
     "evaluate_run",
+    "export_run",
     "format_metrics",
     "index_info",
     "index_status",

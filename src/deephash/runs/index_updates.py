@@ -12,7 +12,6 @@ never handed out twice; a failed fold warns and leaves the change in the journal
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from deephash._io import atomic_write_bytes
 from deephash.data.photos import ImageFolder
 from deephash.errors import CodeLengthError, DeephashError
 from deephash.retrieval.codes import load_codes
+from deephash.retrieval.item_images import ITEM_IMAGES, drop_item_images, item_image_path, save_item_image  # noqa: F401 (re-exported)
 from deephash.retrieval.journal import JOURNAL_FILE, read_journal
 from deephash.retrieval.living import LivingIndex
 from deephash.runs.data import load_split, source_dataset
@@ -33,41 +32,6 @@ from deephash.runs.model_file import is_hash_model, load_run
 
 __all__ = ["ITEM_IMAGES", "add_items", "index_status", "item_image_path", "open_living", "parse_ids", "remove_items",
            "save_item_image"]
-
-#: Sub-folder of an index folder with the images of items added after it was built.
-ITEM_IMAGES = "items"
-
-
-def item_image_path(index_dir: str | os.PathLike, ident: int) -> Path:
-    """Where the stored image of an added item lives: ``INDEX/items/<id>.png``."""
-    return Path(index_dir) / ITEM_IMAGES / f"{int(ident)}.png"
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG of a uint8 ``(C, H, W)`` image (C = 1 or 3)."""
-    from PIL import Image
-
-    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def save_item_image(index_dir: str | os.PathLike, ident: int, image: np.ndarray, durable: bool = True) -> Path:
-    """Store an item's image (uint8 ``(C, H, W)``) as ``INDEX/items/<id>.png``, atomically.
-
-    ``durable=False`` skips the per-file fsync (a bulk add syncs once at the end).
-    """
-    path = item_image_path(index_dir, ident)
-    atomic_write_bytes(path, png_bytes(image), sync=durable)
-    return path
-
-
-def drop_item_images(index_dir: str | os.PathLike, ids: np.ndarray) -> None:
-    """Delete the stored images of these ids (absent ones are fine)."""
-    for ident in np.asarray(ids).tolist():
-        item_image_path(index_dir, ident).unlink(missing_ok=True)
-
 
 def open_living(index_dir: str | os.PathLike, holder: str = "deephash index", fold_every: int = 1000) -> LivingIndex:
     """Open an index folder for writing (its lock taken); close it with ``.close()``."""

@@ -1,10 +1,12 @@
-"""The HTTP search service: ``create_app(index_dir, run_dir)`` and its ``SearchService``."""
+"""The HTTP search service: ``create_app(index_dir, run_dir)`` (or ``model_dir=``, an exported
+model on ONNX Runtime, without torch) and its ``SearchService``."""
 
 from __future__ import annotations
 
+from deephash.serve.onnx_encoder import OnnxEncoder
 from deephash.serve.service import SearchService
 
-__all__ = ["SearchService", "create_app"]
+__all__ = ["OnnxEncoder", "SearchService", "create_app"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""``python -m deephash.serve INDEX_DIR --run RUN_DIR [--host] [--port]``: the search service."""
+"""``python -m deephash.serve INDEX_DIR (--run RUN_DIR | --model EXPORT_DIR) [--host] [--port]``: the search service."""
 
 import argparse
 import sys

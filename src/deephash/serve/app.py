@@ -210,19 +210,20 @@ def _status(error: DeephashError) -> int:
 # endpoint is defined inside this factory (as FastAPI's own examples do); each route is short.
 def create_app(
     index_dir: str | os.PathLike,
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None,
     max_upload_bytes: int = 10_000_000,
     max_pixels: int = 16_000_000,
     request_timeout_s: float = 30.0,
     service: SearchService | None = None,
     write_token: str | None = None,
     fold_every: int = 1000,
+    model_dir: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
     Args:
         index_dir: folder written by ``deephash index build``.
-        run_dir: the run directory of the model.
+        run_dir: the run directory of the model (or ``model_dir``).
         max_upload_bytes: largest request body (413 above it).
         max_pixels: largest ``width * height`` of an uploaded image (413 above it).
         request_timeout_s: seconds before a request is answered 503.
@@ -230,14 +231,24 @@ def create_app(
         write_token: the secret that enables writes (None: read-only; writes answer 403). With it
             the index is opened for writing and its write lock held until shutdown.
         fold_every: fold the journal into a snapshot after this many writes (and at shutdown).
+        model_dir: an exported model (``deephash export RUN --format onnx``) to encode queries with
+            ONNX Runtime instead of the run's model: the process then never imports torch.
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
     if write_token is not None and not (write_token.strip().isascii() and write_token.strip().isprintable()):
         raise DeephashError("the write token must be printable ASCII (it travels in an HTTP header)")
     token = write_token.strip().encode() if write_token is not None else None
-    service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
-                                            fold_every=fold_every)
+    if service is None:
+        if (run_dir is None) == (model_dir is None):
+            raise DeephashError("serve needs either a run directory or an exported model folder (--run or --model)")
+        encoder = None
+        if model_dir is not None:
+            from deephash.serve.onnx_encoder import OnnxEncoder
+
+            encoder = OnnxEncoder(model_dir)
+        service = SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
+                                     fold_every=fold_every, encoder=encoder)
     writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
 

@@ -1,4 +1,5 @@
-"""``deephash serve INDEX_DIR --run RUN_DIR``: run the search service with uvicorn.
+"""``deephash serve INDEX_DIR --run RUN_DIR`` (or ``--model EXPORT_DIR``, without torch): run the
+search service with uvicorn.
 
 The main CLI registers the command with :func:`add_serve_parser`; ``python -m deephash.serve``
 uses the same arguments.
@@ -13,7 +14,10 @@ import os
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the serve arguments to ``parser`` and set ``handler=run_serve``."""
     parser.add_argument("index", help="index directory (from `deephash index build`)")
-    parser.add_argument("--run", required=True, help="run directory of the model that built the index")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", help="run directory of the model that built the index")
+    model.add_argument("--model", help="that model exported with `deephash export RUN --format onnx --out DIR`: "
+                       "queries are encoded by ONNX Runtime and the server never imports torch")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
@@ -66,11 +70,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         from deephash.errors import DeephashError
 
-        raise DeephashError(f"serving needs FastAPI and uvicorn: pip install 'deephash[serve]' ({error})") from None
+        extra = "serve-onnx" if args.model else "serve"
+        raise DeephashError(f"serving needs FastAPI and uvicorn: pip install 'deephash[{extra}]' ({error})") from None
     token = read_token(args.token_file, args.token_env)
     app = create_app(args.index, args.run, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
                      max_pixels=args.max_pixels, request_timeout_s=args.timeout, write_token=token,
-                     fold_every=args.fold_every)
+                     fold_every=args.fold_every, model_dir=args.model)
     mode = "adds and removes with the token" if token else "read-only"
     print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, timeout_graceful_shutdown=5,

@@ -17,10 +17,9 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from deephash.data.images import (  # noqa: F401  (the upload errors are part of the service's interface)
     UPLOAD_FORMATS,
@@ -31,11 +30,16 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
     read_image,
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
-from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
+from deephash.retrieval.codes import n_bytes, padding_is_zero
+from deephash.retrieval.index import HashIndex
+from deephash.retrieval.item_images import drop_item_images, item_image_path, save_item_image
 from deephash.retrieval.living import LivingIndex
 from deephash.retrieval.search import DEFAULT_SHORTLIST, IdLookup, search
-from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
-from deephash.signs import sign
+from deephash._tensors import as_numpy
+from deephash.serve.encoder import ImageEncoder, TorchEncoder
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,8 @@ class SearchService:
 
     Args:
         index: a loaded ``HashIndex`` (labels and metadata as ``build_index`` writes them).
-        model: the run's hash model (eval mode); ``model.encode(x)`` gives ±1 codes.
-        input_shape: the model's ``(C, H, W)``.
+        model: the run's hash model (eval mode), run by a ``TorchEncoder``; None with ``encoder``.
+        input_shape: the model's ``(C, H, W)`` (None with ``encoder``: its ``input_shape``).
         images: database images: uint8 ``(N, C, H, W)`` rows addressed by id (a data-set split),
             a dict id -> file path (an image folder), or None.
         classes: class names, ``classes[label]``.
@@ -94,13 +98,15 @@ class SearchService:
         seed: seed of the random-item generator.
         living: the open :class:`LivingIndex` holding ``index`` (then items can be added and removed).
         index_dir: the index folder (where added items' images are stored and read).
+        encoder: what turns images into codes (``deephash.serve.encoder.ImageEncoder``); default a
+            ``TorchEncoder`` over ``model``.
     """
 
     def __init__(
         self,
         index: Any,
-        model: torch.nn.Module,
-        input_shape: tuple[int, int, int],
+        model: torch.nn.Module | None,
+        input_shape: tuple[int, int, int] | None,
         images: torch.Tensor | dict[int, str] | None = None,
         classes: list[str] | None = None,
         max_pixels: int = 16_000_000,
@@ -108,12 +114,15 @@ class SearchService:
         model_name: str = "",
         living: LivingIndex | None = None,
         index_dir: str | os.PathLike | None = None,
+        encoder: ImageEncoder | None = None,
     ) -> None:
-        if getattr(model, "bits", None) != index.bits:
-            raise CodeLengthError(f"the model makes {getattr(model, 'bits', None)}-bit codes but the index holds {index.bits}-bit codes")
+        encoder = encoder if encoder is not None else TorchEncoder(model, input_shape, model_name)
+        if encoder.bits != index.bits:
+            raise CodeLengthError(f"the model makes {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
         self.index = index
         self.model = model
-        self.input_shape = tuple(int(v) for v in input_shape)
+        self.encoder = encoder
+        self.input_shape = tuple(int(v) for v in encoder.input_shape)
         self.images = images
         self.classes = list(classes or [])
         self.max_pixels = int(max_pixels)
@@ -135,15 +144,18 @@ class SearchService:
         return self.living.reading() if self.living is not None else contextlib.nullcontext()
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000,
-             writable: bool = False, fold_every: int = 1000) -> SearchService:
-        """Open an index folder and the run that built it (model on the CPU).
+    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike | None, max_pixels: int = 16_000_000,
+             writable: bool = False, fold_every: int = 1000, encoder: ImageEncoder | None = None) -> SearchService:
+        """Open an index folder and the run that built it (model on the CPU), or an encoder.
 
         Database images come from the index's ``paths`` column (an image folder) or its metadata's
-        ``source = "split:NAME"`` (that split of the run's data set), and for added items from
-        ``INDEX/items/<id>.png``; they are optional.
+        ``source = "split:NAME"`` (that split of the run's data set, so only with a run), and for
+        added items from ``INDEX/items/<id>.png``; they are optional.
 
         Args:
+            run_dir: the run; None with ``encoder`` (then nothing is read from a run and torch is
+                not imported: an exported model, ``deephash.serve.onnx_encoder.OnnxEncoder``).
+            encoder: encodes the queries (default: a ``TorchEncoder`` over the run's model).
             writable: open the index for adds and removes (takes its write lock until :meth:`close`).
             fold_every: with ``writable``, fold the journal into a snapshot after this many changes.
 
@@ -152,33 +164,38 @@ class SearchService:
             code length differs from the index's. IndexLockedError: ``writable`` and another
             writer holds the index.
         """
-        from deephash.runs import load_index, load_run, load_split, model_input_shape
-
-        index_dir, run_dir = Path(index_dir), Path(run_dir)
-        model, config = load_run(run_dir, device="cpu")
+        if run_dir is None and encoder is None:
+            raise DeephashError("the service needs a run directory or an encoder (an exported model)")
+        index_dir = Path(index_dir)
         living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
-        index = living.index if living is not None else load_index(index_dir)
-        meta = index.metadata if isinstance(index.metadata, dict) else {}
-        images: torch.Tensor | dict[int, str] | None = None
-        if index.paths is not None:  # one per index row ("" for an item without a file)
-            images = {int(i): str(p) for i, p in zip(index.ids.tolist(), index.paths.tolist()) if p}
-        elif str(meta.get("source", "")).startswith("split:"):
-            images = load_split(config, str(meta["source"])[len("split:"):], run_dir).data
-        if isinstance(images, torch.Tensor):
-            shape = tuple(images.shape[1:])
-        else:  # an image folder: the size the run's training images had
-            shape = model_input_shape(config, run_dir)
-        classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
-        spec = getattr(model, "spec", None)
         try:
-            service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
-                          model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
-                          index_dir=index_dir)
+            index = living.index if living is not None else HashIndex.load(index_dir)
+            meta = index.metadata if isinstance(index.metadata, dict) else {}
+            images: Any = None
+            if index.paths is not None:  # one per index row ("" for an item without a file)
+                images = {int(i): str(p) for i, p in zip(index.ids.tolist(), index.paths.tolist()) if p}
+            if run_dir is None:  # an exported model: nothing from a run, no torch
+                classes = meta.get("classes") or list(getattr(encoder, "classes", []) or [])
+                return cls(index, None, None, images, classes, max_pixels, model_name=encoder.name, living=living,
+                           index_dir=index_dir, encoder=encoder)
+            from deephash.runs import load_run, load_split, model_input_shape
+
+            model, config = load_run(Path(run_dir), device="cpu")
+            if images is None and str(meta.get("source", "")).startswith("split:"):
+                images = load_split(config, str(meta["source"])[len("split:"):], Path(run_dir)).data
+            if images is not None and not isinstance(images, dict):
+                shape = tuple(images.shape[1:])
+            else:  # an image folder: the size the run's training images had
+                shape = model_input_shape(config, Path(run_dir))
+            classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
+            spec = getattr(model, "spec", None)
+            return cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
+                       model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
+                       index_dir=index_dir, encoder=encoder)
         except BaseException:
             if living is not None:
                 living.close(fold=False)
             raise
-        return service
 
     def close(self) -> None:
         """Fold the journal into the snapshot and release the write lock (a writable service)."""
@@ -238,15 +255,10 @@ class SearchService:
         when the model keeps none)."""
         return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
 
-    @torch.inference_mode()
     def _encode_pixels(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        x = torch.from_numpy(image)[None].float().div_(255)
-        device = next(self.model.parameters()).device
-        if hasattr(self.model, "encode_with_rerank"):
-            codes, vector = self.model.encode_with_rerank(x.to(device))
-        else:
-            codes, vector = sign(self.model(x.to(device))), None
-        return pack_codes(codes.cpu()), None if vector is None else vector[0].float().cpu().numpy()
+        """One uint8 ``(C, H, W)`` image's packed code ``(1, B)`` and re-rank vector float32 ``(D,)`` or None."""
+        packed, vectors = self.encoder.encode(image[None])
+        return packed, None if vectors is None else np.asarray(vectors[0], dtype=np.float32)
 
     def item_vector(self, ident: int) -> np.ndarray | None:
         """The stored re-rank vector of an item (None when the index keeps none)."""
@@ -383,4 +395,4 @@ class SearchService:
             raise NotFoundError(f"no image for item {ident}")
         if isinstance(self.images, dict):
             return png_bytes(read_image(self.images[ident]))
-        return png_bytes(self.images[ident].numpy())
+        return png_bytes(as_numpy(self.images[ident]))
