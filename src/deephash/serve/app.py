@@ -2,6 +2,7 @@
 
 Endpoints: ``POST /api/search`` (an uploaded image, a hex code or a database item id),
 ``GET /api/items/random``, ``GET /api/items/{id}/image`` (PNG), ``GET /api/info``, ``GET /healthz``,
+``GET /api/health`` (batch-size statistics and queue depth),
 ``GET /`` (the page, with its files under ``/static``) and FastAPI's ``/openapi.json`` and ``/docs``.
 
 Writes: ``POST /api/items`` (multipart ``image``, optional ``label`` and ``id``) -> 201 ``{"id": ...}``
@@ -12,6 +13,13 @@ a token (else 403, saying how). A write is journaled and fsynced before its answ
 Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is refused with 413
 (declared ``Content-Length`` and the bytes actually streamed are both counted), and a request
 still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
+
+Searches are batched dynamically (:mod:`deephash.serve.batcher`): concurrent searches wait at most
+``batch_wait_ms`` after the first for up to ``max_batch`` of them, then one worker thread decodes
+them, encodes them in one forward pass and searches them in one call of the search engine; each
+request gets the answer it would get alone. Past ``max_queue`` waiting searches a search is
+answered 503 with ``Retry-After`` at once. ``max_batch=1`` is the one-at-a-time path: each search
+runs its own forward pass and search in the worker-thread pool, with no queue of its own.
 """
 
 from __future__ import annotations
@@ -33,7 +41,15 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from deephash.errors import DeephashError, NotFoundError
 from deephash.retrieval.living import DuplicateIdError
-from deephash.serve.service import CorruptImageError, ImageTooLargeError, SearchService, UnsupportedImageError, parse_hex_code
+from deephash.serve.batcher import DynamicBatcher, QueueFullError
+from deephash.serve.service import (
+    CorruptImageError,
+    ImageTooLargeError,
+    SearchRequest,
+    SearchService,
+    UnsupportedImageError,
+    parse_hex_code,
+)
 
 MAX_K = 1000
 LOG = logging.getLogger("deephash.serve")
@@ -200,7 +216,7 @@ _SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchPar
 
 def _status(error: DeephashError) -> int:
     for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
-                         (NotFoundError, 404), (DuplicateIdError, 409)):
+                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503)):
         if isinstance(error, kind):
             return status
     return 422  # a code of the wrong length or bad hex: an unprocessable value
@@ -217,6 +233,9 @@ def create_app(
     service: SearchService | None = None,
     write_token: str | None = None,
     fold_every: int = 1000,
+    max_batch: int = 32,
+    batch_wait_ms: float = 2.0,
+    max_queue: int = 128,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
@@ -230,6 +249,9 @@ def create_app(
         write_token: the secret that enables writes (None: read-only; writes answer 403). With it
             the index is opened for writing and its write lock held until shutdown.
         fold_every: fold the journal into a snapshot after this many writes (and at shutdown).
+        max_batch: most searches in one batch (1: the one-at-a-time path, no batching).
+        batch_wait_ms: how long a batch waits for more searches after its first one arrived.
+        max_queue: most searches waiting for a batch; beyond it a search is answered 503.
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
@@ -240,12 +262,19 @@ def create_app(
                                             fold_every=fold_every)
     writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
+    batcher = None
+    if int(max_batch) > 1:
+        batcher = DynamicBatcher(service.answer_batch, max_batch, batch_wait_ms / 1000, max_queue).start()
+    elif int(max_batch) < 1:
+        raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         try:
             yield
         finally:
+            if batcher is not None:
+                batcher.close()  # answer the queued searches first
             service.close()  # fold the journal into the snapshot, release the write lock
 
     app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.",
@@ -255,7 +284,9 @@ def create_app(
 
     @app.exception_handler(DeephashError)
     async def _user_error(request: Request, error: DeephashError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+        status = _status(error)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
@@ -291,7 +322,6 @@ def create_app(
         """Search with an uploaded image (multipart field ``image``), a hex ``code`` or an item ``id``."""
         started = time.perf_counter()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        query: dict[str, Any] = {"id": None, "label": None, "image_url": None}
         params: SearchOptions
         if kind == "multipart/form-data":
             async with request.form(max_files=1, max_fields=8) as form:
@@ -302,25 +332,26 @@ def create_app(
                     raise invalid(error.errors()) from None
                 if upload is None or isinstance(upload, str):
                     raise HTTPException(422, "multipart form needs a file field 'image'")
-                data = await upload.read()
-            packed, vector = await in_thread(service.encode_query, data)
+                query = SearchRequest(params.k, params.radius, image=await upload.read())
         elif kind == "application/json":
             try:
                 params = SearchParams.model_validate_json(await request.body())
             except ValidationError as error:
                 raise invalid(error.errors()) from None
             if params.code is not None:
-                packed, vector = parse_hex_code(params.code, service.bits), None
+                query = SearchRequest(params.k, params.radius, code=parse_hex_code(params.code, service.bits))
             else:
-                packed, label = service.item(params.id)
-                vector = service.item_vector(params.id)
-                query = {"id": params.id, "label": label, "image_url": image_url(params.id)}
+                query = SearchRequest(params.k, params.radius, item=params.id)
         else:
             raise HTTPException(415, "send multipart/form-data with a file field 'image', or application/json with 'code' or 'id'")
-        hits = await in_thread(service.search, packed, params.k, params.radius, vector)
+        answer = await (batcher.submit(query) if batcher is not None else in_thread(service.answer, query))
+        about = {"id": None, "label": None, "image_url": None}
+        if query.item is not None:
+            about = {"id": query.item, "label": answer.label, "image_url": image_url(query.item)}
         return {
-            "results": [{"id": h.id, "distance": h.distance, "label": h.label, "image_url": image_url(h.id)} for h in hits],
-            "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query,
+            "results": [{"id": h.id, "distance": h.distance, "label": h.label,
+                         "image_url": f"/api/items/{h.id}/image" if h.has_image else None} for h in answer.hits],
+            "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": about,
         }
 
     @app.get("/api/items/random", response_model=Item)
@@ -377,6 +408,15 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """Liveness: 200 while the server answers."""
         return {"status": "ok"}
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        """Liveness, the process id and the search batching: batch sizes, queue depth, requests shed."""
+        if batcher is not None:
+            batching = batcher.stats()
+        else:
+            batching = {"max_batch": 1, "queue_depth": 0, "shed": 0, "mean_batch_size": 1.0}
+        return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

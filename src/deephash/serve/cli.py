@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 
+#: uvicorn's backstop: past this many connections and requests at once it answers 503 itself
+#: (the service sheds earlier, at ``--max-queue`` waiting searches, with Retry-After).
+CONNECTION_LIMIT = 1024
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the serve arguments to ``parser`` and set ``handler=run_serve``."""
@@ -25,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     token.add_argument("--token-env", metavar="NAME", help="enable adds and removes with the token in environment variable NAME")
     parser.add_argument("--fold-every", type=int, default=1000,
                         help="with writes: fold the journal into a new snapshot after this many changes (default: 1000)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="most searches encoded and searched together (default: 32; 1: one at a time, no batching)")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="how long a batch waits for more searches after its first one (default: 2 ms)")
+    parser.add_argument("--max-queue", type=int, default=128,
+                        help="most searches waiting for a batch; beyond it a search is answered 503 with "
+                             "Retry-After (default: 128)")
     parser.set_defaults(handler=run_serve)
 
 
@@ -70,9 +81,10 @@ def run_serve(args: argparse.Namespace) -> int:
     token = read_token(args.token_file, args.token_env)
     app = create_app(args.index, args.run, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
                      max_pixels=args.max_pixels, request_timeout_s=args.timeout, write_token=token,
-                     fold_every=args.fold_every)
+                     fold_every=args.fold_every, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                     max_queue=args.max_queue)
     mode = "adds and removes with the token" if token else "read-only"
     print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                limit_concurrency=128, log_level="warning")
+                limit_concurrency=CONNECTION_LIMIT, log_level="warning")
     return 0

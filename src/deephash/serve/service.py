@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
 from deephash.retrieval.living import LivingIndex
 from deephash.retrieval.search import IdLookup, search
 from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
+from deephash.serve.encoder import ImageEncoder, TorchEncoder
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,26 @@ class Hit:
     distance: int
     label: Any
     has_image: bool
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search: exactly one of an uploaded image's bytes, a database item's id or a packed
+    code uint8 ``(1, ceil(bits/8))``; ``k`` results at most, within ``radius`` when given."""
+
+    k: int = 10
+    radius: int | None = None
+    image: bytes | None = None
+    item: int | None = None
+    code: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A search's hits, nearest first, and the query item's label (an item query; else None)."""
+
+    hits: list[Hit]
+    label: Any = None
 
 
 def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
@@ -93,6 +115,9 @@ class SearchService:
         seed: seed of the random-item generator.
         living: the open :class:`LivingIndex` holding ``index`` (then items can be added and removed).
         index_dir: the index folder (where added items' images are stored and read).
+        encoder: what encodes uploads (an :class:`~deephash.serve.encoder.ImageEncoder`); default
+            a :class:`~deephash.serve.encoder.TorchEncoder` over ``model``.
+        shortlist: the first stage's size of a two-stage search.
     """
 
     def __init__(
@@ -107,16 +132,21 @@ class SearchService:
         model_name: str = "",
         living: LivingIndex | None = None,
         index_dir: str | os.PathLike | None = None,
+        encoder: ImageEncoder | None = None,
+        shortlist: int = 100,
     ) -> None:
-        if getattr(model, "bits", None) != index.bits:
-            raise CodeLengthError(f"the model makes {getattr(model, 'bits', None)}-bit codes but the index holds {index.bits}-bit codes")
+        encoder = encoder or TorchEncoder(model, input_shape, model_name)
+        if encoder.bits != index.bits:
+            raise CodeLengthError(f"the model makes {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
         self.index = index
         self.model = model
-        self.input_shape = tuple(int(v) for v in input_shape)
+        self.encoder = encoder
+        self.shortlist = int(shortlist)
+        self.input_shape = tuple(int(v) for v in encoder.input_shape)
         self.images = images
         self.classes = list(classes or [])
         self.max_pixels = int(max_pixels)
-        self.model_name = model_name
+        self.model_name = encoder.name
         self._rng = np.random.default_rng(seed)
         self.living = living
         self.index_dir = Path(index_dir) if index_dir is not None else None
@@ -135,7 +165,7 @@ class SearchService:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000,
-             writable: bool = False, fold_every: int = 1000) -> SearchService:
+             writable: bool = False, fold_every: int = 1000, encoder: ImageEncoder | None = None) -> SearchService:
         """Open an index folder and the run that built it (model on the CPU).
 
         Database images come from the index metadata: ``paths`` (an image folder) or
@@ -145,6 +175,7 @@ class SearchService:
         Args:
             writable: open the index for adds and removes (takes its write lock until :meth:`close`).
             fold_every: with ``writable``, fold the journal into a snapshot after this many changes.
+            encoder: encodes uploads (default: the run's PyTorch model).
 
         Raises:
             NotFoundError / DataFormatError: no such index or run. CodeLengthError: the run's
@@ -172,7 +203,7 @@ class SearchService:
         try:
             service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
                           model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
-                          index_dir=index_dir)
+                          index_dir=index_dir, encoder=encoder)
         except BaseException:
             if living is not None:
                 living.close(fold=False)
@@ -237,15 +268,9 @@ class SearchService:
         when the model keeps none)."""
         return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
 
-    @torch.inference_mode()
     def _encode_pixels(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        x = torch.from_numpy(image)[None].float().div_(255)
-        device = next(self.model.parameters()).device
-        if hasattr(self.model, "encode_with_rerank"):
-            codes, vector = self.model.encode_with_rerank(x.to(device))
-        else:
-            codes, vector = torch.where(self.model(x.to(device)) >= 0, 1.0, -1.0), None
-        return pack_codes(codes.cpu()), None if vector is None else vector[0].float().cpu().numpy()
+        packed, vectors = self.encoder.encode(image[None])
+        return packed, None if vectors is None else vectors[0]
 
     def item_vector(self, ident: int) -> np.ndarray | None:
         """The stored re-rank vector of an item (None when the index keeps none)."""
@@ -273,19 +298,84 @@ class SearchService:
             return int(self._ids[self._rng.integers(len(self._ids))])
 
     def search(self, packed: np.ndarray, k: int, radius: int | None = None, vector: np.ndarray | None = None,
-               shortlist: int = 100) -> list[Hit]:
+               shortlist: int | None = None) -> list[Hit]:
         """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given;
         with the query's re-rank ``vector`` and an index that keeps vectors, a two-stage search
-        (``retrieval.search``) over a Hamming shortlist of ``shortlist``.
+        (``retrieval.search``) over a Hamming shortlist of ``shortlist`` (default: the service's).
 
         Results are nearest first; fewer than ``k`` when the index is smaller or the radius cuts.
         """
         with self._reading():
             rerank = None if vector is None else vector[None, :]
-            (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
-            labels = [self.label_of(int(p)) for p in found.positions.tolist()]
-        return [Hit(int(i), int(d), label, self.has_image(int(i)))
-                for i, d, label in zip(found.ids.tolist(), found.distances.tolist(), labels)]
+            return self._hits(packed, int(k), radius, rerank, shortlist or self.shortlist)[0]
+
+    def _hits(self, packed: np.ndarray, k: int, radius: int | None, rerank: np.ndarray | None,
+              shortlist: int) -> list[list[Hit]]:
+        """One call of the search engine for ``(n, B)`` codes (under the read lock): their hits."""
+        found = search(self.index, packed, k, radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
+        return [[Hit(int(i), int(d), self.label_of(int(p)), self.has_image(int(i)))
+                 for i, d, p in zip(f.ids.tolist(), f.distances.tolist(), f.positions.tolist())] for f in found]
+
+    def answer(self, request: SearchRequest) -> Answer:
+        """One request's answer (the one-at-a-time path: :meth:`answer_batch` of one).
+
+        Raises:
+            DeephashError: the request's own error (a refused upload, an unknown item).
+        """
+        (outcome,) = self.answer_batch([request])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def answer_batch(self, requests: Sequence[SearchRequest]) -> list[Answer | DeephashError]:
+        """Answer many searches at once: the uploads decoded and encoded in ONE encoder call, then
+        ONE search-engine call per distinct ``(k, radius, re-ranked)`` (one in all when the clients
+        ask alike), under one read lock.
+
+        Each answer equals what the request alone gets; a request's bad input (a refused upload,
+        an unknown item) becomes its outcome, an exception, and spares the others.
+        """
+        outcomes: list[Answer | DeephashError | None] = [None] * len(requests)
+        codes: list[np.ndarray | None] = [None] * len(requests)
+        vectors: list[np.ndarray | None] = [None] * len(requests)
+        labels: list[Any] = [None] * len(requests)
+        pixels, uploads = [], []
+        for i, request in enumerate(requests):
+            if request.image is not None:
+                try:
+                    pixels.append(decode_image(request.image, self.input_shape, self.max_pixels))
+                    uploads.append(i)
+                except DeephashError as error:
+                    outcomes[i] = error
+            elif request.code is not None:
+                codes[i] = np.asarray(request.code, dtype=np.uint8).reshape(1, -1)
+        if pixels:
+            packed, encoded = self.encoder.encode(np.stack(pixels))
+            for row, i in enumerate(uploads):
+                codes[i] = packed[row:row + 1]
+                vectors[i] = None if encoded is None else encoded[row]
+        with self._reading():
+            stored = self.index.rerank_vectors
+            for i, request in enumerate(requests):
+                if request.item is None:
+                    continue
+                position = self._lookup.position(int(request.item))
+                if position < 0:
+                    outcomes[i] = NotFoundError(f"no item with id {request.item} in the index")
+                    continue
+                codes[i] = self._codes[position:position + 1].copy()
+                vectors[i] = None if stored is None else stored[position].astype(np.float32)
+                labels[i] = self.label_of(position)
+            groups: dict[tuple[int, int | None, bool], list[int]] = {}
+            for i, request in enumerate(requests):
+                if outcomes[i] is None:
+                    groups.setdefault((int(request.k), request.radius, vectors[i] is not None), []).append(i)
+            for (k, radius, reranked), members in groups.items():
+                rerank = np.stack([vectors[i] for i in members]) if reranked else None
+                hits = self._hits(np.concatenate([codes[i] for i in members]), k, radius, rerank, self.shortlist)
+                for i, found in zip(members, hits):
+                    outcomes[i] = Answer(found, labels[i])
+        return outcomes  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ writes
     def _label_value(self, label: str | int | None) -> np.ndarray | None:
