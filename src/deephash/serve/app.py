@@ -280,6 +280,7 @@ def create_app(
     app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.",
                   lifespan=lifespan)
     app.state.service = service
+    app.state.batcher = batcher
     app.add_middleware(RequestGuard, max_bytes=max_upload_bytes, timeout_s=request_timeout_s)
 
     @app.exception_handler(DeephashError)
