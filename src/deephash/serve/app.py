@@ -20,6 +20,10 @@ them, encodes them in one forward pass and searches them in one call of the sear
 request gets the answer it would get alone. Past ``max_queue`` waiting searches a search is
 answered 503 with ``Retry-After`` at once. ``max_batch=1`` is the one-at-a-time path: each search
 runs its own forward pass and search in the worker-thread pool, with no queue of its own.
+
+A read-only server checks the index folder every ``reload_s`` seconds and swaps in the snapshot
+that a writer (another process) folded since: several read-only processes can serve one index
+while one writable process takes the writes (see ``deephash serve --workers``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -222,6 +227,16 @@ def _status(error: DeephashError) -> int:
     return 422  # a code of the wrong length or bad hex: an unprocessable value
 
 
+def _watch_folds(service: SearchService, every_s: float, stop: threading.Event) -> None:
+    """Until ``stop``: every ``every_s`` seconds, swap in the snapshot a writer folded (read-only)."""
+    while not stop.wait(every_s):
+        try:
+            if service.reload_if_folded():
+                LOG.info("reloaded the index: %d items (journal_seq %d)", len(service.index.ids), service.index.journal_seq)
+        except (DeephashError, OSError) as error:  # a half-swapped folder: the next check retries
+            LOG.warning("index reload failed, still serving the previous snapshot: %s", error)
+
+
 # Long by design: FastAPI routes are closures over the one service and its limits, so every
 # endpoint is defined inside this factory (as FastAPI's own examples do); each route is short.
 def create_app(
@@ -236,6 +251,7 @@ def create_app(
     max_batch: int = 32,
     batch_wait_ms: float = 2.0,
     max_queue: int = 128,
+    reload_s: float = 2.0,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
@@ -252,6 +268,7 @@ def create_app(
         max_batch: most searches in one batch (1: the one-at-a-time path, no batching).
         batch_wait_ms: how long a batch waits for more searches after its first one arrived.
         max_queue: most searches waiting for a batch; beyond it a search is answered 503.
+        reload_s: read-only: seconds between checks for a snapshot folded by a writer (0: never).
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
@@ -268,11 +285,17 @@ def create_app(
     elif int(max_batch) < 1:
         raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
 
+    stop_watching = threading.Event()
+    if not service.writable and reload_s > 0:
+        threading.Thread(target=_watch_folds, args=(service, float(reload_s), stop_watching),
+                         name="deephash-reload", daemon=True).start()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         try:
             yield
         finally:
+            stop_watching.set()
             if batcher is not None:
                 batcher.close()  # answer the queued searches first
             service.close()  # fold the journal into the snapshot, release the write lock

@@ -8,12 +8,17 @@ Opened with ``writable=True`` the service holds the index as a
 :class:`~deephash.retrieval.living.LivingIndex` (its write lock taken): :meth:`SearchService.add_item`
 and :meth:`SearchService.remove_item` are journaled and fsynced before they return, and every read
 runs under the living index's read lock, so it sees an item before or after a change, never half.
+
+Opened read-only, :meth:`SearchService.reload_if_folded` swaps in the snapshot on disk when a
+writer (another process) has folded its journal into it since (``meta.json``'s ``journal_seq``
+and ``changed``), under the service's own read/write lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
-from deephash.retrieval.living import LivingIndex
+from deephash.retrieval.living import LivingIndex, ReadWriteLock
 from deephash.retrieval.search import IdLookup, search
 from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
@@ -79,6 +84,17 @@ def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return out.getvalue()
+
+
+def snapshot_key(index_dir: Path) -> tuple[int, str | None] | None:
+    """``(journal_seq, changed)`` of the snapshot in ``index_dir/meta.json``; None while unreadable
+    (a fold swapping the folder)."""
+    try:
+        meta = json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8"))
+        changed = meta.get("changed")
+        return int(meta.get("journal_seq") or 0), changed if isinstance(changed, str) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def parse_hex_code(text: str, bits: int) -> np.ndarray:
@@ -150,6 +166,7 @@ class SearchService:
         self._rng = np.random.default_rng(seed)
         self.living = living
         self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._lock = ReadWriteLock()  # a read-only service's, for reload_if_folded
         self._refresh()
 
     def _refresh(self, changed: Any = None) -> None:
@@ -161,7 +178,35 @@ class SearchService:
         self._labels = None if labels is None else np.asarray(labels)
 
     def _reading(self) -> contextlib.AbstractContextManager[None]:
-        return self.living.reading() if self.living is not None else contextlib.nullcontext()
+        return self.living.reading() if self.living is not None else self._lock.reading()
+
+    def reload_if_folded(self) -> bool:
+        """Read-only: load the snapshot on disk when it differs from the one served (a writer
+        folded its journal since), and swap it in between searches. Returns whether it did.
+
+        Raises:
+            DeephashError: the new snapshot does not load, or holds codes of another length (the
+            old one stays served).
+        """
+        if self.living is not None or self.index_dir is None:
+            return False
+        key = snapshot_key(self.index_dir)
+        if key is None or key == (self.index.journal_seq, self.index.changed):
+            return False
+        from deephash.runs import load_index
+
+        index = load_index(self.index_dir)
+        if snapshot_key(self.index_dir) != (index.journal_seq, index.changed):
+            return False  # folded again while loading: the next call loads the newer one
+        if index.bits != self.bits:
+            raise CodeLengthError(f"the folded index {self.index_dir} holds {index.bits}-bit codes, not {self.bits}")
+        meta = index.metadata if isinstance(index.metadata, dict) else {}
+        with self._lock.writing():
+            if isinstance(self.images, dict) and meta.get("paths"):
+                self.images = {int(i): str(p) for i, p in zip(index.ids.tolist(), meta["paths"]) if p}
+            self.index = index
+            self._refresh()
+        return True
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000,
