@@ -305,3 +305,35 @@ def test_a_full_queue_is_answered_503_with_retry_after_then_recovers(tiny):
     assert depth["queue_depth"] == 2 and depth["shed"] == 1
     assert [a.status_code for a in answers] == [200, 200, 200] and after.status_code == 200
     assert answers[0].json()["results"] == after.json()["results"]
+
+
+class ThresholdEncoder:
+    """A numpy encoder (no torch): bit j is whether pixel ``PIXELS[j]`` is over 127."""
+
+    bits = BITS
+    input_shape = (1, 8, 8)
+    name = "threshold"
+    PIXELS = np.arange(0, 64, 5)[:BITS]
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def encode(self, images):
+        self.calls.append(len(images))
+        bits = images.reshape(len(images), -1)[:, self.PIXELS] > 127
+        return np.packbits(bits, axis=1, bitorder="big"), None
+
+
+def test_an_encoder_without_a_run_serves_and_is_called_once_per_batch(tiny):
+    encoder = ThresholdEncoder()
+    assert isinstance(encoder, ImageEncoder)
+    service = SearchService.load(tiny["index"], None, encoder=encoder)
+    assert service.info()["model"] == "threshold" and service.info()["classes"] == DIGIT_CLASSES
+    requests = [SearchRequest(k=6, image=png_of(p)) for p in tiny["pixels"][:9]]
+    answers = service.answer_batch(requests)
+    assert encoder.calls == [9]
+    for pixels, answer in zip(tiny["pixels"][:9], answers):
+        code = np.packbits(pixels.reshape(-1)[ThresholdEncoder.PIXELS] > 127, bitorder="big")
+        assert [(h.id, h.distance) for h in answer.hits] == brute_force(service, code, None, 6, None)
+    with pytest.raises(DeephashError, match="run directory or an encoder"):
+        SearchService.load(tiny["index"], None)

@@ -47,6 +47,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from deephash.errors import DeephashError, NotFoundError
 from deephash.retrieval.living import DuplicateIdError
 from deephash.serve.batcher import DynamicBatcher, QueueFullError
+from deephash.serve.encoder import ImageEncoder
 from deephash.serve.service import (
     CorruptImageError,
     ImageTooLargeError,
@@ -241,7 +242,7 @@ def _watch_folds(service: SearchService, every_s: float, stop: threading.Event) 
 # endpoint is defined inside this factory (as FastAPI's own examples do); each route is short.
 def create_app(
     index_dir: str | os.PathLike,
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | None,
     max_upload_bytes: int = 10_000_000,
     max_pixels: int = 16_000_000,
     request_timeout_s: float = 30.0,
@@ -252,12 +253,13 @@ def create_app(
     batch_wait_ms: float = 2.0,
     max_queue: int = 128,
     reload_s: float = 2.0,
+    encoder: ImageEncoder | None = None,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
     Args:
         index_dir: folder written by ``deephash index build``.
-        run_dir: the run directory of the model.
+        run_dir: the run directory of the model (None: ``encoder`` encodes the uploads).
         max_upload_bytes: largest request body (413 above it).
         max_pixels: largest ``width * height`` of an uploaded image (413 above it).
         request_timeout_s: seconds before a request is answered 503.
@@ -269,6 +271,7 @@ def create_app(
         batch_wait_ms: how long a batch waits for more searches after its first one arrived.
         max_queue: most searches waiting for a batch; beyond it a search is answered 503.
         reload_s: read-only: seconds between checks for a snapshot folded by a writer (0: never).
+        encoder: encodes uploads (an ``ImageEncoder``; default: the run's PyTorch model).
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
@@ -276,7 +279,7 @@ def create_app(
         raise DeephashError("the write token must be printable ASCII (it travels in an HTTP header)")
     token = write_token.strip().encode() if write_token is not None else None
     service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
-                                            fold_every=fold_every)
+                                            fold_every=fold_every, encoder=encoder)
     writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
     batcher = None

@@ -7,12 +7,12 @@ interface is numpy in, numpy out: no torch in its signature.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-from deephash.retrieval.codes import pack_codes
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ImageEncoder", "TorchEncoder"]
 
@@ -61,13 +61,17 @@ class TorchEncoder:
         self.input_shape = tuple(int(v) for v in input_shape)
         self.name = name or type(model).__name__
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """See :meth:`ImageEncoder.encode`."""
-        device = next(self.model.parameters()).device
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255)
-        if hasattr(self.model, "encode_with_rerank"):
-            codes, vectors = self.model.encode_with_rerank(x)
-        else:
-            codes, vectors = torch.where(self.model(x) >= 0, 1.0, -1.0), None
-        return pack_codes(codes.cpu()), None if vectors is None else vectors.float().cpu().numpy()
+        import torch
+
+        from deephash.retrieval.codes import pack_codes
+
+        with torch.inference_mode():
+            device = next(self.model.parameters()).device
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255)
+            if hasattr(self.model, "encode_with_rerank"):
+                codes, vectors = self.model.encode_with_rerank(x)
+            else:
+                codes, vectors = torch.where(self.model(x) >= 0, 1.0, -1.0), None
+            return pack_codes(codes.cpu()), None if vectors is None else vectors.float().cpu().numpy()

@@ -23,10 +23,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from deephash.data.images import (  # noqa: F401  (the upload errors are part of the service's interface)
     UPLOAD_FORMATS,
@@ -38,10 +37,13 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
 from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
+from deephash.retrieval.index import HashIndex
 from deephash.retrieval.living import LivingIndex, ReadWriteLock
 from deephash.retrieval.search import IdLookup, search
-from deephash.runs.index_updates import drop_item_images, item_image_path, save_item_image
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
+
+if TYPE_CHECKING:  # the service itself runs without torch (an ONNX Runtime encoder)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,17 @@ def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
     return out.getvalue()
 
 
+def _load_index(index_dir: Path) -> HashIndex:
+    """The saved index in ``index_dir``.
+
+    Raises:
+        NotFoundError: no such folder. DataFormatError: not a readable index.
+    """
+    if not Path(index_dir).is_dir():
+        raise NotFoundError(f"index directory {index_dir} does not exist")
+    return HashIndex.load(index_dir)
+
+
 def snapshot_key(index_dir: Path) -> tuple[int, str | None] | None:
     """``(journal_seq, changed)`` of the snapshot in ``index_dir/meta.json``; None while unreadable
     (a fold swapping the folder)."""
@@ -122,7 +135,7 @@ class SearchService:
 
     Args:
         index: a loaded ``HashIndex`` (labels and metadata as ``build_index`` writes them).
-        model: the run's hash model (eval mode); ``model.encode(x)`` gives ±1 codes.
+        model: the run's hash model (eval mode), or None when ``encoder`` is given.
         input_shape: the model's ``(C, H, W)``.
         images: database images: uint8 ``(N, C, H, W)`` rows addressed by id (a data-set split),
             a dict id -> file path (an image folder), or None.
@@ -139,7 +152,7 @@ class SearchService:
     def __init__(
         self,
         index: Any,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         input_shape: tuple[int, int, int],
         images: torch.Tensor | dict[int, str] | None = None,
         classes: list[str] | None = None,
@@ -151,6 +164,8 @@ class SearchService:
         encoder: ImageEncoder | None = None,
         shortlist: int = 100,
     ) -> None:
+        if encoder is None and model is None:
+            raise DeephashError("the search service needs a model or an encoder")
         encoder = encoder or TorchEncoder(model, input_shape, model_name)
         if encoder.bits != index.bits:
             raise CodeLengthError(f"the model makes {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
@@ -193,9 +208,7 @@ class SearchService:
         key = snapshot_key(self.index_dir)
         if key is None or key == (self.index.journal_seq, self.index.changed):
             return False
-        from deephash.runs import load_index
-
-        index = load_index(self.index_dir)
+        index = _load_index(self.index_dir)
         if snapshot_key(self.index_dir) != (index.journal_seq, index.changed):
             return False  # folded again while loading: the next call loads the newer one
         if index.bits != self.bits:
@@ -209,15 +222,17 @@ class SearchService:
         return True
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike, max_pixels: int = 16_000_000,
+    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, max_pixels: int = 16_000_000,
              writable: bool = False, fold_every: int = 1000, encoder: ImageEncoder | None = None) -> SearchService:
-        """Open an index folder and the run that built it (model on the CPU).
+        """Open an index folder and the run that built it (model on the CPU), or only the index
+        and an ``encoder`` (then nothing is read from a run, and torch is not needed).
 
         Database images come from the index metadata: ``paths`` (an image folder) or
-        ``source = "split:NAME"`` (that split of the run's data set), and for added items from
-        ``INDEX/items/<id>.png``; they are optional.
+        ``source = "split:NAME"`` (that split of the run's data set; with a run only), and for
+        added items from ``INDEX/items/<id>.png``; they are optional.
 
         Args:
+            run_dir: the run directory (None: ``encoder`` is required).
             writable: open the index for adds and removes (takes its write lock until :meth:`close`).
             fold_every: with ``writable``, fold the journal into a snapshot after this many changes.
             encoder: encodes uploads (default: the run's PyTorch model).
@@ -225,30 +240,42 @@ class SearchService:
         Raises:
             NotFoundError / DataFormatError: no such index or run. CodeLengthError: the run's
             code length differs from the index's. IndexLockedError: ``writable`` and another
-            writer holds the index.
+            writer holds the index. DeephashError: neither a run nor an encoder.
         """
-        from deephash.runs import load_index, load_run, load_split, model_input_shape
+        if run_dir is None and encoder is None:
+            raise DeephashError("the search service needs a run directory or an encoder")
+        index_dir = Path(index_dir)
+        model = config = None
+        if run_dir is not None:
+            from deephash.runs import load_run
 
-        index_dir, run_dir = Path(index_dir), Path(run_dir)
-        model, config = load_run(run_dir, device="cpu")
+            run_dir = Path(run_dir)
+            model, config = load_run(run_dir, device="cpu")
         living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
-        index = living.index if living is not None else load_index(index_dir)
+        index = living.index if living is not None else _load_index(index_dir)
         meta = index.metadata if isinstance(index.metadata, dict) else {}
         images: torch.Tensor | dict[int, str] | None = None
         if meta.get("paths"):  # one per index row
             images = {int(i): str(p) for i, p in zip(index.ids.tolist(), meta["paths"]) if p}
-        elif str(meta.get("source", "")).startswith("split:"):
+        elif str(meta.get("source", "")).startswith("split:") and config is not None:
+            from deephash.runs import load_split
+
             images = load_split(config, str(meta["source"])[len("split:"):], run_dir).data
-        if isinstance(images, torch.Tensor):
+        if images is not None and not isinstance(images, dict):
             shape = tuple(images.shape[1:])
-        else:  # an image folder: the size the run's training images had
+        elif config is not None:  # an image folder: the size the run's training images had
+            from deephash.runs import model_input_shape
+
             shape = model_input_shape(config, run_dir)
-        classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
+        else:
+            shape = tuple(encoder.input_shape)
+        classes = (meta.get("classes") or list(getattr(model, "classes", []) or [])
+                   or list(getattr(encoder, "classes", []) or []))
         spec = getattr(model, "spec", None)
+        name = str(spec.backbone if spec is not None else type(model).__name__) if model is not None else ""
         try:
-            service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
-                          model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
-                          index_dir=index_dir, encoder=encoder)
+            service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed if config is not None else 0,
+                          model_name=name, living=living, index_dir=index_dir, encoder=encoder)
         except BaseException:
             if living is not None:
                 living.close(fold=False)
@@ -292,6 +319,8 @@ class SearchService:
     def _stored_image(self, ident: int) -> Path | None:
         if self.index_dir is None:
             return None
+        from deephash.runs.index_updates import item_image_path  # (lazily: runs/ imports torch)
+
         path = item_image_path(self.index_dir, ident)
         return path if path.is_file() else None
 
@@ -471,6 +500,7 @@ class SearchService:
         vectors = None if vector is None or self.index.rerank_vectors is None and self.index.ntotal else vector[None, :]
         labels = self._label_value(label)
         index_dir = self.index_dir
+        from deephash.runs.index_updates import save_item_image
 
         def store(ids: np.ndarray) -> None:
             save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
@@ -490,6 +520,7 @@ class SearchService:
         if not 0 <= ident < 2**63:
             raise NotFoundError(f"no item with id {ident} in the index")
         index_dir = self.index_dir
+        from deephash.runs.index_updates import drop_item_images
 
         def applied(ids: np.ndarray) -> None:
             self._refresh()
