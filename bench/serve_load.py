@@ -18,7 +18,8 @@ and an index of the data set's train split built here (Fashion-MNIST: 60,000 ite
     OMP_NUM_THREADS=1 python bench/serve_load.py --run /tmp/fm48-quick
 
 Engines are server settings by name (``ENGINES``); ``--engines`` picks which run. ``onnx`` is the
-slot for the ONNX Runtime encoder (it passes ``--engine onnx`` to ``deephash serve``).
+slot for the ONNX Runtime encoder: ``deephash serve INDEX --model EXPORT_DIR`` (``--onnx-model``),
+batched as the PyTorch one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ SECTION = "## Search service: dynamic batching (bench/serve_load.py)"
 ENGINES = {
     "one-at-a-time": ["--max-batch", "1"],
     "batched": ["--max-batch", "32", "--batch-wait-ms", "2"],
-    "onnx": ["--max-batch", "32", "--batch-wait-ms", "2", "--engine", "onnx"],
+    "onnx": ["--max-batch", "32", "--batch-wait-ms", "2"],  # served with --model EXPORT_DIR instead of --run
 }
 TOKEN = "bench-token-" + "5e7a" * 6
 BOUNDARY = "deephashbenchboundary"
@@ -170,8 +171,15 @@ class Server:
             self.proc.wait()
 
 
-def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, root: Path) -> Server:
-    """A writable server over a fresh copy of ``index_dir``; waits for /healthz."""
+def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, root: Path,
+                 onnx_model: Path | None = None) -> Server:
+    """A writable server over a fresh copy of ``index_dir``; waits for /healthz. The ``onnx``
+    engine serves ``onnx_model`` (``--model``) instead of the run."""
+    model = ["--run", str(run_dir)]
+    if name == "onnx":
+        if onnx_model is None:
+            raise SystemExit("the onnx engine needs --onnx-model EXPORT_DIR")
+        model = ["--model", str(onnx_model)]
     copy = root / f"index-{name}-{time.monotonic_ns()}"
     shutil.copytree(index_dir, copy)
     token_file = root / "token"
@@ -179,7 +187,7 @@ def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, ro
     port = free_port()
     log = root / f"server-{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(copy), "--run", str(run_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(copy), *model,
                                  "--host", "127.0.0.1", "--port", str(port), "--token-file", str(token_file), *extra],
                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=Path, help="an index of --run's model (default: build one of the train split)")
     parser.add_argument("--engines", default="one-at-a-time,batched",
                         help=f"servers to compare, by name ({', '.join(ENGINES)}; default: one-at-a-time,batched)")
+    parser.add_argument("--onnx-model", type=Path, help="an exported model (runs/export.py) for the onnx engine")
     parser.add_argument("--seconds", type=float, default=10, help="length of each measured phase (default: 10)")
     parser.add_argument("--in-flight", default="16,64", help="requests in flight (default: 16,64)")
     parser.add_argument("--adds", type=float, default=0.1, help="share of adds in the mixed workload (default: 0.1)")
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         read_only, mixed = root / "read.lua", root / "mixed.lua"
         wrk_script(read_only, pngs, 0.0, args.k)
         wrk_script(mixed, pngs, args.adds, args.k)
-        servers = [start_server(e, ENGINES[e], run_dir, index_dir, root) for e in engines]
+        servers = [start_server(e, ENGINES[e], run_dir, index_dir, root, args.onnx_model) for e in engines]
         try:
             info = httpx.get(f"{servers[0].base}/api/info", timeout=30).json()
             agree = same_answers(servers, pngs[:16])
@@ -354,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
         for name in engines:
-            server = start_server(name, ENGINES[name], run_dir, index_dir, root)
+            server = start_server(name, ENGINES[name], run_dir, index_dir, root, args.onnx_model)
             try:
                 run_wrk(server, read_only, 16, 2, "warm-up")
                 for n, label in ((args.overload, "overload"), (16, "recovery, right after")):

@@ -182,6 +182,7 @@ class SearchService:
         self.living = living
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._lock = ReadWriteLock()  # a read-only service's, for reload_if_folded
+        self._stored = self._stored_ids()
         self._refresh()
 
     def _refresh(self, changed: Any = None) -> None:
@@ -191,6 +192,18 @@ class SearchService:
         self._codes = np.asarray(self.index.codes)
         labels = self.index.labels
         self._labels = None if labels is None else np.asarray(labels)
+
+    def _stored_ids(self) -> set[int]:
+        """Ids whose image is stored in ``INDEX/items/`` (added items), listed once: the service
+        keeps the set current on its own adds and removes (it is the index's only writer)."""
+        if self.index_dir is None:
+            return set()
+        from deephash.runs.index_updates import item_image_path
+
+        folder = item_image_path(self.index_dir, 0).parent
+        if not folder.is_dir():
+            return set()
+        return {int(f.stem) for f in folder.glob("*.png") if f.stem.isdigit()}
 
     def _reading(self) -> contextlib.AbstractContextManager[None]:
         return self.living.reading() if self.living is not None else self._lock.reading()
@@ -218,6 +231,7 @@ class SearchService:
             if isinstance(self.images, dict) and meta.get("paths"):
                 self.images = {int(i): str(p) for i, p in zip(index.ids.tolist(), meta["paths"]) if p}
             self.index = index
+            self._stored = self._stored_ids()
             self._refresh()
         return True
 
@@ -317,7 +331,7 @@ class SearchService:
         return self.classes[label] if 0 <= label < len(self.classes) else label
 
     def _stored_image(self, ident: int) -> Path | None:
-        if self.index_dir is None:
+        if self.index_dir is None or ident not in self._stored:
             return None
         from deephash.runs.index_updates import item_image_path  # (lazily: runs/ imports torch)
 
@@ -326,7 +340,7 @@ class SearchService:
 
     def has_image(self, ident: int) -> bool:
         """Whether the database image of this id can be served."""
-        if self._stored_image(ident) is not None:
+        if ident in self._stored:  # an added item's image (no file check: searches ask per hit)
             return True
         if isinstance(self.images, dict):
             return ident in self.images
@@ -505,8 +519,12 @@ class SearchService:
         def store(ids: np.ndarray) -> None:
             save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
 
+        def applied(ids: np.ndarray) -> None:
+            self._stored.update(int(i) for i in ids.tolist())
+            self._refresh()
+
         added = self.living.add(packed, ids=None if ident is None else [int(ident)], labels=labels,
-                                before=store, after=self._refresh, rerank=vectors)
+                                before=store, after=applied, rerank=vectors)
         return int(added[0])
 
     def remove_item(self, ident: int) -> None:
@@ -523,6 +541,7 @@ class SearchService:
         from deephash.runs.index_updates import drop_item_images
 
         def applied(ids: np.ndarray) -> None:
+            self._stored.difference_update(int(i) for i in ids.tolist())
             self._refresh()
             drop_item_images(index_dir, ids)  # before another writer can give the id to a new item
 
