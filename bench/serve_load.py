@@ -57,6 +57,14 @@ BOUNDARY = "deephashbenchboundary"
 # ------------------------------------------------------------------------------ model and index
 
 
+def hamming_only(index_dir: Path, root: Path) -> Path:
+    """A copy of the index without its re-rank vectors: searches are Hamming only (one stage)."""
+    out = root / "index-hamming"
+    shutil.copytree(index_dir, out)
+    (out / "rerank.npy").unlink(missing_ok=True)
+    return out
+
+
 def prepare(run: Path, index: Path | None, root: Path) -> tuple[Path, Path]:
     """``(run, index)`` to serve: with no index, the run's model copied with ``data.limit``
     cleared and an index of its train split (the whole of it)."""
@@ -226,6 +234,7 @@ class Phase:
     rss_mb: float
     server_cores: float
     client_cores: float
+    search: str = ""
 
     @property
     def throughput(self) -> float:
@@ -292,14 +301,15 @@ def busy_processes(limit: int = 6) -> str:
 
 
 def row(p: Phase) -> str:
-    return (f"| {p.server} | {p.workload} | {p.in_flight} | {p.requests} | {p.errors} | {p.throughput:.1f} | "
+    return (f"| {p.server} | {p.search} | {p.workload} | {p.in_flight} | {p.requests} | {p.errors} | {p.throughput:.1f} | "
             f"{p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.mean_batch:.1f} | {p.rss_mb:.0f} | {p.server_cores:.2f} | "
+            f"{p.throughput / max(p.server_cores, 1e-9):.0f} | "
             f"{p.client_cores:.2f} |")
 
 
-HEADER = ("| server | workload | in flight | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | "
-          "mean batch | server RSS (MB) | server CPU (cores) | client CPU (cores) |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| server | search | workload | in flight | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | "
+          "mean batch | server RSS (MB) | server CPU (cores) | req/s per server core | client CPU (cores) |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adds", type=float, default=0.1, help="share of adds in the mixed workload (default: 0.1)")
     parser.add_argument("--waits", default="0,1,2,5,10", help="--batch-wait-ms values of the sweep (default: 0,1,2,5,10)")
     parser.add_argument("--overload", type=int, default=256, help="in flight in the overload run (default: 256)")
+    parser.add_argument("--searches", default="hamming,two-stage",
+                        help="hamming: the index served without its re-rank vectors; two-stage: with them "
+                             "(default: hamming,two-stage; the sweep and the overload use the first)")
     parser.add_argument("--k", type=int, default=10, help="results per search (default: 10)")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args(argv)
@@ -324,67 +337,79 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown engines {unknown}: choose from {', '.join(ENGINES)}")
     in_flight = [int(v) for v in args.in_flight.split(",")]
+    searches = [v.strip() for v in args.searches.split(",") if v.strip()]
+    if not searches or set(searches) - {"hamming", "two-stage"}:
+        parser.error("--searches: hamming and/or two-stage")
     others_before = busy_processes()
     load_before = os.getloadavg()
 
     phases: list[Phase] = []
     sweep: list[tuple[float, Phase]] = []
     overload: list[Phase] = []
+    infos: dict[str, dict] = {}
+    agree = True
     with tempfile.TemporaryDirectory(prefix="deephash-serve-bench-") as tmp:
         root = Path(tmp)
         run_dir, index_dir = prepare(args.run, args.index, root)
+        regimes = {"two-stage": index_dir, "hamming": hamming_only(index_dir, root)}
         pngs = query_pngs(run_dir, 64)
         read_only, mixed = root / "read.lua", root / "mixed.lua"
         wrk_script(read_only, pngs, 0.0, args.k)
         wrk_script(mixed, pngs, args.adds, args.k)
-        servers = [start_server(e, ENGINES[e], run_dir, index_dir, root, args.onnx_model) for e in engines]
-        try:
-            info = httpx.get(f"{servers[0].base}/api/info", timeout=30).json()
-            agree = same_answers(servers, pngs[:16])
-            for server in servers:
-                run_wrk(server, read_only, 16, 2, "warm-up")
-            for n in in_flight:  # the servers side by side, phase by phase: the machine drifts alike
-                for script, workload in ((read_only, "read-only"), (mixed, f"{1 - args.adds:.0%}/{args.adds:.0%} search/add")):
-                    for server in servers:
-                        phase = run_wrk(server, script, n, args.seconds, workload)
-                        print(row(phase), flush=True)
-                        phases.append(phase)
-        finally:
-            for server in servers:
-                server.stop()
+        for regime in searches:
+            servers = [start_server(e, ENGINES[e], run_dir, regimes[regime], root, args.onnx_model) for e in engines]
+            try:
+                infos[regime] = httpx.get(f"{servers[0].base}/api/info", timeout=30).json()
+                agree &= same_answers(servers, pngs[:16])
+                for server in servers:
+                    run_wrk(server, read_only, 16, 2, "warm-up")
+                for n in in_flight:  # the servers side by side, phase by phase: the machine drifts alike
+                    for script, workload in ((read_only, "read-only"), (mixed, f"{1 - args.adds:.0%}/{args.adds:.0%} search/add")):
+                        for server in servers:
+                            phase = dataclasses.replace(run_wrk(server, script, n, args.seconds, workload), search=regime)
+                            print(row(phase), flush=True)
+                            phases.append(phase)
+            finally:
+                for server in servers:
+                    server.stop()
+        regime = searches[0]  # the sweep and the overload: the first kind of search only
         for wait in [float(w) for w in args.waits.split(",") if w.strip()]:
             server = start_server(f"wait-{wait:g}", ["--max-batch", "32", "--batch-wait-ms", f"{wait:g}"], run_dir,
-                                  index_dir, root)
+                                  regimes[regime], root)
             try:
                 run_wrk(server, read_only, 16, 2, "warm-up")
-                phase = run_wrk(server, read_only, 16, args.seconds, "read-only")
+                phase = dataclasses.replace(run_wrk(server, read_only, 16, args.seconds, "read-only"), search=regime)
                 print(f"wait {wait:g} ms: {row(phase)}", flush=True)
                 sweep.append((wait, phase))
             finally:
                 server.stop()
         for name in engines:
-            server = start_server(name, ENGINES[name], run_dir, index_dir, root, args.onnx_model)
+            server = start_server(name, ENGINES[name], run_dir, regimes[regime], root, args.onnx_model)
             try:
                 run_wrk(server, read_only, 16, 2, "warm-up")
                 for n, label in ((args.overload, "overload"), (16, "recovery, right after")):
-                    phase = run_wrk(server, read_only, n, args.seconds, label)
+                    phase = dataclasses.replace(run_wrk(server, read_only, n, args.seconds, label), search=regime)
                     print(row(phase), flush=True)
                     overload.append(phase)
             finally:
                 server.stop()
     others_after = busy_processes()
+    info = infos[searches[0]]
 
-    def find(server: str, workload: str, n: int) -> Phase | None:
-        return next((p for p in phases if (p.server, p.workload, p.in_flight) == (server, workload, n)), None)
+    def find(server: str, search: str, workload: str, n: int) -> Phase | None:
+        key = (server, search, workload, n)
+        return next((p for p in phases if (p.server, p.search, p.workload, p.in_flight) == key), None)
 
     ratios = []
     if "one-at-a-time" in engines:
         for name in (e for e in engines if e != "one-at-a-time"):
             for p in (p for p in phases if p.server == name):
-                base = find("one-at-a-time", p.workload, p.in_flight)
+                base = find("one-at-a-time", p.search, p.workload, p.in_flight)
                 if base is not None:
-                    ratios.append(f"{name} / one-at-a-time, {p.workload}, {p.in_flight} in flight: "
-                                  f"{p.throughput / base.throughput:.2f}x throughput, p99 {p.p99_ms:.0f} vs {base.p99_ms:.0f} ms")
+                    per_core = (p.throughput / max(p.server_cores, 1e-9)) / (base.throughput / max(base.server_cores, 1e-9))
+                    ratios.append(f"{name} / one-at-a-time, {p.search}, {p.workload}, {p.in_flight} in flight: "
+                                  f"{p.throughput / base.throughput:.2f}x throughput ({per_core:.2f}x per server core), "
+                                  f"p99 {p.p99_ms:.0f} vs {base.p99_ms:.0f} ms")
     errors = sum(p.errors for p in phases) + sum(p.errors for p in sweep_phases(sweep))
     command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)") + " python bench/serve_load.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
@@ -397,14 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         f"busy beside the bench at the start: {others_before}; at the end: {others_after}. So compare the rows of one "
         "run side by side (the servers take turns phase by phase), not their absolute values.\n\n"
         f"Index: {info['size']} items (the train split), {info['bits']}-bit codes, {info['factory']}, model "
-        f"{info['model']} from `{args.run}`. Each server is writable (the mixed workload adds items to its own copy); "
+        f"{info['model']} from `{args.run}`, searched two ways: *two-stage* (the index keeps the model's re-rank "
+        "vectors: a Hamming shortlist of 100 plus every item tied with its last, re-ranked by the vectors' Euclidean "
+        "distance) and *hamming* (the same index without them: one Hamming k-NN search); k = "
+        f"{args.k}. Each server is writable (the mixed workload adds items to its own copy); "
         f"settings: {'; '.join(f'{e}: `' + ' '.join(ENGINES[e]) + '`' for e in engines)}. "
         f"Same answers from every server for 16 uploads: {'yes' if agree else 'NO'}. Each phase {args.seconds:g} s; "
         "throughput is answered requests (any status) over the phase; errors are non-2xx answers plus socket "
         "errors and timeouts; mean batch from the server's `/api/health` counters over the phase.\n\n"
         f"{HEADER}\n" + "\n".join(row(p) for p in phases) + "\n\n"
         + ("Ratios measured in this run: " + "; ".join(ratios) + ".\n\n" if ratios else "")
-        + "Sweep of `--batch-wait-ms` (batched, `--max-batch 32`, read-only, 16 in flight):\n\n"
+        + f"Sweep of `--batch-wait-ms` (batched, `--max-batch 32`, {searches[0]} search, read-only, 16 in flight):\n\n"
         f"{HEADER.replace('| server |', '| wait (ms) |')}\n"
         + "\n".join(row(dataclasses.replace(p, server=f"{w:g}")) for w, p in sweep) + "\n\n"
         + f"Overload: {args.overload} in flight (batched servers queue at most `--max-queue` = 128 searches and "

@@ -1,7 +1,7 @@
 """Dynamic batching of the search service: the batcher's rules (size, queue bound, errors kept
 apart), batched answers equal to one-at-a-time answers and to a brute-force search (two-stage
-re-ranking included), and over HTTP: one batch for concurrent uploads, 503 + Retry-After when
-the queue is full, and recovery."""
+re-ranking included), and over HTTP: one batch for concurrent uploads, 503 + Retry-After past
+``max_queue`` searches at once, and recovery; an encoder without a run (numpy only)."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ async def until(condition, seconds: float = 30) -> None:
 def test_batches_close_at_max_batch_and_errors_stay_with_their_request():
     async def scenario():
         gate = Gate()
-        batcher = DynamicBatcher(gate, max_batch=4, wait_s=0.0, max_queue=100).start()
+        batcher = DynamicBatcher(gate, max_batch=4, wait_s=0.0, max_queue=100, threads=1).start()
         try:
             first = asyncio.ensure_future(batcher.submit(1))
             await until(gate.entered.is_set)  # the worker holds batch [1]
@@ -197,7 +197,7 @@ def test_batches_close_at_max_batch_and_errors_stay_with_their_request():
 def test_a_full_queue_refuses_at_once_and_recovers():
     async def scenario():
         gate = Gate()
-        batcher = DynamicBatcher(gate, max_batch=8, wait_s=0.0, max_queue=3).start()
+        batcher = DynamicBatcher(gate, max_batch=8, wait_s=0.0, max_queue=3, threads=1).start()
         try:
             held = asyncio.ensure_future(batcher.submit(1))
             await until(gate.entered.is_set)
@@ -212,6 +212,32 @@ def test_a_full_queue_refuses_at_once_and_recovers():
         finally:
             batcher.close()
         assert gate.batches == [[1], [2, 3, 4], [6]]
+
+    asyncio.run(scenario())
+
+
+def test_two_threads_run_two_batches_at_once():
+    """While one thread holds its batch, the other takes the next one."""
+    async def scenario():
+        gate = Gate()
+        running = threading.Semaphore(0)
+
+        def process(items):
+            running.release()
+            return gate(items)
+
+        batcher = DynamicBatcher(process, max_batch=2, wait_s=0.0, max_queue=10, threads=2).start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(1))
+            await until(gate.entered.is_set)
+            second = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+            await until(lambda: len(gate.batches) == 2)  # the second thread took [2, 3] while [1] is held
+            assert not first.done()
+            gate.release.set()
+            assert await first == 10 and await asyncio.gather(*second) == [20, 30]
+        finally:
+            batcher.close()
+        assert sorted(gate.batches) == [[1], [2, 3]] and batcher.stats()["threads"] == 2
 
     asyncio.run(scenario())
 
@@ -232,7 +258,8 @@ def test_a_batch_waits_for_more_only_until_full():
 
 
 def test_bad_settings_are_refused():
-    for kwargs, message in (({"max_batch": 0}, "max_batch"), ({"wait_s": -1}, "wait"), ({"max_queue": 0}, "max_queue")):
+    for kwargs, message in (({"max_batch": 0}, "max_batch"), ({"wait_s": -1}, "wait"), ({"max_queue": 0}, "max_queue"),
+                            ({"threads": 0}, "worker thread")):
         with pytest.raises(DeephashError, match=message):
             DynamicBatcher(lambda items: items, **kwargs)
 
@@ -278,11 +305,13 @@ class HeldService(SearchService):
         return super().answer_batch(requests)
 
 
-def test_a_full_queue_is_answered_503_with_retry_after_then_recovers(tiny):
+def test_past_max_queue_searches_are_answered_503_with_retry_after_then_recover(tiny):
+    """One search held in its batch and two waiting make three admitted: the fourth is refused."""
     service = SearchService.load(tiny["index"], tiny["run"])
     service.__class__ = HeldService
     service.gate = Gate()
-    app = create_app(tiny["index"], tiny["run"], service=service, max_batch=4, batch_wait_ms=0, max_queue=2)
+    app = create_app(tiny["index"], tiny["run"], service=service, max_batch=4, batch_wait_ms=0, max_queue=3,
+                     batch_threads=1)
     body = {"json": {"code": "0000", "k": 3}}
 
     async def scenario():
@@ -301,8 +330,9 @@ def test_a_full_queue_is_answered_503_with_retry_after_then_recovers(tiny):
 
     refused, depth, answers, after = asyncio.run(scenario())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert "queue is full" in refused.json()["detail"]
-    assert depth["queue_depth"] == 2 and depth["shed"] == 1
+    assert "limit of 3 searches at once" in refused.json()["detail"]
+    assert refused.headers["x-content-type-options"] == "nosniff" and "content-security-policy" in refused.headers
+    assert depth["queue_depth"] == 2 and depth["shed"] == 1 and depth["admitted"] == 3
     assert [a.status_code for a in answers] == [200, 200, 200] and after.status_code == 200
     assert answers[0].json()["results"] == after.json()["results"]
 

@@ -17,8 +17,8 @@ still running after ``request_timeout_s`` is answered 503. The model runs in wor
 Searches are batched dynamically (:mod:`deephash.serve.batcher`): concurrent searches wait at most
 ``batch_wait_ms`` after the first for up to ``max_batch`` of them, then one worker thread decodes
 them, encodes them in one forward pass and searches them in one call of the search engine; each
-request gets the answer it would get alone. Past ``max_queue`` waiting searches a search is
-answered 503 with ``Retry-After`` at once. ``max_batch=1`` is the one-at-a-time path: each search
+request gets the answer it would get alone. Past ``max_queue`` searches admitted at once (being
+read, waiting or in a batch) a search is answered 503 with ``Retry-After`` before its body is read. ``max_batch=1`` is the one-at-a-time path: each search
 runs its own forward pass and search in the worker-thread pool, with no queue of its own.
 
 A read-only server checks the index folder every ``reload_s`` seconds and swaps in the snapshot
@@ -279,6 +279,7 @@ def create_app(
     max_queue: int = 128,
     reload_s: float = 2.0,
     encoder: ImageEncoder | None = None,
+    batch_threads: int = 2,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
@@ -294,9 +295,11 @@ def create_app(
         fold_every: fold the journal into a snapshot after this many writes (and at shutdown).
         max_batch: most searches in one batch (1: the one-at-a-time path, no batching).
         batch_wait_ms: how long a batch waits for more searches after its first one arrived.
-        max_queue: most searches waiting for a batch; beyond it a search is answered 503.
+        max_queue: most searches admitted at once (reading their body, waiting for a batch or in
+            one); beyond it a search is answered 503 with Retry-After before its body is read.
         reload_s: read-only: seconds between checks for a snapshot folded by a writer (0: never).
         encoder: encodes uploads (an ``ImageEncoder``; default: the run's PyTorch model).
+        batch_threads: threads running batches (each one batch at a time).
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
@@ -309,9 +312,10 @@ def create_app(
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
     batcher = None
     if int(max_batch) > 1:
-        batcher = DynamicBatcher(service.answer_batch, max_batch, batch_wait_ms / 1000, max_queue).start()
+        batcher = DynamicBatcher(service.answer_batch, max_batch, batch_wait_ms / 1000, max_queue, batch_threads).start()
     elif int(max_batch) < 1:
         raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
+    admitted = 0  # searches past admission and not yet answered (read on the event loop only)
 
     stop_watching = threading.Event()
     if not service.writable and reload_s > 0:
@@ -367,6 +371,16 @@ def create_app(
               responses={s: {"description": d} for s, d in _ERRORS.items()})
     async def search(request: Request) -> JSONResponse:
         """Search with an uploaded image (multipart field ``image``), a hex ``code`` or an item ``id``."""
+        nonlocal admitted
+        if batcher is not None and admitted >= max_queue:  # shed before reading the body
+            raise batcher.refuse(f"the server is at its limit of {max_queue} searches at once: retry shortly")
+        admitted += 1
+        try:
+            return await answer_search(request)
+        finally:
+            admitted -= 1
+
+    async def answer_search(request: Request) -> JSONResponse:
         started = time.perf_counter()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         params: SearchOptions
@@ -460,7 +474,7 @@ def create_app(
     async def health() -> dict[str, Any]:
         """Liveness, the process id and the search batching: batch sizes, queue depth, requests shed."""
         if batcher is not None:
-            batching = batcher.stats()
+            batching = {**batcher.stats(), "admitted": admitted}
         else:
             batching = {"max_batch": 1, "queue_depth": 0, "shed": 0, "mean_batch_size": 1.0}
         return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching}

@@ -16,7 +16,7 @@ from deephash.errors import DeephashError
 SETTINGS_ENV = "DEEPHASH_SERVE_SETTINGS"
 
 #: uvicorn's backstop: past this many connections and requests at once it answers 503 itself
-#: (the service sheds earlier, at ``--max-queue`` waiting searches, with Retry-After).
+#: (the service sheds earlier, past ``--max-queue`` searches at once, with Retry-After).
 CONNECTION_LIMIT = 1024
 
 
@@ -40,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="how long a batch waits for more searches after its first one (default: 2 ms)")
     parser.add_argument("--max-queue", type=int, default=128,
-                        help="most searches waiting for a batch; beyond it a search is answered 503 with "
-                             "Retry-After (default: 128)")
+                        help="most searches admitted at once (being read, waiting for a batch or in one); beyond "
+                             "it a search is answered 503 with Retry-After (default: 128)")
+    parser.add_argument("--batch-threads", type=int, default=2,
+                        help="threads running batches, one batch each at a time (default: 2: one batch's "
+                             "forward pass overlaps another's search)")
     parser.add_argument("--workers", type=int, default=1,
                         help="read-only server processes sharing the port (default: 1); each loads the index and the "
                              "model; not with a write token: run one writable server apart")
@@ -94,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = {"index_dir": str(args.index), "run_dir": str(args.run), "max_upload_bytes": int(args.max_upload_mb * 1_000_000),
                 "max_pixels": args.max_pixels, "request_timeout_s": args.timeout, "fold_every": args.fold_every,
                 "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_queue": args.max_queue,
+                "batch_threads": args.batch_threads,
                 "reload_s": args.reload_s}
     mode = "adds and removes with the token" if token else "read-only"
     common = {"host": args.host, "port": args.port, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 5,
