@@ -48,6 +48,7 @@ SECTION = "## Search service: dynamic batching (bench/serve_load.py)"
 ENGINES = {
     "one-at-a-time": ["--max-batch", "1"],
     "batched": ["--max-batch", "32", "--batch-wait-ms", "2"],
+    "batched --workers 2": ["--max-batch", "32", "--batch-wait-ms", "2", "--workers", "2"],  # read-only
     "onnx": ["--max-batch", "32", "--batch-wait-ms", "2"],  # served with --model EXPORT_DIR instead of --run
 }
 TOKEN = "bench-token-" + "5e7a" * 6
@@ -159,16 +160,46 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.base}/api/health", timeout=30).json()
 
+    @property
+    def writable(self) -> bool:
+        return "--workers" not in ENGINES.get(self.name, [])
+
+    def processes(self) -> list[int]:
+        """The server's process and its descendants (``--workers``' children)."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        tree, grown = {self.proc.pid}, True
+        while grown:
+            more = {pid for pid, parent in parents.items() if parent in tree} - tree
+            tree |= more
+            grown = bool(more)
+        return sorted(tree)
+
     def rss_mb(self) -> float:
-        """Resident memory of the server process, MB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server's processes together, MB."""
+        total = 0
+        for pid in self.processes():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
+        return total / 1024
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds used so far by the server's processes."""
+        total = 0
+        for pid in self.processes():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -192,11 +223,12 @@ def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, ro
     shutil.copytree(index_dir, copy)
     token_file = root / "token"
     token_file.write_text(TOKEN)
+    writes = ["--token-file", str(token_file)] if "--workers" not in extra else []  # several: read-only
     port = free_port()
     log = root / f"server-{name}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(copy), *model,
-                                 "--host", "127.0.0.1", "--port", str(port), "--token-file", str(token_file), *extra],
+                                 "--host", "127.0.0.1", "--port", str(port), *writes, *extra],
                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -258,10 +290,12 @@ def run_wrk(server: Server, script: Path, in_flight: int, seconds: float, worklo
     after, cpu_after = server.health()["batching"], server.cpu_s()
     batches = after.get("batches", 0) - before.get("batches", 0)
     answered = after.get("requests", 0) - before.get("requests", 0)
+    if not server.writable:  # several processes: /api/health speaks for whichever one answered
+        batches = answered = 0
     errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
     return Phase(server.name, workload, in_flight, result["requests"], errors, result["status"],
                  result["duration_us"] / 1e6, result["p50_us"] / 1000, result["p99_us"] / 1000,
-                 answered / batches if batches else 1.0, after.get("shed", 0) - before.get("shed", 0),
+                 answered / batches if batches else (1.0 if server.writable else float("nan")), after.get("shed", 0) - before.get("shed", 0),
                  server.rss_mb(), (cpu_after - cpu_before) / wall,
                  (usage.ru_utime + usage.ru_stime) / wall)
 
@@ -302,7 +336,7 @@ def busy_processes(limit: int = 6) -> str:
 
 def row(p: Phase) -> str:
     return (f"| {p.server} | {p.search} | {p.workload} | {p.in_flight} | {p.requests} | {p.errors} | {p.throughput:.1f} | "
-            f"{p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.mean_batch:.1f} | {p.rss_mb:.0f} | {p.server_cores:.2f} | "
+            f"{p.p50_ms:.1f} | {p.p99_ms:.1f} | {'n/a' if p.mean_batch != p.mean_batch else f'{p.mean_batch:.1f}'} | {p.rss_mb:.0f} | {p.server_cores:.2f} | "
             f"{p.throughput / max(p.server_cores, 1e-9):.0f} | "
             f"{p.client_cores:.2f} |")
 
@@ -316,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a trained run (its model encodes the uploads)")
     parser.add_argument("--index", type=Path, help="an index of --run's model (default: build one of the train split)")
-    parser.add_argument("--engines", default="one-at-a-time,batched",
-                        help=f"servers to compare, by name ({', '.join(ENGINES)}; default: one-at-a-time,batched)")
+    parser.add_argument("--engines", default="one-at-a-time,batched,batched --workers 2",
+                        help=f"servers to compare, by name, comma-separated ({'; '.join(ENGINES)}; default: the first "
+                             "three; the read-only processes skip the mixed workload)")
     parser.add_argument("--onnx-model", type=Path, help="an exported model (runs/export.py) for the onnx engine")
     parser.add_argument("--seconds", type=float, default=10, help="length of each measured phase (default: 10)")
     parser.add_argument("--in-flight", default="16,64", help="requests in flight (default: 16,64)")
@@ -365,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_wrk(server, read_only, 16, 2, "warm-up")
                 for n in in_flight:  # the servers side by side, phase by phase: the machine drifts alike
                     for script, workload in ((read_only, "read-only"), (mixed, f"{1 - args.adds:.0%}/{args.adds:.0%} search/add")):
-                        for server in servers:
+                        for server in (s for s in servers if s.writable or script is read_only):
                             phase = dataclasses.replace(run_wrk(server, script, n, args.seconds, workload), search=regime)
                             print(row(phase), flush=True)
                             phases.append(phase)
@@ -383,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.append((wait, phase))
             finally:
                 server.stop()
-        for name in engines:
+        for name in (e for e in engines if "--workers" not in ENGINES[e]):
             server = start_server(name, ENGINES[name], run_dir, regimes[regime], root, args.onnx_model)
             try:
                 run_wrk(server, read_only, 16, 2, "warm-up")
@@ -425,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['model']} from `{args.run}`, searched two ways: *two-stage* (the index keeps the model's re-rank "
         "vectors: a Hamming shortlist of 100 plus every item tied with its last, re-ranked by the vectors' Euclidean "
         "distance) and *hamming* (the same index without them: one Hamming k-NN search); k = "
-        f"{args.k}. Each server is writable (the mixed workload adds items to its own copy); "
+        f"{args.k}. Each server is writable (the mixed workload adds items to its own copy) but the one with "
+        "`--workers 2` (read-only: it runs the read-only workloads only; its mean batch is n/a, as `/api/health` "
+        "speaks for one process; its RSS and CPU are its 3 processes': the supervisor and 2 servers); "
         f"settings: {'; '.join(f'{e}: `' + ' '.join(ENGINES[e]) + '`' for e in engines)}. "
         f"Same answers from every server for 16 uploads: {'yes' if agree else 'NO'}. Each phase {args.seconds:g} s; "
         "throughput is answered requests (any status) over the phase; errors are non-2xx answers plus socket "
