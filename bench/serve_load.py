@@ -335,8 +335,9 @@ def busy_processes(limit: int = 6) -> str:
 
 
 def row(p: Phase) -> str:
+    batch = "n/a" if np.isnan(p.mean_batch) else f"{p.mean_batch:.1f}"
     return (f"| {p.server} | {p.search} | {p.workload} | {p.in_flight} | {p.requests} | {p.errors} | {p.throughput:.1f} | "
-            f"{p.p50_ms:.1f} | {p.p99_ms:.1f} | {'n/a' if p.mean_batch != p.mean_batch else f'{p.mean_batch:.1f}'} | {p.rss_mb:.0f} | {p.server_cores:.2f} | "
+            f"{p.p50_ms:.1f} | {p.p99_ms:.1f} | {batch} | {p.rss_mb:.0f} | {p.server_cores:.2f} | "
             f"{p.throughput / max(p.server_cores, 1e-9):.0f} | "
             f"{p.client_cores:.2f} |")
 
