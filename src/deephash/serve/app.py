@@ -15,11 +15,12 @@ Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is 
 still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
 
 Searches are batched dynamically (:mod:`deephash.serve.batcher`): concurrent searches wait at most
-``batch_wait_ms`` after the first for up to ``max_batch`` of them, then one worker thread decodes
+``batch_wait_ms`` after the first for up to ``max_batch`` of them, then a batch thread decodes
 them, encodes them in one forward pass and searches them in one call of the search engine; each
 request gets the answer it would get alone. Past ``max_queue`` searches admitted at once (being
-read, waiting or in a batch) a search is answered 503 with ``Retry-After`` before its body is read. ``max_batch=1`` is the one-at-a-time path: each search
-runs its own forward pass and search in the worker-thread pool, with no queue of its own.
+read, waiting or in a batch) a search is answered 503 with ``Retry-After`` before its body is
+read. ``max_batch=1`` is the one-at-a-time path: each search runs its own forward pass and search
+in the worker-thread pool, with no queue of its own.
 
 A read-only server checks the index folder every ``reload_s`` seconds and swaps in the snapshot
 that a writer (another process) folded since: several read-only processes can serve one index
