@@ -47,11 +47,10 @@ def test_two_read_only_processes_answer_and_reload_a_fold(tmp_path):
                               "--batch-wait-ms", "5", "--reload-s", "0.2")
     try:
         pids: set[int] = set()
-        deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:  # new connections land on either process
-            for response in asyncio.run(searches(base, pngs)):
-                assert response.status_code == 200
-            pids |= {httpx.get(f"{base}/api/health", timeout=10).json()["pid"] for _ in range(8)}  # new connections
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:  # each a new connection: either process takes it
+            pids.add(httpx.get(f"{base}/api/health", timeout=10).json()["pid"])
+            time.sleep(0.05)
         assert len(pids) == 2, f"only {pids} answered"
         for response, answer in zip(asyncio.run(searches(base, pngs)), expected):
             assert [(r["id"], r["distance"]) for r in response.json()["results"]] == [(h.id, h.distance) for h in answer.hits]
