@@ -395,14 +395,20 @@ class SearchService:
         """
         with self._reading():
             rerank = None if vector is None else vector[None, :]
-            return self._hits(packed, int(k), radius, rerank, shortlist or self.shortlist)[0]
+            (found,) = self._neighbours(packed, int(k), radius, rerank, shortlist or self.shortlist)
+        return self._hits(found)
 
-    def _hits(self, packed: np.ndarray, k: int, radius: int | None, rerank: np.ndarray | None,
-              shortlist: int) -> list[list[Hit]]:
-        """One call of the search engine for ``(n, B)`` codes (under the read lock): their hits."""
+    def _neighbours(self, packed: np.ndarray, k: int, radius: int | None, rerank: np.ndarray | None,
+                    shortlist: int) -> list[tuple[list[int], list[int], list[Any]]]:
+        """One call of the search engine for ``(n, B)`` codes, under the read lock: each query's
+        ids, distances and labels (read now: a change may move the rows once the lock is let go)."""
         found = search(self.index, packed, k, radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
-        return [[Hit(int(i), int(d), self.label_of(int(p)), self.has_image(int(i)))
-                 for i, d, p in zip(f.ids.tolist(), f.distances.tolist(), f.positions.tolist())] for f in found]
+        return [(f.ids.tolist(), f.distances.tolist(), [self.label_of(p) for p in f.positions.tolist()]) for f in found]
+
+    def _hits(self, found: tuple[list[int], list[int], list[Any]]) -> list[Hit]:
+        """A query's hits from :meth:`_neighbours`' ids, distances and labels (outside the lock)."""
+        ids, distances, labels = found
+        return [Hit(i, d, label, self.has_image(i)) for i, d, label in zip(ids, distances, labels)]
 
     def answer(self, request: SearchRequest) -> Answer:
         """One request's answer (the one-at-a-time path: :meth:`answer_batch` of one).
@@ -427,6 +433,7 @@ class SearchService:
         codes: list[np.ndarray | None] = [None] * len(requests)
         vectors: list[np.ndarray | None] = [None] * len(requests)
         labels: list[Any] = [None] * len(requests)
+        found: dict[int, tuple[list[int], list[int], list[Any]]] = {}
         pixels, uploads = [], []
         for i, request in enumerate(requests):
             if request.image is not None:
@@ -460,9 +467,10 @@ class SearchService:
                     groups.setdefault((int(request.k), request.radius, vectors[i] is not None), []).append(i)
             for (k, radius, reranked), members in groups.items():
                 rerank = np.stack([vectors[i] for i in members]) if reranked else None
-                hits = self._hits(np.concatenate([codes[i] for i in members]), k, radius, rerank, self.shortlist)
-                for i, found in zip(members, hits):
-                    outcomes[i] = Answer(found, labels[i])
+                answers = self._neighbours(np.concatenate([codes[i] for i in members]), k, radius, rerank, self.shortlist)
+                found.update(zip(members, answers))
+        for i, neighbours in found.items():
+            outcomes[i] = Answer(self._hits(neighbours), labels[i])
         return outcomes  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ writes
