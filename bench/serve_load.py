@@ -295,7 +295,8 @@ def run_wrk(server: Server, script: Path, in_flight: int, seconds: float, worklo
     errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
     return Phase(server.name, workload, in_flight, result["requests"], errors, result["status"],
                  result["duration_us"] / 1e6, result["p50_us"] / 1000, result["p99_us"] / 1000,
-                 answered / batches if batches else (1.0 if server.writable else float("nan")), after.get("shed", 0) - before.get("shed", 0),
+                 answered / batches if batches else (1.0 if server.writable else float("nan")),
+                 after.get("shed", 0) - before.get("shed", 0),
                  server.rss_mb(), (cpu_after - cpu_before) / wall,
                  (usage.ru_utime + usage.ru_stime) / wall)
 
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 for server in servers:
                     run_wrk(server, read_only, 16, 2, "warm-up")
                 for n in in_flight:  # the servers side by side, phase by phase: the machine drifts alike
-                    for script, workload in ((read_only, "read-only"), (mixed, f"{1 - args.adds:.0%}/{args.adds:.0%} search/add")):
+                    mixed_name = f"{1 - args.adds:.0%}/{args.adds:.0%} search/add"
+                    for script, workload in ((read_only, "read-only"), (mixed, mixed_name)):
                         for server in (s for s in servers if s.writable or script is read_only):
                             phase = dataclasses.replace(run_wrk(server, script, n, args.seconds, workload), search=regime)
                             print(row(phase), flush=True)

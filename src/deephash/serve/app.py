@@ -405,7 +405,8 @@ def create_app(
             else:
                 query = SearchRequest(params.k, params.radius, item=params.id)
         else:
-            raise HTTPException(415, "send multipart/form-data with a file field 'image', or application/json with 'code' or 'id'")
+            raise HTTPException(415, "send multipart/form-data with a file field 'image', "
+                                     "or application/json with 'code' or 'id'")
         answer = await (batcher.submit(query) if batcher is not None else in_thread(service.answer, query))
         about = {"id": None, "label": None, "image_url": None}
         if query.item is not None:
