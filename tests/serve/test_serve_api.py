@@ -223,9 +223,9 @@ def test_streamed_body_is_counted_without_content_length(env):
 
 
 class SlowService(SearchService):
-    def search(self, packed, k, radius=None, vector=None):
+    def answer_batch(self, requests):
         time.sleep(1.0)
-        return super().search(packed, k, radius, vector)
+        return super().answer_batch(requests)
 
 
 def test_slow_request_times_out_and_server_stays_up(env):

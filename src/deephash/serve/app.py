@@ -2,6 +2,7 @@
 
 Endpoints: ``POST /api/search`` (an uploaded image, a hex code or a database item id),
 ``GET /api/items/random``, ``GET /api/items/{id}/image`` (PNG), ``GET /api/info``, ``GET /healthz``,
+``GET /api/health`` (batch-size statistics and queue depth),
 ``GET /`` (the page, with its files under ``/static``) and FastAPI's ``/openapi.json`` and ``/docs``.
 
 Writes: ``POST /api/items`` (multipart ``image``, optional ``label`` and ``id``) -> 201 ``{"id": ...}``
@@ -12,6 +13,18 @@ a token (else 403, saying how). A write is journaled and fsynced before its answ
 Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is refused with 413
 (declared ``Content-Length`` and the bytes actually streamed are both counted), and a request
 still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
+
+Searches are batched dynamically (:mod:`deephash.serve.batcher`): concurrent searches wait at most
+``batch_wait_ms`` after the first for up to ``max_batch`` of them, then a batch thread decodes
+them, encodes them in one forward pass and searches them in one call of the search engine; each
+request gets the answer it would get alone. Past ``max_queue`` searches admitted at once (being
+read, waiting or in a batch) a search is answered 503 with ``Retry-After`` before its body is
+read. ``max_batch=1`` is the one-at-a-time path: each search runs its own forward pass and search
+in the worker-thread pool, with no queue of its own.
+
+A read-only server checks the index folder every ``reload_s`` seconds and swaps in the snapshot
+that a writer (another process) folded since: several read-only processes can serve one index
+while one writable process takes the writes (see ``deephash serve --workers``).
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +47,16 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from deephash.errors import DeephashError, NotFoundError
 from deephash.retrieval.living import DuplicateIdError
-from deephash.serve.service import CorruptImageError, ImageTooLargeError, SearchService, UnsupportedImageError, parse_hex_code
+from deephash.serve.batcher import DynamicBatcher, QueueFullError
+from deephash.serve.encoder import ImageEncoder
+from deephash.serve.service import (
+    CorruptImageError,
+    ImageTooLargeError,
+    SearchRequest,
+    SearchService,
+    UnsupportedImageError,
+    parse_hex_code,
+)
 
 MAX_K = 1000
 LOG = logging.getLogger("deephash.serve")
@@ -111,6 +134,31 @@ class RequestGuard:
             if started:
                 raise
             await _send_json(send, 503, f"request took longer than {self.timeout_s:g} s and was stopped")
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (no per-request task, unlike ``@app.middleware``): adds
+    Content-Security-Policy and X-Content-Type-Options to every response that has none."""
+
+    HEADERS = ((b"content-security-policy", _CSP.encode()), (b"x-content-type-options", b"nosniff"))
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in self.HEADERS if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 # ------------------------------------------------------------------------------ schemas
@@ -200,10 +248,20 @@ _SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchPar
 
 def _status(error: DeephashError) -> int:
     for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
-                         (NotFoundError, 404), (DuplicateIdError, 409)):
+                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503)):
         if isinstance(error, kind):
             return status
     return 422  # a code of the wrong length or bad hex: an unprocessable value
+
+
+def _watch_folds(service: SearchService, every_s: float, stop: threading.Event) -> None:
+    """Until ``stop``: every ``every_s`` seconds, swap in the snapshot a writer folded (read-only)."""
+    while not stop.wait(every_s):
+        try:
+            if service.reload_if_folded():
+                LOG.info("reloaded the index: %d items (journal_seq %d)", len(service.index.ids), service.index.journal_seq)
+        except (DeephashError, OSError) as error:  # a half-swapped folder: the next check retries
+            LOG.warning("index reload failed, still serving the previous snapshot: %s", error)
 
 
 # Long by design: FastAPI routes are closures over the one service and its limits, so every
@@ -217,13 +275,19 @@ def create_app(
     service: SearchService | None = None,
     write_token: str | None = None,
     fold_every: int = 1000,
+    max_batch: int = 32,
+    batch_wait_ms: float = 2.0,
+    max_queue: int = 128,
+    reload_s: float = 2.0,
+    encoder: ImageEncoder | None = None,
+    batch_threads: int = 2,
     model_dir: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
     Args:
         index_dir: folder written by ``deephash index build``.
-        run_dir: the run directory of the model (or ``model_dir``).
+        run_dir: the run directory of the model (None: ``encoder`` encodes the uploads).
         max_upload_bytes: largest request body (413 above it).
         max_pixels: largest ``width * height`` of an uploaded image (413 above it).
         request_timeout_s: seconds before a request is answered 503.
@@ -231,49 +295,67 @@ def create_app(
         write_token: the secret that enables writes (None: read-only; writes answer 403). With it
             the index is opened for writing and its write lock held until shutdown.
         fold_every: fold the journal into a snapshot after this many writes (and at shutdown).
-        model_dir: an exported model (``deephash export RUN --format onnx``) to encode queries with
-            ONNX Runtime instead of the run's model: the process then never imports torch.
+        max_batch: most searches in one batch (1: the one-at-a-time path, no batching).
+        batch_wait_ms: how long a batch waits for more searches after its first one arrived.
+        max_queue: most searches admitted at once (reading their body, waiting for a batch or in
+            one); beyond it a search is answered 503 with Retry-After before its body is read.
+        reload_s: read-only: seconds between checks for a snapshot folded by a writer (0: never).
+        encoder: encodes uploads (an ``ImageEncoder``; default: the run's PyTorch model).
+        batch_threads: threads running batches (each one batch at a time).
+        model_dir: an exported model (``deephash export RUN --format onnx``): its ``OnnxEncoder``
+            encodes uploads instead of the run's model, and the process never imports torch (a path,
+            not an encoder, so that it travels to ``--workers`` processes).
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
     if write_token is not None and not (write_token.strip().isascii() and write_token.strip().isprintable()):
         raise DeephashError("the write token must be printable ASCII (it travels in an HTTP header)")
     token = write_token.strip().encode() if write_token is not None else None
-    if service is None:
-        if (run_dir is None) == (model_dir is None):
-            raise DeephashError("serve needs either a run directory or an exported model folder (--run or --model)")
-        encoder = None
-        if model_dir is not None:
-            from deephash.serve.onnx_encoder import OnnxEncoder
+    if service is None and model_dir is not None:
+        if run_dir is not None or encoder is not None:
+            raise DeephashError("serve takes a run directory, an encoder or an exported model folder, not two (--run or --model)")
+        from deephash.serve.onnx_encoder import OnnxEncoder
 
-            encoder = OnnxEncoder(model_dir)
-        service = SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
-                                     fold_every=fold_every, encoder=encoder)
+        encoder = OnnxEncoder(model_dir)
+    service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
+                                            fold_every=fold_every, encoder=encoder)
     writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
+    batcher = None
+    if int(max_batch) > 1:
+        batcher = DynamicBatcher(service.answer_batch, max_batch, batch_wait_ms / 1000, max_queue, batch_threads).start()
+    elif int(max_batch) < 1:
+        raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
+    admitted = 0  # searches past admission and not yet answered (read on the event loop only)
+
+    stop_watching = threading.Event()
+    if not service.writable and reload_s > 0:
+        threading.Thread(target=_watch_folds, args=(service, float(reload_s), stop_watching),
+                         name="deephash-reload", daemon=True).start()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         try:
             yield
         finally:
+            stop_watching.set()
+            if batcher is not None:
+                batcher.close()  # answer the queued searches first
             service.close()  # fold the journal into the snapshot, release the write lock
 
     app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.",
                   lifespan=lifespan)
     app.state.service = service
+    app.state.batcher = batcher
     app.add_middleware(RequestGuard, max_bytes=max_upload_bytes, timeout_s=request_timeout_s)
 
     @app.exception_handler(DeephashError)
     async def _user_error(request: Request, error: DeephashError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+        status = _status(error)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", _CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
+    app.add_middleware(SecurityHeaders)  # outermost: the guard's own answers get them too
 
     def image_url(ident: int) -> str | None:
         return f"/api/items/{ident}/image" if service.has_image(ident) else None
@@ -298,11 +380,20 @@ def create_app(
 
     @app.post("/api/search", response_model=SearchResponse, openapi_extra=_SEARCH_BODY,
               responses={s: {"description": d} for s, d in _ERRORS.items()})
-    async def search(request: Request) -> dict[str, Any]:
+    async def search(request: Request) -> JSONResponse:
         """Search with an uploaded image (multipart field ``image``), a hex ``code`` or an item ``id``."""
+        nonlocal admitted
+        if batcher is not None and admitted >= max_queue:  # shed before reading the body
+            raise batcher.refuse(f"the server is at its limit of {max_queue} searches at once: retry shortly")
+        admitted += 1
+        try:
+            return await answer_search(request)
+        finally:
+            admitted -= 1
+
+    async def answer_search(request: Request) -> JSONResponse:
         started = time.perf_counter()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        query: dict[str, Any] = {"id": None, "label": None, "image_url": None}
         params: SearchOptions
         if kind == "multipart/form-data":
             async with request.form(max_files=1, max_fields=8) as form:
@@ -313,26 +404,28 @@ def create_app(
                     raise invalid(error.errors()) from None
                 if upload is None or isinstance(upload, str):
                     raise HTTPException(422, "multipart form needs a file field 'image'")
-                data = await upload.read()
-            packed, vector = await in_thread(service.encode_query, data)
+                query = SearchRequest(params.k, params.radius, image=await upload.read())
         elif kind == "application/json":
             try:
                 params = SearchParams.model_validate_json(await request.body())
             except ValidationError as error:
                 raise invalid(error.errors()) from None
             if params.code is not None:
-                packed, vector = parse_hex_code(params.code, service.bits), None
+                query = SearchRequest(params.k, params.radius, code=parse_hex_code(params.code, service.bits))
             else:
-                packed, label = service.item(params.id)
-                vector = service.item_vector(params.id)
-                query = {"id": params.id, "label": label, "image_url": image_url(params.id)}
+                query = SearchRequest(params.k, params.radius, item=params.id)
         else:
-            raise HTTPException(415, "send multipart/form-data with a file field 'image', or application/json with 'code' or 'id'")
-        hits = await in_thread(service.search, packed, params.k, params.radius, vector)
-        return {
-            "results": [{"id": h.id, "distance": h.distance, "label": h.label, "image_url": image_url(h.id)} for h in hits],
-            "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query,
-        }
+            raise HTTPException(415, "send multipart/form-data with a file field 'image', "
+                                     "or application/json with 'code' or 'id'")
+        answer = await (batcher.submit(query) if batcher is not None else in_thread(service.answer, query))
+        about = {"id": None, "label": None, "image_url": None}
+        if query.item is not None:
+            about = {"id": query.item, "label": answer.label, "image_url": image_url(query.item)}
+        return JSONResponse({  # built here as SearchResponse says (skipping its validation: a hot path)
+            "results": [{"id": h.id, "distance": h.distance, "label": h.label,
+                         "image_url": f"/api/items/{h.id}/image" if h.has_image else None} for h in answer.hits],
+            "bits": service.bits, "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": about,
+        })
 
     @app.get("/api/items/random", response_model=Item)
     async def random_item() -> dict[str, Any]:
@@ -388,6 +481,15 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """Liveness: 200 while the server answers."""
         return {"status": "ok"}
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        """Liveness, the process id and the search batching: batch sizes, queue depth, requests shed."""
+        if batcher is not None:
+            batching = {**batcher.stats(), "admitted": admitted}
+        else:
+            batching = {"max_batch": 1, "queue_depth": 0, "shed": 0, "mean_batch_size": 1.0}
+        return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

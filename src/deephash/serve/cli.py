@@ -8,7 +8,17 @@ uses the same arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+
+from deephash.errors import DeephashError
+
+#: the environment variable through which ``--workers`` hands the settings to each process
+SETTINGS_ENV = "DEEPHASH_SERVE_SETTINGS"
+
+#: uvicorn's backstop: past this many connections and requests at once it answers 503 itself
+#: (the service sheds earlier, past ``--max-queue`` searches at once, with Retry-After).
+CONNECTION_LIMIT = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     token.add_argument("--token-env", metavar="NAME", help="enable adds and removes with the token in environment variable NAME")
     parser.add_argument("--fold-every", type=int, default=1000,
                         help="with writes: fold the journal into a new snapshot after this many changes (default: 1000)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="most searches encoded and searched together (default: 32; 1: one at a time, no batching)")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="how long a batch waits for more searches after its first one (default: 2 ms)")
+    parser.add_argument("--max-queue", type=int, default=128,
+                        help="most searches admitted at once (being read, waiting for a batch or in one); beyond "
+                             "it a search is answered 503 with Retry-After (default: 128)")
+    parser.add_argument("--batch-threads", type=int, default=2,
+                        help="threads running batches, one batch each at a time (default: 2: one batch's "
+                             "forward pass overlaps another's search)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="read-only server processes sharing the port (default: 1); each loads the index and the "
+                             "model; not with a write token: run one writable server apart")
+    parser.add_argument("--reload-s", type=float, default=2.0,
+                        help="read-only: seconds between checks for a snapshot folded by a writer (default: 2; 0: never)")
     parser.set_defaults(handler=run_serve)
 
 
 def read_token(token_file: str | None, token_env: str | None) -> str | None:
     """The write token from a file or an environment variable (never from the command line, which
     other users see in ``ps``); None when neither is given."""
-    from deephash.errors import DeephashError
-
     if token_file is not None:
         try:
             with open(token_file, encoding="utf-8") as handle:
@@ -68,16 +91,35 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from deephash.serve.app import create_app
     except ImportError as error:
-        from deephash.errors import DeephashError
-
         extra = "serve-onnx" if args.model else "serve"
         raise DeephashError(f"serving needs FastAPI and uvicorn: pip install 'deephash[{extra}]' ({error})") from None
     token = read_token(args.token_file, args.token_env)
-    app = create_app(args.index, args.run, max_upload_bytes=int(args.max_upload_mb * 1_000_000),
-                     max_pixels=args.max_pixels, request_timeout_s=args.timeout, write_token=token,
-                     fold_every=args.fold_every, model_dir=args.model)
+    if args.workers < 1:
+        raise DeephashError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and token:
+        raise DeephashError("--workers > 1 serves read-only: writes need one process (run a writable server apart, "
+                            "the read-only ones reload its folds)")
+    settings = {"index_dir": str(args.index), "run_dir": args.run, "model_dir": args.model, "max_upload_bytes": int(args.max_upload_mb * 1_000_000),
+                "max_pixels": args.max_pixels, "request_timeout_s": args.timeout, "fold_every": args.fold_every,
+                "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_queue": args.max_queue,
+                "batch_threads": args.batch_threads,
+                "reload_s": args.reload_s}
     mode = "adds and removes with the token" if token else "read-only"
+    common = {"host": args.host, "port": args.port, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 5,
+              "limit_concurrency": CONNECTION_LIMIT, "log_level": "warning"}
+    if args.workers > 1:  # uvicorn's supervisor: the children share its socket and build the app themselves
+        os.environ[SETTINGS_ENV] = json.dumps(settings)
+        print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode}, {args.workers} processes)", flush=True)
+        uvicorn.run("deephash.serve.cli:app_from_environment", factory=True, workers=args.workers, **common)
+        return 0
+    app = create_app(**settings, write_token=token)
     print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                limit_concurrency=128, log_level="warning")
+    uvicorn.run(app, **common)
     return 0
+
+
+def app_from_environment() -> object:
+    """A read-only app from the settings in ``$DEEPHASH_SERVE_SETTINGS`` (each ``--workers`` process)."""
+    from deephash.serve.app import create_app
+
+    return create_app(**json.loads(os.environ[SETTINGS_ENV]))

@@ -1,16 +1,15 @@
-"""The encoder the search service calls: images -> packed codes (+ re-rank vectors), no torch in
-the signature (``/work/notes/encoder-interface.md``, branch ``serve``). ``TorchEncoder`` runs a
-run's model; ``deephash.serve.onnx_encoder.OnnxEncoder`` an exported one without PyTorch. This
-module imports torch only inside ``TorchEncoder``."""
+"""The service's image encoder: uint8 images ``(B, C, H, W)`` -> packed codes (+ re-rank vectors).
+
+The search service never calls a model directly; it calls an :class:`ImageEncoder`, so that the
+PyTorch model (:class:`TorchEncoder`) and an exported one (ONNX Runtime) plug in alike. The
+interface is numpy in, numpy out: no torch in its signature.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-
-from deephash.retrieval.codes import pack_codes
-from deephash.signs import sign
 
 if TYPE_CHECKING:
     import torch
@@ -18,13 +17,14 @@ if TYPE_CHECKING:
 __all__ = ["ImageEncoder", "TorchEncoder"]
 
 
+@runtime_checkable
 class ImageEncoder(Protocol):
-    """Images -> packed codes (+ re-rank vectors); ``encode`` may be called from several threads.
+    """What the search service calls to encode images.
 
     Attributes:
-        bits: code length (the service checks it against the index's).
-        input_shape: ``(C, H, W)`` the encoder takes; uploads are decoded to it.
-        name: shown as the model in ``/api/info``.
+        bits: code length (must equal the index's).
+        input_shape: the ``(C, H, W)`` the encoder takes; uploads are decoded to it.
+        name: shown as the service's model (``/api/info``).
     """
 
     bits: int
@@ -32,34 +32,47 @@ class ImageEncoder(Protocol):
     name: str
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 ``(B, C, H, W)`` pixels -> packed uint8 ``(B, ceil(bits/8))`` codes and float32
-        ``(B, D)`` re-rank vectors (None when the model keeps none); row i from row i."""
+        """One forward pass over a batch; may be called from several threads at once.
+
+        Args:
+            images: uint8 ``(B, C, H, W)``, raw pixels 0..255, ``B >= 1``.
+
+        Returns:
+            packed codes uint8 ``(B, ceil(bits/8))`` (most significant bit first, as
+            :func:`~deephash.retrieval.codes.pack_codes`), and float32 ``(B, D)`` re-rank vectors
+            or None when the model keeps none. Row ``i`` belongs to image ``i``.
+        """
         ...
 
 
 class TorchEncoder:
-    """A run's model (eval mode) as an :class:`ImageEncoder`.
+    """The run's PyTorch model as an :class:`ImageEncoder` (pixels scaled to ``[0, 1]``).
 
     Args:
-        model: a hash model: ``encode_with_rerank(x)`` or ``model(x)`` gives ±1 codes of [0, 1] images.
+        model: the hash model in eval mode (``encode_with_rerank`` when it has one, else its
+            output's sign is the code).
         input_shape: the model's ``(C, H, W)``.
         name: the model's name for ``/api/info``.
     """
 
     def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], name: str = "") -> None:
         self.model = model
-        self.bits = getattr(model, "bits", None)
+        self.bits = int(getattr(model, "bits", 0) or 0)
         self.input_shape = tuple(int(v) for v in input_shape)
-        self.name = name
+        self.name = name or type(model).__name__
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """See :meth:`ImageEncoder.encode`."""
         import torch
 
+        from deephash.retrieval.codes import pack_codes
+        from deephash.signs import sign
+
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
             device = next(self.model.parameters()).device
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255)
             if hasattr(self.model, "encode_with_rerank"):
-                codes, vectors = self.model.encode_with_rerank(x.to(device))
+                codes, vectors = self.model.encode_with_rerank(x)
             else:
-                codes, vectors = sign(self.model(x.to(device))), None
+                codes, vectors = sign(self.model(x)), None
             return pack_codes(codes.cpu()), None if vectors is None else vectors.float().cpu().numpy()

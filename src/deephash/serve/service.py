@@ -8,13 +8,19 @@ Opened with ``writable=True`` the service holds the index as a
 :class:`~deephash.retrieval.living.LivingIndex` (its write lock taken): :meth:`SearchService.add_item`
 and :meth:`SearchService.remove_item` are journaled and fsynced before they return, and every read
 runs under the living index's read lock, so it sees an item before or after a change, never half.
+
+Opened read-only, :meth:`SearchService.reload_if_folded` swaps in the snapshot on disk when a
+writer (another process) has folded its journal into it since (``meta.json``'s ``journal_seq``
+and ``changed``), under the service's own read/write lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,15 +36,13 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
     read_image,
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
-from deephash.retrieval.codes import n_bytes, padding_is_zero
+from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
 from deephash.retrieval.index import HashIndex
-from deephash.retrieval.item_images import drop_item_images, item_image_path, save_item_image
-from deephash.retrieval.living import LivingIndex
+from deephash.retrieval.living import LivingIndex, ReadWriteLock
 from deephash.retrieval.search import DEFAULT_SHORTLIST, IdLookup, search
-from deephash._tensors import as_numpy
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the service itself runs without torch (an ONNX Runtime encoder)
     import torch
 
 
@@ -52,6 +56,26 @@ class Hit:
     has_image: bool
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search: exactly one of an uploaded image's bytes, a database item's id or a packed
+    code uint8 ``(1, ceil(bits/8))``; ``k`` results at most, within ``radius`` when given."""
+
+    k: int = 10
+    radius: int | None = None
+    image: bytes | None = None
+    item: int | None = None
+    code: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A search's hits, nearest first, and the query item's label (an item query; else None)."""
+
+    hits: list[Hit]
+    label: Any = None
+
+
 def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
     """Encode uint8 ``(C, H, W)`` (C = 1 or 3) as PNG, shrunk to fit ``max_side`` pixels."""
     from PIL import Image
@@ -62,6 +86,33 @@ def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return out.getvalue()
+
+
+def _load_index(index_dir: Path) -> HashIndex:
+    """The saved index in ``index_dir``.
+
+    Raises:
+        NotFoundError: no such folder. DataFormatError: not a readable index.
+    """
+    if not Path(index_dir).is_dir():
+        raise NotFoundError(f"index directory {index_dir} does not exist")
+    return HashIndex.load(index_dir)
+
+
+def _path_images(index: HashIndex) -> dict[int, str]:
+    """Each item's image file by id, from the index's ``paths`` column (items without one left out)."""
+    return {int(i): str(p) for i, p in zip(index.ids.tolist(), index.paths.tolist()) if p}
+
+
+def snapshot_key(index_dir: Path) -> tuple[int, str | None] | None:
+    """``(journal_seq, changed)`` of the snapshot in ``index_dir/meta.json``; None while unreadable
+    (a fold swapping the folder)."""
+    try:
+        meta = json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8"))
+        changed = meta.get("changed")
+        return int(meta.get("journal_seq") or 0), changed if isinstance(changed, str) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def parse_hex_code(text: str, bits: int) -> np.ndarray:
@@ -89,8 +140,8 @@ class SearchService:
 
     Args:
         index: a loaded ``HashIndex`` (labels and metadata as ``build_index`` writes them).
-        model: the run's hash model (eval mode), run by a ``TorchEncoder``; None with ``encoder``.
-        input_shape: the model's ``(C, H, W)`` (None with ``encoder``: its ``input_shape``).
+        model: the run's hash model (eval mode), or None when ``encoder`` is given.
+        input_shape: the model's ``(C, H, W)``.
         images: database images: uint8 ``(N, C, H, W)`` rows addressed by id (a data-set split),
             a dict id -> file path (an image folder), or None.
         classes: class names, ``classes[label]``.
@@ -98,15 +149,16 @@ class SearchService:
         seed: seed of the random-item generator.
         living: the open :class:`LivingIndex` holding ``index`` (then items can be added and removed).
         index_dir: the index folder (where added items' images are stored and read).
-        encoder: what turns images into codes (``deephash.serve.encoder.ImageEncoder``); default a
-            ``TorchEncoder`` over ``model``.
+        encoder: what encodes uploads (an :class:`~deephash.serve.encoder.ImageEncoder`); default
+            a :class:`~deephash.serve.encoder.TorchEncoder` over ``model``.
+        shortlist: the first stage's size of a two-stage search.
     """
 
     def __init__(
         self,
         index: Any,
         model: torch.nn.Module | None,
-        input_shape: tuple[int, int, int] | None,
+        input_shape: tuple[int, int, int],
         images: torch.Tensor | dict[int, str] | None = None,
         classes: list[str] | None = None,
         max_pixels: int = 16_000_000,
@@ -115,21 +167,27 @@ class SearchService:
         living: LivingIndex | None = None,
         index_dir: str | os.PathLike | None = None,
         encoder: ImageEncoder | None = None,
+        shortlist: int = DEFAULT_SHORTLIST,
     ) -> None:
-        encoder = encoder if encoder is not None else TorchEncoder(model, input_shape, model_name)
+        if encoder is None and model is None:
+            raise DeephashError("the search service needs a model or an encoder")
+        encoder = encoder or TorchEncoder(model, input_shape, model_name)
         if encoder.bits != index.bits:
             raise CodeLengthError(f"the model makes {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
         self.index = index
         self.model = model
         self.encoder = encoder
+        self.shortlist = int(shortlist)
         self.input_shape = tuple(int(v) for v in encoder.input_shape)
         self.images = images
         self.classes = list(classes or [])
         self.max_pixels = int(max_pixels)
-        self.model_name = model_name
+        self.model_name = encoder.name
         self._rng = np.random.default_rng(seed)
         self.living = living
         self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._lock = ReadWriteLock()  # a read-only service's, for reload_if_folded
+        self._stored = self._stored_ids()
         self._refresh()
 
     def _refresh(self, changed: Any = None) -> None:
@@ -140,62 +198,107 @@ class SearchService:
         labels = self.index.labels
         self._labels = None if labels is None else np.asarray(labels)
 
+    def _stored_ids(self) -> set[int]:
+        """Ids whose image is stored in ``INDEX/items/`` (added items), listed once: the service
+        keeps the set current on its own adds and removes (it is the index's only writer)."""
+        if self.index_dir is None:
+            return set()
+        from deephash.retrieval.item_images import item_image_path
+
+        folder = item_image_path(self.index_dir, 0).parent
+        if not folder.is_dir():
+            return set()
+        return {int(f.stem) for f in folder.glob("*.png") if f.stem.isdigit()}
+
     def _reading(self) -> contextlib.AbstractContextManager[None]:
-        return self.living.reading() if self.living is not None else contextlib.nullcontext()
+        return self.living.reading() if self.living is not None else self._lock.reading()
+
+    def reload_if_folded(self) -> bool:
+        """Read-only: load the snapshot on disk when it differs from the one served (a writer
+        folded its journal since), and swap it in between searches. Returns whether it did.
+
+        Raises:
+            DeephashError: the new snapshot does not load, or holds codes of another length (the
+            old one stays served).
+        """
+        if self.living is not None or self.index_dir is None:
+            return False
+        key = snapshot_key(self.index_dir)
+        if key is None or key == (self.index.journal_seq, self.index.changed):
+            return False
+        index = _load_index(self.index_dir)
+        if snapshot_key(self.index_dir) != (index.journal_seq, index.changed):
+            return False  # folded again while loading: the next call loads the newer one
+        if index.bits != self.bits:
+            raise CodeLengthError(f"the folded index {self.index_dir} holds {index.bits}-bit codes, not {self.bits}")
+        with self._lock.writing():
+            if isinstance(self.images, dict) and index.paths is not None:
+                self.images = _path_images(index)
+            self.index = index
+            self._stored = self._stored_ids()
+            self._refresh()
+        return True
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike | None, max_pixels: int = 16_000_000,
+    def load(cls, index_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None, max_pixels: int = 16_000_000,
              writable: bool = False, fold_every: int = 1000, encoder: ImageEncoder | None = None) -> SearchService:
-        """Open an index folder and the run that built it (model on the CPU), or an encoder.
+        """Open an index folder and the run that built it (model on the CPU), or only the index
+        and an ``encoder`` (then nothing is read from a run, and torch is not needed).
 
         Database images come from the index's ``paths`` column (an image folder) or its metadata's
-        ``source = "split:NAME"`` (that split of the run's data set, so only with a run), and for
+        ``source = "split:NAME"`` (that split of the run's data set; with a run only), and for
         added items from ``INDEX/items/<id>.png``; they are optional.
 
         Args:
-            run_dir: the run; None with ``encoder`` (then nothing is read from a run and torch is
-                not imported: an exported model, ``deephash.serve.onnx_encoder.OnnxEncoder``).
-            encoder: encodes the queries (default: a ``TorchEncoder`` over the run's model).
+            run_dir: the run directory (None: ``encoder`` is required).
             writable: open the index for adds and removes (takes its write lock until :meth:`close`).
             fold_every: with ``writable``, fold the journal into a snapshot after this many changes.
+            encoder: encodes uploads (default: the run's PyTorch model).
 
         Raises:
             NotFoundError / DataFormatError: no such index or run. CodeLengthError: the run's
             code length differs from the index's. IndexLockedError: ``writable`` and another
-            writer holds the index.
+            writer holds the index. DeephashError: neither a run nor an encoder.
         """
         if run_dir is None and encoder is None:
-            raise DeephashError("the service needs a run directory or an encoder (an exported model)")
+            raise DeephashError("the search service needs a run directory or an encoder")
         index_dir = Path(index_dir)
-        living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
-        try:
-            index = living.index if living is not None else HashIndex.load(index_dir)
-            meta = index.metadata if isinstance(index.metadata, dict) else {}
-            images: Any = None
-            if index.paths is not None:  # one per index row ("" for an item without a file)
-                images = {int(i): str(p) for i, p in zip(index.ids.tolist(), index.paths.tolist()) if p}
-            if run_dir is None:  # an exported model: nothing from a run, no torch
-                classes = meta.get("classes") or list(getattr(encoder, "classes", []) or [])
-                return cls(index, None, None, images, classes, max_pixels, model_name=encoder.name, living=living,
-                           index_dir=index_dir, encoder=encoder)
-            from deephash.runs import load_run, load_split, model_input_shape
+        model = config = None
+        if run_dir is not None:
+            from deephash.runs import load_run
 
-            model, config = load_run(Path(run_dir), device="cpu")
-            if images is None and str(meta.get("source", "")).startswith("split:"):
-                images = load_split(config, str(meta["source"])[len("split:"):], Path(run_dir)).data
-            if images is not None and not isinstance(images, dict):
-                shape = tuple(images.shape[1:])
-            else:  # an image folder: the size the run's training images had
-                shape = model_input_shape(config, Path(run_dir))
-            classes = meta.get("classes") or list(getattr(model, "classes", []) or [])
-            spec = getattr(model, "spec", None)
-            return cls(index, model, shape, images, classes, max_pixels, seed=config.seed,
-                       model_name=str(spec.backbone if spec is not None else type(model).__name__), living=living,
-                       index_dir=index_dir, encoder=encoder)
+            run_dir = Path(run_dir)
+            model, config = load_run(run_dir, device="cpu")
+        living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
+        index = living.index if living is not None else _load_index(index_dir)
+        meta = index.metadata if isinstance(index.metadata, dict) else {}
+        images: torch.Tensor | dict[int, str] | None = None
+        if index.paths is not None:  # one per index row ("" for an item without a file)
+            images = _path_images(index)
+        elif str(meta.get("source", "")).startswith("split:") and config is not None:
+            from deephash.runs import load_split
+
+            images = load_split(config, str(meta["source"])[len("split:"):], run_dir).data
+        if images is not None and not isinstance(images, dict):
+            shape = tuple(images.shape[1:])
+        elif config is not None:  # an image folder: the size the run's training images had
+            from deephash.runs import model_input_shape
+
+            shape = model_input_shape(config, run_dir)
+        else:
+            shape = tuple(encoder.input_shape)
+        classes = (meta.get("classes") or list(getattr(model, "classes", []) or [])
+                   or list(getattr(encoder, "classes", []) or []))
+        spec = getattr(model, "spec", None)
+        name = str(spec.backbone if spec is not None else type(model).__name__) if model is not None else ""
+        try:
+            service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed if config is not None else 0,
+                          model_name=name, living=living, index_dir=index_dir, encoder=encoder)
         except BaseException:
             if living is not None:
                 living.close(fold=False)
             raise
+        return service
 
     def close(self) -> None:
         """Fold the journal into the snapshot and release the write lock (a writable service)."""
@@ -232,14 +335,16 @@ class SearchService:
         return self.classes[label] if 0 <= label < len(self.classes) else label
 
     def _stored_image(self, ident: int) -> Path | None:
-        if self.index_dir is None:
+        if self.index_dir is None or ident not in self._stored:
             return None
+        from deephash.retrieval.item_images import item_image_path
+
         path = item_image_path(self.index_dir, ident)
         return path if path.is_file() else None
 
     def has_image(self, ident: int) -> bool:
         """Whether the database image of this id can be served."""
-        if self._stored_image(ident) is not None:
+        if ident in self._stored:  # an added item's image (no file check: searches ask per hit)
             return True
         if isinstance(self.images, dict):
             return ident in self.images
@@ -256,9 +361,8 @@ class SearchService:
         return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
 
     def _encode_pixels(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One uint8 ``(C, H, W)`` image's packed code ``(1, B)`` and re-rank vector float32 ``(D,)`` or None."""
         packed, vectors = self.encoder.encode(image[None])
-        return packed, None if vectors is None else np.asarray(vectors[0], dtype=np.float32)
+        return packed, None if vectors is None else vectors[0]
 
     def item_vector(self, ident: int) -> np.ndarray | None:
         """The stored re-rank vector of an item (None when the index keeps none)."""
@@ -286,19 +390,92 @@ class SearchService:
             return int(self._ids[self._rng.integers(len(self._ids))])
 
     def search(self, packed: np.ndarray, k: int, radius: int | None = None, vector: np.ndarray | None = None,
-               shortlist: int = DEFAULT_SHORTLIST) -> list[Hit]:
+               shortlist: int | None = None) -> list[Hit]:
         """The ``k`` nearest items of one packed code ``(1, B)``, within ``radius`` when given;
         with the query's re-rank ``vector`` and an index that keeps vectors, a two-stage search
-        (``retrieval.search``) over a Hamming shortlist of ``shortlist``.
+        (``retrieval.search``) over a Hamming shortlist of ``shortlist`` (default: the service's).
 
         Results are nearest first; fewer than ``k`` when the index is smaller or the radius cuts.
         """
         with self._reading():
             rerank = None if vector is None else vector[None, :]
-            (found,) = search(self.index, packed, int(k), radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
-            labels = [self.label_of(int(p)) for p in found.positions.tolist()]
-        return [Hit(int(i), int(d), label, self.has_image(int(i)))
-                for i, d, label in zip(found.ids.tolist(), found.distances.tolist(), labels)]
+            (found,) = self._neighbours(packed, int(k), radius, rerank, shortlist or self.shortlist)
+        return self._hits(found)
+
+    def _neighbours(self, packed: np.ndarray, k: int, radius: int | None, rerank: np.ndarray | None,
+                    shortlist: int) -> list[tuple[list[int], list[int], list[Any]]]:
+        """One call of the search engine for ``(n, B)`` codes, under the read lock: each query's
+        ids, distances and labels (read now: a change may move the rows once the lock is let go)."""
+        found = search(self.index, packed, k, radius, lookup=self._lookup, rerank=rerank, shortlist=shortlist)
+        return [(f.ids.tolist(), f.distances.tolist(), [self.label_of(p) for p in f.positions.tolist()]) for f in found]
+
+    def _hits(self, found: tuple[list[int], list[int], list[Any]]) -> list[Hit]:
+        """A query's hits from :meth:`_neighbours`' ids, distances and labels (outside the lock)."""
+        ids, distances, labels = found
+        return [Hit(i, d, label, self.has_image(i)) for i, d, label in zip(ids, distances, labels)]
+
+    def answer(self, request: SearchRequest) -> Answer:
+        """One request's answer (the one-at-a-time path: :meth:`answer_batch` of one).
+
+        Raises:
+            DeephashError: the request's own error (a refused upload, an unknown item).
+        """
+        (outcome,) = self.answer_batch([request])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def answer_batch(self, requests: Sequence[SearchRequest]) -> list[Answer | DeephashError]:
+        """Answer many searches at once: the uploads decoded and encoded in ONE encoder call, then
+        ONE search-engine call per distinct ``(k, radius, re-ranked)`` (one in all when the clients
+        ask alike), under one read lock.
+
+        Each answer equals what the request alone gets; a request's bad input (a refused upload,
+        an unknown item) becomes its outcome, an exception, and spares the others.
+        """
+        outcomes: list[Answer | DeephashError | None] = [None] * len(requests)
+        codes: list[np.ndarray | None] = [None] * len(requests)
+        vectors: list[np.ndarray | None] = [None] * len(requests)
+        labels: list[Any] = [None] * len(requests)
+        found: dict[int, tuple[list[int], list[int], list[Any]]] = {}
+        pixels, uploads = [], []
+        for i, request in enumerate(requests):
+            if request.image is not None:
+                try:
+                    pixels.append(decode_image(request.image, self.input_shape, self.max_pixels))
+                    uploads.append(i)
+                except DeephashError as error:
+                    outcomes[i] = error
+            elif request.code is not None:
+                codes[i] = np.asarray(request.code, dtype=np.uint8).reshape(1, -1)
+        if pixels:
+            packed, encoded = self.encoder.encode(np.stack(pixels))
+            for row, i in enumerate(uploads):
+                codes[i] = packed[row:row + 1]
+                vectors[i] = None if encoded is None else encoded[row]
+        with self._reading():
+            stored = self.index.rerank_vectors
+            for i, request in enumerate(requests):
+                if request.item is None:
+                    continue
+                position = self._lookup.position(int(request.item))
+                if position < 0:
+                    outcomes[i] = NotFoundError(f"no item with id {request.item} in the index")
+                    continue
+                codes[i] = self._codes[position:position + 1].copy()
+                vectors[i] = None if stored is None else stored[position].astype(np.float32)
+                labels[i] = self.label_of(position)
+            groups: dict[tuple[int, int | None, bool], list[int]] = {}
+            for i, request in enumerate(requests):
+                if outcomes[i] is None:
+                    groups.setdefault((int(request.k), request.radius, vectors[i] is not None), []).append(i)
+            for (k, radius, reranked), members in groups.items():
+                rerank = np.stack([vectors[i] for i in members]) if reranked else None
+                answers = self._neighbours(np.concatenate([codes[i] for i in members]), k, radius, rerank, self.shortlist)
+                found.update(zip(members, answers))
+        for i, neighbours in found.items():
+            outcomes[i] = Answer(self._hits(neighbours), labels[i])
+        return outcomes  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ writes
     def _label_value(self, label: str | int | None) -> np.ndarray | None:
@@ -331,7 +508,7 @@ class SearchService:
         Args:
             data: the image file's bytes (decoded as search uploads are, size limits included).
             label: a class name or number; None for unknown.
-            ident: the new id; None: the index's ``next_id`` (never an id handed out before).
+            ident: the new id; None: after the largest id.
 
         Returns:
             the new item's id.
@@ -349,12 +526,17 @@ class SearchService:
         vectors = None if vector is None or self.index.rerank_vectors is None and self.index.ntotal else vector[None, :]
         labels = self._label_value(label)
         index_dir = self.index_dir
+        from deephash.retrieval.item_images import save_item_image
 
         def store(ids: np.ndarray) -> None:
             save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
 
+        def applied(ids: np.ndarray) -> None:
+            self._stored.update(int(i) for i in ids.tolist())
+            self._refresh()
+
         added = self.living.add(packed, ids=None if ident is None else [int(ident)], labels=labels,
-                                before=store, after=self._refresh, rerank=vectors)
+                                before=store, after=applied, rerank=vectors)
         return int(added[0])
 
     def remove_item(self, ident: int) -> None:
@@ -368,8 +550,10 @@ class SearchService:
         if not 0 <= ident < 2**63:
             raise NotFoundError(f"no item with id {ident} in the index")
         index_dir = self.index_dir
+        from deephash.retrieval.item_images import drop_item_images
 
         def applied(ids: np.ndarray) -> None:
+            self._stored.difference_update(int(i) for i in ids.tolist())
             self._refresh()
             drop_item_images(index_dir, ids)  # before another writer can give the id to a new item
 
@@ -395,4 +579,4 @@ class SearchService:
             raise NotFoundError(f"no image for item {ident}")
         if isinstance(self.images, dict):
             return png_bytes(read_image(self.images[ident]))
-        return png_bytes(as_numpy(self.images[ident]))
+        return png_bytes(self.images[ident].numpy())

@@ -1,0 +1,84 @@
+"""Real ``deephash serve`` processes on loopback: batched searches answer as one-at-a-time ones,
+``--workers 2`` read-only processes both answer and reload a snapshot folded by a writer, and
+``--workers > 1`` with a write token is refused."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import start_server, stop, tiny_digits_run
+
+from deephash import runs
+from deephash.errors import DeephashError
+from deephash.retrieval.living import LivingIndex
+from deephash.serve.cli import add_arguments
+from deephash.serve.service import SearchRequest, SearchService
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def searches(base: str, pngs: list[bytes]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/api/search", files={"image": ("q.png", p, "image/png")},
+                                                  data={"k": "10"}) for p in pngs))
+
+
+def test_two_read_only_processes_answer_and_reload_a_fold(tmp_path):
+    run_dir, index_dir, config = tiny_digits_run(tmp_path, 12, centred=True)
+    pixels = runs.load_split(config, "test", run_dir).data[:24].numpy()[:, 0]
+    pngs = [png_of(p) for p in pixels]
+    alone = SearchService.load(index_dir, run_dir)
+    expected = [alone.answer(SearchRequest(k=10, image=p)) for p in pngs]
+    proc, base = start_server(index_dir, run_dir, tmp_path / "server.log", "--workers", "2", "--max-batch", "8",
+                              "--batch-wait-ms", "5", "--reload-s", "0.2")
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:  # each a new connection: either process takes it
+            pids.add(httpx.get(f"{base}/api/health", timeout=10).json()["pid"])
+            time.sleep(0.05)
+        assert len(pids) == 2, f"only {pids} answered"
+        for response, answer in zip(asyncio.run(searches(base, pngs)), expected):
+            assert [(r["id"], r["distance"]) for r in response.json()["results"]] == [(h.id, h.distance) for h in answer.hits]
+
+        living = LivingIndex(index_dir, holder="test writer").open()  # the one writer, in another process
+        try:
+            living.add(alone.index.codes[:1], ids=[777_777], labels=np.array([3]))
+            living.fold()
+        finally:
+            living.close()
+        size = len(alone.index.ids) + 1
+        seen: dict[int, int] = {}
+        deadline = time.monotonic() + 60
+        while (len(seen) < 2 or set(seen.values()) != {size}) and time.monotonic() < deadline:
+            health = httpx.get(f"{base}/api/health", timeout=10).json()
+            seen[health["pid"]] = health["size"]
+            time.sleep(0.05)
+        assert seen == {pid: size for pid in pids}
+        found = httpx.post(f"{base}/api/search", json={"id": 777_777, "k": 1}, timeout=10)
+        assert found.status_code == 200 and found.json()["query"]["label"] == "3"
+    finally:
+        stop(proc)
+
+
+def test_several_processes_with_a_write_token_are_refused(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("SERVE_TOKEN", "secret-token")
+    args = parser.parse_args([str(tmp_path), "--run", str(tmp_path), "--workers", "2", "--token-env", "SERVE_TOKEN"])
+    with pytest.raises(DeephashError, match="--workers > 1 serves read-only"):
+        args.handler(args)
