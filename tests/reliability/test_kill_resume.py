@@ -132,8 +132,10 @@ ALLOWED = {
         "append-only journal, fsynced per record; a torn last record is cut before the next append",
     ("retrieval/journal.py", "os.open(self.index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 420)"): "the flock file (a pid)",
     ("retrieval/living.py", "self.index.save(self.path)"): "HashIndex.save, atomic (above)",
-    ("runs/index_updates.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
+    ("retrieval/item_images.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
         "into an io.BytesIO, then atomic_write_bytes",
+    ("runs/export.py", "(tmp / ENCODER_FILE).write_bytes(data)"): "inside a mkdtemp folder moved into place by atomic_replace_dir",
+    ("runs/export.py", "(tmp / DESCRIPTION_FILE).write_text(text, encoding='utf-8')"): "same temporary folder",
 }
 
 
