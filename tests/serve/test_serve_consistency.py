@@ -90,14 +90,14 @@ def test_a_write_outliving_the_request_deadline_is_answered_with_its_outcome(tmp
     slow = {"add": service.add_item, "remove": service.remove_item}[write]
     finished = []
 
-    def slower(*args):  # outlives the 0.2 s deadline by far, then does the write
-        time.sleep(1.0)
+    def slower(*args):  # outlives the 0.5 s deadline by far, then does the write
+        time.sleep(1.5)
         result = slow(*args)
         finished.append(result)
         return result
 
     setattr(service, f"{write}_item", slower)
-    app = create_app(index_dir, service=service, write_token=TOKEN, request_timeout_s=0.2, max_batch=1)
+    app = create_app(index_dir, service=service, write_token=TOKEN, request_timeout_s=0.5, max_batch=1)
     with TestClient(app) as client:
         if write == "add":
             pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
