@@ -155,6 +155,24 @@ def test_index_build_info_and_search_match_brute_force(run, tiny, tmp_path, caps
     assert "rank" in table and len(table.strip().splitlines()) == 5
 
 
+def test_search_names_no_class_for_an_item_labelled_minus_one(run, tmp_path, capsys):
+    from deephash.retrieval.index import HashIndex
+
+    index_dir = tmp_path / "index"
+    assert main(["index", "build", str(run), "--split", "train", "--out", str(index_dir)]) == 0
+    assert main(["encode", str(run), "--split", "test", "--out", str(tmp_path / "q.npz")]) == 0
+    index = HashIndex.load(index_dir)
+    classes = index.metadata["classes"]
+    assert len(classes) > 1
+    index.add(np.load(tmp_path / "q.npz")["codes"][:1], ids=[10_000], labels=np.array([-1]))  # no class, distance 0
+    index.save(index_dir)
+    capsys.readouterr()
+    assert main(["search", str(index_dir), "--run", str(run), "test:0", "--radius", "0", "--json"]) == 0
+    hits = {h["id"]: h for h in json.loads(capsys.readouterr().out)[0]["hits"]}
+    assert hits[10_000]["label"] == -1 and hits[10_000]["class"] is None  # not classes[-1]
+    assert all(h["class"] == classes[h["label"]] for i, h in hits.items() if i != 10_000)
+
+
 def test_image_folder_index_keeps_file_paths(run, tiny, tmp_path, capsys):
     from PIL import Image
 

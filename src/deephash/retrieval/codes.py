@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -33,10 +33,6 @@ def binarize(x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     return sign(x)
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    return as_numpy(x)
-
-
 def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     """The bits of unpacked codes: bool ``(N, bits)``, True for a 1 bit.
 
@@ -54,7 +50,7 @@ def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     Raises:
         DeephashError: not 2-D, NaN or infinite values, or bits other than 0 and 1.
     """
-    array = _to_numpy(codes)
+    array = as_numpy(codes)
     if array.ndim != 2:
         raise DeephashError(f"codes must be 2-D (N, bits), got shape {array.shape}")
     if array.dtype == np.bool_:
@@ -92,7 +88,7 @@ def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def unpack_codes(packed: torch.Tensor | np.ndarray, bits: int) -> np.ndarray:
     """Unpack ``uint8 (N, ceil(bits/8))`` codes into ``uint8 (N, bits)`` with values in ``{0, 1}``."""
-    array = _to_numpy(packed)
+    array = as_numpy(packed)
     if array.ndim != 2 or array.dtype != np.uint8:
         raise DeephashError(f"packed codes must be uint8 (N, bytes), got {array.dtype} {array.shape}")
     if array.shape[1] != n_bytes(bits):
@@ -168,7 +164,7 @@ def save_codes(
     bits = int(bits)
     if bits < 1:
         raise DeephashError(f"bits must be >= 1, got {bits}")
-    array = _to_numpy(codes)
+    array = as_numpy(codes)
     if array.dtype != np.uint8:
         if array.ndim != 2 or array.shape[1] != bits:
             raise CodeLengthError(f"unpacked codes have shape {array.shape} but bits is {bits}")
@@ -177,11 +173,11 @@ def save_codes(
         raise CodeLengthError(f"packed codes have shape {array.shape} but {bits}-bit codes need {n_bytes(bits)} bytes")
     if not padding_is_zero(array, bits):
         raise DeephashError(f"packed {bits}-bit codes have non-zero padding bits")
-    label_array = _to_numpy(labels).astype(np.int64)
+    label_array = as_numpy(labels).astype(np.int64)
     if label_array.ndim not in (1, 2) or label_array.shape[0] != array.shape[0]:
         raise DeephashError(f"labels of shape {label_array.shape} do not match {array.shape[0]} codes")
     arrays = {"codes": array, "labels": label_array, "bits": np.array(bits, dtype=np.int64)}
-    id_array = np.arange(array.shape[0], dtype=np.int64) if ids is None else _to_numpy(ids).astype(np.int64).reshape(-1)
+    id_array = np.arange(array.shape[0], dtype=np.int64) if ids is None else as_numpy(ids).astype(np.int64).reshape(-1)
     if id_array.shape[0] != array.shape[0]:
         raise DeephashError(f"{id_array.shape[0]} ids do not match {array.shape[0]} codes")
     arrays["ids"] = id_array

@@ -25,13 +25,17 @@ def item_image_path(index_dir: str | os.PathLike, ident: int) -> Path:
     return Path(index_dir) / ITEM_IMAGES / f"{int(ident)}.png"
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG of a uint8 ``(C, H, W)`` image (C = 1 or 3)."""
+def png_bytes(image: np.ndarray, max_side: int | None = None) -> bytes:
+    """PNG of a uint8 ``(C, H, W)`` image (C = 1 or 3): full size (stored images), or shrunk to
+    fit ``max_side`` pixels keeping its aspect (shown images; never enlarged)."""
     from PIL import Image
 
     array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    picture = Image.fromarray(np.ascontiguousarray(array))
+    if max_side is not None:
+        picture.thumbnail((int(max_side), int(max_side)))
     out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(out, format="PNG")
+    picture.save(out, format="PNG")
     return out.getvalue()
 
 

@@ -156,6 +156,8 @@ class LivingIndex:
         if self._journal is None:
             return
         with self._writer:
+            if self._journal is None:  # closed by another thread while this one waited
+                return
             try:
                 if fold and self._journal.records:
                     self._fold_warning_on_failure()
@@ -183,7 +185,7 @@ class LivingIndex:
     # ------------------------------------------------------------------ writing
     def _open_journal(self) -> Journal:
         if self._journal is None or self.index is None:
-            raise DeephashError("the living index is not open (call open() first)")
+            raise DeephashError(f"the living index {self.path} is not open (closed, or open() not called)")
         return self._journal
 
     def add(self, codes: np.ndarray, ids: Sequence[int] | np.ndarray | None = None, labels: np.ndarray | None = None,
@@ -211,8 +213,8 @@ class LivingIndex:
             DuplicateIdError: an id is already in the index or given twice. DeephashError: codes,
             ids, labels, vectors or paths of the wrong shape or kind.
         """
-        journal = self._open_journal()
         with self._writer:
+            journal = self._open_journal()  # under the lock: a write that waited out close() is refused
             rows = self.index.checked_addition(codes, ids, labels, rerank, f"index {self.path}", paths=paths)
             if rows.ids.shape[0] == 0:
                 raise DeephashError("nothing to add: no codes given")
@@ -232,8 +234,8 @@ class LivingIndex:
         Raises:
             NotFoundError: an id is not in the index (the message names the first ones).
         """
-        journal = self._open_journal()
         with self._writer:
+            journal = self._open_journal()  # under the lock: a write that waited out close() is refused
             id_array = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
             if id_array.size == 0:
                 raise DeephashError("nothing to remove: no ids given")
@@ -260,8 +262,8 @@ class LivingIndex:
             FoldError: the snapshot could not be saved; the old one and the journal still hold
             every change (the journal is not emptied) and the index stays open and writable.
         """
-        self._open_journal()
         with self._writer:
+            self._open_journal()
             self._fold_locked()
 
     def _fold_warning_on_failure(self) -> None:

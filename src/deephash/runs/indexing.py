@@ -144,7 +144,7 @@ def search_run(index_dir: str | os.PathLike, run_dir: str | os.PathLike, images:
     labels = index.labels
 
     def class_of(label: int | None) -> str | None:
-        return classes[label] if label is not None and label < len(classes) else None
+        return classes[label] if label is not None and 0 <= label < len(classes) else None  # -1: no class
 
     results = []
     for item, q_label, found in zip(images, query_labels, search(index, codes, k, radius, rerank=vectors,

@@ -13,6 +13,10 @@ a token (else 403, saying how). A write is journaled and fsynced before its answ
 Every request passes :class:`RequestGuard`: a body over ``max_upload_bytes`` is refused with 413
 (declared ``Content-Length`` and the bytes actually streamed are both counted), and a request
 still running after ``request_timeout_s`` is answered 503. The model runs in worker threads.
+A write is the exception once it has begun: the deadline covers reading its body and waiting for
+a worker thread, then it is lifted, and the write runs to its end and is answered with its real
+outcome (201 / 204 / its error), however long it took. So a write answered 503 "stopped" never
+began, and retrying it cannot duplicate an item; a write is never abandoned half-way.
 
 Searches are batched dynamically (:mod:`deephash.serve.batcher`): concurrent searches wait at most
 ``batch_wait_ms`` after the first for up to ``max_batch`` of them, then a batch thread decodes
@@ -33,6 +37,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -63,6 +69,8 @@ LOG = logging.getLogger("deephash.serve")
 WRITES_DISABLED = ("writes are disabled on this server: start `deephash serve` with --token-file FILE or "
                    "--token-env NAME (a secret that clients send as 'Authorization: Bearer <token>')")
 STATIC_DIR = Path(__file__).parent / "static"
+#: The ASGI scope key under which :class:`RequestGuard` leaves the request's deadline (a cancel scope).
+DEADLINE = "deephash.deadline"
 _CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
@@ -86,6 +94,9 @@ async def _send_json(send: Any, status: int, detail: str) -> None:
 
 class RequestGuard:
     """Pure ASGI middleware: body-size limit (413) and a per-request deadline (503).
+
+    The deadline's cancel scope is left in the ASGI scope under :data:`DEADLINE`, so that a write
+    can lift it once it begins.
 
     Args:
         app: the wrapped ASGI app.
@@ -124,7 +135,8 @@ class RequestGuard:
             await send(message)
 
         try:
-            with anyio.fail_after(self.timeout_s):
+            with anyio.fail_after(self.timeout_s) as deadline:
+                scope[DEADLINE] = deadline  # a write lifts it once it begins (see _write_in_thread)
                 await self.app(scope, guarded_receive, tracked_send)
         except BodyTooLarge as error:
             if started:
@@ -290,7 +302,8 @@ def create_app(
         run_dir: the run directory of the model (None: ``encoder`` encodes the uploads).
         max_upload_bytes: largest request body (413 above it).
         max_pixels: largest ``width * height`` of an uploaded image (413 above it).
-        request_timeout_s: seconds before a request is answered 503.
+        request_timeout_s: seconds before a request is answered 503 (a write that has begun is not
+            stopped: it is answered with its outcome when done).
         service: an already loaded service (then the folders are not read).
         write_token: the secret that enables writes (None: read-only; writes answer 403). With it
             the index is opened for writing and its write lock held until shutdown.
@@ -363,6 +376,18 @@ def create_app(
     async def in_thread(func: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=workers)
 
+    async def write_in_thread(request: Request, func: Any, *args: Any) -> Any:
+        """Run a write in a worker thread to its end and return its outcome: the request's deadline
+        covers waiting for the thread; once the write begins the deadline is lifted and the thread
+        is never abandoned (a write answered "stopped" never began, so a retry cannot duplicate it)."""
+        async with workers:
+            deadline = request.scope.get(DEADLINE)
+            if deadline is not None:
+                if deadline.cancel_called:  # the deadline passed while waiting: stop before the write
+                    await anyio.lowlevel.checkpoint()
+                deadline.deadline = math.inf
+            return await anyio.to_thread.run_sync(func, *args)
+
     def check_write(request: Request) -> None:
         """403 unless writes are enabled; 401 unless the bearer token matches (constant time)."""
         if not writable:
@@ -430,8 +455,8 @@ def create_app(
     @app.get("/api/items/random", response_model=Item)
     async def random_item() -> dict[str, Any]:
         """A random database item (for the page's "random item" button)."""
-        ident = service.random_id()
-        return {"id": ident, "label": service.item(ident)[1], "image_url": image_url(ident)}
+        ident, label = await in_thread(service.random_item)  # one read lock, off the event loop
+        return {"id": ident, "label": label, "image_url": image_url(ident)}
 
     @app.get("/api/items/{ident}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}, 404: {}})
     async def item_image(ident: int) -> Response:
@@ -460,7 +485,7 @@ def create_app(
             if ident not in (None, "") and (not isinstance(ident, str) or not ident.strip().isdigit()):
                 raise HTTPException(422, "'id' must be a non-negative integer")
             data = await upload.read()
-        new = await in_thread(service.add_item, data, label if isinstance(label, str) and label else None,
+        new = await write_in_thread(request, service.add_item, data, label if isinstance(label, str) and label else None,
                               int(ident) if ident not in (None, "") else None)
         return {"id": new, "image_url": image_url(new)}
 
@@ -469,7 +494,7 @@ def create_app(
     async def delete_item(ident: int, request: Request) -> Response:
         """Remove an item (needs the token); durable when answered."""
         check_write(request)
-        await in_thread(service.remove_item, ident)
+        await write_in_thread(request, service.remove_item, ident)
         return Response(status_code=204)
 
     @app.get("/api/info", response_model=Info)

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default: 10)")
     parser.add_argument("--max-pixels", type=int, default=16_000_000, help="largest uploaded image in pixels (default: 16M)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default: 30)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default: 30); a write that has begun runs to its end")
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--token-file", help="enable adds and removes: a file holding the secret token clients send "
                        "as 'Authorization: Bearer <token>' (the index is locked for other writers while serving)")

@@ -11,13 +11,14 @@ runs under the living index's read lock, so it sees an item before or after a ch
 
 Opened read-only, :meth:`SearchService.reload_if_folded` swaps in the snapshot on disk when a
 writer (another process) has folded its journal into it since (``meta.json``'s ``journal_seq``
-and ``changed``), under the service's own read/write lock.
+and ``changed``), under the service's own read/write lock. The key it compares is the snapshot's
+own, read before the load: the loaded index's ``journal_seq`` also counts the journal records
+applied on top of the snapshot, so it cannot stand for the snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
     read_image,
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
-from deephash.retrieval.codes import n_bytes, pack_codes, padding_is_zero
+from deephash.retrieval.codes import n_bytes, padding_is_zero
 from deephash.retrieval.index import HashIndex
+from deephash.retrieval.item_images import png_bytes
 from deephash.retrieval.living import LivingIndex, ReadWriteLock
 from deephash.retrieval.search import DEFAULT_SHORTLIST, IdLookup, search
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
@@ -76,16 +78,8 @@ class Answer:
     label: Any = None
 
 
-def png_bytes(image: np.ndarray, max_side: int = 512) -> bytes:
-    """Encode uint8 ``(C, H, W)`` (C = 1 or 3) as PNG, shrunk to fit ``max_side`` pixels."""
-    from PIL import Image
-
-    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    picture = Image.fromarray(np.ascontiguousarray(array))
-    picture.thumbnail((max_side, max_side))
-    out = io.BytesIO()
-    picture.save(out, format="PNG")
-    return out.getvalue()
+#: Longest side, in pixels, of a database image as the service shows it.
+SHOWN_SIDE = 512
 
 
 def _load_index(index_dir: Path) -> HashIndex:
@@ -187,6 +181,10 @@ class SearchService:
         self.living = living
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._lock = ReadWriteLock()  # a read-only service's, for reload_if_folded
+        # the snapshot key of the served index (read-only): read before its load, see reload_if_folded
+        self._snapshot: tuple[int, str | None] | None = None
+        if living is None and self.index_dir is not None:
+            self._snapshot = snapshot_key(self.index_dir)
         self._stored = self._stored_ids()
         self._refresh()
 
@@ -224,17 +222,18 @@ class SearchService:
         if self.living is not None or self.index_dir is None:
             return False
         key = snapshot_key(self.index_dir)
-        if key is None or key == (self.index.journal_seq, self.index.changed):
+        if key is None or key == self._snapshot:
             return False
-        index = _load_index(self.index_dir)
-        if snapshot_key(self.index_dir) != (index.journal_seq, index.changed):
-            return False  # folded again while loading: the next call loads the newer one
+        index = _load_index(self.index_dir)  # the snapshot with its journal applied
+        if snapshot_key(self.index_dir) != key:
+            return False  # folded again while loading (the parts may mix): the next call loads the newer one
         if index.bits != self.bits:
             raise CodeLengthError(f"the folded index {self.index_dir} holds {index.bits}-bit codes, not {self.bits}")
         with self._lock.writing():
             if isinstance(self.images, dict) and index.paths is not None:
                 self.images = _path_images(index)
             self.index = index
+            self._snapshot = key
             self._stored = self._stored_ids()
             self._refresh()
         return True
@@ -270,6 +269,7 @@ class SearchService:
             run_dir = Path(run_dir)
             model, config = load_run(run_dir, device="cpu")
         living = LivingIndex(index_dir, fold_every=fold_every, holder="deephash serve").open() if writable else None
+        snapshot = None if writable else snapshot_key(index_dir)  # before the load: see reload_if_folded
         index = living.index if living is not None else _load_index(index_dir)
         meta = index.metadata if isinstance(index.metadata, dict) else {}
         images: torch.Tensor | dict[int, str] | None = None
@@ -298,6 +298,7 @@ class SearchService:
             if living is not None:
                 living.close(fold=False)
             raise
+        service._snapshot = snapshot
         return service
 
     def close(self) -> None:
@@ -382,12 +383,18 @@ class SearchService:
                 raise NotFoundError(f"no item with id {ident} in the index")
             return self._codes[position:position + 1].copy(), self.label_of(position)
 
-    def random_id(self) -> int:
-        """A uniformly drawn id of the index."""
+    def random_item(self) -> tuple[int, Any]:
+        """A uniformly drawn item: its id and label, read under one read lock (so a concurrent
+        remove cannot take the drawn item away before its label is read).
+
+        Raises:
+            NotFoundError: the index is empty.
+        """
         with self._reading():
             if len(self._ids) == 0:
                 raise NotFoundError("the index is empty")
-            return int(self._ids[self._rng.integers(len(self._ids))])
+            position = int(self._rng.integers(len(self._ids)))
+            return int(self._ids[position]), self.label_of(position)
 
     def search(self, packed: np.ndarray, k: int, radius: int | None = None, vector: np.ndarray | None = None,
                shortlist: int | None = None) -> list[Hit]:
@@ -578,5 +585,5 @@ class SearchService:
         if not present or not self.has_image(ident):
             raise NotFoundError(f"no image for item {ident}")
         if isinstance(self.images, dict):
-            return png_bytes(read_image(self.images[ident]))
-        return png_bytes(self.images[ident].numpy())
+            return png_bytes(read_image(self.images[ident]), max_side=SHOWN_SIDE)
+        return png_bytes(self.images[ident].numpy(), max_side=SHOWN_SIDE)
