@@ -16,8 +16,10 @@ import warnings
 import numpy as np
 import pytest
 
+from deephash._io import atomic_replace_dir
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.retrieval.index import HashIndex
+from deephash.retrieval.item_images import item_image_path, save_item_image
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
     IndexLock,
@@ -262,7 +264,7 @@ def test_living_index_never_hands_out_an_id_twice_across_a_crash_a_fold_and_a_re
     assert issued == list(range(10))  # every default id once, none twice
 
 
-def _cut_swap(tmp_dir, final_dir):
+def _cut_swap(tmp_dir, final_dir, **_):
     """A swap that dies between its renames: the old folder moved aside, the new one not in place."""
     os.replace(final_dir, final_dir.with_name(final_dir.name + ".old"))
     raise OSError(28, "No space left on device")
@@ -404,3 +406,65 @@ def test_a_failed_write_that_cannot_be_cut_off_breaks_the_journal_until_reopened
         reopened.close()
     oracle[int(again[0])] = (codes[1].tobytes(), 1)
     assert state(_load_strictly(path)) == oracle and int(again[0]) == int(first[0]) + 1
+
+
+def _synced_inodes(monkeypatch) -> list[int]:
+    """Record the inode of every ``os.fsync`` from now on (the fsync still runs)."""
+    synced: list[int] = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def _fold_with_images(tmp_path, monkeypatch, n_images: int) -> tuple[list[int], dict]:
+    """Fold an index holding ``n_images`` stored item images; the inodes fsynced during the fold and
+    the inodes of the folder's files afterwards, by kind."""
+    rng = np.random.default_rng(12)
+    path = tmp_path / f"idx{n_images}"
+    make_index(path, rng, n=3)
+    pictures = rng.integers(0, 256, (n_images, 1, 4, 4), dtype=np.uint8)
+
+    def store(ids):
+        for ident, picture in zip(ids.tolist(), pictures):
+            save_item_image(path, ident, picture)
+
+    with LivingIndex(path, fold_every=1000) as living:
+        ids = living.add(random_codes(rng, n_images), labels=np.zeros(n_images, np.int64), before=store)
+        synced = _synced_inodes(monkeypatch)
+        living.fold()
+        monkeypatch.undo()
+    saved = [p for p in path.iterdir() if p.is_file() and p.name not in (JOURNAL_FILE, ".lock")]
+    inodes = {"saved": {p.stat().st_ino for p in saved}, "folders": {p.stat().st_ino for p in (path, path / "items", tmp_path)},
+              "images": {item_image_path(path, i).stat().st_ino for i in ids.tolist()}}
+    assert len(saved) >= 4 and len(inodes["images"]) == n_images
+    return synced, inodes
+
+
+def test_a_fold_syncs_what_it_wrote_and_the_folders_but_not_the_carried_over_images(tmp_path, monkeypatch):
+    """Bug: every fold fsynced every stored item image again (hard links of files already durable)."""
+    counts = []
+    for n_images in (2, 24):
+        synced, inodes = _fold_with_images(tmp_path, monkeypatch, n_images)
+        assert inodes["saved"] <= set(synced) and inodes["folders"] <= set(synced)
+        assert not inodes["images"] & set(synced)
+        counts.append(len(synced))
+    assert counts[0] == counts[1]  # constant in the number of images
+
+
+def test_atomic_replace_dir_syncs_every_file_by_default(tmp_path, monkeypatch):
+    new, final = tmp_path / "new", tmp_path / "final"
+    (new / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b"):
+        (new / name).write_bytes(b"x")
+    final.mkdir()
+    (final / "old").write_bytes(b"y")
+    synced = _synced_inodes(monkeypatch)
+    atomic_replace_dir(new, final)
+    monkeypatch.undo()
+    expected = {p.stat().st_ino for p in (final, final / "a", final / "sub", final / "sub" / "b", tmp_path)}
+    assert expected <= set(synced) and sorted(p.name for p in final.iterdir()) == ["a", "sub"]

@@ -60,7 +60,8 @@ _ID_LIMIT = 2**63
 
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link every file of ``old`` the index does not own, and ``new`` does not have, into
-    ``new`` (same inodes: open journal handles and held locks stay valid after the swap)."""
+    ``new`` (same inodes: open journal handles and held locks stay valid after the swap, and the
+    files' data, fsynced when they were written, is not synced again: only the new folder entries are)."""
     if not old.is_dir():
         return
     import shutil
@@ -468,8 +469,9 @@ class HashIndex:
             if self._faiss_index is not None:
                 data = _import_faiss().serialize_index_binary(self._faiss_index)
                 (tmp / "index.faiss").write_bytes(data.tobytes())
+            written = [tmp / name for name in _OWN_FILES if (tmp / name).exists()]
             _carry_over(final, tmp)
-            atomic_replace_dir(tmp, final)
+            atomic_replace_dir(tmp, final, written=written)  # the carried-over files are durable already
         except BaseException:
             import shutil
 
