@@ -119,6 +119,8 @@ ALLOWED = {
         "inside a mkdtemp folder moved into place by atomic_replace_dir",
     ("retrieval/index.py", "np.save(tmp / name, array)"): "same temporary folder (one .npy per per-item column)",
     ("retrieval/index.py", "(tmp / 'index.faiss').write_bytes(data.tobytes())"): "same temporary folder",
+    ("runs/export.py", "(tmp / ENCODER_FILE).write_bytes(data)"): "inside a mkdtemp folder moved into place by atomic_replace_dir",
+    ("runs/export.py", "(tmp / DESCRIPTION_FILE).write_text(text, encoding='utf-8')"): "same temporary folder",
     ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
     ("viz/plots.py", "fig.savefig(buffer, format='png', dpi=dpi)"): "into an io.BytesIO, then atomic_write_bytes",
@@ -132,7 +134,7 @@ ALLOWED = {
         "append-only journal, fsynced per record; a torn last record is cut before the next append",
     ("retrieval/journal.py", "os.open(self.index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 420)"): "the flock file (a pid)",
     ("retrieval/living.py", "self.index.save(self.path)"): "HashIndex.save, atomic (above)",
-    ("runs/index_updates.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
+    ("retrieval/item_images.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
         "into an io.BytesIO, then atomic_write_bytes",
 }
 
