@@ -10,7 +10,7 @@ from deephash.errors import DeephashError
 from deephash.losses import CSQLoss
 from deephash.models import HashHead, sign_codes
 from deephash.models.pca_codes import pca_codes
-from deephash.retrieval import binarize, pack_codes
+from deephash.retrieval import HashIndex, binarize, pack_codes, save_codes
 from deephash.signs import is_plus, sign
 
 #: Exact zeros (both signs of zero) next to the smallest values either side of them.
@@ -58,7 +58,8 @@ def test_every_binarising_place_maps_zero_to_plus_one():
     total = csq.centers[0] + csq.centers[1]  # 0 where the two centers differ
     assert (total == 0).any()
     assert csq.targets(both)[0].tolist() == torch.where(total >= 0, 1.0, -1.0).tolist()
-    assert (pack_codes(zeros) == 255).all()
+    signed = torch.cat([torch.full((2, 1), -0.5), zeros[:, 1:]], dim=1)  # a negative value: the zeros are signs
+    assert pack_codes(signed).tolist() == [[0b01111111]] * 2 == _pack_loop(signed.tolist()).tolist()
 
 
 def test_pack_codes_reads_signed_input_by_the_sign_rule():
@@ -75,9 +76,41 @@ def test_pack_codes_reads_unsigned_bool_and_zero_one_input_as_bits():
     bits = [[0, 1, 1, 0, 0, 0, 0, 1]]  # 0b01100001
     for codes in (np.array(bits, np.uint8), np.array(bits, bool), np.array(bits), torch.tensor(bits), torch.tensor(bits, dtype=torch.int32)):
         assert pack_codes(codes).tolist() == [[0b01100001]]
-    # floats are signs whatever their values: the same 0s and 1s (the zeros too) are all 1 bits
-    for codes in (np.array(bits, np.float32), torch.tensor(bits, dtype=torch.float64), np.zeros((1, 8))):
-        assert pack_codes(codes).tolist() == [[255]]
+
+
+#: Floats holding only exact 0s and 1s with a 0 (-0.0 is a 0): bits, which as signs would all be 1 bits.
+FLOAT_BITS = [[0, 1, 1, 0, 0, 0, 0, 1], [0.0] * 8, [-0.0, 1, 1, 1, 1, 1, 1, 1]]
+#: The nearest floats that are not such bits: one value just off 0 or 1, or a negative one, or no 0.
+FLOAT_SIGNS = [[0, 1, 1, 0, 0, 0, 0, np.nextafter(1.0, 2.0)], [0, 1, 1, 0, 0, 0, 0, np.nextafter(1.0, 0.0)],
+               [0, 1, 1, 0, 0, 0, 0, -1e-30], [1e-30, 1, 1, 1e-30, 1e-30, 1e-30, 1e-30, 1], [1.0] * 8,
+               [0, 1, 1, 0, 0, 0, 0, 2]]
+
+
+def test_pack_codes_refuses_float_bits_and_reads_every_other_float_as_signs():
+    """Bug: float {0, 1} bits packed silently as all 1 bits (floats are signs, 0 ↦ +1)."""
+    for rows in FLOAT_BITS:
+        for codes in (np.array([rows], np.float32), np.array([rows], np.float64), torch.tensor([rows], dtype=torch.float16)):
+            with pytest.raises(DeephashError, match=r"^float codes hold only 0 and 1: .*pass bits as bool") as caught:
+                pack_codes(codes)
+            assert "\n" not in str(caught.value)
+        assert pack_codes(np.array([rows]) > 0.5).tolist() == _pack_loop([[v - 0.5 for v in rows]]).tolist()
+    for rows in FLOAT_SIGNS:
+        for codes in (np.array([rows], np.float64), torch.tensor([rows], dtype=torch.float64)):
+            assert pack_codes(codes).tolist() == _pack_loop([rows]).tolist()
+    mixed = FLOAT_BITS[:1] + [[-1.0] * 8]  # the whole array decides: a negative value anywhere makes it signs
+    assert pack_codes(np.array(mixed, np.float64)).tolist() == _pack_loop(mixed).tolist()
+    with pytest.raises(DeephashError, match="float codes hold only 0 and 1"):
+        pack_codes(np.array(FLOAT_BITS[:1] + [[1.0] * 8], np.float64))
+
+
+def test_index_and_code_files_refuse_float_bits(tmp_path):
+    bits = np.array(FLOAT_BITS[:1], np.float32)
+    index = HashIndex(8, backend="torch")
+    for call in (lambda: index.add(bits), lambda: index.search(bits, 1),
+                 lambda: save_codes(tmp_path / "c.npz", bits, np.zeros(1, np.int64), 8)):
+        with pytest.raises(DeephashError, match="pass bits as bool"):
+            call()
+    assert index.ntotal == 0 and not (tmp_path / "c.npz").exists()
 
 
 def test_pack_codes_rejects_what_is_neither_bits_nor_signs():

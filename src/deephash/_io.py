@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
@@ -81,18 +81,30 @@ def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike,
+                       written: Iterable[str | os.PathLike] | None = None) -> None:
     """Move a fully written folder ``tmp_dir`` onto ``final_dir``, replacing any old one.
 
-    The old folder is renamed aside first and removed only after the new one is in place, so an
-    interruption leaves either the old or the new folder under ``final_dir`` (or the old one
-    under ``final_dir + '.old'``).
+    Before the move, the files' data and every folder under ``tmp_dir`` (its own entries) are
+    fsynced, so the new folder survives a power cut once it is in place. The old folder is renamed
+    aside first and removed only after the new one is in place, so an interruption leaves either
+    the old or the new folder under ``final_dir`` (or the old one under ``final_dir + '.old'``).
+
+    Args:
+        tmp_dir: the new folder, beside ``final_dir``.
+        final_dir: where it goes.
+        written: the files whose data to fsync (the caller's new files); default every file under
+            ``tmp_dir``. Pass them when the other files are hard links of files already durable
+            (an index's journal and item images): their data is on disk, only their folder entries
+            are new, and the folders are always synced.
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    for child in tmp_dir.rglob("*"):
-        if child.is_file():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
+    files = (child for child in tmp_dir.rglob("*") if child.is_file()) if written is None else map(Path, written)
+    for child in files:
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    for folder, _, _ in os.walk(tmp_dir):
+        _fsync_dir(Path(folder))
     old = final_dir.with_name(final_dir.name + ".old")
     if old.exists():
         shutil.rmtree(old)

@@ -119,6 +119,8 @@ ALLOWED = {
         "inside a mkdtemp folder moved into place by atomic_replace_dir",
     ("retrieval/index.py", "np.save(tmp / name, array)"): "same temporary folder (one .npy per per-item column)",
     ("retrieval/index.py", "(tmp / 'index.faiss').write_bytes(data.tobytes())"): "same temporary folder",
+    ("runs/export.py", "(tmp / ENCODER_FILE).write_bytes(data)"): "inside a mkdtemp folder moved into place by atomic_replace_dir",
+    ("runs/export.py", "(tmp / DESCRIPTION_FILE).write_text(text, encoding='utf-8')"): "same temporary folder",
     ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
     ("viz/plots.py", "fig.savefig(buffer, format='png', dpi=dpi)"): "into an io.BytesIO, then atomic_write_bytes",

@@ -68,7 +68,7 @@ def test_saving_twice_keeps_every_optional_column(tmp_path, backend):
 
 def test_a_rerank_index_without_labels_saves_twice(tmp_path):
     index = HashIndex(BITS, backend="torch")
-    index.add(np.zeros((3, BITS)), rerank=np.ones((3, 4)))
+    index.add(np.zeros((3, BITS), bool), rerank=np.ones((3, 4)))
     index.save(tmp_path / "ix")
     index.save(tmp_path / "ix")
     np.testing.assert_array_equal(HashIndex.load(tmp_path / "ix").rerank_vectors, np.ones((3, 4), np.float16))
@@ -103,21 +103,21 @@ def test_adds_and_removes_keep_every_column_aligned(factory):
 
 def test_paths_default_to_empty_and_an_index_without_paths_refuses_them():
     index = HashIndex(BITS, backend="torch")
-    index.add(np.zeros((2, BITS)), paths=["a.png", "b.png"])
+    index.add(np.zeros((2, BITS), bool), paths=["a.png", "b.png"])
     index.add(np.ones((1, BITS)))  # an item without a file (an upload): ""
     assert index.paths.tolist() == ["a.png", "b.png", ""]
     plain = HashIndex(BITS, backend="torch")
-    plain.add(np.zeros((2, BITS)))
+    plain.add(np.zeros((2, BITS), bool))
     with pytest.raises(DeephashError, match="keeps no paths"):
-        plain.add(np.zeros((1, BITS)), paths=["c.png"])
+        plain.add(np.zeros((1, BITS), bool), paths=["c.png"])
     with pytest.raises(DeephashError, match="2 paths for 1 codes"):
-        index.add(np.zeros((1, BITS)), paths=["c.png", "d.png"])
+        index.add(np.zeros((1, BITS), bool), paths=["c.png", "d.png"])
     assert plain.paths is None and len(plain) == 2 and len(index) == 3
 
 
 def test_an_emptied_index_takes_the_columns_of_its_next_add():
     index = HashIndex(BITS, backend="torch")
-    index.add(np.zeros((2, BITS)), labels=[1, 2], rerank=np.ones((2, 4)), paths=["a", "b"])
+    index.add(np.zeros((2, BITS), bool), labels=[1, 2], rerank=np.ones((2, 4)), paths=["a", "b"])
     index.remove([0, 1])
     index.add(np.ones((3, BITS)))
     assert index.labels is None and index.rerank_vectors is None and index.paths is None
@@ -130,7 +130,7 @@ def test_an_emptied_index_takes_the_columns_of_its_next_add():
 def test_default_ids_are_never_handed_out_twice(tmp_path, backend):
     """Bug: default ids followed the largest present id, so removing it gave its id out again."""
     index = HashIndex(BITS, backend=backend)
-    index.add(np.zeros((3, BITS)))  # 0, 1, 2
+    index.add(np.zeros((3, BITS), bool))  # 0, 1, 2
     index.remove([2])
     index.add(np.ones((1, BITS)))
     np.testing.assert_array_equal(index.ids, [0, 1, 3])
@@ -145,23 +145,23 @@ def test_default_ids_are_never_handed_out_twice(tmp_path, backend):
 
 def test_explicit_ids_above_the_mark_advance_it_and_below_it_re_add():
     index = HashIndex(BITS, backend="torch")
-    index.add(np.zeros((2, BITS)), ids=[10, 40])
+    index.add(np.zeros((2, BITS), bool), ids=[10, 40])
     assert index.next_id == 41
     index.remove([40])
-    index.add(np.zeros((1, BITS)), ids=[40])  # a removed item re-added under its old id, on purpose
-    index.add(np.zeros((1, BITS)), ids=[5])  # below the mark, never used: allowed, the mark stays
+    index.add(np.zeros((1, BITS), bool), ids=[40])  # a removed item re-added under its old id, on purpose
+    index.add(np.zeros((1, BITS), bool), ids=[5])  # below the mark, never used: allowed, the mark stays
     assert index.next_id == 41
-    index.add(np.zeros((2, BITS)))
+    index.add(np.zeros((2, BITS), bool))
     np.testing.assert_array_equal(index.ids, [10, 40, 5, 41, 42])
-    index.add(np.zeros((1, BITS)), ids=[2**63 - 1])
+    index.add(np.zeros((1, BITS), bool), ids=[2**63 - 1])
     assert index.next_id == 2**63
     with pytest.raises(DeephashError, match="no ids left"):
-        index.add(np.zeros((1, BITS)))
+        index.add(np.zeros((1, BITS), bool))
 
 
 def test_an_old_folder_without_the_mark_or_paths_file_loads(tmp_path):
     index = HashIndex(BITS, metadata={"run": "r", "paths": ["p0", "p1", "p2"]}, backend="torch")
-    index.add(np.zeros((3, BITS)), ids=[4, 9, 7])
+    index.add(np.zeros((3, BITS), bool), ids=[4, 9, 7])
     index.save(tmp_path / "ix")
     meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
     del meta["next_id"]
@@ -184,7 +184,7 @@ def test_an_old_folder_without_the_mark_or_paths_file_loads(tmp_path):
 ])
 def test_a_bad_mark_or_paths_file_is_refused(tmp_path, damage, message):
     index = HashIndex(BITS, backend="torch")
-    index.add(np.zeros((3, BITS)), ids=[1, 9, 5], paths=["a", "b", "c"])
+    index.add(np.zeros((3, BITS), bool), ids=[1, 9, 5], paths=["a", "b", "c"])
     index.save(tmp_path / "ix")
     damage(tmp_path / "ix")
     if "model.paths" in message:

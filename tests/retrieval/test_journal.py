@@ -6,20 +6,25 @@ brute-force Hamming distance over it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import threading
+import warnings
 
 import numpy as np
 import pytest
 
+from deephash._io import atomic_replace_dir
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.retrieval.index import HashIndex
+from deephash.retrieval.item_images import item_image_path, save_item_image
 from deephash.retrieval.journal import (
     JOURNAL_FILE,
     IndexLock,
     IndexLockedError,
+    JournalWriteError,
     Record,
     TornJournalWarning,
     apply_record,
@@ -259,7 +264,7 @@ def test_living_index_never_hands_out_an_id_twice_across_a_crash_a_fold_and_a_re
     assert issued == list(range(10))  # every default id once, none twice
 
 
-def _cut_swap(tmp_dir, final_dir):
+def _cut_swap(tmp_dir, final_dir, **_):
     """A swap that dies between its renames: the old folder moved aside, the new one not in place."""
     os.replace(final_dir, final_dir.with_name(final_dir.name + ".old"))
     raise OSError(28, "No space left on device")
@@ -305,3 +310,161 @@ def test_a_failed_fold_loses_nothing_and_leaves_the_journal_and_lock_usable(tmp_
     assert (path / JOURNAL_FILE).stat().st_size == 0 and not path.with_name("idx.old").exists()
     loaded = HashIndex.load(path)
     assert state(loaded) == oracle and loaded.journal_seq == 4 and loaded.next_id == 23
+
+
+def _fail_once(monkeypatch, name, error, before=None):
+    """Make ``os.<name>`` raise ``error`` on its next call only (``before`` runs first, with its arguments)."""
+    real = getattr(os, name)
+
+    def failing(*args):
+        monkeypatch.setattr(os, name, real)
+        if before is not None:
+            before(*args)
+        raise error
+
+    monkeypatch.setattr(os, name, failing)
+
+
+def _partial_write(fd, data):
+    os.write(fd, bytes(data[:10]))  # os.write is the real one again here
+
+
+def _load_strictly(path) -> HashIndex:
+    """HashIndex.load with every warning an error: no torn record, nothing dropped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return HashIndex.load(path)
+
+
+@pytest.mark.parametrize("failure", ["write", "fsync"])
+def test_a_failed_journal_write_changes_nothing_and_the_journal_stays_appendable(tmp_path, monkeypatch, failure):
+    """Bug: a write cut short by a full disk (or a failing fsync) left its bytes in the journal: the
+    next record went after them and the index no longer loaded (or two records had one seq)."""
+    rng = np.random.default_rng(10)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng, n=5)  # ids 0 .. 4
+    codes = random_codes(rng, 4)
+    living = LivingIndex(path, fold_every=100).open()
+    first = living.add(codes[:1], labels=[0])
+    living.remove([2])
+    oracle[int(first[0])] = (codes[0].tobytes(), 0)
+    del oracle[2]
+    size = (path / JOURNAL_FILE).stat().st_size
+    if failure == "write":
+        _fail_once(monkeypatch, "write", OSError(errno.ENOSPC, "No space left on device"), _partial_write)
+    else:
+        _fail_once(monkeypatch, "fsync", OSError(errno.EIO, "Input/output error"))
+    message = "No space left" if failure == "write" else "Input/output error"
+    with pytest.raises(JournalWriteError, match=f"^journal .*: writing record 3 failed .*{message}.*the change was not made$"):
+        living.add(codes[1:3], labels=[1, 2])
+    assert state(living.index) == oracle and living.pending == 2 and living.index.next_id == 6
+    assert (path / JOURNAL_FILE).stat().st_size == size  # the failed record's bytes are cut off
+    retried = living.add(codes[1:3], labels=[1, 2])  # the same write again: it goes where the failed one began
+    living.remove([0])
+    oracle.update({int(retried[0]): (codes[1].tobytes(), 1), int(retried[1]): (codes[2].tobytes(), 2)})
+    del oracle[0]
+    journal = living._journal
+    living.close(fold=False)  # the changes only in the journal
+    with pytest.raises(DeephashError, match="is closed: reopen the index"):  # never reopens its file by itself
+        journal.append(Record("remove", journal.next_seq(), np.array([1])))
+    assert [r.seq for r in read_journal(path / JOURNAL_FILE).records] == [1, 2, 3, 4]
+    loaded = _load_strictly(path)
+    assert state(loaded) == oracle and loaded.journal_seq == 4 and loaded.next_id == 8
+    with LivingIndex(path) as reopened:
+        later = reopened.add(codes[3:], labels=[0])
+    oracle[int(later[0])] = (codes[3].tobytes(), 0)
+    issued = [*range(5), *first.tolist(), *retried.tolist(), *later.tolist()]
+    assert issued == list(range(9))  # every acknowledged id once, none twice
+    assert state(_load_strictly(path)) == oracle
+
+
+def test_a_failed_write_that_cannot_be_cut_off_breaks_the_journal_until_reopened(tmp_path, monkeypatch):
+    rng = np.random.default_rng(11)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng, n=5)
+    codes = random_codes(rng, 3)
+    living = LivingIndex(path, fold_every=100).open()
+    first = living.add(codes[:1], labels=[0])
+    oracle[int(first[0])] = (codes[0].tobytes(), 0)
+    _fail_once(monkeypatch, "write", OSError(errno.ENOSPC, "No space left on device"), _partial_write)
+    _fail_once(monkeypatch, "ftruncate", OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(JournalWriteError, match="writing record 2 failed .*No space left.* cutting it off failed too "
+                                                ".*Input/output error.*refuses writes until the index is reopened$"):
+        living.add(codes[1:2], labels=[1])
+    for write in (lambda: living.add(codes[1:2], labels=[1]), lambda: living.remove([1])):  # refused, disk fine or not
+        with pytest.raises(JournalWriteError, match="refuses writes: writing record 2 failed .*; reopen the index$"):
+            write()
+    assert state(living.index) == oracle and living.pending == 1
+    living.close(fold=False)
+    reopened = LivingIndex(path)
+    with pytest.warns(TornJournalWarning, match="10 bytes"):  # the failed write's 10 bytes: a torn tail, dropped
+        reopened.open()
+    try:
+        assert state(reopened.index) == oracle and reopened.pending == 1
+        again = reopened.add(codes[1:2], labels=[1])
+    finally:
+        reopened.close()
+    oracle[int(again[0])] = (codes[1].tobytes(), 1)
+    assert state(_load_strictly(path)) == oracle and int(again[0]) == int(first[0]) + 1
+
+
+def _synced_inodes(monkeypatch) -> list[int]:
+    """Record the inode of every ``os.fsync`` from now on (the fsync still runs)."""
+    synced: list[int] = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def _fold_with_images(tmp_path, monkeypatch, n_images: int) -> tuple[list[int], dict]:
+    """Fold an index holding ``n_images`` stored item images; the inodes fsynced during the fold and
+    the inodes of the folder's files afterwards, by kind."""
+    rng = np.random.default_rng(12)
+    path = tmp_path / f"idx{n_images}"
+    make_index(path, rng, n=3)
+    pictures = rng.integers(0, 256, (n_images, 1, 4, 4), dtype=np.uint8)
+
+    def store(ids):
+        for ident, picture in zip(ids.tolist(), pictures):
+            save_item_image(path, ident, picture)
+
+    with LivingIndex(path, fold_every=1000) as living:
+        ids = living.add(random_codes(rng, n_images), labels=np.zeros(n_images, np.int64), before=store)
+        synced = _synced_inodes(monkeypatch)
+        living.fold()
+        monkeypatch.undo()
+    saved = [p for p in path.iterdir() if p.is_file() and p.name not in (JOURNAL_FILE, ".lock")]
+    inodes = {"saved": {p.stat().st_ino for p in saved}, "folders": {p.stat().st_ino for p in (path, path / "items", tmp_path)},
+              "images": {item_image_path(path, i).stat().st_ino for i in ids.tolist()}}
+    assert len(saved) >= 4 and len(inodes["images"]) == n_images
+    return synced, inodes
+
+
+def test_a_fold_syncs_what_it_wrote_and_the_folders_but_not_the_carried_over_images(tmp_path, monkeypatch):
+    """Bug: every fold fsynced every stored item image again (hard links of files already durable)."""
+    counts = []
+    for n_images in (2, 24):
+        synced, inodes = _fold_with_images(tmp_path, monkeypatch, n_images)
+        assert inodes["saved"] <= set(synced) and inodes["folders"] <= set(synced)
+        assert not inodes["images"] & set(synced)
+        counts.append(len(synced))
+    assert counts[0] == counts[1]  # constant in the number of images
+
+
+def test_atomic_replace_dir_syncs_every_file_by_default(tmp_path, monkeypatch):
+    new, final = tmp_path / "new", tmp_path / "final"
+    (new / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b"):
+        (new / name).write_bytes(b"x")
+    final.mkdir()
+    (final / "old").write_bytes(b"y")
+    synced = _synced_inodes(monkeypatch)
+    atomic_replace_dir(new, final)
+    monkeypatch.undo()
+    expected = {p.stat().st_ino for p in (final, final / "a", final / "sub", final / "sub" / "b", tmp_path)}
+    assert expected <= set(synced) and sorted(p.name for p in final.iterdir()) == ["a", "sub"]

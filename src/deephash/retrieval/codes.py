@@ -41,14 +41,14 @@ def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     - bool: as bits (True is 1);
     - floats: as signs, a 1 bit where the value is ``>= 0`` (the sign rule, 0 ↦ +1:
       :func:`deephash.signs.is_plus`), so ±1 codes and real-valued outputs pack by their sign,
-      exact zeros as 1 bits;
+      exact zeros as 1 bits. Floats holding only 0 and 1 (with a 0) are refused: they are bits,
+      which as signs would all be 1 bits; pass such bits as bool (``x > 0.5``);
     - integers: as signs when any value is negative (±1 or {-1, 0, +1}: 0 is a 1 bit), else as
       bits, which must then be 0 or 1 (``uint8`` bits from :func:`unpack_codes`, {0, 1} int64).
 
-    To pack {0, 1} bits held in floats, pass them as bool (``x > 0.5``).
-
     Raises:
-        DeephashError: not 2-D, NaN or infinite values, or bits other than 0 and 1.
+        DeephashError: not 2-D, NaN or infinite values, floats holding only 0 and 1, or bits
+        other than 0 and 1.
     """
     array = as_numpy(codes)
     if array.ndim != 2:
@@ -62,6 +62,10 @@ def code_bits(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise DeephashError("codes hold NaN or infinite values")
+        zero = array == 0
+        if zero.any() and (zero | (array == 1)).all():
+            raise DeephashError("float codes hold only 0 and 1: floats are signs (0 counts as +1), so these bits would "
+                                "all pack as 1 bits; pass bits as bool (codes > 0.5) or ±1 codes")
         return np.asarray(is_plus(array))
     if (array < 0).any():
         return np.asarray(is_plus(array))
@@ -77,8 +81,9 @@ def pack_codes(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     (``np.packbits(..., bitorder="big")``).
 
     Args:
-        codes: ``(N, bits)`` numpy or torch: bool or {0, 1} bits, or ±1 / real-valued signs
-            packed by the sign rule (0 ↦ +1); :func:`code_bits` says how each input is read.
+        codes: ``(N, bits)`` numpy or torch: bool or integer {0, 1} bits, or ±1 / real-valued
+            signs packed by the sign rule (0 ↦ +1; floats holding only 0 and 1 are refused);
+            :func:`code_bits` says how each input is read.
 
     Returns:
         uint8 ``(N, ceil(bits / 8))``.
@@ -152,8 +157,9 @@ def save_codes(
 
     Args:
         path: destination ``.npz``.
-        codes: packed uint8 ``(N, ceil(bits/8))``, or unpacked ``(N, bits)`` bool/{0,1}/±1 codes
-            (any dtype but uint8), which are packed here.
+        codes: packed uint8 ``(N, ceil(bits/8))``, or unpacked ``(N, bits)`` codes (any dtype but
+            uint8; bool or integer {0, 1} bits, ±1 or real-valued signs: as :func:`pack_codes`),
+            which are packed here.
         labels: int ``(N,)`` or multi-hot ``(N, C)``; stored as int64.
         bits: code length in bits (``>= 1``).
         ids: int64 ``(N,)``, the items' ids; default ``0..N-1``.

@@ -60,7 +60,8 @@ _ID_LIMIT = 2**63
 
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link every file of ``old`` the index does not own, and ``new`` does not have, into
-    ``new`` (same inodes: open journal handles and held locks stay valid after the swap)."""
+    ``new`` (same inodes: open journal handles and held locks stay valid after the swap, and the
+    files' data, fsynced when they were written, is not synced again: only the new folder entries are)."""
     if not old.is_dir():
         return
     import shutil
@@ -214,7 +215,8 @@ class HashIndex:
 
     # ------------------------------------------------------------------ input
     def _packed(self, codes: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
-        """Packed uint8 codes from packed uint8 or unpacked (N, bits) bool/{0,1}/±1 input."""
+        """Packed uint8 codes from packed uint8 or unpacked (N, bits) input (bool or integer {0, 1}
+        bits, ±1 or real-valued signs: as :func:`~deephash.retrieval.codes.pack_codes`)."""
         array = as_numpy(codes)
         if array.ndim == 1:
             array = array[None, :]
@@ -255,7 +257,9 @@ class HashIndex:
         """Add codes.
 
         Args:
-            codes: packed uint8 ``(N, ceil(bits/8))`` or unpacked ``(N, bits)`` bool/{0,1}/±1.
+            codes: packed uint8 ``(N, ceil(bits/8))``, or unpacked ``(N, bits)``: bool or integer
+                {0, 1} bits, ±1 or real-valued signs (0 ↦ +1; floats holding only 0 and 1 are
+                refused: pass bits as bool), as :func:`~deephash.retrieval.codes.pack_codes`.
             ids: int64 ``(N,)`` unique ids; default consecutive from :attr:`next_id` (never an id
                 handed out before). An explicit id above the mark advances it; one below it that is
                 not present is allowed (re-adding a removed item under its old id).
@@ -270,8 +274,9 @@ class HashIndex:
     def checked_addition(self, codes: Any, ids: Any = None, labels: Any = None, rerank: Any = None,
                          name: str = "the index", paths: Any = None) -> ItemRows:
         """What `add` would add, checked and converted, without changing the index: the
-        :class:`ItemRows` (default ids: consecutive from :attr:`next_id`). ``name`` is how messages
-        call the index. An empty index takes the columns of its next add (labels, vectors, paths).
+        :class:`ItemRows` (default ids: consecutive from :attr:`next_id`). The arguments are
+        `add`'s (codes: packed uint8, or unpacked bits / signs as `add` says); ``name`` is how
+        messages call the index. An empty index takes the columns of its next add (labels, vectors, paths).
 
         Raises:
             DuplicateIdError: an id given twice or already in the index. DeephashError: ids, labels,
@@ -464,8 +469,9 @@ class HashIndex:
             if self._faiss_index is not None:
                 data = _import_faiss().serialize_index_binary(self._faiss_index)
                 (tmp / "index.faiss").write_bytes(data.tobytes())
+            written = [tmp / name for name in _OWN_FILES if (tmp / name).exists()]
             _carry_over(final, tmp)
-            atomic_replace_dir(tmp, final)
+            atomic_replace_dir(tmp, final, written=written)  # the carried-over files are durable already
         except BaseException:
             import shutil
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from deephash.errors import DataFormatError, DeephashError
+from deephash.errors import DataFormatError, DeephashError, first_line
 
-__all__ = ["JOURNAL_FILE", "LOCK_FILE", "IndexLock", "IndexLockedError", "Journal", "Record", "TornJournalWarning",
-           "apply_record", "decode_payload", "encode_record", "read_journal"]
+__all__ = ["JOURNAL_FILE", "LOCK_FILE", "IndexLock", "IndexLockedError", "Journal", "JournalWriteError", "Record",
+           "TornJournalWarning", "apply_record", "decode_payload", "encode_record", "read_journal"]
 
 JOURNAL_FILE = "journal.log"
 LOCK_FILE = ".lock"
@@ -52,6 +52,10 @@ class TornJournalWarning(UserWarning):
 
 class IndexLockedError(DeephashError):
     """Another process holds the index's write lock."""
+
+
+class JournalWriteError(DeephashError):
+    """A journal record could not be written (a full disk, a failing fsync): the change was not made."""
 
 
 def _now() -> str:
@@ -211,6 +215,12 @@ def apply_record(index: Any, record: Record) -> None:
 class Journal:
     """The append side of a journal file.
 
+    A failed append (a write cut short by a full disk, an fsync that raises) is cut off again:
+    the file is truncated back to the end of the good records, so the next append and every load
+    see only whole records, and the record's ``seq`` is not used up. When even that truncation
+    fails the journal is *broken*: it refuses every later append until the index is reopened
+    (whose :func:`read_journal` drops the torn tail).
+
     Args:
         path: the journal file (created when missing).
         end: byte offset where the good records end (from :func:`read_journal`); anything after
@@ -223,12 +233,16 @@ class Journal:
         self.last_seq = int(last_seq)
         self.records = 0
         self._fd = -1
-        self._end = int(end)
+        self._end = int(end)  # where the good (acknowledged) records end: kept current by every append
+        self._broken = ""  # why appends are refused ("" while the journal is usable)
+        self._closed = False
         if self.path.exists() and self.path.stat().st_size != end:
             self._file()  # cut the torn tail now
 
     def _file(self) -> int:
         """The open descriptor, positioned at the end of the good records (the file is created on first use)."""
+        if self._closed:
+            raise DeephashError(f"journal {self.path} is closed: reopen the index to write to it")
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if os.fstat(self._fd).st_size != self._end:
@@ -237,22 +251,52 @@ class Journal:
             os.lseek(self._fd, self._end, os.SEEK_SET)
         return self._fd
 
+    @property
+    def broken(self) -> str:
+        """Why the journal refuses appends (a failed write it could not cut off), or ``""``."""
+        return self._broken
+
     def next_seq(self) -> int:
         """The sequence number the next record gets."""
         return self.last_seq + 1
 
     def append(self, record: Record) -> None:
-        """Write one record and fsync it; when this returns the record survives a crash."""
+        """Write one record and fsync it; when this returns the record survives a crash.
+
+        Raises:
+            JournalWriteError: the write or its fsync failed (the record is not in the journal and
+                ``last_seq`` is unchanged), or the journal is broken by an earlier such failure.
+        """
+        if self._broken:
+            raise JournalWriteError(f"journal {self.path} refuses writes: {self._broken}; reopen the index")
         if record.seq != self.next_seq():
             raise DeephashError(f"journal record seq {record.seq} is not the next one ({self.next_seq()})")
         data = encode_record(record)
         fd = self._file()
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except BaseException as error:
+            self._cut_back(fd, record.seq, error)
+            if not isinstance(error, OSError):
+                raise
+            raise JournalWriteError(f"journal {self.path}: writing record {record.seq} failed ({first_line(error)}); "
+                                    "the change was not made") from error
+        self._end += len(data)
         self.last_seq = record.seq
         self.records += 1
+
+    def _cut_back(self, fd: int, seq: int, error: BaseException) -> None:
+        """Truncate what a failed append left after the good records; if that fails too, break the journal."""
+        try:
+            os.ftruncate(fd, self._end)
+            os.lseek(fd, self._end, os.SEEK_SET)
+        except OSError as cut:
+            self._broken = (f"writing record {seq} failed ({first_line(error)}) and cutting it off failed too "
+                            f"({first_line(cut)})")
+            raise JournalWriteError(f"journal {self.path}: {self._broken}; it refuses writes until the index is reopened") from error
 
     def truncate(self) -> None:
         """Empty the journal (after its records were folded into a snapshot)."""
@@ -265,7 +309,8 @@ class Journal:
         self.records = 0
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file; later appends are refused."""
+        self._closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

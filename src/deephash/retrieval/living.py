@@ -14,6 +14,11 @@ place, and a swap cut half-way is undone at once). :meth:`LivingIndex.fold` rais
 :class:`FoldWarning` instead (the write was durable before the fold began) and leave the records to
 the next fold; ``close`` always closes the journal and releases the write lock.
 
+A journal write that fails (a full disk, a failing fsync) raises
+:class:`~deephash.retrieval.journal.JournalWriteError` and changes nothing: the record is cut off
+the journal again and nothing is applied in memory, so the write can be retried. If the cut fails
+too, the journal refuses every later write until the index is reopened.
+
 Default ids come from the index's id mark (``HashIndex.next_id``), so the service and the command
 line never hand out an id twice, even after the item with the largest id was removed.
 
