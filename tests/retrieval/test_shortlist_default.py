@@ -20,8 +20,10 @@ def _default(function, name="shortlist"):
 def test_every_two_stage_search_defaults_to_the_one_shortlist():
     assert DEFAULT_SHORTLIST == 1000  # the size behind the published evaluate numbers
     assert EvalConfig().rerank_shortlist == DEFAULT_SHORTLIST
-    for function in (search, search_run, SearchService.search, nearest, near_duplicate_recall):
+    # the service keeps its shortlist (constructor), which its search uses unless a call gives one
+    for function in (search, search_run, SearchService.__init__, nearest, near_duplicate_recall):
         assert _default(function) == DEFAULT_SHORTLIST, function.__qualname__
+    assert _default(SearchService.search) is None
 
 
 def test_the_cli_leaves_the_default_to_the_library():

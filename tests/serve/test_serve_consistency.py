@@ -137,3 +137,35 @@ def test_a_random_item_is_read_whole_while_a_remove_follows_the_draw(tmp_path, m
         body = answer.json()
         assert removed == sorted(labels) and body["id"] in labels and body["label"] == labels[body["id"]]
         assert client.get("/api/items/random").status_code == 404  # now empty
+
+
+def test_a_journal_write_that_fails_is_a_503_and_nothing_is_added(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from deephash.retrieval import journal as journal_module
+
+    run_dir, index_dir = small_index(tmp_path, 5)
+    service = SearchService.load(index_dir, run_dir, writable=True)
+    before = service.index.ids.tolist()
+    real_write, calls = os.write, []
+
+    def full_disk(fd, data):  # the first journal write stores 10 bytes, then the disk is full
+        calls.append(fd)
+        if len(calls) == 1:
+            real_write(fd, bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "write", full_disk)
+    app = create_app(index_dir, service=service, write_token=TOKEN, max_batch=1)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    with TestClient(app) as client:
+        failed = client.post("/api/items", files={"image": ("x.png", png_of(pixels), "image/png")},
+                             data={"label": "3"}, headers=AUTH)
+        assert failed.status_code == 503 and "\n" not in failed.json()["detail"], failed.text
+        assert service.index.ids.tolist() == before
+        retried = client.post("/api/items", files={"image": ("x.png", png_of(pixels), "image/png")},
+                              data={"label": "3"}, headers=AUTH)
+        assert retried.status_code == 201, retried.text
+    assert HashIndex.load(index_dir).ids.tolist() == before + [retried.json()["id"]]

@@ -52,6 +52,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from deephash.errors import DeephashError, NotFoundError
+from deephash.retrieval.journal import JournalWriteError
 from deephash.retrieval.living import DuplicateIdError
 from deephash.serve.batcher import DynamicBatcher, QueueFullError
 from deephash.serve.encoder import ImageEncoder
@@ -260,7 +261,8 @@ _SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchPar
 
 def _status(error: DeephashError) -> int:
     for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
-                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503)):
+                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503),
+                         (JournalWriteError, 503)):  # the write was not kept (disk full?): retry later
         if isinstance(error, kind):
             return status
     return 422  # a code of the wrong length or bad hex: an unprocessable value
