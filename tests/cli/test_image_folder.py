@@ -299,3 +299,135 @@ def test_a_batch_whose_every_file_fails_leaves_no_row_and_no_gap(photo_run, tmp_
     assert positions.tolist() == [i for i in range(10) if i != cut] and codes.shape == (9, 6)
     index = HashIndex.load(build_index(run, images=folder, out=tmp_path / "ix", batch_size=1))
     assert np.array_equal(index.codes, codes) and str(folder / "red" / "0-cut.png") not in index.paths.tolist()
+
+
+# ------------------------------------------------------------------- one model view, whatever path
+
+def wide_photo(path: Path, seed: int) -> None:
+    """A 600x200 RGB photo whose left quarter is white (a stretch keeps it, the centre crop does not)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 200, (200, 600, 3), dtype=np.uint8)
+    pixels[:, :150] = 255
+    Image.fromarray(pixels).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(pixels).save(path)
+
+
+def test_a_non_square_photo_gives_the_same_pixels_and_code_through_every_path(photo_run, tmp_path, capsys):
+    """`index build --images`, `deephash search FILE`, the service's upload and add and the exported
+    encoder fit a 600x200 photo alike: the shorter side resized to floor(16 / 0.875) = 18 px, the
+    centre 16 x 16 kept (computed by hand here); a JPEG goes through the same draft-mode decode."""
+    from deephash.retrieval.item_images import item_image_path
+    from deephash.runs import query_images
+    from deephash.serve.onnx_encoder import OnnxEncoder
+    from deephash.serve.service import SearchService
+    from deephash.signs import is_plus
+
+    run, photos = photo_run
+    folder = tmp_path / "db"
+    shutil.copytree(photos / "test", folder / "other")
+    (folder / "wide").mkdir()
+    wide_photo(folder / "wide" / "a.png", seed=0)
+    wide_photo(folder / "wide" / "b.jpg", seed=1)
+    index_dir = tmp_path / "index"
+    assert main(["index", "build", str(run), "--images", str(folder), "--out", str(index_dir)]) == 0
+    index = HashIndex.load(index_dir)
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    onnx = OnnxEncoder(tmp_path / "onnx")
+    assert onnx.crop_fraction == 0.875
+    described = json.loads((tmp_path / "onnx" / "encoder.json").read_text())["input"]["decode"]
+    assert (described["resize"], described["crop_fraction"]) == ("bilinear", 0.875)
+    model, config = load_run(run)
+
+    class Recorder:  # the service's encoder, keeping the pixels it is given
+        def __init__(self, inner):
+            self.inner, self.seen = inner, []
+            self.bits, self.input_shape, self.name = inner.bits, inner.input_shape, inner.name
+            self.crop_fraction = inner.crop_fraction
+
+        def encode(self, images):
+            self.seen.append(np.array(images))
+            return self.inner.encode(images)
+
+    service = SearchService.load(index_dir, run, writable=True)
+    try:
+        service.encoder = recorder = Recorder(service.encoder)
+        for name in ("a.png", "b.jpg"):
+            path = folder / "wide" / name
+            with Image.open(path) as image:  # by hand: 600x200 -> 54x18 (draft: a JPEG of 300x100 first)
+                if image.format == "JPEG":
+                    image.draft("RGB", (18, 18))
+                assert min(image.size) >= 18
+                by_hand = np.asarray(image.convert("RGB").resize((54, 18), Image.Resampling.BILINEAR)
+                                     .crop((19, 1, 35, 17))).transpose(2, 0, 1)
+            assert by_hand.min() < 255  # the white quarter is cut away (a stretch would keep it)
+            row = index.paths.tolist().index(str(path))
+            built = index.codes[row:row + 1]
+            with torch.no_grad():
+                assert np.array_equal(pack_codes(model(torch.from_numpy(by_hand.copy())[None].float() / 255)), built)
+            cli_view, _ = query_images(config, run, [str(path)])  # deephash search FILE
+            assert np.array_equal(cli_view[0].numpy(), by_hand), name
+            data = path.read_bytes()
+            packed, _ = service.encode_query(data)  # the service's upload
+            assert np.array_equal(recorder.seen[-1][0], by_hand) and np.array_equal(packed, built), name
+            found = {int(h.id): h.distance for h in service.search(packed, len(index))}  # it finds itself at 0
+            assert found[int(index.ids[row])] == 0, name
+            added = service.add_item(data)  # the service's add: its stored image is the model view
+            stored = np.asarray(Image.open(item_image_path(index_dir, added)))
+            assert np.array_equal(stored.transpose(2, 0, 1), by_hand) and np.array_equal(service.item(added)[0], built)
+            seen = []
+            onnx.encode = lambda images, real=onnx.encode: seen.append(np.array(images)) or real(images)
+            onnx_packed, _ = onnx.encode_image(data)  # the exported encoder
+            del onnx.encode
+            assert np.array_equal(seen[0][0], by_hand), name
+            values, _ = onnx.code_values(by_hand[None])
+            clear = np.abs(values) > 1e-4
+            bits = np.unpackbits(built, axis=1)[:, :onnx.bits].astype(bool)
+            assert np.array_equal(np.unpackbits(onnx_packed, axis=1)[:, :onnx.bits].astype(bool)[clear], bits[clear])
+            assert np.array_equal(is_plus(values)[clear], bits[clear])
+    finally:
+        service.close()
+    capsys.readouterr()
+    query = folder / "wide" / "b.jpg"
+    assert main(["search", str(index_dir), "--run", str(run), str(query), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert any(h["path"] == str(query) and h["distance"] == 0 for h in hits)
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_a_split_folder_changed_between_two_runs_is_encoded_again(photo_run, tmp_path, change):
+    """The split code cache records the folder's listing: a file added or removed between two
+    `index build --split` runs (and `evaluate`) gives codes and paths aligned with the files."""
+    from deephash.runs import build_index
+
+    run, photos = photo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("codes", "*.npz"))
+    shutil.copytree(photos, tmp_path / "photos", ignore=shutil.ignore_patterns("zz-notes.png"))
+    saved = torch.load(copy / "model.pt", weights_only=True)  # the run's config, moved to the copied photos
+    saved["config"]["data"]["images"] = str(tmp_path / "photos")
+    torch.save(saved, copy / "model.pt")
+    model, _ = load_run(copy)
+
+    def check(index_dir: Path) -> None:
+        index = HashIndex.load(index_dir)
+        files = sorted(str(p) for p in (tmp_path / "photos" / "test").rglob("*.png"))
+        assert sorted(index.paths.tolist()) == files
+        for path, code in zip(index.paths.tolist(), index.codes):  # each row is its own file's code
+            view = np.asarray(Image.open(path).convert("RGB").resize((18, 18), Image.Resampling.BILINEAR)
+                              .crop((1, 1, 17, 17)), dtype=np.float32).transpose(2, 0, 1).copy()
+            with torch.no_grad():
+                assert np.array_equal(pack_codes(model(torch.from_numpy(view)[None] / 255))[0], code), path
+
+    build_index(copy, split="test", out=tmp_path / "first")
+    check(tmp_path / "first")
+    assert main(["evaluate", str(copy)]) == 0
+    green = tmp_path / "photos" / "test" / "green"
+    if change == "add":
+        noise = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(green / "0-new.png")  # sorts first: every later row would shift
+    else:
+        (green / "0.png").unlink()
+    n_test = len(list((tmp_path / "photos" / "test").rglob("*.png")))
+    assert main(["evaluate", str(copy)]) == 0
+    assert json.loads((copy / "metrics.json").read_text())["protocol"]["n_query"] == n_test
+    build_index(copy, split="test", out=tmp_path / "second")
+    check(tmp_path / "second")

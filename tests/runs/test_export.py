@@ -146,6 +146,8 @@ def test_the_description_says_what_surrounds_the_graph(exported):
         assert d["input"]["mean"] == model.normalize.mean.flatten().tolist()
         assert d["input"]["std"] == model.normalize.std.flatten().tolist()
         assert d["input"]["mean"] != [0.0]  # the run's own statistics
+        # the model view of an in-memory data set's run: the whole shorter side, bilinear
+        assert (d["input"]["decode"]["resize"], d["input"]["decode"]["crop_fraction"]) == ("bilinear", 1.0)
         assert d["code_rule"]["name"] == kind and d["classes"] == model.classes
         if kind == "posterior":
             assert d["code_rule"]["temperature"] == 2.0 and d["code_rule"]["fitted"] == {"code_centers": [10, 16]}
@@ -251,6 +253,11 @@ def test_the_encoder_refuses_a_bad_folder_naming_the_key(exported, tmp_path):
         "bits": (dict(good, bits="12"), "'bits' must be a positive integer"),
         "model_file": (dict(good, model_file="../encoder.onnx"), "'model_file' must be a file name"),
         "outputs": (dict(good, code_values="logits"), "names 'images' and \\['logits'\\]"),
+        "crop_fraction": (dict(good, input=dict(good["input"], decode=dict(good["input"]["decode"], crop_fraction=1.5))),
+                          "'input.decode.crop_fraction' must be a number in \\(0, 1\\]"),
+        "resize": (dict(good, input=dict(good["input"], decode=dict(good["input"]["decode"], resize="bicubic"))),
+                   "'input.decode.resize' is 'bicubic'"),
+        "square": (dict(good, input=dict(good["input"], width=27)), "'input.width' must equal input.height"),
     }
     for name, (description, message) in cases.items():
         folder = tmp_path / name
@@ -275,3 +282,28 @@ def test_an_export_whose_codes_differ_from_the_models_is_not_written(exported, t
     with pytest.raises(DeephashError, match="the exported graph's codes differ from the model's"):
         export_run(exported["sign"]["run"], tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_written_before_the_crop_was_recorded_loads_with_the_whole_shorter_side(exported, tmp_path, caplog):
+    """An older ``encoder.json`` (``decode`` without ``crop_fraction``) still loads: uploads take the
+    whole shorter side (1.0, what such a run's ``deephash search FILE`` does), with a warning."""
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    d = json.loads((exported["sign"]["onnx"] / "encoder.json").read_text(encoding="utf-8"))
+    d["input"]["decode"] = {"mode": "L", "resize": "bilinear"}
+    (folder / "encoder.json").write_text(json.dumps(d), encoding="utf-8")
+    (folder / "encoder.onnx").write_bytes((exported["sign"]["onnx"] / "encoder.onnx").read_bytes())
+    with caplog.at_level("WARNING", logger="deephash.serve"):
+        old = OnnxEncoder(folder)
+    assert old.crop_fraction == 1.0 and "crop_fraction" in caplog.text
+    tall = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(tall).save(buffer, format="PNG")
+    view = np.array(Image.fromarray(tall).resize((28, 37), Image.Resampling.BILINEAR))[4:32]  # 30x40 -> 28x37, centre rows
+    want, _ = OnnxEncoder(exported["sign"]["onnx"]).encode(view[None, None])
+    got, _ = old.encode_image(buffer.getvalue())
+    assert np.array_equal(got, want)

@@ -122,15 +122,24 @@ def test_upload_matches_brute_force(env, k):
     assert body["query"]["label"] is None  # an upload's label is unknown
 
 
-def test_upload_is_resized_and_converted(env):
-    """An RGB image of another size is converted to the model's 1x8x8 grey input."""
+def test_upload_is_resized_and_converted(env, tmp_path):
+    """An RGB image of another shape is converted to grey and fitted by the run's model view (an
+    in-memory data set's: the shorter side resized to 8, then the centre 8 x 8, no extra crop),
+    the same pixels as ``deephash search FILE`` gives the model."""
     client = env["client"]
     rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     response = client.post("/api/search", files={"image": ("q.jpg", png_of(rgb), "image/jpeg")})
     assert response.status_code == 200
-    grey = Image.fromarray(rgb).convert("L").resize((8, 8), Image.Resampling.BILINEAR)
+    # by hand: 30 x 40 -> 8 x round(40 * 8 / 30) = 8 x 11, rows 1 .. 8 kept (a stretch would differ)
+    grey = np.array(Image.fromarray(rgb).convert("L").resize((8, 11), Image.Resampling.BILINEAR))[1:9]
+    stretched = np.array(Image.fromarray(rgb).convert("L").resize((8, 8), Image.Resampling.BILINEAR))
+    assert not np.array_equal(grey, stretched)
+    (tmp_path / "q.png").write_bytes(png_of(rgb))
+    _, config = runs.load_run(env["run"], device="cpu")
+    cli_view, _ = runs.query_images(config, env["run"], [str(tmp_path / "q.png")])  # deephash search FILE
+    assert np.array_equal(cli_view.numpy(), grey[None, None])
     with torch.inference_mode():
-        sign = env["model"].encode(torch.from_numpy(np.array(grey))[None, None].float() / 255)
+        sign = env["model"].encode(torch.from_numpy(grey)[None, None].float() / 255)
     check_against_brute_force(response.json(), np.packbits(sign.numpy() > 0, axis=1), env, 10)
 
 

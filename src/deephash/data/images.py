@@ -1,4 +1,6 @@
-"""Images: folders (class sub-folders or unlabelled trees), and the one decoder (Pillow) for files and uploads.
+"""Images: folders (class sub-folders or unlabelled trees), the one decoder (Pillow) for files and
+uploads, and the one model view: the geometric step from a decoded image to a model's square input
+(:func:`eval_transform`: the shorter side resized bilinearly, then the centre crop).
 
 Every decode goes through :func:`to_model_mode` (EXIF orientation, transparency composited over
 white, every Pillow mode to ``L`` or ``RGB``) behind a size guard against decompression bombs;
@@ -10,6 +12,7 @@ say what was wrong with the upload. :func:`open_image` also lets a JPEG decode a
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -19,12 +22,17 @@ import numpy as np
 
 from deephash.errors import DataFormatError, NotFoundError, first_line
 
-__all__ = ["IMAGE_EXTENSIONS", "UPLOAD_FORMATS", "CorruptImageError", "ImageTooLargeError", "UnsupportedImageError",
-           "check_image_header", "decode_image", "image_array", "list_image_folder", "open_image", "read_image", "to_model_mode"]
+__all__ = ["EVAL_CROP_FRACTION", "IMAGE_EXTENSIONS", "RESIZE_FILTER", "UPLOAD_FORMATS", "CorruptImageError",
+           "ImageTooLargeError", "UnsupportedImageError", "check_image_header", "decode_image", "eval_resize_side",
+           "eval_transform", "image_array", "list_image_folder", "open_image", "read_image", "to_model_mode"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-
+#: The evaluation crop of a photo-folder run keeps this fraction of the resized shorter side
+#: (timm's and torchvision's 0.875); other runs use 1.0 (the whole shorter side).
+EVAL_CROP_FRACTION = 0.875
+#: The model view's resize filter (Pillow's name), as ``encoder.json`` records it.
+RESIZE_FILTER = "bilinear"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -134,32 +142,74 @@ def image_array(image: Any) -> np.ndarray:
     return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
-def _pixels(image: Any, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:
-    """A loaded Pillow image made upright and converted (:func:`to_model_mode`) and resized
-    (bilinear, ``(height, width)``; None keeps it): uint8 ``(C, H, W)``."""
+def eval_resize_side(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """The shorter side images are resized to before the centre crop of ``size``: ``floor(size / crop_fraction)``."""
+    return max(int(size), int(math.floor(size / crop_fraction)))
+
+
+def eval_transform(image: Any, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> np.ndarray:
+    """The model view: resize the shorter side to :func:`eval_resize_side` (bilinear), then crop the
+    centre ``size x size``. Every path that encodes an image for retrieval takes it (folders, query
+    files, uploads, the exported encoder).
+
+    Args:
+        image: a Pillow ``L`` or ``RGB`` image.
+        size: the model's input side in pixels.
+        crop_fraction: the centre crop's share of the resized shorter side.
+
+    Returns:
+        uint8 ``(C, size, size)``; the crop's top-left corner is ``((W' - size) // 2, (H' - size) // 2)``
+        of the resized ``W' x H'`` image.
+    """
     from PIL import Image
 
-    image = to_model_mode(image, mode)
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return image_array(image)
+    side = eval_resize_side(size, crop_fraction)
+    width, height = image.size
+    if width <= height:
+        new = (side, max(side, round(height * side / width)))
+    else:
+        new = (max(side, round(width * side / height)), side)
+    if new != (width, height):
+        image = image.resize(new, Image.Resampling.BILINEAR)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image_array(image.crop((left, top, left + size, top + size)))
 
 
-def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
-    """Decode an uploaded image and fit it to a model's input.
+def _square_side(shape: tuple[int, ...]) -> int:
+    """The side of a square model input ``(C, S, S)``; the model view crops squares only."""
+    if int(shape[-1]) != int(shape[-2]):
+        raise DataFormatError(f"the model view crops a square input, got {shape[-2]}x{shape[-1]}")
+    return int(shape[-1])
+
+
+def _draft_and_load(image: Any, mode: str | None, min_side: int | None) -> Any:
+    """Load an opened Pillow image (a JPEG at a reduced scale when both its sides are at least
+    ``2 * min_side``: Pillow's draft mode keeps both ``>= min_side``), then :func:`to_model_mode`."""
+    if min_side is not None and image.format == "JPEG" and min(image.size) >= 2 * min_side:
+        image.draft(image.mode, (min_side, min_side))
+    image.load()
+    return to_model_mode(image, mode)
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int, *, crop_fraction: float) -> np.ndarray:
+    """Decode an uploaded image and fit it to a model's input by the model view (:func:`eval_transform`),
+    pixel for pixel as the same file read from a folder (:func:`open_image` with the same draft size).
 
     The pixel count is checked from the header, before any pixel data is decompressed.
 
     Args:
         data: the file's bytes.
-        shape: the model's ``(C, H, W)``; C = 1 converts to grey, C = 3 to RGB.
+        shape: the model's ``(C, S, S)``; C = 1 converts to grey, C = 3 to RGB.
         max_pixels: the largest ``width * height`` accepted.
+        crop_fraction: the run's evaluation crop (``runs.eval_crop_fraction``: 0.875 for a
+            photo-folder run, 1.0 otherwise).
 
     Returns:
-        uint8 ``(C, H, W)``.
+        uint8 ``(C, S, S)``.
 
     Raises:
-        UnsupportedImageError, CorruptImageError, ImageTooLargeError.
+        UnsupportedImageError, CorruptImageError, ImageTooLargeError. DataFormatError: ``shape``
+        is not square.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -175,31 +225,32 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> n
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLargeError(f"image of {width}x{height} pixels refused: the limit is {max_pixels} pixels")
+        side = _square_side(shape)
         try:
-            image.load()
-            channels, rows, cols = shape
-            return _pixels(image, "L" if channels == 1 else "RGB", (rows, cols))
+            image = _draft_and_load(image, "L" if shape[0] == 1 else "RGB", eval_resize_side(side, crop_fraction))
+            return eval_transform(image, side, crop_fraction)
         except Exception as error:
             raise CorruptImageError(f"image does not decode: {first_line(error)}") from None
 
 
-def read_image(path: str | os.PathLike, mode: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, mode: str | None = None, size: int | None = None,
+               crop_fraction: float = 1.0) -> np.ndarray:
     """Decode one image file with Pillow (:func:`open_image`), refusing decompression bombs.
 
     Args:
         path: the image file.
         mode: ``"L"`` or ``"RGB"`` to convert to; None keeps L for grey images, RGB otherwise.
-        size: ``(height, width)`` to resize to (bilinear); None keeps the image's size.
+        size: the side of the model view (:func:`eval_transform` with ``crop_fraction``); None
+            keeps the image as it is.
+        crop_fraction: the model view's centre crop.
 
     Returns:
         uint8 ``(C, H, W)`` with C = 1 for ``L`` and 3 for ``RGB``.
     """
-    from PIL import Image
-
-    image = open_image(path, mode)
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return image_array(image)
+    if size is None:
+        return image_array(open_image(path, mode))
+    image = open_image(path, mode, min_side=eval_resize_side(size, crop_fraction))
+    return eval_transform(image, int(size), crop_fraction)
 
 
 def open_image(path: str | os.PathLike, mode: str | None = None, min_side: int | None = None) -> Any:
@@ -226,10 +277,7 @@ def open_image(path: str | os.PathLike, mode: str | None = None, min_side: int |
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if min_side is not None and image.format == "JPEG" and min(image.size) >= 2 * min_side:
-                    image.draft(image.mode, (min_side, min_side))
-                image.load()
-                return to_model_mode(image, mode)
+                return _draft_and_load(image, mode, min_side)
     except FileNotFoundError as err:
         raise NotFoundError(f"{path}: no such file") from err
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:

@@ -1,5 +1,6 @@
 """Per-image policies for photos (on Pillow images, in DataLoader workers): the evaluation resize and
-centre crop, and the training random resized crop, horizontal flip and colour jitter.
+centre crop (the model view, defined once in :mod:`deephash.data.images` and re-exported here), and
+the training random resized crop, horizontal flip and colour jitter.
 
 Both return uint8 ``(C, size, size)``; the batched augmentation of ``augment.py`` may still follow
 on the model's device.
@@ -12,44 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from deephash.data.images import image_array
+from deephash.data.images import EVAL_CROP_FRACTION, eval_resize_side, eval_transform, image_array
 
 __all__ = ["EVAL_CROP_FRACTION", "eval_resize_side", "eval_transform", "random_resized_box", "train_transform"]
-
-#: The evaluation crop keeps this fraction of the resized shorter side (timm's and torchvision's 0.875).
-EVAL_CROP_FRACTION = 0.875
-
-
-def eval_resize_side(size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
-    """The shorter side images are resized to before the centre crop of ``size``: ``floor(size / crop_fraction)``."""
-    return max(int(size), int(math.floor(size / crop_fraction)))
-
-
-def eval_transform(image: Any, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> np.ndarray:
-    """Resize the shorter side to :func:`eval_resize_side` (bilinear), then crop the centre ``size x size``.
-
-    Args:
-        image: a Pillow ``L`` or ``RGB`` image.
-        size: the model's input side in pixels.
-        crop_fraction: the centre crop's share of the resized shorter side.
-
-    Returns:
-        uint8 ``(C, size, size)``; the crop's top-left corner is ``((W' - size) // 2, (H' - size) // 2)``
-        of the resized ``W' x H'`` image.
-    """
-    from PIL import Image
-
-    side = eval_resize_side(size, crop_fraction)
-    width, height = image.size
-    if width <= height:
-        new = (side, max(side, round(height * side / width)))
-    else:
-        new = (max(side, round(width * side / height)), side)
-    if new != (width, height):
-        image = image.resize(new, Image.Resampling.BILINEAR)
-    left, top = (new[0] - size) // 2, (new[1] - size) // 2
-    return image_array(image.crop((left, top, left + size, top + size)))
-
 
 def random_resized_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

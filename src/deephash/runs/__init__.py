@@ -4,7 +4,7 @@ The command line, the service and the report are thin shells over these function
 run directory (see :mod:`deephash.runs.layout` for its files).
 """
 
-from deephash.runs.data import channel_stats, load_split, model_input_shape, query_images, source_dataset
+from deephash.runs.data import channel_stats, eval_crop_fraction, load_split, model_input_shape, query_images, source_dataset
 from deephash.runs.encoding import encode, encode_items, encode_resumable, encode_run, encode_sharded, encode_split
 from deephash.runs.evaluation import evaluate_run, format_metrics
 from deephash.runs.export import export_run
@@ -37,6 +37,7 @@ __all__ = [
     "load_index",
     "load_run",
     "load_split",
+    "eval_crop_fraction",
     "model_input_shape",
     "query_images",
     "remove_items",

@@ -12,14 +12,13 @@ import torch
 from deephash._io import atomic_savez
 from deephash.config import Config
 from deephash.data.datasets import ArrayDataset, load_dataset
-from deephash.data.images import open_image
+from deephash.data.images import EVAL_CROP_FRACTION, read_image
 from deephash.data.photos import ImageFolder
-from deephash.data.transforms import EVAL_CROP_FRACTION, eval_resize_side, eval_transform
 from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
-__all__ = ["channel_stats", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
+__all__ = ["channel_stats", "eval_crop_fraction", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
 
 #: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
 _SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
@@ -32,7 +31,7 @@ def _load_source(config: Config, split: str) -> ArrayDataset | ImageFolder:
         folder = Path(data.images)
         folder = folder / split if (folder / split).is_dir() else folder
         dataset = ImageFolder(folder, image_size=data.image_size, channels=data.channels, train=split == "train",
-                              crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=_crop_fraction(config))
+                              crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=eval_crop_fraction(config))
         dataset.bad_files.max_fraction = data.max_bad_fraction
         dataset.bad_files.check()
         return dataset
@@ -143,20 +142,20 @@ def source_dataset(config: Config, run_dir: Path, split: str | None, images: str
         return load_split(config, split, run_dir)
     channels, height, _ = model_input_shape(config, run_dir)
     return ImageFolder(images, image_size=height, channels=channels, train=False, labelled=labelled,
-                       crop_fraction=_crop_fraction(config))
+                       crop_fraction=eval_crop_fraction(config))
 
 
-def _crop_fraction(config: Config) -> float:
-    """The evaluation crop of image files: a photo-folder run's centre crop, else the whole shorter side."""
+def eval_crop_fraction(config: Config) -> float:
+    """The run's model view's centre crop (:func:`~deephash.data.images.eval_transform`), taken by
+    every path that encodes an image file for it (folders, query files, the service's uploads, the
+    exported encoder): a photo-folder run's 0.875, else 1.0 (the whole shorter side)."""
     return EVAL_CROP_FRACTION if config.data.dataset == "folder" else 1.0
 
 
 def model_view(config: Config, path: str | os.PathLike, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as the run's model sees it, as :func:`source_dataset` decodes folders: uint8
     ``(C, H, W)`` (the evaluation transform; a square image is simply resized outside photo-folder runs)."""
-    fraction = _crop_fraction(config)
-    image = open_image(path, "L" if shape[0] == 1 else "RGB", min_side=eval_resize_side(shape[1], fraction))
-    return torch.from_numpy(eval_transform(image, shape[1], fraction))
+    return torch.from_numpy(read_image(path, "L" if shape[0] == 1 else "RGB", shape[1], eval_crop_fraction(config)))
 
 
 def query_images(config: Config, run_dir: Path, items: Sequence[str]) -> tuple[torch.Tensor, list[int | None]]:

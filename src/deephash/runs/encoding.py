@@ -223,9 +223,9 @@ def encode_split(run_dir: str | os.PathLike, model: nn.Module, config: Config, s
                  dataset: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`encode` of one split of a run's data, cached in ``run_dir/codes/SPLIT.npz``.
 
-    The cache records the SHA-256 of ``model.pt``; a cache written by another model (a retrained
-    or resumed run) is ignored and replaced, so ``evaluate``, ``index build`` and ``report`` encode
-    each split once per model. Written atomically, read with ``allow_pickle=False``.
+    The cache records the SHA-256 of ``model.pt`` (and a photo folder's listing); a cache written
+    by another model (a retrained or resumed run) or of a folder changed since is ignored and
+    replaced, so ``evaluate``, ``index build`` and ``report`` encode each split once per model. Written atomically, read with ``allow_pickle=False``.
 
     Returns:
         ``(codes, labels)`` as :func:`encode` returns them.
@@ -241,14 +241,20 @@ def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, confi
 
     A photo folder's items that do not decode have no row; the ``dataset`` passed in is then
     narrowed in place to the items that have one (:meth:`ImageFolder.keep`), so its images stay
-    aligned with the rows (the report's pictures, the near-duplicate queries)."""
+    aligned with the rows (the report's pictures, the near-duplicate queries). A photo folder's
+    cache also records its listing (:func:`_listing_digest`: each file's relative path, size and
+    label, taken before any narrowing): a folder changed since is encoded again."""
     run_dir = Path(run_dir)
     stamp = model_digest(run_dir)
     cache = run_dir / CODES_DIR / f"{split}.npz"
+    if dataset is None and config.data.dataset == "folder":
+        dataset = load_split(config, split, run_dir)
+    listing = _listing_digest(dataset) if isinstance(dataset, ImageFolder) else ""
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as stored:
-                if str(stored["model_sha256"]) == stamp:
+                cached_listing = str(stored["listing_sha256"]) if "listing_sha256" in stored.files else ""
+                if str(stored["model_sha256"]) == stamp and cached_listing == listing:
                     if "positions" in stored.files and isinstance(dataset, ImageFolder):
                         dataset.keep(stored["positions"])
                     return stored["codes"], stored["labels"], stored["rerank"] if "rerank" in stored.files else None
@@ -260,6 +266,7 @@ def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, confi
         codes, labels, vectors, positions = encode_items(model, dataset, num_workers=config.data.num_workers)
         dataset.keep(positions)
         extra["positions"] = positions
+        extra["listing_sha256"] = np.str_(listing)
     else:
         codes, labels, vectors = encode_with_rerank(model, dataset, num_workers=config.data.num_workers)
     if vectors is not None:

@@ -12,8 +12,10 @@ whose sign (0 ↦ +1) is the code, and, when the run keeps re-rank vectors, ``re
 - ``posterior``: the whole rule (`posterior_path_codes` over the aux classifier's logits and
   the class hash centers), so its values are already ±1 and the sign leaves them unchanged.
 
-Outside the graph, written in ``encoder.json``: decoding (Pillow, mode ``L`` or ``RGB``, bilinear
-resize to ``H x W``), the normalisation ``(pixel / 255 - mean[c]) / std[c]`` and the sign.
+Outside the graph, written in ``encoder.json``: decoding (Pillow, mode ``L`` or ``RGB``) and the
+run's model view (``input.decode``: the shorter side resized bilinearly to ``floor(H / crop_fraction)``,
+then the centre ``H x W``; ``deephash.data.images.eval_transform``), the normalisation
+``(pixel / 255 - mean[c]) / std[c]`` and the sign.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from deephash.models.heads import HashHead
 from deephash.models.pca_codes import pca_values
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.retrieval_model import RERANK_VECTORS
-from deephash.runs.data import model_input_shape
+from deephash.data.images import RESIZE_FILTER
+from deephash.runs.data import eval_crop_fraction, model_input_shape
 from deephash.runs.model_file import load_run
 
 __all__ = ["EXPORT_FORMATS", "EncoderGraph", "export_run"]
@@ -130,7 +133,9 @@ def _description(model: nn.Module, config: Any, shape: tuple[int, int, int], run
         "run": {"name": config.name, "path": str(run_dir.resolve()), "backbone": spec.backbone if spec else ""},
         "input": {
             "name": INPUT, "layout": "NCHW", "dtype": "float32", "channels": channels, "height": height, "width": width,
-            "decode": {"mode": "L" if channels == 1 else "RGB", "resize": "bilinear"},
+            "decode": {"mode": "L" if channels == 1 else "RGB", "resize": RESIZE_FILTER,
+                       "crop_fraction": eval_crop_fraction(config),
+                       "view": "the shorter side resized to floor(height / crop_fraction), then the centre height x width"},
             "mean": [float(v) for v in model.normalize.mean.flatten()],
             "std": [float(v) for v in model.normalize.std.flatten()],
             "normalise": "x = (pixel / 255 - mean[c]) / std[c], float32",

@@ -25,6 +25,9 @@ class ImageEncoder(Protocol):
         bits: code length (must equal the index's).
         input_shape: the ``(C, H, W)`` the encoder takes; uploads are decoded to it.
         name: shown as the service's model (``/api/info``).
+
+    An encoder may also have ``crop_fraction`` (float): the centre crop of the model view that
+    fits uploads to ``input_shape`` (``deephash.data.images.eval_transform``); without it, 1.0.
     """
 
     bits: int
@@ -53,10 +56,13 @@ class TorchEncoder:
             output's sign is the code).
         input_shape: the model's ``(C, H, W)``.
         name: the model's name for ``/api/info``.
+        crop_fraction: the run's model view's centre crop (``runs.eval_crop_fraction``).
     """
 
-    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], name: str = "") -> None:
+    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], name: str = "",
+                 crop_fraction: float = 1.0) -> None:
         self.model = model
+        self.crop_fraction = float(crop_fraction)
         self.bits = int(getattr(model, "bits", 0) or 0)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.name = name or type(model).__name__

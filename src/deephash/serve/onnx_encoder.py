@@ -10,19 +10,22 @@ the one image decoder) and onnxruntime, never torch: a server on it needs no PyT
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deephash.data.images import decode_image
+from deephash.data.images import RESIZE_FILTER, decode_image
 from deephash.errors import DataFormatError, DeephashError, NotFoundError, first_line
 from deephash.signs import is_plus
 from deephash.export_format import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
 from deephash.retrieval.codes import pack_codes
 
 __all__ = ["OnnxEncoder"]
+
+LOG = logging.getLogger("deephash.serve")
 
 
 class OnnxEncoder:
@@ -38,6 +41,8 @@ class OnnxEncoder:
         name: the run's backbone and the runtime, e.g. ``"fmnist-cnn (onnxruntime)"``.
         classes: class names of the run's data set (may be empty).
         rerank_dim: size of the re-rank vectors, None when the run keeps none.
+        crop_fraction: the run's model view's centre crop (``input.decode.crop_fraction``; 1.0,
+            the whole shorter side, for an export written before it was recorded, with a warning).
 
     ``encode`` may be called from several threads at once (``InferenceSession.run`` is thread-safe).
 
@@ -52,6 +57,7 @@ class OnnxEncoder:
         d = self.description
         self.bits = int(d["bits"])
         self.input_shape = (int(d["input"]["channels"]), int(d["input"]["height"]), int(d["input"]["width"]))
+        self.crop_fraction = float(d["input"]["decode"]["crop_fraction"])
         self.name = f"{d['run'].get('backbone') or 'model'} (onnxruntime)"
         self.classes = [str(c) for c in d.get("classes") or []]
         channels = self.input_shape[0]
@@ -86,9 +92,10 @@ class OnnxEncoder:
         return pack_codes(is_plus(values)), vectors
 
     def encode_image(self, data: bytes, max_pixels: int = 16_000_000) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`encode` of one image file's bytes, decoded by the one image decoder
-        (``deephash.data.images.decode_image``: mode, bilinear resize to ``input_shape``)."""
-        return self.encode(decode_image(data, self.input_shape, max_pixels)[None])
+        """:meth:`encode` of one image file's bytes, decoded by the one image decoder and fitted by
+        the run's model view (``deephash.data.images.decode_image`` with ``crop_fraction``): the
+        pixels ``deephash index build --images`` gives the same file."""
+        return self.encode(decode_image(data, self.input_shape, max_pixels, crop_fraction=self.crop_fraction)[None])
 
 
 def _read_description(model_dir: Path) -> dict[str, Any]:
@@ -131,6 +138,20 @@ def _read_description(model_dir: Path) -> dict[str, Any]:
         raise bad("input.std", f"must be positive, got {spec['std']}")
     if not isinstance(spec.get("name"), str):
         raise bad("input.name", "must be the graph input's name")
+    if spec["height"] != spec["width"]:
+        raise bad("input.width", f"must equal input.height (the model view is square), got {spec['width']}")
+    decode = spec.get("decode")
+    if not isinstance(decode, dict):
+        raise bad("input.decode", "must be an object")
+    if decode.get("resize") != RESIZE_FILTER:
+        raise bad("input.decode.resize", f"is {decode.get('resize')!r}; this deephash resizes {RESIZE_FILTER!r}")
+    if "crop_fraction" not in decode:  # an export from before the model view was recorded
+        LOG.warning("deephash: %s: no 'input.decode.crop_fraction' (an older export): uploads take the whole "
+                    "shorter side (1.0); export the run again to record its own crop", path)
+        spec["decode"] = dict(decode, crop_fraction=1.0)
+    fraction = spec["decode"]["crop_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise bad("input.decode.crop_fraction", f"must be a number in (0, 1], got {fraction!r}")
     if not isinstance(d["run"], dict):
         raise bad("run", "must be an object")
     rerank = d.get("rerank")

@@ -173,6 +173,8 @@ class SearchService:
         self.encoder = encoder
         self.shortlist = int(shortlist)
         self.input_shape = tuple(int(v) for v in encoder.input_shape)
+        #: the model view's centre crop of uploads (the encoder's; see ``ImageEncoder``)
+        self.crop_fraction = float(getattr(encoder, "crop_fraction", 1.0))
         self.images = images
         self.classes = list(classes or [])
         self.max_pixels = int(max_pixels)
@@ -291,6 +293,10 @@ class SearchService:
                    or list(getattr(encoder, "classes", []) or []))
         spec = getattr(model, "spec", None)
         name = str(spec.backbone if spec is not None else type(model).__name__) if model is not None else ""
+        if encoder is None:  # uploads take the run's model view, as its folders and query files do
+            from deephash.runs import eval_crop_fraction
+
+            encoder = TorchEncoder(model, shape, name, crop_fraction=eval_crop_fraction(config))
         try:
             service = cls(index, model, shape, images, classes, max_pixels, seed=config.seed if config is not None else 0,
                           model_name=name, living=living, index_dir=index_dir, encoder=encoder)
@@ -359,7 +365,7 @@ class SearchService:
     def encode_query(self, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
         """An uploaded image's packed code ``(1, B)`` and its re-rank vector float ``(D,)`` (None
         when the model keeps none)."""
-        return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels))
+        return self._encode_pixels(decode_image(data, self.input_shape, self.max_pixels, crop_fraction=self.crop_fraction))
 
     def _encode_pixels(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         packed, vectors = self.encoder.encode(image[None])
@@ -449,7 +455,8 @@ class SearchService:
         for i, request in enumerate(requests):
             if request.image is not None:
                 try:
-                    pixels.append(decode_image(request.image, self.input_shape, self.max_pixels))
+                    pixels.append(decode_image(request.image, self.input_shape, self.max_pixels,
+                                               crop_fraction=self.crop_fraction))
                     uploads.append(i)
                 except DeephashError as error:
                     outcomes[i] = error
@@ -528,7 +535,7 @@ class SearchService:
             raise DeephashError("this service is read-only")
         if ident is not None and not 0 <= ident < 2**63:
             raise DeephashError(f"id {ident} is outside 0 .. 2**63-1")
-        image = decode_image(data, self.input_shape, self.max_pixels)
+        image = decode_image(data, self.input_shape, self.max_pixels, crop_fraction=self.crop_fraction)
         packed, vector = self._encode_pixels(image)
         vectors = None if vector is None or self.index.rerank_vectors is None and self.index.ntotal else vector[None, :]
         labels = self._label_value(label)
