@@ -124,7 +124,6 @@ ALLOWED = {
     ("runs/indexing.py", "index.save(out)"): "HashIndex.save, atomic (above)",
     ("train/checkpoint.py", "torch.save(state, buffer)"): "into an io.BytesIO, then atomic_write_bytes",
     ("viz/plots.py", "fig.savefig(buffer, format='png', dpi=dpi)"): "into an io.BytesIO, then atomic_write_bytes",
-    ("serve/service.py", "picture.save(out, format='PNG')"): "into an io.BytesIO returned as bytes",
     ("data/perturb.py", "picture.save(buffer, format='JPEG', quality=quality)"): "into an io.BytesIO, decoded at once",
     ("train/callbacks.py", "open(self.path, 'a', encoding='utf-8')"):
         "append-only metrics.jsonl, fsynced per line; a torn last line is cut by _repair_tail",
@@ -134,8 +133,8 @@ ALLOWED = {
         "append-only journal, fsynced per record; a torn last record is cut before the next append",
     ("retrieval/journal.py", "os.open(self.index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 420)"): "the flock file (a pid)",
     ("retrieval/living.py", "self.index.save(self.path)"): "HashIndex.save, atomic (above)",
-    ("retrieval/item_images.py", "Image.fromarray(np.ascontiguousarray(array)).save(out, format='PNG')"):
-        "into an io.BytesIO, then atomic_write_bytes",
+    ("retrieval/item_images.py", "picture.save(out, format='PNG')"):
+        "png_bytes: into an io.BytesIO returned as bytes (stored through atomic_write_bytes)",
     ("runs/export.py", "(tmp / ENCODER_FILE).write_bytes(data)"): "inside a mkdtemp folder moved into place by atomic_replace_dir",
     ("runs/export.py", "(tmp / DESCRIPTION_FILE).write_text(text, encoding='utf-8')"): "same temporary folder",
 }
