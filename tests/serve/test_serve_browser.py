@@ -20,6 +20,14 @@ def tiles(page) -> list[dict]:
         loaded: [...e.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)}))""")
 
 
+def wait_for_images(page, timeout_ms: int = 60_000) -> None:
+    """Until every result image has finished loading (decoded, non-empty) or failed: a busy machine
+    can keep an image request open past a "network idle" moment; a failed one still fails the
+    ``loaded`` check after this."""
+    page.wait_for_function("""() => [...document.querySelectorAll('#results .result img')]
+        .every(i => i.complete)""", timeout=timeout_ms)
+
+
 def test_page_upload_and_random_item(tmp_path):
     sync_playwright, expect = playwright_api()
     run_dir, index_dir = make_tiny_run(tmp_path / "data")
@@ -42,6 +50,7 @@ def test_page_upload_and_random_item(tmp_path):
                 page.set_input_files("#file", str(query_file))
                 expect(page.locator("#results .result")).to_have_count(K)
                 page.wait_for_load_state("networkidle")
+                wait_for_images(page)
                 shown = tiles(page)
                 assert [t["id"] for t in shown] == [r["id"] for r in expected["results"]]
                 assert all(t["loaded"] for t in shown)
