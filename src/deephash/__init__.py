@@ -26,6 +26,7 @@ from deephash.losses import (
     OnlineContrastiveLoss,
     OnlineTripletLoss,
     TripletLoss,
+    ViewHashLoss,
 )
 from deephash.mining import (
     AllPositivePairSelector,
@@ -89,6 +90,7 @@ __all__ = [
     "TripletMNIST",
     "TripletNet",
     "TripletSelector",
+    "ViewHashLoss",
     "build_model",
     "fit",
     "load_dataset",

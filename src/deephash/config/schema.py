@@ -33,6 +33,10 @@ class DataConfig:
     ``seen_classes`` / ``unseen_classes`` (labels; both or neither) make a class split, the open-set
     protocol of metric learning: training uses only the seen classes' images, queries and database
     only the unseen classes' (retrieval of classes training never saw).
+
+    ``labels``: ``"class"`` (training reads the class labels) or ``"none"``: training never reads a
+    label (the training images' labels are dropped when they are loaded; the loss must be one that
+    needs none, e.g. ``view-hash``); evaluation still scores with the labels where the data has them.
     """
 
     dataset: str = "fashion-mnist"
@@ -48,6 +52,7 @@ class DataConfig:
     views: int = 1
     seen_classes: list[int] = field(default_factory=list)
     unseen_classes: list[int] = field(default_factory=list)
+    labels: str = "class"
 
 
 @dataclass

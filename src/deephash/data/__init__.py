@@ -15,6 +15,7 @@ from deephash.data.siamese import SiameseDataset, SiameseMNIST, TripletCifar, Tr
 from deephash.data.samplers import BalancedBatchSampler, BalancedBatchSamplerCifar, DistributedBalancedBatchSampler
 from deephash.data.images import list_image_folder, read_image
 from deephash.data.sources import parse_cifar_batch, read_cifar_batch, read_idx
+from deephash.data.unlabelled import NO_LABEL, drop_labels
 
 __all__ = [
     "ArrayDataset",
@@ -27,6 +28,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "ImageFolder",
     "MNIST_CLASSES",
+    "NO_LABEL",
     "RandomCrop",
     "RandomHorizontalFlip",
     "SiameseDataset",
@@ -36,6 +38,7 @@ __all__ = [
     "TripletMNIST",
     "build_augment",
     "data_search_dirs",
+    "drop_labels",
     "list_image_folder",
     "load_dataset",
     "parse_cifar_batch",

@@ -13,6 +13,8 @@ The loss is the mean of ``l_i`` over anchors with a positive (0 when none has on
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,6 +83,8 @@ class InstanceContrastiveLoss(nn.Module):
         temperature: softmax temperature t > 0.
         n_views: views per image V (the batch is ``[view 1 of all B images, view 2 of all, ...]``).
     """
+
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, temperature: float = 0.2, n_views: int = 2) -> None:
         super().__init__()

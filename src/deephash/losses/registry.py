@@ -6,13 +6,18 @@ from torch import nn
 
 from deephash.registry import Registry
 
-__all__ = ["LOSSES", "create_loss", "loss_names", "register_loss"]
+__all__ = ["LOSSES", "create_loss", "loss_names", "loss_needs_labels", "register_loss"]
 
 #: Every loss a config can name (``loss.name``); the modules below register theirs.
 LOSSES: Registry[nn.Module] = Registry("loss", modules=(
     "deephash.losses.metric", "deephash.losses.online", "deephash.losses.hashing", "deephash.losses.orthohash",
-    "deephash.losses.contrastive"))
+    "deephash.losses.contrastive", "deephash.losses.view_hash"))
 register_loss = LOSSES.register
+
+
+def loss_needs_labels(name: str) -> bool:
+    """Whether the loss registered as ``name`` reads class labels (its ``needs_labels``, default True)."""
+    return bool(getattr(LOSSES.get(name), "needs_labels", True))
 
 
 def loss_names() -> list[str]:

@@ -8,6 +8,13 @@ features) and the row L2-normalised into z, centred on the training images' mean
 images' covariance of z. It is PCA hashing (Gong & Lazebnik's PCAH) on learned features:
 an unsupervised projection, so it keeps the local structure of the features for classes that
 training never saw, where a hash head fitted to the seen classes loses it (BENCHMARKS.md, issue 16).
+
+The ``"itq"`` rule (Gong & Lazebnik's iterative quantization) rotates those components before the
+sign: ``sign((z - mean) @ P @ R)`` with the orthogonal ``R`` (bits, bits) that minimises the
+quantization error ``||B - V R||²`` of the projected training rows ``V``, alternating
+``B = sign(V R)`` and the orthogonal Procrustes solution for ``R``. It is stored as the pca rule's
+buffers with ``P @ R`` as the projection, so both rules encode alike; only the fit differs.
+Neither fit reads a label.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fit_pca_codes", "pca_codes", "pca_projection", "pca_rows"]
+__all__ = ["PROJECTION_RULES", "fit_pca_codes", "itq_rotation", "pca_codes", "pca_projection", "pca_rows",
+           "random_rotation"]
+
+#: The code rules that encode with a fitted mean and projection of the code source.
+PROJECTION_RULES = ("pca", "itq")
 
 
 def pca_rows(source: torch.Tensor, power: float = 1.0) -> torch.Tensor:
@@ -74,15 +85,59 @@ def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor
     return torch.where((z - mean) @ projection >= 0, 1.0, -1.0).to(source.dtype)
 
 
+def random_rotation(bits: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal float32 (bits, bits) matrix: Q of the QR decomposition of a standard
+    normal matrix drawn on the CPU from ``torch.Generator().manual_seed(seed)``, columns signed so
+    that R's diagonal is positive (Haar-distributed)."""
+    gaussian = torch.randn(bits, bits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).float()
+
+
+def itq_rotation(v: torch.Tensor, rotation: torch.Tensor, n_iter: int = 50) -> torch.Tensor:
+    """ITQ's rotation of projected rows: ``n_iter`` alternations from ``rotation``.
+
+    Each step sets ``B = sign(V R)`` (0 ↦ +1), then ``R = Ŝ Sᵀ`` from the SVD ``Bᵀ V = S Σ Ŝᵀ``
+    (the orthogonal R that minimises ``||B − V R||_F`` for that B), in float64.
+
+    Args:
+        v: float (N, bits): the centred, projected rows.
+        rotation: float (bits, bits), orthogonal: the start (e.g. `random_rotation`).
+        n_iter: alternations, >= 0 (Gong & Lazebnik use 50).
+
+    Returns:
+        float32 (bits, bits), orthogonal.
+    """
+    if v.ndim != 2 or tuple(rotation.shape) != (v.shape[1], v.shape[1]):
+        raise ValueError(f"ITQ needs rows (N, bits) and a rotation (bits, bits), got {tuple(v.shape)} and {tuple(rotation.shape)}")
+    v = v.double()
+    r = rotation.to(v)
+    for _ in range(n_iter):
+        b = torch.where(v @ r >= 0, 1.0, -1.0).to(v)
+        u, _, vh = torch.linalg.svd(b.T @ v)
+        r = vh.T @ u.T
+    return r.float()
+
+
 @torch.no_grad()
-def fit_pca_codes(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> None:
-    """Fit a ``"pca"`` model's projection on uint8 images (N, C, H, W), in place.
+def fit_pca_codes(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, seed: int = 0,
+                  n_iter: int = 50) -> None:
+    """Fit a ``"pca"`` or ``"itq"`` model's projection on uint8 images (N, C, H, W), in place.
 
     The model runs in eval mode on its own device; its code source (``model.code_source_vectors``)
     of every image enters :func:`pca_projection` with ``bits = model.bits`` and ``power = model.code_power``.
+    Under ``"itq"`` a second pass projects the rows and :func:`itq_rotation` (``n_iter`` steps from
+    ``random_rotation(bits, seed)``) rotates the projection.
     """
     model.eval()
     device = next(model.parameters()).device
-    rows = (model.code_source_vectors(images[i:i + batch_size].to(device).float().div_(255))
-            for i in range(0, len(images), batch_size))
-    model.set_code_projection(*pca_projection(rows, model.bits, model.code_power))
+
+    def rows():
+        return (model.code_source_vectors(images[i:i + batch_size].to(device).float().div_(255))
+                for i in range(0, len(images), batch_size))
+
+    mean, projection = pca_projection(rows(), model.bits, model.code_power)
+    if model.code_rule == "itq":
+        v = torch.cat([(pca_rows(r, model.code_power) - mean) @ projection for r in rows()])
+        projection = projection @ itq_rotation(v, random_rotation(model.bits, seed), n_iter).to(projection)
+    model.set_code_projection(mean, projection)
