@@ -24,7 +24,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PROJECTION_RULES", "fit_pca_codes", "itq_rotation", "pca_codes", "pca_projection", "pca_rows",
+from deephash.models.heads import sign_codes
+
+__all__ = ["LINEAR_HASHES", "PROJECTION_RULES", "fit_linear_hash", "fit_pca_codes", "itq_rotation", "linear_hash_codes", "pca_codes", "pca_projection", "pca_rows",
            "random_rotation"]
 
 #: The code rules that encode with a fitted mean and projection of the code source.
@@ -72,11 +74,16 @@ def pca_projection(batches: Iterable[torch.Tensor], bits: int, power: float = 1.
         raise ValueError(f"PCA codes need 1 <= bits <= {total.shape[0]} (the source's width), got {bits}")
     mean = total / n
     covariance = (outer - n * torch.outer(mean, mean)) / (n - 1)
+    return mean.float(), _leading_directions(covariance, bits)
+
+
+def _leading_directions(covariance: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 (D, bits): the leading eigenvectors of a symmetric (D, D) matrix by decreasing
+    eigenvalue, each signed so that its largest-magnitude entry is positive."""
     _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
     projection = vectors[:, -bits:].flip(1)
     peak = projection.gather(0, projection.abs().argmax(0, keepdim=True))
-    projection = projection * torch.where(peak < 0, -1.0, 1.0).to(projection)
-    return mean.float(), projection.float()
+    return (projection * torch.where(peak < 0, -1.0, 1.0).to(projection)).float()
 
 
 def pca_codes(source: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor, power: float = 1.0) -> torch.Tensor:
@@ -117,6 +124,48 @@ def itq_rotation(v: torch.Tensor, rotation: torch.Tensor, n_iter: int = 50) -> t
         u, _, vh = torch.linalg.svd(b.T @ v)
         r = vh.T @ u.T
     return r.float()
+
+
+#: The linear hashes `fit_linear_hash` fits: codes ``sign((x - mean) @ projection)``.
+LINEAR_HASHES = ("simhash", "pca", "itq")
+
+
+def fit_linear_hash(rows: torch.Tensor, bits: int, method: str, seed: int = 0,
+                    n_iter: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """A label-free linear hash of raw rows (no normalisation): the baselines of unsupervised hashing.
+
+    ``"simhash"`` (Charikar): random Gaussian hyperplanes through the rows' mean, drawn on the CPU
+    from ``torch.Generator().manual_seed(seed)``; ``"pca"`` (PCAH): the leading principal
+    directions; ``"itq"`` (Gong & Lazebnik): those directions rotated by `itq_rotation` (``n_iter``
+    steps from ``random_rotation(bits, seed)``). Encode with `linear_hash_codes`.
+
+    Args:
+        rows: float (N, D), N >= 2.
+        bits: code length, 1 <= bits <= D.
+        method: one of `LINEAR_HASHES`.
+
+    Returns:
+        ``(mean, projection)``: float32 (D,) and float32 (D, bits).
+    """
+    if method not in LINEAR_HASHES:
+        raise ValueError(f"linear hash must be one of {LINEAR_HASHES}, got {method!r}")
+    if rows.ndim != 2 or len(rows) < 2 or not 1 <= bits <= rows.shape[1]:
+        raise ValueError(f"a linear hash needs rows (N >= 2, D) and 1 <= bits <= D, got {tuple(rows.shape)} and {bits}")
+    x = rows.detach().double()
+    mean = x.mean(0)
+    if method == "simhash":
+        gaussian = torch.randn(rows.shape[1], bits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return mean.float(), gaussian.float()
+    centred = x - mean
+    projection = _leading_directions(centred.T @ centred / (len(x) - 1), bits)
+    if method == "itq":
+        projection = projection @ itq_rotation(centred.float() @ projection, random_rotation(bits, seed), n_iter)
+    return mean.float(), projection
+
+
+def linear_hash_codes(rows: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """±1 codes float32 (N, bits) of float (N, D) rows: ``sign((rows - mean) @ projection)``, 0 ↦ +1."""
+    return sign_codes((rows.float() - mean) @ projection)
 
 
 @torch.no_grad()
