@@ -92,7 +92,7 @@ def test_code_rule(name):
     model = build_model(spec)
     if name == "posterior":
         model.set_code_centers(torch.where(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) >= 0, 1.0, -1.0))
-    if name == "pca":
+    if name in ("pca", "itq"):
         fit_pca_codes(model, torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     codes = model.eval()(torch.rand(4, 1, 28, 28))
     assert codes.shape == (4, 16) and set(codes.unique().tolist()) <= {-1.0, 1.0}
