@@ -38,6 +38,22 @@ def test_what_reads_labels_is_refused_without_them(changes, message):
         config_from_dict(_with(**changes))
 
 
+@pytest.mark.parametrize("data, loss, message", [
+    ({"labelled_fraction": 0.0}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
+    ({"labelled_fraction": 1.5}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
+    ({"labelled_fraction": 0.5, "labels": "none"}, "view-hash", "1 with data.labels = 'none'"),
+    ({"labelled_fraction": 0.5, "labels": "class"}, "csq", "loss.name = 'csq' .choose one that takes partial labels"),
+])
+def test_a_labelled_fraction_needs_a_loss_that_takes_partial_labels(data, loss, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_with(data=data, loss={"name": loss}))
+
+
+def test_a_labelled_fraction_validates_with_contrastive_hash():
+    config = config_from_dict(_with(data={"labels": "class", "labelled_fraction": 0.25}, loss={"name": "contrastive-hash"}))
+    assert config.data.labelled_fraction == 0.25
+
+
 def test_only_losses_that_declare_it_train_without_labels():
     free = {name for name in loss_names() if not loss_needs_labels(name)}
     assert free == {"view-hash", "instance-contrastive"}

@@ -57,3 +57,25 @@ def test_equal_views_far_from_the_rest_score_lower_than_swapped_ones():
 def test_bad_settings_and_batches_are_refused(params, rows, message):
     with pytest.raises(DeephashError, match=message):
         ViewHashLoss(**params)(torch.randn(rows, 6))
+
+
+def _supcon_loop(u: torch.Tensor, labels: list[int], t: float) -> float:
+    """SupCon by hand, a label -1 being nobody's positive; mean over anchors with a positive."""
+    z = [row / row.norm() for row in u.double()]
+    n, per_anchor = len(u), []
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and labels[i] >= 0 and labels[p] == labels[i]]
+        if positives:
+            denominator = sum(math.exp(float(z[i] @ z[a]) / t) for a in range(n) if a != i)
+            per_anchor.append(sum(-math.log(math.exp(float(z[i] @ z[p]) / t) / denominator) for p in positives) / len(positives))
+    return sum(per_anchor) / len(per_anchor)
+
+
+def test_partial_labels_the_unlabelled_are_negatives_only():
+    from deephash.losses import supcon_loss
+    u = torch.randn(9, 5, generator=torch.Generator().manual_seed(3))
+    labels = [0, 1, -1, 0, -1, 1, 2, -1, 2]
+    assert float(supcon_loss(u, torch.tensor(labels), 0.3)) == pytest.approx(_supcon_loop(u, labels, 0.3), rel=1e-5)
+    # the unlabelled rows are not one class: giving them other negative ids changes nothing
+    relabelled = [-5 if y < 0 else y for y in labels]
+    assert torch.equal(supcon_loss(u, torch.tensor(labels), 0.3), supcon_loss(u, torch.tensor(relabelled), 0.3))

@@ -13,6 +13,7 @@ import torch
 import deephash.runs.data as run_data
 from deephash.cli import main
 from deephash.data.datasets import ArrayDataset
+from deephash.data.unlabelled import labelled_mask
 from deephash.runs import load_run
 from helpers import write_idx
 
@@ -24,6 +25,7 @@ device = "cpu"
 dataset = "fashion-mnist"
 root = "{root}"
 labels = "{labels}"
+labelled_fraction = {fraction}
 views = 2
 augment = {{ hflip = true, perturb = {{ shift = 2, crop = 0.8, noise = 0.03 }} }}
 [model]
@@ -68,9 +70,9 @@ def roots(tmp_path_factory, tiny_fmnist):
     return root, garbage
 
 
-def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign"):
+def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0):
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule), encoding="utf-8")
+    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction), encoding="utf-8")
     assert main(["train", str(path), "--out", str(tmp_path / name), "--quiet"]) == 0
     return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
 
@@ -120,3 +122,18 @@ def test_an_unlabelled_itq_run_is_scored_with_the_labels_of_its_splits(tmp_path,
     with torch.no_grad():
         d, q = (model.encode(torch.from_numpy(x[:, None]).float() / 255).numpy() for x in (xd, xq))
     assert reported == pytest.approx(_stable_map(q, yq, d, yd), abs=1e-9)
+
+
+def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_fmnist):
+    root, data = tiny_fmnist
+    labels = data["train"][1]
+    keep = labelled_mask(len(labels), 0.5, seed=3).numpy()  # the config's seed
+    assert keep.sum() == len(labels) // 2
+    for name, change in (("unkept", ~keep), ("kept", keep)):
+        other = tmp_path / name
+        shutil.copytree(root, other)
+        garbage = np.where(change, labels[::-1], labels)  # not a renaming of the classes: other groups
+        write_idx(other / "train-labels-idx1-ubyte.gz", garbage)
+    real = _train(tmp_path, "real", root, "class", "contrastive-hash", fraction=0.5)
+    assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", "class", "contrastive-hash", fraction=0.5))
+    assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", "class", "contrastive-hash", fraction=0.5))

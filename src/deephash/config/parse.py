@@ -208,16 +208,26 @@ def _validate(config: Config, source: str) -> None:
 
 
 def _validate_labels(config: Config, source: str) -> None:
-    """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label."""
-    from deephash.losses.registry import loss_needs_labels
+    """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label;
+    ``data.labelled_fraction < 1`` with nothing that needs every item's label."""
+    from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
 
-    labels = config.data.labels
+    labels, fraction = config.data.labels, config.data.labelled_fraction
     if labels not in ("class", "none"):
         raise ConfigError(f"data.labels must be 'class' or 'none', got {labels!r} in {source}")
-    if labels == "class":
+    if not 0 < fraction <= 1 or (fraction < 1 and labels == "none"):
+        raise ConfigError(f"data.labelled_fraction must be in (0, 1], and 1 with data.labels = 'none'; got {fraction} in {source}")
+    if labels == "class" and fraction == 1:
         return
+    what = "trains without labels" if labels == "none" else f"labelled_fraction = {fraction} leaves items without labels"
+    if labels == "none":
+        loss_reads = (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')",
+                      loss_needs_labels(config.loss.name))
+    else:
+        loss_reads = (f"loss.name = {config.loss.name!r} (choose one that takes partial labels, e.g. 'contrastive-hash')",
+                      not loss_takes_partial_labels(config.loss.name))
     readers = [key for key, reads in (
-        (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')", loss_needs_labels(config.loss.name)),
+        loss_reads,
         (f"sampler.kind = {config.sampler.kind!r} (use 'random')", config.sampler.kind != "random"),
         ("train.aux_weight > 0 (a class head)", config.model.aux_classes > 0 and config.train.aux_weight > 0),
         ("model.code_rule = 'posterior' (class centers)", config.model.code_rule == "posterior"),
@@ -225,7 +235,8 @@ def _validate_labels(config: Config, source: str) -> None:
         ("loss.memory (label-based mining)", config.loss.memory.size > 0),
     ) if reads]
     if readers:
-        raise ConfigError(f"data.labels = 'none' trains without labels, but {readers[0]} reads them, in {source}")
+        raise ConfigError(f"data.{'labels' if labels == 'none' else 'labelled_fraction'}: {what}, but {readers[0]} "
+                          f"needs them, in {source}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

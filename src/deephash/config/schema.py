@@ -37,6 +37,9 @@ class DataConfig:
     ``labels``: ``"class"`` (training reads the class labels) or ``"none"``: training never reads a
     label (the training images' labels are dropped when they are loaded; the loss must be one that
     needs none, e.g. ``view-hash``); evaluation still scores with the labels where the data has them.
+    ``labelled_fraction`` (with ``labels = "class"``): the share of the training images, drawn with
+    ``seed``, that keep their label; the others are unlabelled (target -1) for a loss that takes
+    partial labels (``contrastive-hash``: its class term on the labelled, its view term on all).
     """
 
     dataset: str = "fashion-mnist"
@@ -53,6 +56,7 @@ class DataConfig:
     seen_classes: list[int] = field(default_factory=list)
     unseen_classes: list[int] = field(default_factory=list)
     labels: str = "class"
+    labelled_fraction: float = 1.0
 
 
 @dataclass

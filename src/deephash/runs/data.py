@@ -14,7 +14,7 @@ from deephash.config import Config
 from deephash.data.datasets import ArrayDataset, ImageFolder, load_dataset
 from deephash.data.images import read_image
 from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
-from deephash.data.unlabelled import drop_labels
+from deephash.data.unlabelled import drop_labels, labelled_mask
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
@@ -66,7 +66,8 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         run_dir: where a protocol's ``split.npz`` is kept (read, or written when drawn).
         training: under a class split (``data.seen_classes``), True keeps the seen classes (what
             training uses), False the unseen ones (queries, database, everything evaluated). With
-            ``data.labels = "none"``, True also drops the labels (`drop_labels`): training reads none.
+            ``data.labels = "none"``, True also drops the labels (`drop_labels`): training reads none;
+            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`).
 
     Returns:
         An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``.
@@ -93,6 +94,8 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         dataset = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
     if training and config.data.labels == "none":
         dataset = drop_labels(dataset)
+    elif training and config.data.labelled_fraction < 1:
+        dataset = drop_labels(dataset, labelled_mask(len(dataset), config.data.labelled_fraction, config.seed))
     if config.data.limit > 0 and len(dataset) > config.data.limit:
         dataset = dataset.subset(torch.arange(config.data.limit))
     if len(dataset) == 0:
