@@ -54,6 +54,18 @@ def test_a_labelled_fraction_validates_with_contrastive_hash():
     assert config.data.labelled_fraction == 0.25
 
 
+OPEN = {"seen_classes": [0, 2], "unseen_classes": [1, 3], "labels": "class", "train_on_database_unlabelled": True}
+
+
+def test_training_on_the_unlabelled_database_needs_a_class_split_and_partial_labels():
+    assert config_from_dict(_with(data=OPEN, loss={"name": "contrastive-hash"})).data.train_on_database_unlabelled
+    with pytest.raises(ConfigError, match="train_on_database_unlabelled: adds items without labels, but loss.name = 'csq'"):
+        config_from_dict(_with(data=OPEN, loss={"name": "csq"}))
+    for data in ({"seen_classes": [], "unseen_classes": []}, {"database_split": "test"}):
+        with pytest.raises(ConfigError, match="needs a class split .* data.database_split = data.train_split"):
+            config_from_dict(_with(data={**OPEN, **data}, loss={"name": "contrastive-hash"}))
+
+
 def test_only_losses_that_declare_it_train_without_labels():
     free = {name for name in loss_names() if not loss_needs_labels(name)}
     assert free == {"view-hash", "instance-contrastive"}

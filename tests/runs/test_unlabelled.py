@@ -137,3 +137,21 @@ def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_f
     real = _train(tmp_path, "real", root, "class", "contrastive-hash", fraction=0.5)
     assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", "class", "contrastive-hash", fraction=0.5))
     assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", "class", "contrastive-hash", fraction=0.5))
+
+
+def test_training_on_the_unlabelled_database_adds_the_unseen_classes_images_without_labels(tmp_path, tiny_fmnist):
+    from deephash.config import config_from_dict
+    from deephash.runs import load_split
+    root, data = tiny_fmnist
+    images, labels = data["train"]
+    table = {"data": {"root": str(root), "seen_classes": [0, 1], "unseen_classes": [2], "views": 2, "augment": {"hflip": True}},
+             "loss": {"name": "contrastive-hash"}, "sampler": {"kind": "random"}}
+    plain = load_split(config_from_dict(table), "train", training=True)
+    table["data"]["train_on_database_unlabelled"] = True
+    both = load_split(config_from_dict(table), "train", training=True)
+    seen, unseen = np.isin(labels, [0, 1]), labels == 2
+    assert np.array_equal(plain.data[:, 0].numpy(), images[seen]) and np.array_equal(plain.targets.numpy(), labels[seen])
+    assert np.array_equal(both.data[:, 0].numpy(), np.concatenate([images[seen], images[unseen]]))
+    assert np.array_equal(both.targets.numpy(), np.concatenate([labels[seen], np.full(unseen.sum(), -1)]))
+    database = load_split(config_from_dict(table), "train")  # what is evaluated is unchanged: the unseen classes
+    assert np.array_equal(database.targets.numpy(), labels[unseen])

@@ -209,7 +209,8 @@ def _validate(config: Config, source: str) -> None:
 
 def _validate_labels(config: Config, source: str) -> None:
     """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label;
-    ``data.labelled_fraction < 1`` with nothing that needs every item's label."""
+    ``data.labelled_fraction < 1`` and ``data.train_on_database_unlabelled`` with nothing that
+    needs every item's label."""
     from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
 
     labels, fraction = config.data.labels, config.data.labelled_fraction
@@ -217,9 +218,18 @@ def _validate_labels(config: Config, source: str) -> None:
         raise ConfigError(f"data.labels must be 'class' or 'none', got {labels!r} in {source}")
     if not 0 < fraction <= 1 or (fraction < 1 and labels == "none"):
         raise ConfigError(f"data.labelled_fraction must be in (0, 1], and 1 with data.labels = 'none'; got {fraction} in {source}")
-    if labels == "class" and fraction == 1:
+    data = config.data
+    if data.train_on_database_unlabelled and (not data.seen_classes or data.database_split != data.train_split):
+        raise ConfigError("data.train_on_database_unlabelled needs a class split (data.seen_classes) and "
+                          f"data.database_split = data.train_split, in {source}")
+    if labels == "class" and fraction == 1 and not data.train_on_database_unlabelled:
         return
-    what = "trains without labels" if labels == "none" else f"labelled_fraction = {fraction} leaves items without labels"
+    if labels == "none":
+        key, what = "data.labels", "trains without labels"
+    elif fraction < 1:
+        key, what = "data.labelled_fraction", f"{fraction} leaves items without labels"
+    else:
+        key, what = "data.train_on_database_unlabelled", "adds items without labels"
     if labels == "none":
         loss_reads = (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')",
                       loss_needs_labels(config.loss.name))
@@ -235,8 +245,7 @@ def _validate_labels(config: Config, source: str) -> None:
         ("loss.memory (label-based mining)", config.loss.memory.size > 0),
     ) if reads]
     if readers:
-        raise ConfigError(f"data.{'labels' if labels == 'none' else 'labelled_fraction'}: {what}, but {readers[0]} "
-                          f"needs them, in {source}")
+        raise ConfigError(f"{key}: {what}, but {readers[0]} needs them, in {source}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

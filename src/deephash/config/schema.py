@@ -40,6 +40,9 @@ class DataConfig:
     ``labelled_fraction`` (with ``labels = "class"``): the share of the training images, drawn with
     ``seed``, that keep their label; the others are unlabelled (target -1) for a loss that takes
     partial labels (``contrastive-hash``: its class term on the labelled, its view term on all).
+    ``train_on_database_unlabelled`` (with a class split, ``database_split = train_split``): training
+    also sees the unseen classes' database images, without their labels (a catalogue whose new
+    classes are not labelled yet), for a loss that takes partial labels.
     """
 
     dataset: str = "fashion-mnist"
@@ -57,6 +60,7 @@ class DataConfig:
     unseen_classes: list[int] = field(default_factory=list)
     labels: str = "class"
     labelled_fraction: float = 1.0
+    train_on_database_unlabelled: bool = False
 
 
 @dataclass

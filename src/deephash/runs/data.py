@@ -67,7 +67,9 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         training: under a class split (``data.seen_classes``), True keeps the seen classes (what
             training uses), False the unseen ones (queries, database, everything evaluated). With
             ``data.labels = "none"``, True also drops the labels (`drop_labels`): training reads none;
-            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`).
+            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`); with
+            ``data.train_on_database_unlabelled`` a class split's training set adds the unseen
+            classes' images of this split (the database's, which the config requires) without labels.
 
     Returns:
         An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``.
@@ -91,7 +93,12 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         dataset = _load_source(config, split)
     if config.data.seen_classes:
         keep = config.data.seen_classes if training else config.data.unseen_classes
-        dataset = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
+        kept = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
+        if training and config.data.train_on_database_unlabelled:  # + the unseen classes' database images, unlabelled
+            unseen = drop_labels(dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(config.data.unseen_classes))).flatten()))
+            kept = ArrayDataset(torch.cat([kept.data, unseen.data]), torch.cat([kept.targets, unseen.targets]), kept.classes,
+                                name=kept.name, train=kept.train)
+        dataset = kept
     if training and config.data.labels == "none":
         dataset = drop_labels(dataset)
     elif training and config.data.labelled_fraction < 1:
