@@ -45,7 +45,9 @@ def probe(run: Path) -> dict:
     train = load_split(config, config.data.train_split, run, training=True)  # its labels are never read
     query = load_split(config, config.data.query_split, run)
     database = load_split(config, config.data.database_split, run)
-    st, sq, sd = sources(model, train.data), sources(model, query.data), sources(model, database.data)
+    st, sq = sources(model, train.data), sources(model, query.data)
+    same = config.data.database_split == config.data.train_split and len(database) == len(train)
+    sd = st if same else sources(model, database.data)  # the database is the training images: one pass
     bits = config.model.bits
     out = {"run": str(run), "seed": config.seed, "labels": config.data.labels}
     for rule in RULES:

@@ -151,15 +151,17 @@ def fit_linear_hash(rows: torch.Tensor, bits: int, method: str, seed: int = 0,
         raise ValueError(f"linear hash must be one of {LINEAR_HASHES}, got {method!r}")
     if rows.ndim != 2 or len(rows) < 2 or not 1 <= bits <= rows.shape[1]:
         raise ValueError(f"a linear hash needs rows (N >= 2, D) and 1 <= bits <= D, got {tuple(rows.shape)} and {bits}")
-    x = rows.detach().double()
-    mean = x.mean(0)
+    x = rows.detach()
+    chunks = x.split(4096)  # float32 products per chunk, their sums in float64: no float64 copy of the rows
+    mean = sum(c.double().sum(0) for c in chunks) / len(x)
     if method == "simhash":
         gaussian = torch.randn(rows.shape[1], bits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return mean.float(), gaussian.float()
-    centred = x - mean
-    projection = _leading_directions(centred.T @ centred / (len(x) - 1), bits)
+    outer = sum((c.float().T @ c.float()).double() for c in chunks)
+    projection = _leading_directions((outer - len(x) * torch.outer(mean, mean)) / (len(x) - 1), bits)
     if method == "itq":
-        projection = projection @ itq_rotation(centred.float() @ projection, random_rotation(bits, seed), n_iter)
+        v = torch.cat([(c.float() - mean.float()) @ projection for c in chunks])
+        projection = projection @ itq_rotation(v, random_rotation(bits, seed), n_iter)
     return mean.float(), projection
 
 
