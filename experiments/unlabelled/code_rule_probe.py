@@ -7,7 +7,7 @@ features and of the last map, each row first power-normalised and L2-normalised 
 ``itq`` code rules do (``pca_rows``, power 1 for the features, 0.5 for the map). Scored by
 ``evaluate_codes``: tie-aware mAP@all and kNN accuracy, relevant = same class.
 
-Usage: ``python experiments/unlabelled/code_rule_probe.py RUN [RUN ...]``; prints a Markdown table
+Usage: ``python experiments/unlabelled/code_rule_probe.py RUN [RUN ...] [--rules sign "itq features" ...]``; prints a Markdown table
 and appends one JSON line per run to ``results/code_rule_probe.jsonl``.
 """
 
@@ -39,7 +39,7 @@ def sources(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def probe(run: Path) -> dict:
+def probe(run: Path, rules: tuple[str, ...] = RULES) -> dict:
     model, config = load_run(run, device="cpu")
     model.eval()
     train = load_split(config, config.data.train_split, run, training=True)  # its labels are never read
@@ -50,7 +50,7 @@ def probe(run: Path) -> dict:
     sd = st if same else sources(model, database.data)  # the database is the training images: one pass
     bits = config.model.bits
     out = {"run": str(run), "seed": config.seed, "labels": config.data.labels}
-    for rule in RULES:
+    for rule in rules:
         if rule == "sign":
             q, d = sign_codes(sq["head"]), sign_codes(sd["head"])
         else:
@@ -66,13 +66,15 @@ def probe(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     args = parser.parse_args()
+    rules = tuple(args.rules)
     torch.set_num_threads(1)
-    print("| run | seed | " + " | ".join(f"{r} mAP / kNN" for r in RULES) + " |")
-    print("|---|---:|" + "---|" * len(RULES))
+    print("| run | seed | " + " | ".join(f"{r} mAP / kNN" for r in rules) + " |")
+    print("|---|---:|" + "---|" * len(rules))
     for run in args.runs:
-        row = probe(run)
-        cells = " | ".join(f"{row[r]['mAP@all']:.4f} / {row[r]['kNN']:.4f}" for r in RULES)
+        row = probe(run, rules)
+        cells = " | ".join(f"{row[r]['mAP@all']:.4f} / {row[r]['kNN']:.4f}" for r in rules)
         print(f"| {run.name} | {row['seed']} | {cells} |", flush=True)
         with (Path(__file__).with_name("results") / "code_rule_probe.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
