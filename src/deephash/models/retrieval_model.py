@@ -39,7 +39,8 @@ class RetrievalModel(nn.Module):
             ``"posterior"``: `posterior_path_codes` of the aux classifier's logits over the
             class hash centers (``code_centers``, set with `set_code_centers`), or ``"pca"``:
             `pca_codes` of the code source (``code_mean``, ``code_projection``, fitted on the
-            training images with `fit_pca_codes` and set with `set_code_projection`).
+            training images with `fit_pca_codes` and set with `set_code_projection`), or
+            ``"itq"``: the same with ITQ's rotated projection (`itq_rotation`; no label read).
         code_temperature: The softmax temperature of the ``"posterior"`` rule.
         rerank: The re-rank vector kept per image (a ``RERANK_VECTORS`` name, ``""`` none).
         rerank_dim: Size of the ``"instance"`` re-rank head (an L2-normalised linear layer on the

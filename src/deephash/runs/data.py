@@ -95,7 +95,8 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         keep = config.data.seen_classes if training else config.data.unseen_classes
         kept = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
         if training and config.data.train_on_database_unlabelled:  # + the unseen classes' database images, unlabelled
-            unseen = drop_labels(dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(config.data.unseen_classes))).flatten()))
+            new = torch.isin(dataset.targets, torch.tensor(config.data.unseen_classes))
+            unseen = drop_labels(dataset.subset(torch.nonzero(new).flatten()))
             kept = ArrayDataset(torch.cat([kept.data, unseen.data]), torch.cat([kept.targets, unseen.targets]), kept.classes,
                                 name=kept.name, train=kept.train)
         dataset = kept
