@@ -136,7 +136,7 @@ def test_code_rule(name):
             model.aux.linear.weight.copy_(direction)
             model.aux.linear.bias.copy_(-feats.mean(0) @ direction.T)
     fit_images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    if name == "pca":
+    if name in ("pca", "itq"):
         fit_pca_codes(model, fit_images)
     model.eval()
     with torch.no_grad():
@@ -161,6 +161,15 @@ def test_code_rule(name):
         projected = PCA(n_components=16, svd_solver="full").fit(unit(fit_feats)).transform(unit(feats))
         _codes_up_to_polarity_agree(forward, projected)
         _codes_up_to_polarity_agree(encoded, projected)
+    elif name == "itq":  # the fitted projection applied by hand; it spans scikit-learn's PCA subspace, rotated
+        unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+        pre = (unit(feats) - weight["code_mean"]) @ weight["code_projection"]
+        assert np.abs(pre).min() > 1e-6
+        expected = np.where(pre >= 0, 1.0, -1.0)
+        assert np.array_equal(forward, expected) and np.array_equal(encoded, expected)
+        components = PCA(n_components=16, svd_solver="full").fit(unit(fit_feats)).components_.T
+        rotation = components.T @ weight["code_projection"]  # (16, 16): orthogonal iff projection = P R
+        np.testing.assert_allclose(rotation.T @ rotation, np.eye(16), atol=1e-3)
     else:
         pytest.fail(f"code rule {name!r} has no oracle in this test: add one")
 

@@ -122,7 +122,7 @@ def test_an_unfitted_or_misbuilt_pca_model_says_so():
         model(torch.rand(2, 1, 28, 28))
     with pytest.raises(ConfigError, match="needs mean"):
         model.set_code_projection(torch.zeros(3), torch.zeros(3, 8))
-    with pytest.raises(ConfigError, match="code_rule 'pca' only"):
+    with pytest.raises(ConfigError, match="code_rule 'pca' or 'itq' only"):
         build_model(ModelSpec(backbone="fmnist-cnn", code_source="map"))
     with pytest.raises(ConfigError, match="needs a backbone with forward_with_map"):
         build_model(ModelSpec(backbone="seed-cnn", code_rule="pca", code_source="map"))
@@ -133,7 +133,7 @@ def test_an_unfitted_or_misbuilt_pca_model_says_so():
     for power in (0, -0.5, True, "0.5"):
         with pytest.raises(ConfigError, match="code_power must be a number > 0"):
             build_model(ModelSpec(backbone="fmnist-cnn", code_rule="pca", code_power=power))
-    with pytest.raises(ConfigError, match="used by code_rule 'pca' only"):
+    with pytest.raises(ConfigError, match="used by code_rule 'pca' or 'itq' only"):
         build_model(ModelSpec(backbone="fmnist-cnn")).set_code_projection(torch.zeros(3), torch.zeros(3, 8))
 
 
@@ -183,7 +183,7 @@ def test_a_training_run_fits_the_projection_on_its_training_images(tmp_path, tin
 
 
 @pytest.mark.parametrize("model, message", [
-    ('code_source = "map"', "read by model.code_rule = 'pca' only"),
+    ('code_source = "map"', "read by model.code_rule = 'pca' or 'itq' only"),
     ('code_rule = "pca"\nhead = "embedding"', "code_rule = 'pca' makes the codes of a hash head"),
     ('code_rule = "pca"\ncode_source = "pixels"', "code_source must be 'features' or 'map'"),
     ('code_rule = "pca"\ncode_power = 0.0', "code_power must be > 0"),

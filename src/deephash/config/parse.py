@@ -156,12 +156,12 @@ def _validate(config: Config, source: str) -> None:
     for key in ("rerank_source", "code_source"):
         if getattr(config.model, key) not in ("features", "map"):
             raise ConfigError(f"model.{key} must be 'features' or 'map', got {getattr(config.model, key)!r} in {source}")
-    if config.model.code_rule == "pca" and config.model.head != "hash":
-        raise ConfigError(f"model.code_rule = 'pca' makes the codes of a hash head (its bits): set model.head = 'hash', in {source}")
+    if config.model.code_rule in ("pca", "itq") and config.model.head != "hash":
+        raise ConfigError(f"model.code_rule = {config.model.code_rule!r} makes the codes of a hash head (its bits): set model.head = 'hash', in {source}")
     if not config.model.code_power > 0:
         raise ConfigError(f"model.code_power must be > 0, got {config.model.code_power} in {source}")
-    if config.model.code_source == "map" and config.model.code_rule != "pca":
-        raise ConfigError(f"model.code_source = 'map' is read by model.code_rule = 'pca' only, not {config.model.code_rule!r}, in {source}")
+    if config.model.code_source == "map" and config.model.code_rule not in ("pca", "itq"):
+        raise ConfigError(f"model.code_source = 'map' is read by model.code_rule = 'pca' or 'itq' only, not {config.model.code_rule!r}, in {source}")
     head = config.rerank_head
     joint = config.train.rerank_weight > 0
     if config.model.rerank == "instance" and not joint and head.epochs < 1:
@@ -209,9 +209,51 @@ def _validate(config: Config, source: str) -> None:
     if memory.size > 0 and not config.train.mine_globally:
         raise ConfigError("loss.memory needs train.mine_globally = true: every rank must hold the same memory (the "
                           f"gathered global batch) for rank 0's checkpoint to carry it, in {source}")
+    _validate_labels(config, source)
     if config.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
     check_names(config, source)
+
+
+def _validate_labels(config: Config, source: str) -> None:
+    """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label;
+    ``data.labelled_fraction < 1`` and ``data.train_on_database_unlabelled`` with nothing that
+    needs every item's label."""
+    from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
+
+    labels, fraction = config.data.labels, config.data.labelled_fraction
+    if labels not in ("class", "none"):
+        raise ConfigError(f"data.labels must be 'class' or 'none', got {labels!r} in {source}")
+    if not 0 < fraction <= 1 or (fraction < 1 and labels == "none"):
+        raise ConfigError(f"data.labelled_fraction must be in (0, 1], and 1 with data.labels = 'none'; got {fraction} in {source}")
+    data = config.data
+    if data.train_on_database_unlabelled and (not data.seen_classes or data.database_split != data.train_split):
+        raise ConfigError("data.train_on_database_unlabelled needs a class split (data.seen_classes) and "
+                          f"data.database_split = data.train_split, in {source}")
+    if labels == "class" and fraction == 1 and not data.train_on_database_unlabelled:
+        return
+    if labels == "none":
+        key, what = "data.labels", "trains without labels"
+    elif fraction < 1:
+        key, what = "data.labelled_fraction", f"{fraction} leaves items without labels"
+    else:
+        key, what = "data.train_on_database_unlabelled", "adds items without labels"
+    if labels == "none":
+        loss_reads = (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')",
+                      loss_needs_labels(config.loss.name))
+    else:
+        loss_reads = (f"loss.name = {config.loss.name!r} (choose one that takes partial labels, e.g. 'contrastive-hash')",
+                      not loss_takes_partial_labels(config.loss.name))
+    readers = [key for key, reads in (
+        loss_reads,
+        (f"sampler.kind = {config.sampler.kind!r} (use 'random')", config.sampler.kind != "random"),
+        ("train.aux_weight > 0 (a class head)", config.model.aux_classes > 0 and config.train.aux_weight > 0),
+        ("model.code_rule = 'posterior' (class centers)", config.model.code_rule == "posterior"),
+        ("a [selector] (label-based mining)", bool(config.selector.name)),
+        ("loss.memory (label-based mining)", config.loss.memory.size > 0),
+    ) if reads]
+    if readers:
+        raise ConfigError(f"{key}: {what}, but {readers[0]} needs them, in {source}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -40,6 +40,16 @@ class DataConfig:
     training crops a random ``crop_scale`` share of each image, flips it and jitters its colours
     by ``color_jitter``; evaluation resizes the shorter side and crops the centre. Unreadable files
     are skipped (listed in ``RUN_DIR/skipped.txt``) until more than ``max_bad_fraction`` are bad.
+
+    ``labels``: ``"class"`` (training reads the class labels) or ``"none"``: training never reads a
+    label (the training images' labels are dropped when they are loaded; the loss must be one that
+    needs none, e.g. ``view-hash``); evaluation still scores with the labels where the data has them.
+    ``labelled_fraction`` (with ``labels = "class"``): the share of the training images, drawn with
+    ``seed``, that keep their label; the others are unlabelled (target -1) for a loss that takes
+    partial labels (``contrastive-hash``: its class term on the labelled, its view term on all).
+    ``train_on_database_unlabelled`` (with a class split, ``database_split = train_split``): training
+    also sees the unseen classes' database images, without their labels (a catalogue whose new
+    classes are not labelled yet), for a loss that takes partial labels.
     """
 
     dataset: str = "fashion-mnist"
@@ -61,6 +71,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     color_jitter: float = 0.4
+    labels: str = "class"
+    labelled_fraction: float = 1.0
+    train_on_database_unlabelled: bool = False
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from deephash.losses.contrastive import ContrastiveHashLoss, InstanceContrastiveLoss, SupConLoss, supcon_loss
 from deephash.losses.metric import ContrastiveLoss, TripletLoss
 from deephash.losses.online import OnlineContrastiveLoss, OnlineTripletLoss, batch_all_triplet_loss
-from deephash.losses.registry import create_loss, loss_names, register_loss
+from deephash.losses.registry import create_loss, loss_names, loss_needs_labels, register_loss
+from deephash.losses.view_hash import ViewHashLoss
 from deephash.losses.hashing import (
     BitBalanceLoss,
     CSQLoss,
@@ -50,5 +51,7 @@ __all__ = [
     "batch_all_triplet_loss",
     "create_loss",
     "loss_names",
+    "loss_needs_labels",
+    "ViewHashLoss",
     "register_loss",
 ]

@@ -13,6 +13,8 @@ The loss is the mean of ``l_i`` over anchors with a positive (0 when none has on
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,7 +31,8 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     Args:
         features: float ``(N, D)``; cosine similarity is used (rows are L2-normalised here).
         labels: int ``(N,)``; items with equal labels are positives of each other (use
-            `view_ids` for the instance-level / NT-Xent form).
+            `view_ids` for the instance-level / NT-Xent form); a negative label (-1: no label)
+            is nobody's positive, so such an item is only a negative of the others.
         temperature: ``t > 0``.
 
     Returns:
@@ -45,7 +48,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask & (labels >= 0)[:, None]
     n_pos = positive.sum(1)
     per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(1) / n_pos.clamp(min=1)
     has = n_pos > 0
@@ -65,6 +68,8 @@ class SupConLoss(nn.Module):
         temperature: softmax temperature t > 0.
     """
 
+    partial_labels: ClassVar[bool] = True
+
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
         self.temperature = temperature
@@ -81,6 +86,8 @@ class InstanceContrastiveLoss(nn.Module):
         temperature: softmax temperature t > 0.
         n_views: views per image V (the batch is ``[view 1 of all B images, view 2 of all, ...]``).
     """
+
+    needs_labels: ClassVar[bool] = False
 
     def __init__(self, temperature: float = 0.2, n_views: int = 2) -> None:
         super().__init__()
@@ -112,7 +119,12 @@ class ContrastiveHashLoss(nn.Module):
         supervised_weight, instance_weight: weights of the two terms (either may be 0).
         supervised_temperature, instance_temperature: their softmax temperatures.
         quantization_weight: weight of the pull of ``u`` towards ±1.
+
+    Items labelled -1 (``data.labelled_fraction``) enter the class term as negatives only, and the
+    instance term as every item does.
     """
+
+    partial_labels: ClassVar[bool] = True
 
     def __init__(self, n_views: int = 2, supervised_weight: float = 1.0, instance_weight: float = 1.0,
                  supervised_temperature: float = 0.2, instance_temperature: float = 0.2,

@@ -12,7 +12,7 @@ from deephash.models.backbones import (
     timm_backbone,
 )
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
-from deephash.models.pca_codes import fit_pca_codes, pca_codes, pca_projection, pca_rows
+from deephash.models.pca_codes import fit_linear_hash, fit_pca_codes, itq_rotation, linear_hash_codes, pca_codes, pca_projection, pca_rows, random_rotation
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.retrieval_model import CODE_RULES, RERANK_VECTORS, RetrievalModel, build_model, channels_last_on_cpu, model_spec
 from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
@@ -42,12 +42,16 @@ __all__ = [
     "build_model",
     "create_backbone",
     "channels_last_on_cpu",
+    "fit_linear_hash",
     "fit_pca_codes",
+    "linear_hash_codes",
+    "itq_rotation",
     "list_backbones",
     "model_spec",
     "pca_codes",
     "pca_projection",
     "pca_rows",
+    "random_rotation",
     "posterior_path_codes",
     "register_backbone",
     "sign_codes",

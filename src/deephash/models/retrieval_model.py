@@ -11,7 +11,7 @@ from torch import nn
 from deephash.errors import ConfigError
 from deephash.models.backbones import create_backbone
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, Normalize, sign_codes
-from deephash.models.pca_codes import pca_codes
+from deephash.models.pca_codes import PROJECTION_RULES, pca_codes
 from deephash.models.posterior_codes import posterior_path_codes
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
@@ -39,7 +39,8 @@ class RetrievalModel(nn.Module):
             ``"posterior"``: `posterior_path_codes` of the aux classifier's logits over the
             class hash centers (``code_centers``, set with `set_code_centers`), or ``"pca"``:
             `pca_codes` of the code source (``code_mean``, ``code_projection``, fitted on the
-            training images with `fit_pca_codes` and set with `set_code_projection`).
+            training images with `fit_pca_codes` and set with `set_code_projection`), or
+            ``"itq"``: the same with ITQ's rotated projection (`itq_rotation`; no label read).
         code_temperature: The softmax temperature of the ``"posterior"`` rule.
         rerank: The re-rank vector kept per image (a ``RERANK_VECTORS`` name, ``""`` none).
         rerank_dim: Size of the ``"instance"`` re-rank head (an L2-normalised linear layer on the
@@ -97,15 +98,15 @@ class RetrievalModel(nn.Module):
                 raise ConfigError(f"{name} must be 'features' or 'map', got {value!r}")
             if value == "map" and not hasattr(backbone, "forward_with_map"):
                 raise ConfigError(f"{name} 'map' needs a backbone with forward_with_map (fmnist-cnn), not {type(backbone).__name__}")
-        if code_source == "map" and code_rule != "pca":
-            raise ConfigError(f"code_source 'map' is read by code_rule 'pca' only, not {code_rule!r}")
+        if code_source == "map" and code_rule not in PROJECTION_RULES:
+            raise ConfigError(f"code_source 'map' is read by code_rule 'pca' or 'itq' only, not {code_rule!r}")
         if isinstance(code_power, bool) or not isinstance(code_power, (int, float)) or not code_power > 0:
             raise ConfigError(f"code_power must be a number > 0, got {code_power!r}")
         self.code_source = code_source
         self.code_power = float(code_power)
-        if code_rule == "pca":
+        if code_rule in PROJECTION_RULES:
             if not isinstance(head, HashHead):
-                raise ConfigError("code_rule 'pca' needs a hash head (its bits)")
+                raise ConfigError(f"code_rule {code_rule!r} needs a hash head (its bits)")
             width = backbone.map_features if code_source == "map" else backbone.out_features
             self.register_buffer("code_mean", torch.zeros(width))
             self.register_buffer("code_projection", torch.zeros(width, head.bits))
@@ -133,9 +134,9 @@ class RetrievalModel(nn.Module):
         self.code_centers.copy_(centers.to(self.code_centers))
 
     def set_code_projection(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
-        """Store the ``"pca"`` rule's fit: float mean (D,) and projection (D, bits) of the code source."""
-        if self.code_rule != "pca":
-            raise ConfigError("a code projection is used by code_rule 'pca' only")
+        """Store the ``"pca"``/``"itq"`` rule's fit: float mean (D,) and projection (D, bits) of the code source."""
+        if self.code_rule not in PROJECTION_RULES:
+            raise ConfigError("a code projection is used by code_rule 'pca' or 'itq' only")
         if tuple(mean.shape) != tuple(self.code_mean.shape) or tuple(projection.shape) != tuple(self.code_projection.shape):
             raise ConfigError(f"a code projection needs mean {tuple(self.code_mean.shape)} and projection "
                               f"{tuple(self.code_projection.shape)}, got {tuple(mean.shape)} and {tuple(projection.shape)}")
@@ -284,11 +285,13 @@ def _posterior_rule(model: RetrievalModel, feats: torch.Tensor) -> torch.Tensor:
     return posterior_path_codes(model.aux(feats), model.code_centers, model.code_temperature).to(feats.dtype)
 
 
+@CODE_RULES.register("itq")
 @CODE_RULES.register("pca")
 def _pca_rule(model: RetrievalModel, source: torch.Tensor) -> torch.Tensor:
-    """`pca_codes` of the code source (the features or the last map) with the fitted projection."""
+    """`pca_codes` of the code source (the features or the last map) with the fitted projection
+    (PCA's, or ITQ's rotated one)."""
     if not bool(model.code_projection.any()):  # still the zeros of __init__
-        raise ConfigError("code_rule 'pca' has no projection: fit it on the training images (fit_pca_codes) first")
+        raise ConfigError(f"code_rule {model.code_rule!r} has no projection: fit it on the training images (fit_pca_codes) first")
     return pca_codes(source, model.code_mean, model.code_projection, model.code_power)
 
 

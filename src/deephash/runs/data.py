@@ -15,6 +15,7 @@ from deephash.data.datasets import ArrayDataset, load_dataset
 from deephash.data.images import EVAL_CROP_FRACTION, read_image
 from deephash.data.photos import ImageFolder
 from deephash.data.splits import PROTOCOL_SPLITS, SPLIT_PROTOCOLS
+from deephash.data.unlabelled import drop_labels, labelled_mask
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
@@ -72,7 +73,11 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
             under a protocol.
         run_dir: where a protocol's ``split.npz`` is kept (read, or written when drawn).
         training: under a class split (``data.seen_classes``), True keeps the seen classes (what
-            training uses), False the unseen ones (queries, database, everything evaluated).
+            training uses), False the unseen ones (queries, database, everything evaluated). With
+            ``data.labels = "none"``, True also drops the labels (`drop_labels`): training reads none;
+            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`); with
+            ``data.train_on_database_unlabelled`` a class split's training set adds the unseen
+            classes' images of this split (the database's, which the config requires) without labels.
 
     Returns:
         An ``ArrayDataset``: uint8 images ``(N, C, H, W)``, int64 targets ``(N,)``; for a photo
@@ -101,7 +106,17 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         dataset = _load_source(config, split)
     if config.data.seen_classes:
         keep = config.data.seen_classes if training else config.data.unseen_classes
-        dataset = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
+        kept = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
+        if training and config.data.train_on_database_unlabelled:  # + the unseen classes' database images, unlabelled
+            new = torch.isin(dataset.targets, torch.tensor(config.data.unseen_classes))
+            unseen = drop_labels(dataset.subset(torch.nonzero(new).flatten()))
+            kept = ArrayDataset(torch.cat([kept.data, unseen.data]), torch.cat([kept.targets, unseen.targets]), kept.classes,
+                                name=kept.name, train=kept.train)
+        dataset = kept
+    if training and config.data.labels == "none":
+        dataset = drop_labels(dataset)
+    elif training and config.data.labelled_fraction < 1:
+        dataset = drop_labels(dataset, labelled_mask(len(dataset), config.data.labelled_fraction, config.seed))
     if config.data.limit > 0 and len(dataset) > config.data.limit:
         dataset = dataset.subset(torch.arange(config.data.limit))
     if len(dataset) == 0:

@@ -18,7 +18,7 @@ from deephash.devices import resolve_device
 from deephash.errors import ConfigError, DataFormatError, DeephashError, NotFoundError
 from deephash.losses.schedules import inner_loss
 from deephash.models import build_model, channels_last_on_cpu
-from deephash.models.pca_codes import fit_pca_codes
+from deephash.models.pca_codes import PROJECTION_RULES, fit_pca_codes
 from deephash.runs.components import (build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data,
                                       training_outputs)
 from deephash.runs.data import load_split, training_stats
@@ -209,8 +209,8 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     classes = list(train_set.classes) if train_set.classes else [str(i) for i in range(n_classes)]
     if average is not None:
         average.copy_to(model)
-    if config.model.code_rule == "pca":  # PCA hashing of the trained backbone, fitted on the training images
-        fit_pca_codes(model, train_set.data)
+    if config.model.code_rule in PROJECTION_RULES:  # PCA hashing / ITQ of the trained backbone, fitted on the training images
+        fit_pca_codes(model, train_set.data, seed=config.seed)
     if config.rerank_head.epochs > 0:  # after the main training: the codes are final, the head learns on them
         train_rerank_head(config, model, train_set, device, run_dir, progress, strategy.is_main)
     if strategy.is_main:

@@ -1,0 +1,72 @@
+"""``data.labels``: "class", or "none" with nothing in training that reads a label."""
+
+from __future__ import annotations
+
+import pytest
+
+from deephash.config import config_from_dict
+from deephash.errors import ConfigError
+from deephash.losses import loss_names, loss_needs_labels
+
+UNLABELLED = {"data": {"labels": "none", "views": 2, "augment": {"hflip": True}},
+              "loss": {"name": "view-hash"}, "sampler": {"kind": "random"}}
+
+
+def _with(**changes: dict) -> dict:
+    table = {key: dict(value) for key, value in UNLABELLED.items()}
+    for key, value in changes.items():
+        table.setdefault(key, {}).update(value)
+    return table
+
+
+def test_an_unlabelled_config_validates_and_labels_default_to_class():
+    assert config_from_dict(UNLABELLED).data.labels == "none"
+    assert config_from_dict({}).data.labels == "class"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data": {"labels": "some"}}, "data.labels must be 'class' or 'none', got 'some'"),
+    ({"loss": {"name": "csq"}}, "loss.name = 'csq'"),
+    ({"loss": {"name": "contrastive-hash"}}, "loss.name = 'contrastive-hash'"),
+    ({"sampler": {"kind": "balanced"}}, "sampler.kind = 'balanced'"),
+    ({"model": {"aux_classes": 10}, "train": {"aux_weight": 0.5}}, "train.aux_weight > 0"),
+    ({"selector": {"name": "all"}}, r"a \[selector\]"),
+    ({"loss": {"name": "view-hash", "memory": {"size": 64}}}, "loss.memory"),
+])
+def test_what_reads_labels_is_refused_without_them(changes, message):
+    with pytest.raises(ConfigError, match=f"{message}.* in <dict>"):
+        config_from_dict(_with(**changes))
+
+
+@pytest.mark.parametrize("data, loss, message", [
+    ({"labelled_fraction": 0.0}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
+    ({"labelled_fraction": 1.5}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
+    ({"labelled_fraction": 0.5, "labels": "none"}, "view-hash", "1 with data.labels = 'none'"),
+    ({"labelled_fraction": 0.5, "labels": "class"}, "csq", "loss.name = 'csq' .choose one that takes partial labels"),
+])
+def test_a_labelled_fraction_needs_a_loss_that_takes_partial_labels(data, loss, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_with(data=data, loss={"name": loss}))
+
+
+def test_a_labelled_fraction_validates_with_contrastive_hash():
+    config = config_from_dict(_with(data={"labels": "class", "labelled_fraction": 0.25}, loss={"name": "contrastive-hash"}))
+    assert config.data.labelled_fraction == 0.25
+
+
+OPEN = {"seen_classes": [0, 2], "unseen_classes": [1, 3], "labels": "class", "train_on_database_unlabelled": True}
+
+
+def test_training_on_the_unlabelled_database_needs_a_class_split_and_partial_labels():
+    assert config_from_dict(_with(data=OPEN, loss={"name": "contrastive-hash"})).data.train_on_database_unlabelled
+    with pytest.raises(ConfigError, match="train_on_database_unlabelled: adds items without labels, but loss.name = 'csq'"):
+        config_from_dict(_with(data=OPEN, loss={"name": "csq"}))
+    for data in ({"seen_classes": [], "unseen_classes": []}, {"database_split": "test"}):
+        with pytest.raises(ConfigError, match="needs a class split .* data.database_split = data.train_split"):
+            config_from_dict(_with(data={**OPEN, **data}, loss={"name": "contrastive-hash"}))
+
+
+def test_only_losses_that_declare_it_train_without_labels():
+    free = {name for name in loss_names() if not loss_needs_labels(name)}
+    assert free == {"view-hash", "instance-contrastive"}
+    config_from_dict(_with(loss={"name": "instance-contrastive"}))

@@ -1,0 +1,157 @@
+"""Training without labels (``data.labels = "none"``): no label is read in training, so any labels,
+or labels that raise when read, give bit-identical weights; evaluate still scores with labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import deephash.runs.data as run_data
+from deephash.cli import main
+from deephash.data.datasets import ArrayDataset
+from deephash.data.unlabelled import labelled_mask
+from deephash.runs import load_run
+from helpers import write_idx
+
+CONFIG = """
+name = "unlabelled"
+seed = 3
+device = "cpu"
+[data]
+dataset = "fashion-mnist"
+root = "{root}"
+labels = "{labels}"
+labelled_fraction = {fraction}
+views = 2
+augment = {{ hflip = true, perturb = {{ shift = 2, crop = 0.8, noise = 0.03 }} }}
+[model]
+backbone = "fmnist-cnn"
+backbone_params = {{ width = 4, depth = [1, 1], fc = 16 }}
+bits = 16
+code_rule = "{rule}"
+[loss]
+name = "{loss}"
+[sampler]
+kind = "random"
+batch_size = 12
+[train]
+epochs = 2
+log_interval = 1
+num_threads = 1
+tanh_scale = [1.0, 3.0]
+"""
+
+
+class _LabelsRaise(ArrayDataset):
+    """An ArrayDataset whose labels raise when anything reads them."""
+
+    @property
+    def targets(self) -> torch.Tensor:
+        raise AssertionError("training read a label")
+
+    @targets.setter
+    def targets(self, value: torch.Tensor) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, tiny_fmnist):
+    """The tiny data set, and a copy of it whose training labels are garbage (other values, other order)."""
+    root, data = tiny_fmnist
+    garbage = tmp_path_factory.mktemp("garbage-labels")
+    for f in root.iterdir():
+        shutil.copy(f, garbage / f.name)
+    labels = data["train"][1]
+    write_idx(garbage / "train-labels-idx1-ubyte.gz", (labels[::-1] * 7 + 1) % 10)
+    return root, garbage
+
+
+def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction), encoding="utf-8")
+    assert main(["train", str(path), "--out", str(tmp_path / name), "--quiet"]) == 0
+    return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labels_are_never_read_in_training(tmp_path, roots, monkeypatch):
+    root, garbage = roots
+    real = _train(tmp_path, "real", root)
+    assert _same(real, _train(tmp_path, "garbage", garbage))
+    load = run_data.load_dataset
+
+    def raising(name, split, root=None):
+        d = load(name, split, root=root)
+        return _LabelsRaise(d.data, d.targets, d.classes, name=d.name, train=d.train)
+
+    monkeypatch.setattr(run_data, "load_dataset", raising)
+    assert _same(real, _train(tmp_path, "raising", root))
+
+
+def test_the_comparison_sees_a_loss_that_reads_labels(tmp_path, roots):
+    # the same check on a labelled loss: garbage labels change the weights, so the test above can fail
+    root, garbage = roots
+    assert not _same(_train(tmp_path, "a", root, "class", "contrastive-hash"),
+                     _train(tmp_path, "b", garbage, "class", "contrastive-hash"))
+
+
+def _stable_map(q: np.ndarray, yq: np.ndarray, d: np.ndarray, yd: np.ndarray) -> float:
+    """mAP@all of ±1 codes, ties broken by database order, by a loop over queries (the oracle)."""
+    aps = []
+    for code, label in zip(q, yq):
+        distance = (code != d).sum(1)
+        relevant = yd[np.lexsort((np.arange(len(d)), distance))] == label
+        hits = np.cumsum(relevant)
+        aps.append((hits[relevant] / (np.flatnonzero(relevant) + 1)).mean())
+    return float(np.mean(aps))
+
+
+def test_an_unlabelled_itq_run_is_scored_with_the_labels_of_its_splits(tmp_path, roots, tiny_fmnist):
+    _train(tmp_path, "itq", roots[0], rule="itq")
+    assert main(["evaluate", str(tmp_path / "itq")]) == 0
+    reported = json.loads((tmp_path / "itq" / "metrics.json").read_text())["metrics"]["mAP@all/stable"]
+    model, _ = load_run(tmp_path / "itq", device="cpu")
+    (xd, yd), (xq, yq) = tiny_fmnist[1]["train"], tiny_fmnist[1]["test"]
+    with torch.no_grad():
+        d, q = (model.encode(torch.from_numpy(x[:, None]).float() / 255).numpy() for x in (xd, xq))
+    assert reported == pytest.approx(_stable_map(q, yq, d, yd), abs=1e-9)
+
+
+def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_fmnist):
+    root, data = tiny_fmnist
+    labels = data["train"][1]
+    keep = labelled_mask(len(labels), 0.5, seed=3).numpy()  # the config's seed
+    assert keep.sum() == len(labels) // 2
+    for name, change in (("unkept", ~keep), ("kept", keep)):
+        other = tmp_path / name
+        shutil.copytree(root, other)
+        garbage = np.where(change, labels[::-1], labels)  # not a renaming of the classes: other groups
+        write_idx(other / "train-labels-idx1-ubyte.gz", garbage)
+    real = _train(tmp_path, "real", root, "class", "contrastive-hash", fraction=0.5)
+    assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", "class", "contrastive-hash", fraction=0.5))
+    assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", "class", "contrastive-hash", fraction=0.5))
+
+
+def test_training_on_the_unlabelled_database_adds_the_unseen_classes_images_without_labels(tmp_path, tiny_fmnist):
+    from deephash.config import config_from_dict
+    from deephash.runs import load_split
+    root, data = tiny_fmnist
+    images, labels = data["train"]
+    table = {"data": {"root": str(root), "seen_classes": [0, 1], "unseen_classes": [2], "views": 2, "augment": {"hflip": True}},
+             "loss": {"name": "contrastive-hash"}, "sampler": {"kind": "random"}}
+    plain = load_split(config_from_dict(table), "train", training=True)
+    table["data"]["train_on_database_unlabelled"] = True
+    both = load_split(config_from_dict(table), "train", training=True)
+    seen, unseen = np.isin(labels, [0, 1]), labels == 2
+    assert np.array_equal(plain.data[:, 0].numpy(), images[seen]) and np.array_equal(plain.targets.numpy(), labels[seen])
+    assert np.array_equal(both.data[:, 0].numpy(), np.concatenate([images[seen], images[unseen]]))
+    assert np.array_equal(both.targets.numpy(), np.concatenate([labels[seen], np.full(unseen.sum(), -1)]))
+    database = load_split(config_from_dict(table), "train")  # what is evaluated is unchanged: the unseen classes
+    assert np.array_equal(database.targets.numpy(), labels[unseen])
