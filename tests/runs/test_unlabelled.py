@@ -155,3 +155,46 @@ def test_training_on_the_unlabelled_database_adds_the_unseen_classes_images_with
     assert np.array_equal(both.targets.numpy(), np.concatenate([labels[seen], np.full(unseen.sum(), -1)]))
     database = load_split(config_from_dict(table), "train")  # what is evaluated is unchanged: the unseen classes
     assert np.array_equal(database.targets.numpy(), labels[unseen])
+
+
+def _flat_photo_folder(root) -> None:
+    """train/ and test/ holding images directly (no class sub-folders), of mixed sizes and kinds."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for split, n in (("train", 24), ("test", 6)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            w, h = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+            picture = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            picture.save(root / split / f"img-{i:02d}.{'png' if i % 2 else 'jpg'}")
+
+
+FLAT_FOLDER_SETS = ['data.dataset="folder"', "data.image_size=16", "data.channels=3", "sampler.batch_size=8",
+                    "train.epochs=1", "model.backbone_params={width=8, depth=[1,1,1], fc=0}", "model.bits=16",
+                    'device="cpu"', "train.num_threads=1"]
+
+
+def test_a_flat_folder_of_unlabelled_photos_trains_without_labels_and_is_encoded(tmp_path):
+    _flat_photo_folder(tmp_path / "photos")
+    sets = [x for s in [*FLAT_FOLDER_SETS, f'data.images="{tmp_path / "photos"}"'] for x in ("--set", s)]
+    assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 0
+    model, config = load_run(tmp_path / "run")
+    assert config.data.labels == "none" and model.code_projection.shape == (32, 16)  # the itq fit on the folder
+    assert main(["encode", str(tmp_path / "run"), "--images", str(tmp_path / "photos" / "test"),
+                 "--out", str(tmp_path / "test.npz")]) == 0
+    from deephash.retrieval.codes import load_codes
+
+    codes = load_codes(tmp_path / "test.npz")
+    assert len(codes) == 6 and (codes.labels == -1).all()
+    assert sorted(codes.paths.tolist()) == sorted(p.name for p in (tmp_path / "photos" / "test").iterdir())
+
+
+def test_a_flat_folder_with_a_loss_that_needs_labels_is_refused_naming_the_loss(tmp_path, capsys):
+    _flat_photo_folder(tmp_path / "photos")
+    sets = [x for s in [*FLAT_FOLDER_SETS, f'data.images="{tmp_path / "photos"}"', 'data.labels="class"',
+                        'loss.name="csq"', "loss.params={}", 'model.code_rule="sign"', "data.views=1"]
+            for x in ("--set", s)]
+    assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss 'csq' needs a label for every training image" in err, err

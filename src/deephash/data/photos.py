@@ -256,6 +256,15 @@ class ImageFolder(torch.utils.data.Dataset):
         out.data = _DecodedImages(out)
         return out
 
+    def with_targets(self, targets: torch.Tensor) -> ImageFolder:
+        """The same items with int64 ``(N,)`` ``targets`` instead (a shallow copy sharing ``bad_files``)."""
+        targets = torch.as_tensor(targets, dtype=torch.int64)
+        if targets.shape != self.targets.shape:
+            raise DeephashError(f"{len(targets)} targets for {len(self.targets)} images")
+        out = self.subset(torch.arange(len(self.targets)))
+        out.targets = targets
+        return out
+
     def keep(self, positions: np.ndarray | Sequence[int]) -> None:
         """Keep only the items at ``positions`` (int, ascending), in place: e.g. those that decoded."""
         positions = np.asarray(positions, dtype=np.int64)

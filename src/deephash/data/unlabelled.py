@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from deephash.data.datasets import ArrayDataset
+from deephash.data.photos import ImageFolder
 
 __all__ = ["NO_LABEL", "drop_labels", "labelled_mask"]
 
@@ -23,7 +24,7 @@ def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
     return keep
 
 
-def drop_labels(dataset: Any, keep: torch.Tensor | None = None) -> ArrayDataset:
+def drop_labels(dataset: Any, keep: torch.Tensor | None = None) -> ArrayDataset | ImageFolder:
     """The images of ``dataset`` with its targets set to `NO_LABEL`, except where ``keep`` is True.
 
     Args:
@@ -33,11 +34,14 @@ def drop_labels(dataset: Any, keep: torch.Tensor | None = None) -> ArrayDataset:
             labels are never read.
 
     Returns:
-        An ``ArrayDataset`` sharing ``dataset.data`` (no copy), with int64 targets ``(N,)``.
+        An ``ArrayDataset`` sharing ``dataset.data`` (no copy), with int64 targets ``(N,)``; for a
+        streamed photo folder (``ImageFolder``) the same folder with those targets.
     """
     data = dataset.data
     targets = torch.full((len(data),), NO_LABEL, dtype=torch.int64)
     if keep is not None:
         targets = torch.where(keep, dataset.targets, targets)
+    if isinstance(dataset, ImageFolder):
+        return dataset.with_targets(targets)
     return ArrayDataset(data, targets, getattr(dataset, "classes", None), getattr(dataset, "paths", None),
                         getattr(dataset, "name", None), getattr(dataset, "train", True))

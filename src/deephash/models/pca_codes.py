@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from deephash.errors import DeephashError
 from deephash.signs import sign
 
 __all__ = ["LINEAR_HASHES", "PROJECTION_RULES", "fit_linear_hash", "fit_pca_codes", "itq_rotation", "linear_hash_codes",
@@ -183,6 +184,9 @@ def fit_pca_codes(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     of every image enters :func:`pca_projection` with ``bits = model.bits`` and ``power = model.code_power``.
     Under ``"itq"`` a second pass projects the rows and :func:`itq_rotation` (``n_iter`` steps from
     ``random_rotation(bits, seed)``) rotates the projection.
+
+    Raises:
+        DeephashError: fewer than two images, or more bits than the code source has values.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -191,7 +195,11 @@ def fit_pca_codes(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
         return (model.code_source_vectors(images[i:i + batch_size].to(device).float().div_(255))
                 for i in range(0, len(images), batch_size))
 
-    mean, projection = pca_projection(rows(), model.bits, model.code_power)
+    try:
+        mean, projection = pca_projection(rows(), model.bits, model.code_power)
+    except ValueError as error:  # a config the data cannot fit: the user's to change, in one line
+        raise DeephashError(f"cannot fit the {model.code_rule!r} code rule of model.code_source "
+                            f"{getattr(model, 'code_source', 'features')!r}: {error}") from None
     if model.code_rule == "itq":
         v = torch.cat([(pca_rows(r, model.code_power) - mean) @ projection for r in rows()])
         projection = projection @ itq_rotation(v, random_rotation(model.bits, seed), n_iter).to(projection)
