@@ -522,7 +522,7 @@ class SearchService:
         Args:
             data: the image file's bytes (decoded as search uploads are, size limits included).
             label: a class name or number; None for unknown.
-            ident: the new id; None: after the largest id.
+            ident: the new id; None: the index's next_id (never one handed out before).
 
         Returns:
             the new item's id.
