@@ -129,13 +129,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(index_dir: Path, run_dir: Path, log: Path, *extra: str,
+def start_server(index_dir: Path, run_dir: Path | None, log: Path, *extra: str,
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``python -m deephash serve`` on a free loopback port with ``extra`` arguments (``env``:
-    the process's environment); wait until /healthz answers. The log is appended to (restarts)."""
+    the process's environment; ``run_dir`` None: ``extra`` names the model, e.g. ``--model DIR``);
+    wait until /healthz answers. The log is appended to (restarts)."""
     port = free_port()
+    model = ["--run", str(run_dir)] if run_dir is not None else []
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), "--run", str(run_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), *model,
                                  "--host", "127.0.0.1", "--port", str(port), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"

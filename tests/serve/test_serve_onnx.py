@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import free_port, stop, tiny_digits_run
+from helpers import start_server, stop, tiny_digits_run
 
 from deephash import runs
 from deephash.errors import CodeLengthError
@@ -99,25 +98,8 @@ def test_the_app_on_an_exported_model_answers_as_torch_without_importing_it(serv
 
 def start_model_server(index_dir: Path, model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``python -m deephash serve INDEX --model DIR`` with writes enabled, on a free port; waits for /healthz."""
-    port = free_port()
     env = dict(os.environ, DEEPHASH_TEST_TOKEN=TOKEN)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(index_dir), "--model", str(model_dir),
-                                 "--port", str(port), "--token-env", "DEEPHASH_TEST_TOKEN"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    pytest.fail(f"server did not answer /healthz within 120 s: {log.read_text()[-2000:]}")
+    return start_server(index_dir, None, log, "--model", str(model_dir), "--token-env", "DEEPHASH_TEST_TOKEN", env=env)
 
 
 def test_the_cli_server_searches_and_adds_with_no_torch_loaded(served, tmp_path):

@@ -9,6 +9,17 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+
+def with_views(x: torch.Tensor, y: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None,
+               views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as training sees it: float ``(B, C, H, W)`` images ``x`` and int64 ``(B,)`` labels
+    ``y``, augmented, and with ``views > 1`` stacked view-major as ``views`` augmented copies
+    (``(views * B, C, H, W)``, labels repeated), as contrastive losses over views expect."""
+    if views > 1:
+        x = torch.cat([augment(x) if augment is not None else x for _ in range(views)])
+        return x, y.repeat(views)
+    return (augment(x) if augment is not None else x), y
+
 class BatchLoader:
     """Iterate a batch sampler over a dataset that holds its images as one uint8 tensor.
 
@@ -63,9 +74,4 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         for indices in self.batch_sampler:
             x, y = self._fetch(torch.as_tensor(list(indices), dtype=torch.int64))
-            if self.views > 1:
-                x = torch.cat([self.augment(x) if self.augment is not None else x for _ in range(self.views)])
-                y = y.repeat(self.views)
-            elif self.augment is not None:
-                x = self.augment(x)
-            yield x, y
+            yield with_views(x, y, self.augment, self.views)

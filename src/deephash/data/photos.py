@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from deephash._io import atomic_write_text
+from deephash.data.loader import with_views
 from deephash.data.images import check_image_header, list_image_folder, open_image
 from deephash.data.transforms import EVAL_CROP_FRACTION, eval_resize_side, eval_transform, train_transform
 from deephash.errors import DataFormatError, DeephashError, first_line
@@ -364,10 +365,4 @@ class StreamLoader:
         for batch in self.decoded():
             if len(batch.images) == 0:
                 continue
-            x, y = batch.images.float().div_(255), batch.labels
-            if self.views > 1:
-                x = torch.cat([self.augment(x) if self.augment is not None else x for _ in range(self.views)])
-                y = y.repeat(self.views)
-            elif self.augment is not None:
-                x = self.augment(x)
-            yield x, y
+            yield with_views(batch.images.float().div_(255), batch.labels, self.augment, self.views)
