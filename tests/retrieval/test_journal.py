@@ -468,3 +468,21 @@ def test_atomic_replace_dir_syncs_every_file_by_default(tmp_path, monkeypatch):
     monkeypatch.undo()
     expected = {p.stat().st_ino for p in (final, final / "a", final / "sub", final / "sub" / "b", tmp_path)}
     assert expected <= set(synced) and sorted(p.name for p in final.iterdir()) == ["a", "sub"]
+
+
+def test_a_journal_file_that_cannot_be_created_is_a_journal_write_error_and_nothing_changes(tmp_path, monkeypatch):
+    """The first write of a fresh index opens (creates) journal.log: on a full disk that open fails,
+    before anything is written; it must be the same one-line JournalWriteError (the service's 503)."""
+    rng = np.random.default_rng(11)
+    path = tmp_path / "idx"
+    oracle = make_index(path, rng, n=3)
+    living = LivingIndex(path, fold_every=100).open()
+    assert not (path / JOURNAL_FILE).exists()
+    _fail_once(monkeypatch, "open", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(JournalWriteError, match="writing record 1 failed .*No space left.*the change was not made$"):
+        living.add(random_codes(rng, 1), labels=[0])
+    assert state(living.index) == oracle and living.pending == 0 and living.index.next_id == 3
+    added = living.add(code := random_codes(rng, 1), labels=[1])  # the next write creates the file
+    oracle[int(added[0])] = (code[0].tobytes(), 1)
+    living.close(fold=False)
+    assert added.tolist() == [3] and state(_load_strictly(path)) == oracle

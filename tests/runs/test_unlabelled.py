@@ -197,4 +197,24 @@ def test_a_flat_folder_with_a_loss_that_needs_labels_is_refused_naming_the_loss(
             for x in ("--set", s)]
     assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "loss 'csq' needs a label for every training image" in err, err
+    assert err.count("\n") == 1 and "24 of 24 training images have no label" in err and "loss.name = 'csq'" in err, err
+
+
+def test_a_flat_folder_with_a_partial_label_loss_but_a_class_head_is_refused_naming_the_head(tmp_path, capsys):
+    _flat_photo_folder(tmp_path / "photos")
+    sets = [x for s in [*FLAT_FOLDER_SETS, f'data.images="{tmp_path / "photos"}"', 'data.labels="class"',
+                        'loss.name="contrastive-hash"', "loss.params={}", 'model.code_rule="sign"', "model.aux_classes=3",
+                        "train.aux_weight=0.5"]
+            for x in ("--set", s)]
+    assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "have no label" in err and "train.aux_weight > 0" in err, err
+
+
+def test_training_on_the_unlabelled_database_of_a_photo_folder_is_refused_at_load(tmp_path):
+    from deephash.config import load_config
+    from deephash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a photo folder"):
+        load_config("fashion-mnist-open-48", ['data.dataset="folder"', 'data.images="photos"',
+                                              "data.train_on_database_unlabelled=true", 'loss.name="contrastive-hash"'])

@@ -219,8 +219,6 @@ def _validate_labels(config: Config, source: str) -> None:
     """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label;
     ``data.labelled_fraction < 1`` and ``data.train_on_database_unlabelled`` with nothing that
     needs every item's label."""
-    from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
-
     labels, fraction = config.data.labels, config.data.labelled_fraction
     if labels not in ("class", "none"):
         raise ConfigError(f"data.labels must be 'class' or 'none', got {labels!r} in {source}")
@@ -230,6 +228,9 @@ def _validate_labels(config: Config, source: str) -> None:
     if data.train_on_database_unlabelled and (not data.seen_classes or data.database_split != data.train_split):
         raise ConfigError("data.train_on_database_unlabelled needs a class split (data.seen_classes) and "
                           f"data.database_split = data.train_split, in {source}")
+    if data.train_on_database_unlabelled and data.dataset == "folder":
+        raise ConfigError("data.train_on_database_unlabelled works on the in-memory data sets, not a photo folder "
+                          f"(data.dataset = 'folder'), in {source}")
     if labels == "class" and fraction == 1 and not data.train_on_database_unlabelled:
         return
     if labels == "none":
@@ -238,13 +239,25 @@ def _validate_labels(config: Config, source: str) -> None:
         key, what = "data.labelled_fraction", f"{fraction} leaves items without labels"
     else:
         key, what = "data.train_on_database_unlabelled", "adds items without labels"
-    if labels == "none":
+    readers = label_readers(config)
+    if readers:
+        raise ConfigError(f"{key}: {what}, but {readers[0]} needs them, in {source}")
+
+
+def label_readers(config: Config) -> list[str]:
+    """What in ``config``'s training reads a label that some training items lack (``data.labels =
+    "none"``: every item; otherwise the unlabelled ones): the loss (one that needs labels, or, with
+    some labelled, one that does not take partial labels), a balanced sampler, a class head, the
+    posterior rule's class centers, a selector, a memory. Each as the config key to change."""
+    from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
+
+    if config.data.labels == "none":
         loss_reads = (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')",
                       loss_needs_labels(config.loss.name))
     else:
         loss_reads = (f"loss.name = {config.loss.name!r} (choose one that takes partial labels, e.g. 'contrastive-hash')",
                       not loss_takes_partial_labels(config.loss.name))
-    readers = [key for key, reads in (
+    return [key for key, reads in (
         loss_reads,
         (f"sampler.kind = {config.sampler.kind!r} (use 'random')", config.sampler.kind != "random"),
         ("train.aux_weight > 0 (a class head)", config.model.aux_classes > 0 and config.train.aux_weight > 0),
@@ -252,8 +265,6 @@ def _validate_labels(config: Config, source: str) -> None:
         ("a [selector] (label-based mining)", bool(config.selector.name)),
         ("loss.memory (label-based mining)", config.loss.memory.size > 0),
     ) if reads]
-    if readers:
-        raise ConfigError(f"{key}: {what}, but {readers[0]} needs them, in {source}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

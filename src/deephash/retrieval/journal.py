@@ -272,14 +272,16 @@ class Journal:
         if record.seq != self.next_seq():
             raise DeephashError(f"journal record seq {record.seq} is not the next one ({self.next_seq()})")
         data = encode_record(record)
-        fd = self._file()
+        fd = -1
         try:
+            fd = self._file()  # its first open may fail too (a full disk): nothing written then
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
             os.fsync(fd)
         except BaseException as error:
-            self._cut_back(fd, record.seq, error)
+            if fd >= 0:
+                self._cut_back(fd, record.seq, error)
             if not isinstance(error, OSError):
                 raise
             raise JournalWriteError(f"journal {self.path}: writing record {record.seq} failed ({first_line(error)}); "

@@ -16,7 +16,7 @@ from deephash._io import atomic_write_text
 from deephash.config import Config, dump_config, load_config
 from deephash.devices import resolve_device
 from deephash.errors import ConfigError, DataFormatError, DeephashError, NotFoundError
-from deephash.losses.registry import loss_takes_partial_labels
+from deephash.config.parse import label_readers
 from deephash.losses.schedules import inner_loss
 from deephash.models import build_model, channels_last_on_cpu
 from deephash.models.pca_codes import PROJECTION_RULES, fit_pca_codes
@@ -159,10 +159,12 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     run_dir.mkdir(parents=True, exist_ok=True)
 
     train_set = load_split(config, config.data.train_split, run_dir, training=True)
-    if int(train_set.targets.min()) < 0 and not loss_takes_partial_labels(config.loss.name):
-        raise DeephashError(f"{train_set.name}: loss {config.loss.name!r} needs a label for every training image (one "
-                            "sub-folder of images per class); without labels use data.labels = 'none' and a loss "
-                            "that needs none (e.g. view-hash)")
+    unlabelled = int((train_set.targets < 0).sum())
+    readers = label_readers(config) if unlabelled else []
+    if readers:  # e.g. a folder without class sub-folders: the config's checks could not know
+        raise DeephashError(f"{train_set.name}: {unlabelled} of {len(train_set.targets)} training images have no label "
+                            f"(no class sub-folder), but {readers[0]} needs them; without labels use "
+                            "data.labels = 'none' and a loss that needs none (e.g. view-hash)")
     config = model_for_data(config, int(train_set.data.shape[1]), *training_stats(train_set, seed=config.seed))
     if strategy.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
