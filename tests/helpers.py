@@ -89,6 +89,31 @@ def gaussian_blobs(n_classes: int, n_per_class: int, dim: int, seed: int, spread
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
+def png_of(pixels: np.ndarray) -> bytes:
+    """The PNG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` image (an upload, a stored item)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def random_code_index(root: Path, bits: int, n: int, seed: int) -> tuple[Path, Path]:
+    """:func:`tiny_digits_run`'s run and an index of ``n`` items with the train split's metadata and
+    labels but random codes drawn from ``seed`` (the untrained model gives most images one code)."""
+    from deephash.retrieval.index import HashIndex
+
+    run_dir, index_dir, _ = tiny_digits_run(root, bits)
+    built = HashIndex.load(index_dir)
+    rng = np.random.default_rng(seed)
+    index = HashIndex(bits, metadata=built.metadata)
+    index.add(np.packbits(rng.integers(0, 2, (n, bits)).astype(bool), axis=1), labels=built.labels[:n])
+    index.save(index_dir)
+    return run_dir, index_dir
+
+
 def tiny_digits_run(root: Path, bits: int = 12, centred: bool = False, index: bool = True, model_extra: dict | None = None):
     """An untrained tiny CNN on scikit-learn's 8x8 digits saved as a run (``root/run``) and, with
     ``index``, an index of its train split (``root/index``). ``centred`` sets the hash layer's bias

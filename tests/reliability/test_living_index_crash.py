@@ -28,7 +28,7 @@ from PIL import Image
 
 import helpers
 
-from helpers import tiny_digits_run
+from helpers import png_of, tiny_digits_run
 
 from deephash import runs
 from deephash.retrieval.index import HashIndex
@@ -49,11 +49,6 @@ def tiny_run(root: Path) -> tuple[Path, Path]:
     (an untrained one gives every image one code), and an index over the train split."""
     return tiny_digits_run(root, BITS, centred=True)[:2]
 
-
-def png_of(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def start_server(index_dir: Path, run_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import tiny_digits_run
+from helpers import png_of, tiny_digits_run
 
 from deephash import runs
 from deephash.retrieval.index import HashIndex
@@ -37,11 +37,6 @@ def brute_force(query: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
     db = np.unpackbits(codes, axis=1)[:, :bits]
     return (q != db).sum(axis=1)
 
-
-def png_of(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
 
 
 def png_with_size(width: int, height: int) -> bytes:

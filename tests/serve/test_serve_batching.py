@@ -6,7 +6,6 @@ re-ranking included), and over HTTP: one batch for concurrent uploads, 503 + Ret
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import DIGIT_CLASSES
+from helpers import DIGIT_CLASSES, png_of, tiny_digits_run
 
 from deephash import runs
 from deephash.errors import DeephashError, NotFoundError
@@ -32,26 +30,8 @@ BITS = 12
 def digits_run(root: Path, rerank: str | None) -> tuple[Path, Path]:
     """A tiny CNN on 8x8 digits with its hash bias centred (codes vary, many ties at 12 bits),
     ``rerank`` vectors kept or not, and an index of its train split."""
-    from deephash.config import config_from_dict
-    from deephash.models import build_model
-
-    model_section = {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1]}, "bits": BITS}
-    if rerank:
-        model_section["rerank"] = rerank
-    config = config_from_dict({"data": {"dataset": "digits"}, "model": model_section, "device": "cpu"})
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (256, 1, 8, 8), dtype=np.uint8)).float() / 255
-    with torch.no_grad():
-        features = model.backbone(model.normalize(x))
-        model.head.linear.bias.copy_(-(features.mean(0) @ model.head.linear.weight.T))
-    run_dir, index_dir = root / "run", root / "index"
-    run_dir.mkdir(parents=True)
-    runs.save_model(run_dir / "model.pt", model, config, DIGIT_CLASSES)
-    runs.build_index(run_dir, split="train", out=index_dir)
+    run_dir, index_dir, _ = tiny_digits_run(root, BITS, centred=True, model_extra={"rerank": rerank} if rerank else None)
     return run_dir, index_dir
-
-
 @pytest.fixture(scope="module", params=[None, "head"], ids=["codes", "two-stage"])
 def tiny(request, tmp_path_factory):
     run_dir, index_dir = digits_run(tmp_path_factory.mktemp("batching"), request.param)
@@ -61,11 +41,6 @@ def tiny(request, tmp_path_factory):
     pixels = runs.load_split(config, "test", run_dir).data[:40].numpy()[:, 0]
     return {"run": run_dir, "index": index_dir, "db": index, "pixels": pixels}
 
-
-def png_of(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def brute_force(service: SearchService, code: np.ndarray, vector: np.ndarray | None, k: int,

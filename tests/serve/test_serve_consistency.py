@@ -9,16 +9,14 @@ write was applied.
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from helpers import tiny_digits_run
+from helpers import png_of, random_code_index
 
 from deephash.retrieval.index import HashIndex
 from deephash.retrieval.living import LivingIndex
@@ -31,29 +29,13 @@ TOKEN = "consistency-token-7d1e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def small_index(root: Path, n: int) -> tuple[Path, Path]:
-    """The tiny digits run and an index of ``n`` items with random codes and the train split's labels."""
-    run_dir, index_dir, _ = tiny_digits_run(root, BITS)
-    built = HashIndex.load(index_dir)
-    rng = np.random.default_rng(3)
-    index = HashIndex(BITS, metadata=built.metadata)
-    index.add(np.packbits(rng.integers(0, 2, (n, BITS)).astype(bool), axis=1), labels=built.labels[:n])
-    index.save(index_dir)
-    return run_dir, index_dir
-
-
-def png_of(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
-
 
 def one_code(seed: int) -> np.ndarray:
     return np.packbits(np.random.default_rng(seed).integers(0, 2, (1, BITS)).astype(bool), axis=1)
 
 
 def test_a_reader_follows_folds_while_the_writer_journal_holds_records(tmp_path, monkeypatch):
-    run_dir, index_dir = small_index(tmp_path, 20)
+    run_dir, index_dir = random_code_index(tmp_path, BITS, 20, seed=3)
     loads = []
     real_load = service_module._load_index
     monkeypatch.setattr(service_module, "_load_index", lambda path: loads.append(path) or real_load(path))
@@ -85,7 +67,7 @@ def test_a_reader_follows_folds_while_the_writer_journal_holds_records(tmp_path,
 
 @pytest.mark.parametrize("write", ["add", "remove"])
 def test_a_write_outliving_the_request_deadline_is_answered_with_its_outcome(tmp_path, write):
-    run_dir, index_dir = small_index(tmp_path, 5)
+    run_dir, index_dir = random_code_index(tmp_path, BITS, 5, seed=3)
     service = SearchService.load(index_dir, run_dir, writable=True)
     slow = {"add": service.add_item, "remove": service.remove_item}[write]
     finished = []
@@ -114,7 +96,7 @@ def test_a_write_outliving_the_request_deadline_is_answered_with_its_outcome(tmp
 
 
 def test_a_random_item_is_read_whole_while_a_remove_follows_the_draw(tmp_path, monkeypatch):
-    run_dir, index_dir = small_index(tmp_path, 2)
+    run_dir, index_dir = random_code_index(tmp_path, BITS, 2, seed=3)
     service = SearchService.load(index_dir, run_dir, writable=True)
     labels = dict(zip(service.index.ids.tolist(), (service.label_of(p) for p in range(2))))
     real_reading = service._reading
@@ -145,7 +127,7 @@ def test_a_journal_write_that_fails_is_a_503_and_nothing_is_added(tmp_path, monk
 
     from deephash.retrieval import journal as journal_module
 
-    run_dir, index_dir = small_index(tmp_path, 5)
+    run_dir, index_dir = random_code_index(tmp_path, BITS, 5, seed=3)
     service = SearchService.load(index_dir, run_dir, writable=True)
     before = service.index.ids.tolist()
     real_write, calls = os.write, []

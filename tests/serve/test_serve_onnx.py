@@ -17,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import start_server, stop, tiny_digits_run
+from helpers import png_of, start_server, stop, tiny_digits_run
 
 from deephash import runs
 from deephash.errors import CodeLengthError
@@ -49,11 +49,6 @@ with TestClient(create_app(index, model_dir=model)) as client:
 print(json.dumps({"info": info, "answers": answers, "torch": "torch" in sys.modules}))
 """
 
-
-def png_of(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

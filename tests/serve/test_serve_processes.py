@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import time
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import start_server, stop, tiny_digits_run
+from helpers import png_of, start_server, stop, tiny_digits_run
 
 from deephash import runs
 from deephash.errors import DeephashError
@@ -24,11 +22,6 @@ from deephash.serve.service import SearchRequest, SearchService
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-def png_of(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 async def searches(base: str, pngs: list[bytes]) -> list[httpx.Response]:

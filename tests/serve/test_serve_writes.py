@@ -17,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import tiny_digits_run
+from helpers import png_of, random_code_index, tiny_digits_run
 
 from deephash import runs
 from deephash.retrieval.index import HashIndex
@@ -35,19 +35,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def tiny_run(root: Path, n: int = 300) -> tuple[Path, Path]:
     """An untrained tiny CNN on scikit-learn's 8x8 digits and an index of ``n`` items with the train
     split's metadata but random codes (the untrained model gives most images one code)."""
-    run_dir, index_dir, _ = tiny_digits_run(root, BITS)
-    built = HashIndex.load(index_dir)
-    rng = np.random.default_rng(7)
-    index = HashIndex(BITS, metadata=built.metadata)
-    index.add(np.packbits(rng.integers(0, 2, (n, BITS)).astype(bool), axis=1), labels=built.labels[:n])
-    index.save(index_dir)
-    return run_dir, index_dir
+    return random_code_index(root, BITS, n, seed=7)
 
-
-def png_of(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
 
 
 def code_of(run_dir: Path, pixels: np.ndarray) -> np.ndarray:
