@@ -199,3 +199,54 @@ def test_faiss_file_inconsistent_with_ids(tmp_path):
     (folder / "index.faiss").write_bytes(faiss.serialize_index_binary(other._faiss_index).tobytes())
     with pytest.raises(DataFormatError, match="ids differ"):
         HashIndex.load(folder)
+
+
+@pytest.mark.parametrize("bits, width", [(1, 8), (12, 8), (48, 8), (64, 8), (65, 16), (128, 16), (130, 24)])
+def test_faiss_holds_codes_padded_to_whole_words(bits, width):
+    from deephash.retrieval.index import faiss_bytes
+
+    assert faiss_bytes(bits) == width
+    index = HashIndex(bits, backend="faiss")
+    assert index._faiss_index.d == 8 * width
+    db = _codes(20, 150, bits)
+    index.add(db)
+    assert index.codes.shape == (150, (bits + 7) // 8)  # the index's own column stays unpadded
+    q = _codes(21, 12, bits)
+    distances, found = index.search(q, 150)  # every item: FAISS's distances are the brute-force ones
+    ref = _brute(q, db)
+    np.testing.assert_array_equal(np.take_along_axis(ref, found, 1), distances)
+    np.testing.assert_array_equal(distances, np.sort(ref, 1))
+
+
+def _unpadded_faiss(index, factory):
+    """The index.faiss an earlier deephash wrote: FAISS's dimension 8 * ceil(bits / 8)."""
+    inner = faiss.index_binary_factory(index.n_bytes * 8, factory)
+    old = faiss.IndexBinaryIDMap2(inner)
+    old.own_fields = True
+    inner.this.disown()
+    if not old.is_trained:
+        old.train(index.codes)
+    old.add_with_ids(index.codes, index.ids)
+    return faiss.serialize_index_binary(old).tobytes()
+
+
+@pytest.mark.parametrize("factory, width", [("BFlat", 8), ("BIVF4", 6)])
+def test_an_unpadded_faiss_file_still_loads_and_searches_alike(tmp_path, factory, width):
+    db = _codes(22, 200, 48)
+    index = HashIndex(48, factory)
+    index.add(db, ids=np.arange(200) * 2)
+    index.save(tmp_path / "ix")
+    (tmp_path / "ix" / "index.faiss").write_bytes(_unpadded_faiss(index, factory))
+    loaded = HashIndex.load(tmp_path / "ix")
+    assert loaded._faiss_index.d == 8 * width  # BFlat rebuilt padded (exact); a trained factory kept as written
+    q = _codes(23, 9, 48)
+    distances, found = loaded.search(q, 5)
+    ref = _brute(q, db)
+    np.testing.assert_array_equal(np.take_along_axis(ref, found // 2, 1), distances)
+    if factory == "BFlat":
+        np.testing.assert_array_equal(distances, np.sort(ref, 1)[:, :5])
+    lims, d, ids = loaded.range_search(q, 20)
+    for i in range(len(q)):
+        np.testing.assert_array_equal(d[lims[i]:lims[i + 1]], ref[i, ids[lims[i]:lims[i + 1]] // 2])
+    loaded.add(_codes(24, 3, 48))  # adds and removes go on at the loaded width
+    assert loaded.remove([0, 2]) == 2 and loaded.ntotal == 201

@@ -120,6 +120,69 @@ def test_the_encoder_batch_equals_the_images_one_at_a_time(tiny):
         np.testing.assert_allclose(vectors, np.concatenate([v for _, v in singles]), rtol=1e-5, atol=1e-5)
 
 
+def _eager_reference(model: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Codes and vectors computed apart from the encoder: the model's own pass on pixels / 255,
+    the sign (0 -> +1) by hand, packed most significant bit first."""
+    with torch.no_grad():
+        out, vectors = model.encode_with_rerank(torch.from_numpy(images).float() / 255)
+    bits = out.numpy() >= 0
+    return np.packbits(bits, axis=1, bitorder="big"), None if vectors is None else vectors.numpy()
+
+
+@pytest.mark.parametrize("trace", [True, False], ids=["traced", "eager"])
+def test_the_encoder_gives_the_models_own_codes_traced_or_not(tiny, trace):
+    model, _ = runs.load_run(tiny["run"], device="cpu")
+    encoder = TorchEncoder(model, (1, 8, 8), trace=trace)
+    assert (encoder.graph is not None) == trace  # this model traces to one graph
+    images = tiny["pixels"][:, None]
+    for n in (1, 2, 7, 40):  # batch sizes other than the trace's own
+        codes, vectors = encoder.encode(images[:n])
+        want_codes, want_vectors = _eager_reference(model, images[:n])
+        assert np.array_equal(codes, want_codes)
+        if want_vectors is None:
+            assert vectors is None
+        else:
+            assert vectors.dtype == np.float32 and np.array_equal(vectors, want_vectors)  # bit for bit
+
+
+class _BatchSizeBranch(torch.nn.Module):
+    """A model whose Python looks at the batch size: a trace records one branch only."""
+
+    bits = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        return -out if x.shape[0] == 2 else out  # 2 is the trace's own batch size
+
+
+class _NotTraceable(_BatchSizeBranch):
+    """A model that fails under the tracer (as one using an op the tracer cannot record would)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("this op cannot be traced")
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("model_class", [_BatchSizeBranch, _NotTraceable])
+def test_a_model_that_does_not_trace_alike_is_served_eagerly(model_class, caplog):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    with caplog.at_level("WARNING", logger="deephash.serve"):
+        encoder = TorchEncoder(model, (1, 8, 8))
+    assert encoder.graph is None and "does not trace" in caplog.text
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    for n in (1, 2, 5):
+        with torch.no_grad():
+            out = model(torch.from_numpy(images[:n]).float() / 255).numpy()
+        codes, vectors = encoder.encode(images[:n])
+        assert vectors is None and np.array_equal(codes, np.packbits(out >= 0, axis=1, bitorder="big"))
+
+
 # ------------------------------------------------------------------------------ the batcher
 
 

@@ -7,14 +7,21 @@ interface is numpy in, numpy out: no torch in its signature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ImageEncoder", "TorchEncoder"]
+__all__ = ["ImageEncoder", "TorchEncoder", "trace_encoder"]
+
+LOG = logging.getLogger("deephash.serve")
+#: Batch sizes on which a traced graph must give exactly the eager model's outputs (none is the
+#: trace's own size, so a batch size baked into the graph is caught).
+TRACE_CHECK_BATCHES = (1, 3)
 
 
 @runtime_checkable
@@ -57,28 +64,96 @@ class TorchEncoder:
         input_shape: the model's ``(C, H, W)``.
         name: the model's name for ``/api/info``.
         crop_fraction: the run's model view's centre crop (``runs.eval_crop_fraction``).
+        trace: run the model as one traced graph (:func:`trace_encoder`) where it traces to the
+            same outputs; False, or a model that does not trace: layer by layer in Python.
     """
 
     def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], name: str = "",
-                 crop_fraction: float = 1.0) -> None:
+                 crop_fraction: float = 1.0, trace: bool = True) -> None:
         self.model = model
         self.crop_fraction = float(crop_fraction)
         self.bits = int(getattr(model, "bits", 0) or 0)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.name = name or type(model).__name__
+        #: the traced graph the encoder runs, or None (the eager model)
+        self.graph = trace_encoder(model, self.input_shape) if trace else None
+        self._device = next(model.parameters()).device
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """See :meth:`ImageEncoder.encode`."""
         import torch
 
-        from deephash.retrieval.codes import pack_codes
-        from deephash.signs import sign
-
         with torch.inference_mode():
-            device = next(self.model.parameters()).device
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255)
-            if hasattr(self.model, "encode_with_rerank"):
-                codes, vectors = self.model.encode_with_rerank(x)
-            else:
-                codes, vectors = sign(self.model(x)), None
-            return pack_codes(codes.cpu()), None if vectors is None else vectors.float().cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+            if self._device.type != "cpu":
+                x = x.to(self._device)
+            bits, vectors = self.graph(x) if self.graph is not None else _encoding(self.model, x)
+            if bits.device.type != "cpu":  # one call each: every torch call lets the GIL go, and waits to take it back
+                bits, vectors = bits.cpu(), vectors.cpu()
+            return np.packbits(bits.numpy(), axis=1, bitorder="big"), vectors.numpy() if vectors.numel() else None
+
+
+def _encoding(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images ``(B, C, H, W)`` -> (bits bool ``(B, bits)``: where the model's output is
+    ``+1`` by the sign rule, float32 re-rank vectors ``(B, D)`` or an empty tensor): what the
+    traced graph computes."""
+    from deephash.signs import is_plus
+
+    x = images.float().div(255)
+    if hasattr(model, "encode_with_rerank"):
+        out, vectors = model.encode_with_rerank(x)
+    else:
+        out, vectors = model(x), None
+    return is_plus(out), x.new_empty(0) if vectors is None else vectors.float()
+
+
+def trace_encoder(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> Any | None:
+    """The model's encoding (``encode_with_rerank``, or its output) as one TorchScript graph.
+
+    Why: a traced graph runs every layer in C++ without taking Python's GIL between layers, so a
+    batch encodes on one core while the server's event loop parses requests on the other; the
+    eager model needs the GIL between every two layers and waits for the event loop each time
+    (BENCHMARKS, "Search service": the batched PyTorch server stayed at one core). The graph runs
+    the same kernels as the eager model and must give bit-identical outputs on batches of
+    ``TRACE_CHECK_BATCHES`` images (other sizes than the trace's own); otherwise, or where the
+    model does not trace (``torch.jit`` is deprecated in PyTorch and may go), None, with one
+    warning line, and the encoder runs the model eagerly.
+
+    Args:
+        model: the hash model in eval mode.
+        input_shape: ``(C, H, W)`` of its input.
+
+    Returns:
+        a callable ``uint8 (B, C, H, W) -> (bits bool (B, bits), re-rank vectors float32 (B, D) or
+        empty)``, as :func:`_encoding` (the pixels are scaled to ``[0, 1]`` inside), or None.
+    """
+    import torch
+
+    class _Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _encoding(self.model, images)
+
+    try:
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+
+        def pixels(n: int) -> torch.Tensor:
+            return torch.randint(0, 256, (n, *input_shape), generator=generator, dtype=torch.uint8).to(device)
+
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+            graph = torch.jit.trace(_Graph().eval(), pixels(2), check_trace=False)
+            for n in TRACE_CHECK_BATCHES:
+                x = pixels(n)
+                if not all(torch.equal(a, b) for a, b in zip(graph(x), _encoding(model, x))):
+                    raise ValueError(f"the traced graph's outputs differ from the model's on a batch of {n}")
+    except Exception as error:  # noqa: BLE001 (any failure to trace means: serve the model eagerly)
+        from deephash.errors import first_line
+
+        LOG.warning("serving the model layer by layer: it does not trace to one graph (%s)", first_line(error))
+        return None
+    return graph
