@@ -54,8 +54,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from deephash.errors import DeephashError, NotFoundError
 from deephash.retrieval.journal import JournalWriteError
 from deephash.retrieval.living import DuplicateIdError
-from deephash.serve.batcher import DynamicBatcher, QueueFullError
+from deephash.serve.batcher import AsyncBatcher, DynamicBatcher, QueueFullError
+from deephash.serve.encode_process import EncoderProcessError
 from deephash.serve.encoder import ImageEncoder
+from deephash.serve.form import FormError, parse_form
 from deephash.serve.service import (
     CorruptImageError,
     ImageTooLargeError,
@@ -261,7 +263,7 @@ _SEARCH_BODY["requestBody"]["content"]["application/json"]["schema"] = SearchPar
 
 def _status(error: DeephashError) -> int:
     for kind, status in ((ImageTooLargeError, 413), (UnsupportedImageError, 415), (CorruptImageError, 400),
-                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503),
+                         (NotFoundError, 404), (DuplicateIdError, 409), (QueueFullError, 503), (EncoderProcessError, 503),
                          (JournalWriteError, 503)):  # the write was not kept (disk full?): retry later
         if isinstance(error, kind):
             return status
@@ -296,6 +298,7 @@ def create_app(
     encoder: ImageEncoder | None = None,
     batch_threads: int = 2,
     model_dir: str | os.PathLike | None = None,
+    encode_processes: int = 0,
 ) -> FastAPI:
     """The search web app over an index folder and the run whose model built it.
 
@@ -320,6 +323,9 @@ def create_app(
         model_dir: an exported model (``deephash export RUN --format onnx``): its ``OnnxEncoder``
             encodes uploads instead of the run's model, and the process never imports torch (a path,
             not an encoder, so that it travels to ``--workers`` processes).
+        encode_processes: decode and encode uploads in this many child processes
+            (:mod:`deephash.serve.encode_process`; each builds the model of ``run_dir`` or
+            ``model_dir`` with one thread); 0: in the batch threads of this process.
     """
     if write_token is not None and not write_token.strip():
         raise DeephashError("the write token is empty")
@@ -334,10 +340,33 @@ def create_app(
         encoder = OnnxEncoder(model_dir)
     service = service or SearchService.load(index_dir, run_dir, max_pixels=max_pixels, writable=token is not None,
                                             fold_every=fold_every, encoder=encoder)
+    processes = None
+    if int(encode_processes) > 0:
+        if run_dir is None and model_dir is None:
+            raise DeephashError("encoder processes build the model of a run or an exported model folder: give one")
+        if int(max_batch) < 1:
+            raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
+        from deephash.serve.encode_process import EncoderProcesses, EncoderSource
+
+        source = EncoderSource(tuple(service.input_shape), service.crop_fraction, name=service.model_name,
+                               run_dir=None if run_dir is None else str(run_dir),
+                               model_dir=None if model_dir is None else str(model_dir))
+        try:
+            processes = EncoderProcesses(source, service.max_pixels, int(encode_processes))
+        except BaseException:
+            service.close()
+            raise
+    elif int(encode_processes) < 0:
+        raise DeephashError(f"encode_processes must be >= 0, got {encode_processes}")
     writable = token is not None and service.writable
     workers = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
-    batcher = None
-    if int(max_batch) > 1:
+    batcher: DynamicBatcher | AsyncBatcher | None = None
+    if processes is not None:  # batches of any size (1 included) go to the encoder processes
+        def answer_in_processes(requests: list[SearchRequest]) -> Any:
+            return service.answer_batch_async(requests, processes)
+
+        batcher = AsyncBatcher(answer_in_processes, max_batch, batch_wait_ms / 1000, max_queue, processes.processes)
+    elif int(max_batch) > 1:
         batcher = DynamicBatcher(service.answer_batch, max_batch, batch_wait_ms / 1000, max_queue, batch_threads).start()
     elif int(max_batch) < 1:
         raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
@@ -354,14 +383,19 @@ def create_app(
             yield
         finally:
             stop_watching.set()
-            if batcher is not None:
-                batcher.close()  # answer the queued searches first
+            if isinstance(batcher, AsyncBatcher):
+                await batcher.aclose()  # answer the queued searches first
+            elif batcher is not None:
+                batcher.close()
+            if processes is not None:
+                processes.close()
             service.close()  # fold the journal into the snapshot, release the write lock
 
     app = FastAPI(title="deephash search", version="1", description="Hamming search over a deephash index.",
                   lifespan=lifespan)
     app.state.service = service
     app.state.batcher = batcher
+    app.state.encoder_processes = processes
     app.add_middleware(RequestGuard, max_bytes=max_upload_bytes, timeout_s=request_timeout_s)
 
     @app.exception_handler(DeephashError)
@@ -423,15 +457,17 @@ def create_app(
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         params: SearchOptions
         if kind == "multipart/form-data":
-            async with request.form(max_files=1, max_fields=8) as form:
-                upload = form.get("image")
-                try:
-                    params = SearchOptions.model_validate({"k": form.get("k") or 10, "radius": form.get("radius") or None})
-                except ValidationError as error:
-                    raise invalid(error.errors()) from None
-                if upload is None or isinstance(upload, str):
-                    raise HTTPException(422, "multipart form needs a file field 'image'")
-                query = SearchRequest(params.k, params.radius, image=await upload.read())
+            try:
+                fields, files = parse_form(await request.body(), request.headers["content-type"])
+            except FormError as error:
+                raise HTTPException(400, str(error)) from None
+            try:
+                params = SearchOptions.model_validate({"k": fields.get("k") or 10, "radius": fields.get("radius") or None})
+            except ValidationError as error:
+                raise invalid(error.errors()) from None
+            if "image" not in files:
+                raise HTTPException(422, "multipart form needs a file field 'image'")
+            query = SearchRequest(params.k, params.radius, image=files["image"])
         elif kind == "application/json":
             try:
                 params = SearchParams.model_validate_json(await request.body())
@@ -480,15 +516,17 @@ def create_app(
         check_write(request)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
             raise HTTPException(415, "send multipart/form-data with a file field 'image' (and optional 'label', 'id')")
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload, label, ident = form.get("image"), form.get("label"), form.get("id")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(422, "multipart form needs a file field 'image'")
-            if ident not in (None, "") and (not isinstance(ident, str) or not ident.strip().isdigit()):
-                raise HTTPException(422, "'id' must be a non-negative integer")
-            data = await upload.read()
-        new = await write_in_thread(request, service.add_item, data, label if isinstance(label, str) and label else None,
-                              int(ident) if ident not in (None, "") else None)
+        try:
+            fields, files = parse_form(await request.body(), request.headers["content-type"])
+        except FormError as error:
+            raise HTTPException(400, str(error)) from None
+        label, ident = fields.get("label"), fields.get("id")
+        if "image" not in files:
+            raise HTTPException(422, "multipart form needs a file field 'image'")
+        if ident not in (None, "") and not ident.strip().isdigit():
+            raise HTTPException(422, "'id' must be a non-negative integer")
+        new = await write_in_thread(request, service.add_item, files["image"], label or None,
+                                    int(ident) if ident not in (None, "") else None)
         return {"id": new, "image_url": image_url(new)}
 
     @app.delete("/api/items/{ident}", status_code=204, response_class=Response,

@@ -15,13 +15,13 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from deephash.errors import DeephashError
 
-__all__ = ["BatchStats", "DynamicBatcher", "QueueFullError"]
+__all__ = ["AsyncBatcher", "BatchStats", "DynamicBatcher", "QueueFullError"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -200,3 +200,109 @@ class DynamicBatcher(Generic[T, R]):
                     pending.loop.call_soon_threadsafe(_settle, pending.future, outcome)
                 except RuntimeError:  # the event loop is closed: nobody waits any more
                     pass
+
+
+class AsyncBatcher(Generic[T, R]):
+    """:class:`DynamicBatcher`'s rules on the event loop, for a batch function that is a coroutine
+    (one that awaits work done elsewhere: encoder processes, :mod:`deephash.serve.encode_process`).
+
+    A batch starts when one of ``concurrency`` slots is free and it holds ``max_batch`` items or
+    its first item waited ``wait_s``; while every slot is busy, arrivals gather into the next batch
+    (so batches grow with the load). No thread takes part: nothing ever waits for the GIL.
+
+    Args:
+        process: ``async items -> outcomes``, one per item in order; an outcome that is an
+            exception goes to that item alone; if ``process`` raises, every item gets it.
+        max_batch, wait_s, max_queue: as :class:`DynamicBatcher`'s.
+        concurrency: batches running at once (>= 1).
+    """
+
+    def __init__(self, process: Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]], max_batch: int = 32,
+                 wait_s: float = 0.002, max_queue: int = 256, concurrency: int = 1) -> None:
+        if int(max_batch) < 1 or float(wait_s) < 0 or int(max_queue) < 1 or int(concurrency) < 1:
+            raise DeephashError(f"the batcher needs max_batch, max_queue, concurrency >= 1 and a wait >= 0 ms, got "
+                                f"{max_batch}, {max_queue}, {concurrency}, {wait_s * 1000:g} ms")
+        self.process = process
+        self.max_batch, self.wait_s, self.max_queue = int(max_batch), float(wait_s), int(max_queue)
+        self.concurrency = int(concurrency)
+        self._waiting: collections.deque[tuple[float, T, asyncio.Future]] = collections.deque()
+        self._running: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._stats = BatchStats()
+        self._sizes: collections.Counter = collections.Counter()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not yet in a running batch)."""
+        return len(self._waiting)
+
+    def stats(self) -> dict[str, Any]:
+        """Batch-size statistics and the queue depth (see :class:`BatchStats`); ``threads`` is the concurrency."""
+        return self._stats.as_dict(len(self._waiting), self.max_batch, self.wait_s, self.max_queue, self.concurrency,
+                                   self._sizes.copy())
+
+    def refuse(self, why: str) -> QueueFullError:
+        """Count a request refused before it reached the queue (admission control); the error to raise."""
+        self._stats.shed += 1
+        return QueueFullError(why)
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` and wait for its outcome (as :meth:`DynamicBatcher.submit`)."""
+        if self._closed:
+            raise DeephashError("the search service is shutting down")
+        if len(self._waiting) >= self.max_queue:
+            self._stats.shed += 1
+            raise QueueFullError(f"the search queue is full ({self.max_queue} requests waiting): retry shortly")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((time.monotonic(), item, future))
+        self._stats.max_depth = max(self._stats.max_depth, len(self._waiting))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        """Start every batch that may start now; else set a timer for when the first one may."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting and len(self._running) < self.concurrency:
+            due = self._waiting[0][0] + self.wait_s
+            if len(self._waiting) < self.max_batch and not self._closed and time.monotonic() < due:
+                self._timer = asyncio.get_running_loop().call_at(
+                    asyncio.get_running_loop().time() + max(0.0, due - time.monotonic()), self._kick)
+                return
+            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            task = asyncio.get_running_loop().create_task(self._run([(item, future) for _, item, future in batch]))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._kick()
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        live = [(item, future) for item, future in batch if not future.done()]
+        if not live:
+            return
+        tic = time.perf_counter()
+        try:
+            outcomes = list(await self.process([item for item, _ in live]))
+            if len(outcomes) != len(live):
+                raise RuntimeError(f"the batch function gave {len(outcomes)} outcomes for {len(live)} items")
+        except Exception as error:  # noqa: BLE001 (handed to every caller of the batch)
+            outcomes = [error] * len(live)
+        self._stats.batches += 1
+        self._stats.requests += len(live)
+        self._stats.busy_s += time.perf_counter() - tic
+        self._stats.largest = max(self._stats.largest, len(live))
+        self._sizes[len(live)] += 1
+        for (_, future), outcome in zip(live, outcomes):
+            _settle(future, outcome)
+
+    async def aclose(self) -> None:
+        """Answer the waiting items, then return (no new item is taken)."""
+        self._closed = True
+        self._kick()
+        while self._running or self._waiting:
+            await asyncio.gather(*self._running, return_exceptions=True)
+            self._kick()

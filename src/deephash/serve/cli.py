@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-threads", type=int, default=2,
                         help="threads running batches, one batch each at a time (default: 2: one batch's "
                              "forward pass overlaps another's search)")
+    parser.add_argument("--encode-processes", type=int, default=0,
+                        help="decode and encode uploads in this many child processes, one thread each, beside the "
+                             "HTTP process (default: 0: in its batch threads; see README, 'Serving at scale')")
     parser.add_argument("--workers", type=int, default=1,
                         help="read-only server processes sharing the port (default: 1); each loads the index and the "
                              "model; not with a write token: run one writable server apart")
@@ -102,7 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = {"index_dir": str(args.index), "run_dir": args.run, "model_dir": args.model, "max_upload_bytes": int(args.max_upload_mb * 1_000_000),
                 "max_pixels": args.max_pixels, "request_timeout_s": args.timeout, "fold_every": args.fold_every,
                 "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "max_queue": args.max_queue,
-                "batch_threads": args.batch_threads,
+                "batch_threads": args.batch_threads, "encode_processes": args.encode_processes,
                 "reload_s": args.reload_s}
     mode = "adds and removes with the token" if token else "read-only"
     common = {"host": args.host, "port": args.port, "timeout_keep_alive": 5, "timeout_graceful_shutdown": 5,

@@ -446,11 +446,7 @@ class SearchService:
         Each answer equals what the request alone gets; a request's bad input (a refused upload,
         an unknown item) becomes its outcome, an exception, and spares the others.
         """
-        outcomes: list[Answer | DeephashError | None] = [None] * len(requests)
-        codes: list[np.ndarray | None] = [None] * len(requests)
-        vectors: list[np.ndarray | None] = [None] * len(requests)
-        labels: list[Any] = [None] * len(requests)
-        found: dict[int, tuple[list[int], list[int], list[Any]]] = {}
+        outcomes, codes, vectors = self._batch_codes(requests)
         pixels, uploads = [], []
         for i, request in enumerate(requests):
             if request.image is not None:
@@ -460,13 +456,47 @@ class SearchService:
                     uploads.append(i)
                 except DeephashError as error:
                     outcomes[i] = error
-            elif request.code is not None:
-                codes[i] = np.asarray(request.code, dtype=np.uint8).reshape(1, -1)
         if pixels:
             packed, encoded = self.encoder.encode(np.stack(pixels))
             for row, i in enumerate(uploads):
                 codes[i] = packed[row:row + 1]
                 vectors[i] = None if encoded is None else encoded[row]
+        return self._answer_encoded(requests, outcomes, codes, vectors)
+
+    async def answer_batch_async(self, requests: Sequence[SearchRequest], processes: Any) -> list[Answer | DeephashError]:
+        """:meth:`answer_batch` with the uploads decoded and encoded by encoder processes
+        (:class:`~deephash.serve.encode_process.EncoderProcesses`), awaited on the event loop; the
+        search runs on the loop too when the service is read-only (no write can hold its lock
+        for long), in a worker thread when it is writable. Same answers."""
+        outcomes, codes, vectors = self._batch_codes(requests)
+        files = [i for i, request in enumerate(requests) if request.image is not None]
+        if files:
+            for i, outcome in zip(files, await processes.encode_uploads([requests[i].image for i in files])):
+                if isinstance(outcome, DeephashError):
+                    outcomes[i] = outcome
+                else:
+                    codes[i], vectors[i] = outcome
+        if self.writable:
+            import asyncio
+
+            return await asyncio.to_thread(self._answer_encoded, requests, outcomes, codes, vectors)
+        return self._answer_encoded(requests, outcomes, codes, vectors)
+
+    @staticmethod
+    def _batch_codes(requests: Sequence[SearchRequest]) -> tuple[list[Any], list[np.ndarray | None], list[np.ndarray | None]]:
+        """A batch's outcomes (none yet), codes (the given ones: code queries) and re-rank vectors."""
+        codes: list[np.ndarray | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            if request.code is not None:
+                codes[i] = np.asarray(request.code, dtype=np.uint8).reshape(1, -1)
+        return [None] * len(requests), codes, [None] * len(requests)
+
+    def _answer_encoded(self, requests: Sequence[SearchRequest], outcomes: list[Any], codes: list[np.ndarray | None],
+                        vectors: list[np.ndarray | None]) -> list[Answer | DeephashError]:
+        """The rest of a batch once its uploads are encoded: item queries read, then one search per
+        distinct ``(k, radius, re-ranked)``, under one read lock."""
+        labels: list[Any] = [None] * len(requests)
+        found: dict[int, tuple[list[int], list[int], list[Any]]] = {}
         with self._reading():
             stored = self.index.rerank_vectors
             for i, request in enumerate(requests):
