@@ -50,6 +50,8 @@ ENGINES = {
     "batched": ["--max-batch", "32", "--batch-wait-ms", "2"],
     "batched --workers 2": ["--max-batch", "32", "--batch-wait-ms", "2", "--workers", "2"],  # read-only
     "onnx": ["--max-batch", "32", "--batch-wait-ms", "2"],  # served with --model EXPORT_DIR instead of --run
+    "batched + encode process": ["--max-batch", "32", "--batch-wait-ms", "2", "--encode-processes", "1"],
+    "onnx + encode process": ["--max-batch", "32", "--batch-wait-ms", "2", "--encode-processes", "1"],
 }
 TOKEN = "bench-token-" + "5e7a" * 6
 BOUNDARY = "deephashbenchboundary"
@@ -215,17 +217,17 @@ def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, ro
     """A writable server over a fresh copy of ``index_dir``; waits for /healthz. The ``onnx``
     engine serves ``onnx_model`` (``--model``) instead of the run."""
     model = ["--run", str(run_dir)]
-    if name == "onnx":
+    if name.startswith("onnx"):
         if onnx_model is None:
             raise SystemExit("the onnx engine needs --onnx-model EXPORT_DIR")
         model = ["--model", str(onnx_model)]
-    copy = root / f"index-{name}-{time.monotonic_ns()}"
+    copy = root / f"index-{name.replace(' ', '_').replace('+', '')}-{time.monotonic_ns()}"
     shutil.copytree(index_dir, copy)
     token_file = root / "token"
     token_file.write_text(TOKEN)
     writes = ["--token-file", str(token_file)] if "--workers" not in extra else []  # several: read-only
     port = free_port()
-    log = root / f"server-{name}.log"
+    log = root / f"server-{name.replace(' ', '_').replace('+', '')}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(copy), *model,
                                  "--host", "127.0.0.1", "--port", str(port), *writes, *extra],

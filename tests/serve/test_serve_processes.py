@@ -45,6 +45,11 @@ def test_two_read_only_processes_answer_and_reload_a_fold(tmp_path):
             pids.add(httpx.get(f"{base}/api/health", timeout=10).json()["pid"])
             time.sleep(0.05)
         assert len(pids) == 2, f"only {pids} answered"
+        frozen = {}
+        while len(frozen) < 2 and time.monotonic() < deadline:
+            health = httpx.get(f"{base}/api/health", timeout=10).json()
+            frozen[health["pid"]] = health["gc_frozen"]
+        assert all(count > 10_000 for count in frozen.values()), frozen  # each process froze what it loaded
         for response, answer in zip(asyncio.run(searches(base, pngs)), expected):
             assert [(r["id"], r["distance"]) for r in response.json()["results"]] == [(h.id, h.distance) for h in answer.hits]
 
@@ -75,3 +80,21 @@ def test_several_processes_with_a_write_token_are_refused(tmp_path, monkeypatch)
     args = parser.parse_args([str(tmp_path), "--run", str(tmp_path), "--workers", "2", "--token-env", "SERVE_TOKEN"])
     with pytest.raises(DeephashError, match="--workers > 1 serves read-only"):
         args.handler(args)
+
+
+def test_the_cli_serves_with_encoder_processes(tmp_path):
+    run_dir, index_dir, config = tiny_digits_run(tmp_path, 12, centred=True)
+    pixels = runs.load_split(config, "test", run_dir).data[:16].numpy()[:, 0]
+    pngs = [png_of(p) for p in pixels]
+    alone = SearchService.load(index_dir, run_dir)
+    expected = [alone.answer(SearchRequest(k=10, image=p)) for p in pngs]
+    proc, base = start_server(index_dir, run_dir, tmp_path / "server.log", "--encode-processes", "2", "--max-batch", "8",
+                              "--batch-wait-ms", "5")
+    try:
+        for response, answer in zip(asyncio.run(searches(base, pngs)), expected):
+            assert [(r["id"], r["distance"]) for r in response.json()["results"]] == [(h.id, h.distance) for h in answer.hits]
+        health = httpx.get(f"{base}/api/health", timeout=10).json()
+        assert health["encode_processes"] == 2 and health["batching"]["threads"] == 2
+        assert health["batching"]["requests"] == 16 and health["batching"]["largest_batch"] > 1  # gathered
+    finally:
+        stop(proc)

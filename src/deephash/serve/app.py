@@ -34,6 +34,7 @@ while one writable process takes the writes (see ``deephash serve --workers``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -549,12 +550,15 @@ def create_app(
 
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
-        """Liveness, the process id and the search batching: batch sizes, queue depth, requests shed."""
+        """Liveness, the process id, the search batching (batch sizes, queue depth, requests shed),
+        the encoder processes and the objects frozen out of the garbage collector's reach."""
         if batcher is not None:
             batching = {**batcher.stats(), "admitted": admitted}
         else:
             batching = {"max_batch": 1, "queue_depth": 0, "shed": 0, "mean_batch_size": 1.0}
-        return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching}
+        return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching,
+                "gc_frozen": gc.get_freeze_count(),  # objects a full collection skips (`deephash serve` freezes the loaded ones)
+                "encode_processes": 0 if processes is None else processes.processes}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -8,6 +8,7 @@ uses the same arguments.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -80,6 +81,16 @@ def read_token(token_file: str | None, token_env: str | None) -> str | None:
     return token
 
 
+def _freeze_loaded_objects() -> None:
+    """Move every object alive once the app is built (the model, the index, the imported modules)
+    out of the garbage collector's sight (``gc.freeze``): a full collection no longer walks them,
+    which stopped the service for tens of milliseconds at a time (the p99 of 16 searches in flight
+    fell from 144-166 ms to 33-48 ms, BENCHMARKS "Search service"). Objects made later, per
+    request, are collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``serve`` subcommand on the main CLI's subparsers."""
     parser = subparsers.add_parser("serve", help="serve an index over HTTP with a search page")
@@ -116,6 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.run("deephash.serve.cli:app_from_environment", factory=True, workers=args.workers, **common)
         return 0
     app = create_app(**settings, write_token=token)
+    _freeze_loaded_objects()
     print(f"serving {args.index} on http://{args.host}:{args.port}/ ({mode})", flush=True)
     uvicorn.run(app, **common)
     return 0
@@ -125,4 +137,6 @@ def app_from_environment() -> object:
     """A read-only app from the settings in ``$DEEPHASH_SERVE_SETTINGS`` (each ``--workers`` process)."""
     from deephash.serve.app import create_app
 
-    return create_app(**json.loads(os.environ[SETTINGS_ENV]))
+    app = create_app(**json.loads(os.environ[SETTINGS_ENV]))
+    _freeze_loaded_objects()
+    return app
