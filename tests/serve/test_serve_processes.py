@@ -30,12 +30,17 @@ async def searches(base: str, pngs: list[bytes]) -> list[httpx.Response]:
                                                   data={"k": "10"}) for p in pngs))
 
 
-def test_two_read_only_processes_answer_and_reload_a_fold(tmp_path):
+def served_alone(tmp_path, n: int) -> tuple:
+    """A tiny digits run, its index, ``n`` query PNGs, the service in this process and its answers."""
     run_dir, index_dir, config = tiny_digits_run(tmp_path, 12, centred=True)
-    pixels = runs.load_split(config, "test", run_dir).data[:24].numpy()[:, 0]
+    pixels = runs.load_split(config, "test", run_dir).data[:n].numpy()[:, 0]
     pngs = [png_of(p) for p in pixels]
     alone = SearchService.load(index_dir, run_dir)
-    expected = [alone.answer(SearchRequest(k=10, image=p)) for p in pngs]
+    return run_dir, index_dir, pngs, alone, [alone.answer(SearchRequest(k=10, image=p)) for p in pngs]
+
+
+def test_two_read_only_processes_answer_and_reload_a_fold(tmp_path):
+    run_dir, index_dir, pngs, alone, expected = served_alone(tmp_path, 24)
     proc, base = start_server(index_dir, run_dir, tmp_path / "server.log", "--workers", "2", "--max-batch", "8",
                               "--batch-wait-ms", "5", "--reload-s", "0.2")
     try:
@@ -83,11 +88,7 @@ def test_several_processes_with_a_write_token_are_refused(tmp_path, monkeypatch)
 
 
 def test_the_cli_serves_with_encoder_processes(tmp_path):
-    run_dir, index_dir, config = tiny_digits_run(tmp_path, 12, centred=True)
-    pixels = runs.load_split(config, "test", run_dir).data[:16].numpy()[:, 0]
-    pngs = [png_of(p) for p in pixels]
-    alone = SearchService.load(index_dir, run_dir)
-    expected = [alone.answer(SearchRequest(k=10, image=p)) for p in pngs]
+    run_dir, index_dir, pngs, _, expected = served_alone(tmp_path, 16)
     proc, base = start_server(index_dir, run_dir, tmp_path / "server.log", "--encode-processes", "2", "--max-batch", "8",
                               "--batch-wait-ms", "5")
     try:
