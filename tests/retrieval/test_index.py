@@ -201,8 +201,9 @@ def test_faiss_file_inconsistent_with_ids(tmp_path):
         HashIndex.load(folder)
 
 
-@pytest.mark.parametrize("bits, width", [(1, 8), (12, 8), (48, 8), (64, 8), (65, 16), (128, 16), (130, 24)])
-def test_faiss_holds_codes_padded_to_whole_words(bits, width):
+@pytest.mark.parametrize("bits, width", [(1, 4), (32, 4), (48, 8), (64, 8), (65, 16), (130, 20), (192, 32),
+                                         (300, 64), (520, 72)])
+def test_faiss_holds_codes_padded_to_a_width_it_counts_fast(bits, width):
     from deephash.retrieval.index import faiss_bytes
 
     assert faiss_bytes(bits) == width
@@ -231,12 +232,14 @@ def _unpadded_faiss(index, factory):
 
 
 @pytest.mark.parametrize("factory, width", [("BFlat", 8), ("BIVF4", 6)])
-def test_an_unpadded_faiss_file_still_loads_and_searches_alike(tmp_path, factory, width):
+def test_a_format_1_folder_still_loads_and_searches_alike(tmp_path, factory, width):
     db = _codes(22, 200, 48)
     index = HashIndex(48, factory)
     index.add(db, ids=np.arange(200) * 2)
     index.save(tmp_path / "ix")
+    assert json.loads((tmp_path / "ix" / "meta.json").read_text())["format_version"] == 2
     (tmp_path / "ix" / "index.faiss").write_bytes(_unpadded_faiss(index, factory))
+    _set_meta(tmp_path / "ix", format_version=1)  # the folder as deephash wrote it before the padding
     loaded = HashIndex.load(tmp_path / "ix")
     assert loaded._faiss_index.d == 8 * width  # BFlat rebuilt padded (exact); a trained factory kept as written
     q = _codes(23, 9, 48)
@@ -250,3 +253,14 @@ def test_an_unpadded_faiss_file_still_loads_and_searches_alike(tmp_path, factory
         np.testing.assert_array_equal(d[lims[i]:lims[i + 1]], ref[i, ids[lims[i]:lims[i + 1]] // 2])
     loaded.add(_codes(24, 3, 48))  # adds and removes go on at the loaded width
     assert loaded.remove([0, 2]) == 2 and loaded.ntotal == 201
+
+
+@pytest.mark.parametrize("factory, ok", [("BHash48", True), ("BHash49", False), ("BHash3x16", True), ("BHash4x16", False)])
+def test_a_hash_factory_must_fit_the_codes_not_their_padding(factory, ok):
+    if ok:
+        index = HashIndex(48, factory)
+        index.add(_codes(25, 50, 48))
+        assert (index.search(_codes(25, 50, 48)[:3], 1)[0][:, 0] == 0).all()
+    else:
+        with pytest.raises(DeephashError, match=f"{factory}.*the codes have 48"):
+            HashIndex(48, factory)

@@ -80,15 +80,17 @@ def test_the_async_batcher_gathers_bounds_and_keeps_errors_apart():
 def test_the_async_batcher_waits_for_more_then_runs_batches_side_by_side():
     async def scenario():
         process = Recorder(hold_s=0.05)
-        batcher = AsyncBatcher(process, max_batch=8, wait_s=0.03, max_queue=64, concurrency=2)
-        lone = asyncio.ensure_future(batcher.submit(1))
-        await asyncio.sleep(0.01)
-        assert process.batches == []  # a batch not full waits up to wait_s for more
-        assert await lone == 10 and process.batches == [[1]]
+        batcher = AsyncBatcher(process, max_batch=8, wait_s=60, max_queue=64, concurrency=2)
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 8)]
+        await asyncio.sleep(0.05)
+        assert process.batches == []  # a batch not full waits (up to wait_s) for more
+        assert await batcher.submit(8) == 80 and process.batches == [list(range(1, 9))]  # full: it starts at once
+        assert [f.result() for f in first] == [10, 20, 30, 40, 50, 60, 70]
+        batcher.wait_s = 0.001
         results = await asyncio.gather(*[batcher.submit(i) for i in range(2, 26)])
         assert results == [i * 10 for i in range(2, 26)]
         assert process.most_running == 2  # two slots: two batches at once, never more
-        assert sorted(i for b in process.batches for i in b) == list(range(1, 26))
+        assert sorted(i for b in process.batches[1:] for i in b) == list(range(2, 26))
         waiting = [asyncio.ensure_future(batcher.submit(i)) for i in range(30, 33)]
         await asyncio.sleep(0)
         await batcher.aclose()  # answers what waits before it returns
@@ -114,13 +116,45 @@ def test_the_form_parser_reads_what_httpx_encodes():
     assert parse_form(body, kind) == ({}, {"image": bytes(range(256)) * 40})  # any bytes, CRLF included
 
 
+
+def _starlette_form(body: bytes, content_type: str) -> tuple[dict, dict]:
+    """What Starlette's own streamed form parser reads from the same body (the oracle)."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+
+    async def stream():
+        yield body
+
+    async def read():
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream()).parse()
+        fields, files = {}, {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files[key] = await value.read()
+            else:
+                fields[key] = value
+        return fields, files
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("body, kind", [
+    (b"--x\r\nContent-Disposition: form-data; name=k\r\n\r\n3\r\n--x\r\nContent-Disposition: form-data; name=k"
+     b"\r\n\r\n5\r\n--x\r\nContent-Disposition: form-data; name=label\r\n\r\ncaf\xe9\r\n--x--\r\n",
+     "multipart/form-data; boundary=x"),  # a repeated field, a Latin-1 value
+    (b"--x\r\nContent-Disposition: form-data; name=label\r\n\r\ncaf\xe9\r\n--x\r\nContent-Disposition: form-data; "
+     b"name=image; filename=\"\"\r\n\r\n\r\n--x--\r\n", "multipart/form-data; charset=latin-1; boundary=x"),  # charset, empty file
+    (*_multipart({"k": "4"}, {"image": ("q.png", b"\x89PNG\r\n--x\r\n", "image/png")}),),
+])
+def test_the_form_parser_reads_as_starlettes_form_does(body, kind):
+    assert parse_form(body, kind) == _starlette_form(body, kind)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: (b"--x\r\nContent-Disposition: form-data\r\n\r\nv\r\n--x--\r\n", "multipart/form-data; boundary=x"), "no name"),
     (lambda: (b"garbage", "multipart/form-data"), "boundary"),
     (lambda: _multipart({}, {"image": ("a", b"1", "x"), "other": ("b", b"2", "x")}), "too many files"),
     (lambda: _multipart({str(i): "v" for i in range(9)}, {"image": ("a", b"1", "x")}), "too many fields"),
-    (lambda: (b"--x\r\nContent-Disposition: form-data; name=k\r\n\r\n\xff\xfe\r\n--x--\r\n",
-              "multipart/form-data; boundary=x"), "not UTF-8"),
 ])
 def test_the_form_parser_refuses_bad_forms(make, message):
     body, kind = make()
@@ -171,11 +205,31 @@ def test_a_dead_encoder_process_is_answered_503_and_replaced(digits):
         child.process.join(10)
         failed = _search(client, digits["pngs"][0])
         assert failed.status_code == 503 and "encoder process ended" in failed.json()["detail"]
+        assert _search(client, item=3).status_code == 200  # searches without an upload go on
+        again = _search(client, digits["pngs"][0])  # the next batch starts a new child first
+        assert again.status_code == 200 and len(again.json()["results"]) == 6
         (fresh,) = app.state.encoder_processes._children
         assert fresh is not child and fresh.process.is_alive()
-        again = _search(client, digits["pngs"][0])
-        assert again.status_code == 200 and len(again.json()["results"]) == 6
     assert not fresh.process.is_alive()  # shutdown stops the children
+
+
+def test_a_child_that_cannot_be_restarted_is_retried_by_the_next_batch(digits, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits["run"], run_dir)
+    app = create_app(digits["index"], run_dir, encode_processes=1)
+    with TestClient(app) as client:
+        (child,) = app.state.encoder_processes._children
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.join(10)
+        assert _search(client, digits["pngs"][1]).status_code == 503
+        run_dir.rename(tmp_path / "away")  # a new child cannot load the run now
+        refused = _search(client, digits["pngs"][1])
+        assert refused.status_code == 503 and "could not be restarted" in refused.json()["detail"]
+        (tmp_path / "away").rename(run_dir)
+        again = _search(client, digits["pngs"][1])
+        assert again.status_code == 200 and len(again.json()["results"]) == 6
 
 
 def test_encoder_processes_refuse_what_they_cannot_build(digits):
@@ -215,3 +269,27 @@ def test_an_exported_models_encoder_processes_run_without_torch(digits, tmp_path
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["status"] == 200 and len(report["results"]) == 4
     assert report["torch"] is False and report["child_torch"] is False and report["child_onnxruntime"] is True
+
+
+def test_a_hung_child_is_killed_after_the_batch_timeout_and_replaced(digits):
+    from deephash.serve.encode_process import EncoderProcessError, EncoderProcesses, EncoderSource
+
+    service = create_app(digits["index"], digits["run"]).state.service
+    source = EncoderSource(tuple(service.input_shape), service.crop_fraction, run_dir=str(digits["run"]))
+    processes = EncoderProcesses(source, processes=1, timeout_s=2.0)
+    try:
+        (child,) = processes._children
+
+        async def twice():
+            os.kill(child.process.pid, signal.SIGSTOP)  # alive, but it will never answer
+            with pytest.raises(EncoderProcessError, match="no answer within 2 s"):
+                await processes.encode_uploads([digits["pngs"][2]])
+            return await processes.encode_uploads([digits["pngs"][2], b"junk"])
+
+        (code, vector), refused = asyncio.run(twice())
+        assert not child.process.is_alive() and processes._children[0] is not child
+        want_code, want_vector = service.encode_query(digits["pngs"][2])
+        assert np.array_equal(code, want_code) and np.allclose(vector, want_vector)
+        assert isinstance(refused, DeephashError) and "image" in str(refused).lower()
+    finally:
+        processes.close()

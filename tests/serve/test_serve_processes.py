@@ -90,7 +90,7 @@ def test_several_processes_with_a_write_token_are_refused(tmp_path, monkeypatch)
 def test_the_cli_serves_with_encoder_processes(tmp_path):
     run_dir, index_dir, pngs, _, expected = served_alone(tmp_path, 16)
     proc, base = start_server(index_dir, run_dir, tmp_path / "server.log", "--encode-processes", "2", "--max-batch", "8",
-                              "--batch-wait-ms", "5")
+                              "--batch-wait-ms", "1000")  # a batch short of 8 waits 1 s for more: 16 at once gather
     try:
         for response, answer in zip(asyncio.run(searches(base, pngs)), expected):
             assert [(r["id"], r["distance"]) for r in response.json()["results"]] == [(h.id, h.distance) for h in answer.hits]

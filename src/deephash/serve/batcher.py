@@ -289,6 +289,10 @@ class AsyncBatcher(Generic[T, R]):
             outcomes = list(await self.process([item for item, _ in live]))
             if len(outcomes) != len(live):
                 raise RuntimeError(f"the batch function gave {len(outcomes)} outcomes for {len(live)} items")
+        except asyncio.CancelledError:  # the loop is going away: nobody is left waiting for an answer
+            for _, future in live:
+                future.cancel()
+            raise
         except Exception as error:  # noqa: BLE001 (handed to every caller of the batch)
             outcomes = [error] * len(live)
         self._stats.batches += 1

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "forward pass overlaps another's search)")
     parser.add_argument("--encode-processes", type=int, default=0,
                         help="decode and encode uploads in this many child processes, one thread each, beside the "
-                             "HTTP process (default: 0: in its batch threads; see README, 'Serving at scale')")
+                             "HTTP process (default: 0: in its batch threads; see README, 'Under load')")
     parser.add_argument("--workers", type=int, default=1,
                         help="read-only server processes sharing the port (default: 1); each loads the index and the "
                              "model; not with a write token: run one writable server apart")

@@ -13,8 +13,10 @@ does not (16 requests in flight on 2 cores): BENCHMARKS, "Search service".
 Each child builds its encoder from an :class:`EncoderSource` (the run folder: PyTorch; an export
 folder: ONNX Runtime, no torch) with one compute thread, is started with ``spawn`` (nothing
 inherited from the parent's threads), decodes with the service's rule (``decode_image``) and
-serves one batch at a time. A child that dies is replaced: the uploads of its batch are answered
-:class:`EncoderProcessError` (503, retry), the next batch goes to the new child.
+serves one batch at a time. A child that dies, or hangs past ``timeout_s``, is killed and its
+batch answered :class:`EncoderProcessError` (503, retry) at once; the next batch that would go to
+it starts a new child first (and is refused 503 in turn while none starts). A batch the child
+itself reports as failed (not a refused upload: an error of the model) is a RuntimeError (500).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = ["EncoderProcessError", "EncoderProcesses", "EncoderSource"]
 
 #: Seconds a new child may take to load its model and answer that it is ready.
 START_TIMEOUT_S = 300.0
+#: Seconds a child may take to answer one batch before it is killed and replaced.
+BATCH_TIMEOUT_S = 120.0
 #: The upload errors a child sends back by name, re-raised as themselves in the parent.
 _UPLOAD_ERRORS = {cls.__name__: cls for cls in (_images.CorruptImageError, _images.ImageTooLargeError,
                                                  _images.UnsupportedImageError, DeephashError)}
@@ -127,29 +131,55 @@ class _Child:
             self.stop()
             raise DeephashError(f"the encoder process could not build its encoder: {value}")
         self.bits = int(value)
+        self.broken = False
 
-    async def ask_async(self, message: tuple[str, Any]) -> Any:
-        """Send one message and await its answer without blocking the event loop (the pipe is
-        watched for the answer); EncoderProcessError if the child fails or ends."""
+    async def ask_async(self, message: tuple[str, Any], timeout_s: float) -> Any:
+        """Send one message and await its answer without blocking the event loop (the message is
+        written by a worker thread, the pipe watched for the answer).
+
+        Raises:
+            EncoderProcessError: the child ended, or gave no answer within ``timeout_s`` (then
+                it is killed); either way it is marked ``broken``, to be replaced.
+            RuntimeError: the child answered that the batch failed (it goes on serving).
+            asyncio.CancelledError: the caller was cancelled (the child, whose answer would come
+                to the next batch, is killed and marked broken).
+        """
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
-        fd = self.conn.fileno()
         try:
-            self.conn.send(message)
+            fd = self.conn.fileno()
+            await asyncio.to_thread(self.conn.send, message)  # a large batch: not on the event loop
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
             try:
-                await ready
+                await asyncio.wait_for(ready, timeout_s)
             finally:
                 loop.remove_reader(fd)
             kind, value = self.conn.recv()
-        except (EOFError, OSError):
+        except asyncio.TimeoutError:  # before OSError: TimeoutError is one
+            self.kill()
+            raise EncoderProcessError(f"the encoder process gave no answer within {timeout_s:g} s; it is "
+                                      "restarted: retry the request") from None
+        except (EOFError, OSError, ValueError):
+            self.kill()
             raise EncoderProcessError("the encoder process ended while encoding this batch; it is restarted: "
                                       "retry the request") from None
+        except asyncio.CancelledError:
+            self.kill()
+            raise
         if kind != "ok":
-            raise EncoderProcessError(f"the encoder process failed on this batch: {value}")
+            raise RuntimeError(f"the encoder process failed on this batch: {value}")
         return value
 
+    def kill(self) -> None:
+        """End the child at once and mark it broken."""
+        self.broken = True
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
     def stop(self) -> None:
+        """Ask the child to end; kill it after 5 s."""
         try:
             self.conn.send(None)
         except (OSError, ValueError):
@@ -168,17 +198,21 @@ class EncoderProcesses:
         source: what each child builds its encoder from.
         max_pixels: largest ``width * height`` of an upload (as the service's).
         processes: children (>= 1): batches encoded at once.
+        timeout_s: longest wait for a child's answer to one batch; past it the child is killed
+            and replaced (a hung child cannot hold its slot for ever).
 
     Raises:
         DeephashError: a child could not build its encoder (the message says why).
         EncoderProcessError: a child did not start.
     """
 
-    def __init__(self, source: EncoderSource, max_pixels: int = 16_000_000, processes: int = 1) -> None:
+    def __init__(self, source: EncoderSource, max_pixels: int = 16_000_000, processes: int = 1,
+                 timeout_s: float = BATCH_TIMEOUT_S) -> None:
         if int(processes) < 1:
             raise DeephashError(f"encoder processes must be >= 1, got {processes}")
         self.source = source
         self.max_pixels = int(max_pixels)
+        self.timeout_s = float(timeout_s)
         self._context = multiprocessing.get_context("spawn")
         self._children: list[_Child] = []
         try:
@@ -209,11 +243,9 @@ class EncoderProcesses:
                 self._idle.put_nowait(child)
         child = await self._idle.get()
         try:
-            decoded, packed, vectors, errors = await child.ask_async(("uploads", list(uploads)))
-        except EncoderProcessError:
-            if not child.process.is_alive():
+            if child.broken:  # its last batch failed: replace it first (it may fail again: then 503)
                 child = await asyncio.to_thread(self._replace, child)
-            raise
+            decoded, packed, vectors, errors = await child.ask_async(("uploads", list(uploads)), self.timeout_s)
         finally:
             self._idle.put_nowait(child)
         outcomes: list[Any] = [None] * len(uploads)
@@ -223,14 +255,20 @@ class EncoderProcesses:
             outcomes[i] = _UPLOAD_ERRORS.get(kind, DeephashError)(message)
         return outcomes
 
-    def _replace(self, dead: _Child) -> _Child:
-        """A new child in the place of one that ended; the dead one stays if no new one starts."""
-        dead.stop()
+    def _replace(self, broken: _Child) -> _Child:
+        """A new child in the place of a broken one.
+
+        Raises:
+            EncoderProcessError: no new child started (the broken one stays in its place, and the
+            next batch that takes it tries again).
+        """
+        broken.kill()
         try:
             fresh = _Child(self._context, self.source, self.max_pixels)
-        except DeephashError:
-            return dead  # its next batch fails at once and tries again
-        self._children[self._children.index(dead)] = fresh
+        except Exception as error:  # noqa: BLE001 (any failure to start: this batch is refused, the next retries)
+            raise EncoderProcessError(f"the encoder process could not be restarted ({first_line(error)}): "
+                                      "retry the request") from None
+        self._children[self._children.index(broken)] = fresh
         return fresh
 
     def close(self) -> None:

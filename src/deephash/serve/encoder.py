@@ -64,8 +64,9 @@ class TorchEncoder:
         input_shape: the model's ``(C, H, W)``.
         name: the model's name for ``/api/info``.
         crop_fraction: the run's model view's centre crop (``runs.eval_crop_fraction``).
-        trace: run the model as one traced graph (:func:`trace_encoder`) where it traces to the
-            same outputs; False, or a model that does not trace: layer by layer in Python.
+        trace: on the CPU, run the model as one traced graph (:func:`trace_encoder`) where it
+            traces to the same outputs; False, a model on a GPU (whose fused kernels could differ
+            from the checked ones), or a model that does not trace: layer by layer in Python.
     """
 
     def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], name: str = "",
@@ -76,8 +77,10 @@ class TorchEncoder:
         self.input_shape = tuple(int(v) for v in input_shape)
         self.name = name or type(model).__name__
         #: the traced graph the encoder runs, or None (the eager model)
-        self.graph = trace_encoder(model, self.input_shape) if trace else None
-        self._device = next(model.parameters()).device
+        parameter = next(model.parameters(), None)
+        self._device = parameter.device if parameter is not None else None
+        on_cpu = self._device is None or self._device.type == "cpu"
+        self.graph = trace_encoder(model, self.input_shape) if trace and on_cpu else None
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """See :meth:`ImageEncoder.encode`."""
@@ -85,7 +88,7 @@ class TorchEncoder:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-            if self._device.type != "cpu":
+            if self._device is not None and self._device.type != "cpu":
                 x = x.to(self._device)
             bits, vectors = self.graph(x) if self.graph is not None else _encoding(self.model, x)
             if bits.device.type != "cpu":  # one call each: every torch call lets the GIL go, and waits to take it back
@@ -138,7 +141,8 @@ def trace_encoder(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> 
             return _encoding(self.model, images)
 
     try:
-        device = next(model.parameters()).device
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else "cpu"
         generator = torch.Generator().manual_seed(0)
 
         def pixels(n: int) -> torch.Tensor:

@@ -30,14 +30,20 @@ def parse_form(body: bytes, content_type: str, max_files: int = 1, max_fields: i
         max_files, max_fields: most file parts and most text parts.
 
     Returns:
-        ``(fields, files)``: text fields by name (UTF-8) and file contents by field name (a part is
-        a file when its ``Content-Disposition`` names a ``filename``); a repeated name keeps the first.
+        ``(fields, files)``: text fields by name and file contents by field name (a part is a
+        file when its ``Content-Disposition`` names a ``filename``). As Starlette's form: text is
+        decoded in the ``charset`` of the Content-Type (UTF-8 by default), Latin-1 where that fails,
+        and a repeated name keeps its last value.
 
     Raises:
-        FormError: no boundary, a malformed body, a part without a name, a text field that is not
-            UTF-8, or too many parts.
+        FormError: no boundary, a malformed body, a part without a name, or too many parts.
     """
     _, params = parse_options_header(content_type)
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        "".encode(charset)
+    except LookupError:
+        charset = "latin-1"
     boundary = params.get(b"boundary")
     if not boundary:
         raise FormError("multipart body without a boundary in its Content-Type")
@@ -75,15 +81,15 @@ def parse_form(body: bytes, content_type: str, max_files: int = 1, max_fields: i
             counts["files"] += 1
             if counts["files"] > max_files:
                 raise FormError(f"too many files in the form: at most {max_files}")
-            files.setdefault(key, data)
+            files[key] = data
             return
         counts["fields"] += 1
         if counts["fields"] > max_fields:
             raise FormError(f"too many fields in the form: at most {max_fields}")
         try:
-            fields.setdefault(key, data.decode("utf-8"))
+            fields[key] = data.decode(charset)
         except UnicodeDecodeError:
-            raise FormError(f"form field {key!r} is not UTF-8 text") from None
+            fields[key] = data.decode("latin-1")
 
     parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                                         "on_header_value": on_header_value, "on_header_end": on_header_end,

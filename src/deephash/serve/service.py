@@ -192,11 +192,14 @@ class SearchService:
 
     def _refresh(self, changed: Any = None) -> None:
         """Re-read the index's ids, codes and labels (after a change, under the write lock)."""
-        self._ids = np.asarray(self.index.ids, dtype=np.int64)
-        self._lookup = IdLookup(self._ids)
-        self._codes = np.asarray(self.index.codes)
-        labels = self.index.labels
-        self._labels = None if labels is None else np.asarray(labels)
+        self._ids, self._lookup, self._codes, self._labels = self._columns(self.index)
+
+    @staticmethod
+    def _columns(index: HashIndex) -> tuple[np.ndarray, IdLookup, np.ndarray, np.ndarray | None]:
+        """What the service reads of an index: ids, their lookup, codes and labels (copies)."""
+        ids = np.asarray(index.ids, dtype=np.int64)
+        labels = index.labels
+        return ids, IdLookup(ids), np.asarray(index.codes), None if labels is None else np.asarray(labels)
 
     def _stored_ids(self) -> set[int]:
         """Ids whose image is stored in ``INDEX/items/`` (added items), listed once: the service
@@ -231,13 +234,11 @@ class SearchService:
             return False  # folded again while loading (the parts may mix): the next call loads the newer one
         if index.bits != self.bits:
             raise CodeLengthError(f"the folded index {self.index_dir} holds {index.bits}-bit codes, not {self.bits}")
+        images = _path_images(index) if isinstance(self.images, dict) and index.paths is not None else self.images
+        stored, columns = self._stored_ids(), self._columns(index)  # built before the lock: the swap is short
         with self._lock.writing():
-            if isinstance(self.images, dict) and index.paths is not None:
-                self.images = _path_images(index)
-            self.index = index
-            self._snapshot = key
-            self._stored = self._stored_ids()
-            self._refresh()
+            self.images, self.index, self._snapshot, self._stored = images, index, key, stored
+            self._ids, self._lookup, self._codes, self._labels = columns
         return True
 
     @classmethod
