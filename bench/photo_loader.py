@@ -1,34 +1,102 @@
-"""Photo loader throughput: images per second decoded by StreamLoader at 0, 1, 2, ... workers.
+"""Photo loader throughput: images per second decoded by StreamLoader at 0, 1, 2, ... workers,
+optionally beside timm's own loader (``--timm``) on the same folder in the same run.
 
     python scripts/make_photo_collection.py --out /tmp/photos --n 2000 --workers 2
     PYTHONPATH=src python bench/photo_loader.py /tmp/photos/train --size 96 --workers 0 1 2
+    python bench/photo_loader.py /tmp/photos/train --size 96 --workers 0 1 2 --timm [--eval]
 
-Each setting reads the whole folder once (training transform: random resized crop, flip and
-colour jitter; ``--eval`` for the resize + centre crop) in batches of ``--batch``, after one warm-up
-batch (worker start-up excluded); the numbers depend on the machine and on what else runs on it.
+Each setting reads the whole folder ``--passes`` times (training transform: random resized crop,
+flip and colour jitter; ``--eval`` for the resize + centre crop) in batches of ``--batch``, after
+one warm-up batch (worker start-up excluded); the numbers depend on the machine and on what else
+runs on it.
+
+``--timm`` (needs timm, hence torchvision, in the same environment) measures
+``timm.data.create_dataset`` + ``create_loader`` beside ours, interleaved (ours, timm) at each
+worker count and the whole sweep ``--repeats`` times, and prints the ratio ours / timm. Both take
+the same folder, batch size, output size and policy: training = random resized crop (scale
+0.08-1, ratio 3/4-4/3, bilinear) + flip (p 0.5) + brightness/contrast/saturation jitter 0.4, no
+auto-augment, no random erasing, batches in a random order; evaluation = shorter side resized to
+``floor(size / 0.875)`` (bilinear) + centre crop, in order. Both end as float32 ``(B, 3, S, S)``
+batches in the main process: timm through its prefetcher on the CPU (uint8 from the workers,
+normalised with ImageNet mean/std in the main process), ours through ``StreamLoader.__iter__``
+(uint8 from the workers, scaled to [0, 1] in the main process). What still differs:
+
+- ours decodes a JPEG at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) when both sides are at least
+  twice what the transform needs; timm decodes every file at full size;
+- ours applies the EXIF orientation and composites transparent images over white; timm's
+  ``convert("RGB")`` does neither (cheaper, and wrong for those files);
+- ours leaves out the files whose header does not read when the folder is listed and drops a
+  file that fails to decode from its batch; timm lists every file and, when one fails to decode,
+  gives the next file in its place (a duplicate), so it delivers more images per pass;
+- timm's colour jitter (torchvision's) applies the three factors in a random order, ours in a
+  fixed one (the same three Pillow enhancers);
+- timm's folder listing knows .png/.jpg/.jpeg only by default: the bench gives it deephash's
+  extensions (``timm.data.set_img_extensions``) so both read the same files.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 import time
+from typing import Any
 
 import torch
 
 from deephash.data import ImageFolder, StreamLoader
+from deephash.data.images import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS
 
 
-def images_per_second(dataset: ImageFolder, workers: int, batch: int, train: bool) -> float:
-    order = [range(s, min(s + batch, len(dataset))) for s in range(0, len(dataset), batch)]
-    loader = StreamLoader(dataset, order, num_workers=workers, random_crops=train, generator=torch.Generator().manual_seed(0))
-    batches = iter(loader.decoded())
-    first = next(batches)  # warm-up: the workers start
-    count, tic = 0, time.perf_counter()
-    for decoded in batches:
-        count += len(decoded.images)
-    seconds = time.perf_counter() - tic
-    del first
-    return count / seconds
+def _batches(n: int, batch: int, shuffle: bool, seed: int) -> list[list[int]]:
+    """Index lists of ``batch`` items over ``n`` (a random order when ``shuffle``)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(n))
+    return [order[s:s + batch] for s in range(0, n, batch)]
+
+
+def _timed(batches: Any, passes: int) -> tuple[int, float]:
+    """Images and seconds over ``passes`` passes of ``batches`` (an iterable of ``(x, y)``), the first
+    batch of the first pass excluded (warm-up: the workers start)."""
+    count, tic = 0, 0.0
+    for epoch in range(passes):
+        iterator = iter(batches)
+        if epoch == 0:
+            next(iterator)
+            tic = time.perf_counter()
+        for x, _ in iterator:
+            count += len(x)
+    return count, time.perf_counter() - tic
+
+
+def ours_rate(dataset: ImageFolder, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float]:
+    """StreamLoader over ``dataset``: ``(images, seconds)`` as :func:`_timed` counts them
+    (float32 batches in [0, 1], as training consumes them)."""
+    loader = StreamLoader(dataset, _batches(len(dataset), batch, train, 0), num_workers=workers,
+                          random_crops=train, generator=torch.Generator().manual_seed(0))
+    return _timed(loader, passes)
+
+
+def timm_rate(folder: str, size: int, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float]:
+    """timm's ``create_dataset`` + ``create_loader`` over ``folder`` with the policy described in the
+    module docstring: ``(images, seconds)`` as :func:`_timed` counts them."""
+    import timm.data
+
+    timm.data.set_img_extensions(IMAGE_EXTENSIONS)
+    dataset = timm.data.create_dataset("", root=folder, split="train" if train else "validation", is_training=train)
+    loader = timm.data.create_loader(
+        dataset, input_size=(3, size, size), batch_size=batch, is_training=train, no_aug=False, re_prob=0.0,
+        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0, color_jitter=0.4, auto_augment=None,
+        interpolation="bilinear", crop_pct=EVAL_CROP_FRACTION, crop_mode="center", num_workers=workers,
+        pin_memory=False, device=torch.device("cpu"), use_prefetcher=True, persistent_workers=True)
+    return _timed(loader, passes)
+
+
+def _load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def main() -> None:
@@ -38,14 +106,48 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval", action="store_true", help="the evaluation transform instead of the training one")
+    parser.add_argument("--passes", type=int, default=1, help="passes over the folder per measurement")
+    parser.add_argument("--timm", action="store_true", help="measure timm's loader beside ours (needs timm)")
+    parser.add_argument("--repeats", type=int, default=2, help="sweeps over the worker counts with --timm")
     args = parser.parse_args()
+    if args.timm:
+        try:
+            import timm.data  # noqa: F401
+        except ImportError as error:
+            sys.exit(f"photo_loader: --timm needs timm (and torchvision) importable beside torch: {error}")
     torch.set_num_threads(1)
+    logging.getLogger("deephash.data").setLevel(logging.ERROR)  # one warning line per bad file otherwise
+    logging.getLogger("timm.data.dataset").setLevel(logging.ERROR)
+    train = not args.eval
     dataset = ImageFolder(args.folder, image_size=args.size)
     print(f"{len(dataset)} images ({len(dataset.bad_files)} bad when listed), {args.size} px, "
-          f"{'evaluation' if args.eval else 'training'} transform, batches of {args.batch}")
+          f"{'training' if train else 'evaluation'} transform, batches of {args.batch}, {args.passes} pass(es)")
+    if not args.timm:
+        for workers in args.workers:
+            count, seconds = ours_rate(dataset, workers, args.batch, train, args.passes)
+            print(f"  {workers} workers: {count / seconds:7.1f} images/s")
+        return
+    import timm
+
+    print(f"torch {torch.__version__}, timm {timm.__version__}; {_load_average()}")
+    rates: dict[tuple[str, int], list[float]] = {}
+    for repeat in range(args.repeats):
+        for workers in args.workers:
+            for name in ("ours", "timm"):
+                if name == "ours":
+                    count, seconds = ours_rate(dataset, workers, args.batch, train, args.passes)
+                else:
+                    count, seconds = timm_rate(args.folder, args.size, workers, args.batch, train, args.passes)
+                rates.setdefault((name, workers), []).append(count / seconds)
+                print(f"  sweep {repeat + 1}, {workers} workers, {name}: {count / seconds:7.1f} images/s "
+                      f"({count} images in {seconds:.2f} s)", flush=True)
+    print(f"after: {_load_average()}")
+    print("workers | ours images/s | timm images/s | ours / timm")
     for workers in args.workers:
-        rate = images_per_second(dataset, workers, args.batch, not args.eval)
-        print(f"  {workers} workers: {rate:7.1f} images/s")
+        ours, theirs = rates[("ours", workers)], rates[("timm", workers)]
+        ratios = [o / t for o, t in zip(ours, theirs)]
+        print(f"{workers:7d} | {' / '.join(f'{v:.1f}' for v in ours):>13} | {' / '.join(f'{v:.1f}' for v in theirs):>13} | "
+              f"{' / '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":
