@@ -55,31 +55,53 @@ def _batches(n: int, batch: int, shuffle: bool, seed: int) -> list[list[int]]:
     return [order[s:s + batch] for s in range(0, n, batch)]
 
 
-def _timed(batches: Any, passes: int) -> tuple[int, float]:
-    """Images and seconds over ``passes`` passes of ``batches`` (an iterable of ``(x, y)``), the first
-    batch of the first pass excluded (warm-up: the workers start)."""
-    count, tic = 0, 0.0
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the processes ``pids`` (Linux ``/proc``; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _worker_pids(data_loader: torch.utils.data.DataLoader) -> list[int]:
+    """The worker processes of a DataLoader with persistent workers, once it has been iterated."""
+    iterator = getattr(data_loader, "_iterator", None)
+    return [w.pid for w in getattr(iterator, "_workers", [])]
+
+
+def _timed(batches: Any, data_loader: torch.utils.data.DataLoader, passes: int) -> tuple[int, float, float]:
+    """Images, wall seconds and CPU seconds (this process + the loader's workers) over ``passes``
+    passes of ``batches`` (an iterable of ``(x, y)`` over ``data_loader``), the first batch of the
+    first pass excluded (warm-up: the workers start). The CPU seconds count the work per image,
+    whatever else runs on the machine."""
+    count, tic, cpu, pids = 0, 0.0, 0.0, [os.getpid()]
     for epoch in range(passes):
         iterator = iter(batches)
         if epoch == 0:
             next(iterator)
-            tic = time.perf_counter()
+            pids += _worker_pids(data_loader)
+            tic, cpu = time.perf_counter(), _cpu_seconds(pids)
         for x, _ in iterator:
             count += len(x)
-    return count, time.perf_counter() - tic
+    return count, time.perf_counter() - tic, _cpu_seconds(pids) - cpu
 
 
-def ours_rate(dataset: ImageFolder, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float]:
-    """StreamLoader over ``dataset``: ``(images, seconds)`` as :func:`_timed` counts them
+def ours_rate(dataset: ImageFolder, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float, float]:
+    """StreamLoader over ``dataset``: ``(images, seconds, cpu_seconds)`` as :func:`_timed` counts them
     (float32 batches in [0, 1], as training consumes them)."""
     loader = StreamLoader(dataset, _batches(len(dataset), batch, train, 0), num_workers=workers,
                           random_crops=train, generator=torch.Generator().manual_seed(0))
-    return _timed(loader, passes)
+    return _timed(loader, loader._data_loader(), passes)
 
 
-def timm_rate(folder: str, size: int, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float]:
+def timm_rate(folder: str, size: int, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float, float]:
     """timm's ``create_dataset`` + ``create_loader`` over ``folder`` with the policy described in the
-    module docstring: ``(images, seconds)`` as :func:`_timed` counts them."""
+    module docstring: ``(images, seconds, cpu_seconds)`` as :func:`_timed` counts them."""
     import timm.data
 
     timm.data.set_img_extensions(IMAGE_EXTENSIONS)
@@ -89,7 +111,7 @@ def timm_rate(folder: str, size: int, workers: int, batch: int, train: bool, pas
         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0, color_jitter=0.4, auto_augment=None,
         interpolation="bilinear", crop_pct=EVAL_CROP_FRACTION, crop_mode="center", num_workers=workers,
         pin_memory=False, device=torch.device("cpu"), use_prefetcher=True, persistent_workers=True)
-    return _timed(loader, passes)
+    return _timed(loader, loader.loader, passes)
 
 
 def _load_average() -> str:
@@ -124,31 +146,32 @@ def main() -> None:
           f"{'training' if train else 'evaluation'} transform, batches of {args.batch}, {args.passes} pass(es)")
     if not args.timm:
         for workers in args.workers:
-            count, seconds = ours_rate(dataset, workers, args.batch, train, args.passes)
+            count, seconds, _ = ours_rate(dataset, workers, args.batch, train, args.passes)
             print(f"  {workers} workers: {count / seconds:7.1f} images/s")
         return
     import timm
 
     print(f"torch {torch.__version__}, timm {timm.__version__}; {_load_average()}")
-    rates: dict[tuple[str, int], list[float]] = {}
+    rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for repeat in range(args.repeats):
         for workers in args.workers:
             for name in ("ours", "timm"):
                 if name == "ours":
-                    count, seconds = ours_rate(dataset, workers, args.batch, train, args.passes)
+                    count, seconds, cpu = ours_rate(dataset, workers, args.batch, train, args.passes)
                 else:
-                    count, seconds = timm_rate(args.folder, args.size, workers, args.batch, train, args.passes)
-                rates.setdefault((name, workers), []).append(count / seconds)
+                    count, seconds, cpu = timm_rate(args.folder, args.size, workers, args.batch, train, args.passes)
+                rates.setdefault((name, workers), []).append((count / seconds, 1000 * cpu / count))
                 print(f"  sweep {repeat + 1}, {workers} workers, {name}: {count / seconds:7.1f} images/s "
-                      f"({count} images in {seconds:.2f} s)", flush=True)
+                      f"({count} images in {seconds:.2f} s; {1000 * cpu / count:.2f} CPU ms per image)", flush=True)
     print(f"after: {_load_average()}")
-    print("workers | ours images/s | timm images/s | ours / timm")
+    print("images/s per sweep (ratio ours / timm), then CPU ms per image (main process + workers) per sweep")
+    print("workers | ours images/s | timm images/s | ours / timm | ours CPU ms/image | timm CPU ms/image")
     for workers in args.workers:
         ours, theirs = rates[("ours", workers)], rates[("timm", workers)]
-        ratios = [o / t for o, t in zip(ours, theirs)]
-        print(f"{workers:7d} | {' / '.join(f'{v:.1f}' for v in ours):>13} | {' / '.join(f'{v:.1f}' for v in theirs):>13} | "
-              f"{' / '.join(f'{r:.2f}' for r in ratios)}")
-
+        def row(values: list[tuple[float, float]], k: int) -> str:
+            return " / ".join(f"{v[k]:.1f}" if k == 0 else f"{v[k]:.2f}" for v in values)
+        ratios = " / ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(ours, theirs))
+        print(f"{workers:7d} | {row(ours, 0)} | {row(theirs, 0)} | {ratios} | {row(ours, 1)} | {row(theirs, 1)}")
 
 if __name__ == "__main__":
     main()
