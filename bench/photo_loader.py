@@ -12,7 +12,9 @@ runs on it.
 
 ``--timm`` (needs timm, hence torchvision, in the same environment) measures
 ``timm.data.create_dataset`` + ``create_loader`` beside ours, interleaved (ours, timm) at each
-worker count and the whole sweep ``--repeats`` times, and prints the ratio ours / timm. Both take
+worker count and the whole sweep ``--repeats`` times, and prints the ratio ours / timm and the
+CPU milliseconds per image (this process + the loader's workers, from ``/proc``: the figure that
+other jobs on a shared machine hardly move). Both take
 the same folder, batch size, output size and policy: training = random resized crop (scale
 0.08-1, ratio 3/4-4/3, bilinear) + flip (p 0.5) + brightness/contrast/saturation jitter 0.4, no
 auto-augment, no random erasing, batches in a random order; evaluation = shorter side resized to
@@ -114,6 +116,11 @@ def timm_rate(folder: str, size: int, workers: int, batch: int, train: bool, pas
     return _timed(loader, loader.loader, passes)
 
 
+def _row(values: list[tuple[float, float]], k: int) -> str:
+    """One column of the summary: item ``k`` of each sweep's ``(images/s, CPU ms per image)``."""
+    return " / ".join(f"{v[k]:.1f}" if k == 0 else f"{v[k]:.2f}" for v in values)
+
+
 def _load_average() -> str:
     try:
         return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -168,10 +175,8 @@ def main() -> None:
     print("workers | ours images/s | timm images/s | ours / timm | ours CPU ms/image | timm CPU ms/image")
     for workers in args.workers:
         ours, theirs = rates[("ours", workers)], rates[("timm", workers)]
-        def row(values: list[tuple[float, float]], k: int) -> str:
-            return " / ".join(f"{v[k]:.1f}" if k == 0 else f"{v[k]:.2f}" for v in values)
         ratios = " / ".join(f"{o[0] / t[0]:.2f}" for o, t in zip(ours, theirs))
-        print(f"{workers:7d} | {row(ours, 0)} | {row(theirs, 0)} | {ratios} | {row(ours, 1)} | {row(theirs, 1)}")
+        print(f"{workers:7d} | {_row(ours, 0)} | {_row(theirs, 0)} | {ratios} | {_row(ours, 1)} | {_row(theirs, 1)}")
 
 if __name__ == "__main__":
     main()

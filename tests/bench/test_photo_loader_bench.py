@@ -49,8 +49,22 @@ def test_ours_counts_decoded_images_bar_the_first_batch(tmp_path, train) -> None
     # the oracle: the decodable items outside the first batch, once per pass
     per_pass = sum(1 for b in batches for i in b if i not in truncated)
     first = sum(1 for i in batches[0] if i not in truncated)
-    count, seconds = photo_loader.ours_rate(dataset, 0, 4, train, passes=2)
-    assert count == 2 * per_pass - first and seconds > 0
+    count, seconds, cpu = photo_loader.ours_rate(dataset, 0, 4, train, passes=2)
+    assert count == 2 * per_pass - first and seconds > 0 and cpu >= 0
+
+
+def test_cpu_seconds_follow_the_kernel() -> None:
+    """The /proc reading against os.times() for this process (the oracle), within clock ticks."""
+    import os
+
+    if not os.path.exists(f"/proc/{os.getpid()}/stat"):
+        pytest.skip("no /proc")
+    before = os.times()
+    ours = photo_loader._cpu_seconds([os.getpid()])
+    after = os.times()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert before.user + before.system - 2 * tick <= ours <= after.user + after.system + 2 * tick
+    assert photo_loader._cpu_seconds([]) == 0
 
 
 def test_timm_flag_without_timm_is_one_line(monkeypatch, tmp_path, capsys) -> None:
