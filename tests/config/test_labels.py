@@ -54,6 +54,18 @@ def test_a_labelled_fraction_validates_with_contrastive_hash():
     assert config.data.labelled_fraction == 0.25
 
 
+def test_dropping_the_unlabelled_needs_a_labelled_fraction_and_then_any_loss_trains():
+    drop = {"labels": "class", "labelled_fraction": 0.1, "unlabelled": "drop"}
+    config = config_from_dict(_with(data=drop, loss={"name": "csq"}, sampler={"kind": "balanced"}))
+    assert config.data.unlabelled == "drop" and config_from_dict({}).data.unlabelled == "keep"
+    for data, message in (({"labelled_fraction": 1.0}, "needs a labelled_fraction < 1"),
+                          ({"unlabelled": "ignore"}, "data.unlabelled must be 'keep' or 'drop', got 'ignore'"),
+                          ({"seen_classes": [0], "unseen_classes": [1], "train_on_database_unlabelled": True},
+                           "no train_on_database_unlabelled")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(_with(data={**drop, **data}, loss={"name": "csq"}))
+
+
 OPEN = {"seen_classes": [0, 2], "unseen_classes": [1, 3], "labels": "class", "train_on_database_unlabelled": True}
 
 

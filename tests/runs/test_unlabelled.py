@@ -26,6 +26,7 @@ dataset = "fashion-mnist"
 root = "{root}"
 labels = "{labels}"
 labelled_fraction = {fraction}
+unlabelled = "{unlabelled}"
 views = 2
 augment = {{ hflip = true, perturb = {{ shift = 2, crop = 0.8, noise = 0.03 }} }}
 [model]
@@ -70,9 +71,10 @@ def roots(tmp_path_factory, tiny_fmnist):
     return root, garbage
 
 
-def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0):
+def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0, unlabelled="keep"):
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction), encoding="utf-8")
+    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction, unlabelled=unlabelled),
+                    encoding="utf-8")
     assert main(["train", str(path), "--out", str(tmp_path / name), "--quiet"]) == 0
     return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
 
@@ -137,6 +139,40 @@ def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_f
     real = _train(tmp_path, "real", root, "class", "contrastive-hash", fraction=0.5)
     assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", "class", "contrastive-hash", fraction=0.5))
     assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", "class", "contrastive-hash", fraction=0.5))
+
+
+def test_dropping_the_unlabelled_keeps_exactly_the_labelled_share(tiny_fmnist):
+    from deephash.config import config_from_dict
+    from deephash.runs import load_split
+    root, data = tiny_fmnist
+    images, labels = data["train"]
+    table = {"data": {"root": str(root), "labelled_fraction": 0.25, "unlabelled": "drop"}, "loss": {"name": "csq"}, "seed": 7,
+             "sampler": {"kind": "random"}}
+    dropped = load_split(config_from_dict(table), "train", training=True)
+    # the oracle: the documented draw (torch.randperm on a generator seeded with the config's seed), in data-set order
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(7)).numpy()
+    chosen = np.sort(order[:round(0.25 * len(labels))])
+    assert np.array_equal(dropped.data[:, 0].numpy(), images[chosen]) and np.array_equal(dropped.targets.numpy(), labels[chosen])
+    table["data"]["unlabelled"], table["loss"]["name"] = "keep", "contrastive-hash"
+    kept = load_split(config_from_dict(table), "train", training=True)  # the same items are the labelled ones there
+    assert np.array_equal(np.flatnonzero(kept.targets.numpy() >= 0), chosen) and len(kept) == len(labels)
+    assert len(load_split(config_from_dict(table), "train")) == len(labels)  # the database is untouched
+
+
+def test_a_labels_only_run_never_sees_the_dropped_images(tmp_path, tiny_fmnist):
+    root, data = tiny_fmnist
+    images, labels = data["train"]
+    keep = labelled_mask(len(labels), 0.5, seed=3).numpy()  # the config's seed
+    for name, change in (("unkept", ~keep), ("kept", keep)):
+        other = tmp_path / name
+        shutil.copytree(root, other)
+        write_idx(other / "train-images-idx3-ubyte.gz", np.where(change[:, None, None], 255 - images, images))
+        write_idx(other / "train-labels-idx1-ubyte.gz", np.where(change, labels[::-1], labels))
+    args = ("class", "contrastive-hash", "sign", 0.5, "drop")
+    real = _train(tmp_path, "real", root, *args)
+    assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", *args))
+    assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", *args))
+    assert not _same(real, _train(tmp_path, "keep", root, *args[:-1], "keep"))  # keep trains on the others too
 
 
 def test_training_on_the_unlabelled_database_adds_the_unseen_classes_images_without_labels(tmp_path, tiny_fmnist):

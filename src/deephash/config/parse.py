@@ -217,22 +217,27 @@ def _validate(config: Config, source: str) -> None:
 
 def _validate_labels(config: Config, source: str) -> None:
     """``data.labels``: ``"class"``, or ``"none"`` with nothing in training that reads a label;
-    ``data.labelled_fraction < 1`` and ``data.train_on_database_unlabelled`` with nothing that
-    needs every item's label."""
+    ``data.labelled_fraction < 1`` (unless ``data.unlabelled = "drop"`` leaves the rest out) and
+    ``data.train_on_database_unlabelled`` with nothing that needs every item's label."""
     labels, fraction = config.data.labels, config.data.labelled_fraction
     if labels not in ("class", "none"):
         raise ConfigError(f"data.labels must be 'class' or 'none', got {labels!r} in {source}")
     if not 0 < fraction <= 1 or (fraction < 1 and labels == "none"):
         raise ConfigError(f"data.labelled_fraction must be in (0, 1], and 1 with data.labels = 'none'; got {fraction} in {source}")
     data = config.data
+    if data.unlabelled not in ("keep", "drop"):
+        raise ConfigError(f"data.unlabelled must be 'keep' or 'drop', got {data.unlabelled!r} in {source}")
+    if data.unlabelled == "drop" and (fraction == 1 or data.train_on_database_unlabelled):
+        raise ConfigError("data.unlabelled = 'drop' leaves out the images that data.labelled_fraction < 1 leaves "
+                          f"without labels; it needs a labelled_fraction < 1 and no train_on_database_unlabelled, in {source}")
     if data.train_on_database_unlabelled and (not data.seen_classes or data.database_split != data.train_split):
         raise ConfigError("data.train_on_database_unlabelled needs a class split (data.seen_classes) and "
                           f"data.database_split = data.train_split, in {source}")
     if data.train_on_database_unlabelled and data.dataset == "folder":
         raise ConfigError("data.train_on_database_unlabelled works on the in-memory data sets, not a photo folder "
                           f"(data.dataset = 'folder'), in {source}")
-    if labels == "class" and fraction == 1 and not data.train_on_database_unlabelled:
-        return
+    if labels == "class" and (fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled:
+        return  # every training item has its label
     if labels == "none":
         key, what = "data.labels", "trains without labels"
     elif fraction < 1:

@@ -47,6 +47,9 @@ class DataConfig:
     ``labelled_fraction`` (with ``labels = "class"``): the share of the training images, drawn with
     ``seed``, that keep their label; the others are unlabelled (target -1) for a loss that takes
     partial labels (``contrastive-hash``: its class term on the labelled, its view term on all).
+    ``unlabelled``: what training does with those others: ``"keep"`` (the default: train on them
+    without labels) or ``"drop"`` (leave them out: the labels-only baseline on the same labelled
+    share; needs ``labelled_fraction < 1``, and then any loss trains).
     ``train_on_database_unlabelled`` (with a class split, ``database_split = train_split``): training
     also sees the unseen classes' database images, without their labels (a catalogue whose new
     classes are not labelled yet), for a loss that takes partial labels.
@@ -73,6 +76,7 @@ class DataConfig:
     color_jitter: float = 0.4
     labels: str = "class"
     labelled_fraction: float = 1.0
+    unlabelled: str = "keep"
     train_on_database_unlabelled: bool = False
 
 

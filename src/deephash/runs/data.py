@@ -75,7 +75,8 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         training: under a class split (``data.seen_classes``), True keeps the seen classes (what
             training uses), False the unseen ones (queries, database, everything evaluated). With
             ``data.labels = "none"``, True also drops the labels (`drop_labels`): training reads none;
-            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`); with
+            with ``data.labelled_fraction < 1`` it keeps that share of them (`labelled_mask`), and
+            with ``data.unlabelled = "drop"`` only the items of that share; with
             ``data.train_on_database_unlabelled`` a class split's training set adds the unseen
             classes' images of this split (the database's, which the config requires) without labels.
 
@@ -116,7 +117,11 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
     if training and config.data.labels == "none":
         dataset = drop_labels(dataset)
     elif training and config.data.labelled_fraction < 1:
-        dataset = drop_labels(dataset, labelled_mask(len(dataset), config.data.labelled_fraction, config.seed))
+        keep = labelled_mask(len(dataset), config.data.labelled_fraction, config.seed)
+        if config.data.unlabelled == "drop":  # the labels-only baseline: the same labelled items, no others
+            dataset = dataset.subset(torch.nonzero(keep).flatten())
+        else:
+            dataset = drop_labels(dataset, keep)
     if config.data.limit > 0 and len(dataset) > config.data.limit:
         dataset = dataset.subset(torch.arange(config.data.limit))
     if len(dataset) == 0:
