@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -35,3 +36,17 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     new = pattern.sub(lambda _: section + "\n", old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, new)
     print(f"wrote {path}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the processes ``pids`` (Linux ``/proc``; a process
+    that has gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")

@@ -47,27 +47,17 @@ from typing import Any
 
 import torch
 
-from deephash.data import ImageFolder, StreamLoader
-from deephash.data.images import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import cpu_seconds  # noqa: E402
+
+from deephash.data import ImageFolder, StreamLoader  # noqa: E402
+from deephash.data.images import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS  # noqa: E402
 
 
 def _batches(n: int, batch: int, shuffle: bool, seed: int) -> list[list[int]]:
     """Index lists of ``batch`` items over ``n`` (a random order when ``shuffle``)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(n))
     return [order[s:s + batch] for s in range(0, n, batch)]
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by the processes ``pids`` (Linux ``/proc``; 0 elsewhere)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _worker_pids(data_loader: torch.utils.data.DataLoader) -> list[int]:
@@ -87,10 +77,10 @@ def _timed(batches: Any, data_loader: torch.utils.data.DataLoader, passes: int) 
         if epoch == 0:
             next(iterator)
             pids += _worker_pids(data_loader)
-            tic, cpu = time.perf_counter(), _cpu_seconds(pids)
+            tic, cpu = time.perf_counter(), cpu_seconds(pids)
         for x, _ in iterator:
             count += len(x)
-    return count, time.perf_counter() - tic, _cpu_seconds(pids) - cpu
+    return count, time.perf_counter() - tic, cpu_seconds(pids) - cpu
 
 
 def ours_rate(dataset: ImageFolder, workers: int, batch: int, train: bool, passes: int = 1) -> tuple[int, float, float]:

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, cpu_model, write_section  # noqa: E402
+from _report import ROOT, cpu_model, cpu_seconds, write_section  # noqa: E402
 
 SECTION = "## Search service: dynamic batching (bench/serve_load.py)"
 ENGINES = {
@@ -194,14 +194,7 @@ class Server:
 
     def cpu_s(self) -> float:
         """CPU seconds used so far by the server's processes."""
-        total = 0
-        for pid in self.processes():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.processes())
 
     def stop(self) -> None:
         self.proc.terminate()

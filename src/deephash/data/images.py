@@ -15,15 +15,16 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deephash.errors import DataFormatError, NotFoundError, first_line
+from deephash.errors import DataFormatError, DeephashError, NotFoundError, first_line
 
 __all__ = ["EVAL_CROP_FRACTION", "IMAGE_EXTENSIONS", "RESIZE_FILTER", "UPLOAD_FORMATS", "CorruptImageError",
-           "ImageTooLargeError", "UnsupportedImageError", "check_image_header", "decode_image", "eval_resize_side",
+           "ImageTooLargeError", "UnsupportedImageError", "check_image_header", "decode_image", "decode_images", "eval_resize_side",
            "eval_transform", "image_array", "list_image_folder", "open_image", "read_image", "to_model_mode"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -232,6 +233,24 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int, *, c
         except Exception as error:
             raise CorruptImageError(f"image does not decode: {first_line(error)}") from None
 
+
+
+def decode_images(uploads: Sequence[bytes], shape: tuple[int, int, int], max_pixels: int, *,
+                  crop_fraction: float) -> tuple[list[np.ndarray], list[int], dict[int, DeephashError]]:
+    """:func:`decode_image` of each upload of a batch, a refused one kept apart from the others.
+
+    Returns:
+        ``(pixels, decoded, refused)``: uint8 ``(C, S, S)`` images of the uploads that decoded,
+        their positions in ``uploads``, and the error of each refused upload by position.
+    """
+    pixels, decoded, refused = [], [], {}
+    for i, data in enumerate(uploads):
+        try:
+            pixels.append(decode_image(data, shape, max_pixels, crop_fraction=crop_fraction))
+            decoded.append(i)
+        except DeephashError as error:
+            refused[i] = error
+    return pixels, decoded, refused
 
 def read_image(path: str | os.PathLike, mode: str | None = None, size: int | None = None,
                crop_fraction: float = 1.0) -> np.ndarray:

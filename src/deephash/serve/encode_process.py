@@ -96,14 +96,9 @@ def _child(conn: Any, source: EncoderSource, max_pixels: int) -> None:
             return
         kind, payload = message
         try:
-            pixels, decoded, errors = [], [], []
-            for i, data in enumerate(payload):
-                try:
-                    pixels.append(_images.decode_image(data, source.input_shape, max_pixels,
-                                                       crop_fraction=source.crop_fraction))
-                    decoded.append(i)
-                except DeephashError as error:
-                    errors.append((i, type(error).__name__, str(error)))
+            pixels, decoded, refused = _images.decode_images(payload, source.input_shape, max_pixels,
+                                                             crop_fraction=source.crop_fraction)
+            errors = [(i, type(error).__name__, str(error)) for i, error in refused.items()]
             packed, vectors = encoder.encode(np.stack(pixels)) if pixels else (None, None)
             conn.send(("ok", (decoded, packed, vectors, errors)))
         except Exception as error:  # noqa: BLE001 (the batch fails, the child goes on)

@@ -34,6 +34,7 @@ from deephash.data.images import (  # noqa: F401  (the upload errors are part of
     ImageTooLargeError,
     UnsupportedImageError,
     decode_image,
+    decode_images,
     read_image,
 )
 from deephash.errors import CodeLengthError, DeephashError, NotFoundError
@@ -448,15 +449,12 @@ class SearchService:
         an unknown item) becomes its outcome, an exception, and spares the others.
         """
         outcomes, codes, vectors = self._batch_codes(requests)
-        pixels, uploads = [], []
-        for i, request in enumerate(requests):
-            if request.image is not None:
-                try:
-                    pixels.append(decode_image(request.image, self.input_shape, self.max_pixels,
-                                               crop_fraction=self.crop_fraction))
-                    uploads.append(i)
-                except DeephashError as error:
-                    outcomes[i] = error
+        files = [i for i, request in enumerate(requests) if request.image is not None]
+        pixels, decoded, refused = decode_images([requests[i].image for i in files], self.input_shape, self.max_pixels,
+                                                 crop_fraction=self.crop_fraction)
+        for position, error in refused.items():
+            outcomes[files[position]] = error
+        uploads = [files[position] for position in decoded]
         if pixels:
             packed, encoded = self.encoder.encode(np.stack(pixels))
             for row, i in enumerate(uploads):
