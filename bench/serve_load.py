@@ -20,6 +20,12 @@ and an index of the data set's train split built here (Fashion-MNIST: 60,000 ite
 Engines are server settings by name (``ENGINES``); ``--engines`` picks which run. ``onnx`` is the
 slot for the ONNX Runtime encoder: ``deephash serve INDEX --model EXPORT_DIR`` (``--onnx-model``),
 batched as the PyTorch one.
+
+``--baseline-src DIR --baseline-run RUN --baseline-index INDEX`` adds one more server to the
+side-by-side phases: ``deephash serve`` from another checkout's ``src`` (e.g. a git worktree of the
+commit an issue was filed at: the service as it was then), with a run and an index that checkout
+made itself (its files may not read the current ones). Its model is trained separately, so its
+answers are not compared; it has no ``/api/health``, so its mean batch reads 1 (one at a time).
 """
 
 from __future__ import annotations
@@ -60,9 +66,9 @@ BOUNDARY = "deephashbenchboundary"
 # ------------------------------------------------------------------------------ model and index
 
 
-def hamming_only(index_dir: Path, root: Path) -> Path:
+def hamming_only(index_dir: Path, root: Path, name: str = "index-hamming") -> Path:
     """A copy of the index without its re-rank vectors: searches are Hamming only (one stage)."""
-    out = root / "index-hamming"
+    out = root / name
     shutil.copytree(index_dir, out)
     (out / "rerank.npy").unlink(missing_ok=True)
     return out
@@ -158,9 +164,17 @@ class Server:
     name: str
     proc: subprocess.Popen
     base: str
+    has_health: bool = True
 
     def health(self) -> dict:
-        return httpx.get(f"{self.base}/api/health", timeout=30).json()
+        """``/api/health``, or empty counters from a server that has none (an older checkout: its
+        first answer is 404, and it is not asked again)."""
+        if self.has_health:
+            answer = httpx.get(f"{self.base}/api/health", timeout=30)
+            if answer.status_code != 404:
+                return answer.raise_for_status().json()
+            self.has_health = False
+        return {"batching": {}}
 
     @property
     def writable(self) -> bool:
@@ -206,25 +220,30 @@ class Server:
 
 
 def start_server(name: str, extra: list[str], run_dir: Path, index_dir: Path, root: Path,
-                 onnx_model: Path | None = None) -> Server:
+                 onnx_model: Path | None = None, src: Path | None = None) -> Server:
     """A writable server over a fresh copy of ``index_dir``; waits for /healthz. The ``onnx``
-    engine serves ``onnx_model`` (``--model``) instead of the run."""
+    engine serves ``onnx_model`` (``--model``) instead of the run; ``src`` runs the deephash of
+    another checkout (its ``src`` folder first on ``PYTHONPATH``)."""
     model = ["--run", str(run_dir)]
     if name.startswith("onnx"):
         if onnx_model is None:
             raise SystemExit("the onnx engine needs --onnx-model EXPORT_DIR")
         model = ["--model", str(onnx_model)]
-    copy = root / f"index-{name.replace(' ', '_').replace('+', '')}-{time.monotonic_ns()}"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    copy = root / f"index-{slug}-{time.monotonic_ns()}"
     shutil.copytree(index_dir, copy)
     token_file = root / "token"
     token_file.write_text(TOKEN)
     writes = ["--token-file", str(token_file)] if "--workers" not in extra else []  # several: read-only
     port = free_port()
-    log = root / f"server-{name.replace(' ', '_').replace('+', '')}.log"
+    log = root / f"server-{slug}.log"
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src.resolve()), *filter(None, [env.get("PYTHONPATH")])])
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deephash", "serve", str(copy), *model,
                                  "--host", "127.0.0.1", "--port", str(port), *writes, *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -309,6 +328,15 @@ def same_answers(servers: list[Server], pngs: list[bytes]) -> bool:
     return all(a == answers[0] for a in answers)
 
 
+def checkout_revision(src: Path) -> str:
+    """The short commit of the git checkout holding ``src`` (``src`` itself when git cannot tell)."""
+    try:
+        return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return str(src)
+
+
 def busy_processes(limit: int = 6) -> str:
     """The other processes using the CPU now (``ps``), for the record."""
     try:
@@ -360,8 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="hamming: the index served without its re-rank vectors; two-stage: with them "
                              "(default: hamming,two-stage; the sweep and the overload use the first)")
     parser.add_argument("--k", type=int, default=10, help="results per search (default: 10)")
+    parser.add_argument("--baseline-src", type=Path, help="another checkout's src folder: its deephash serve joins "
+                        "the side-by-side phases (e.g. a worktree of the commit an issue was filed at)")
+    parser.add_argument("--baseline-run", type=Path, help="a run made by --baseline-src's deephash")
+    parser.add_argument("--baseline-index", type=Path, help="an index made by --baseline-src's deephash of --baseline-run")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args(argv)
+    baseline_args = (args.baseline_src, args.baseline_run, args.baseline_index)
+    if any(a is not None for a in baseline_args) and not all(a is not None for a in baseline_args):
+        parser.error("--baseline-src, --baseline-run and --baseline-index go together")
+    baseline = None if args.baseline_src is None else f"at {checkout_revision(args.baseline_src)}"
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed: apt-get install -y wrk")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -384,15 +420,21 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         run_dir, index_dir = prepare(args.run, args.index, root)
         regimes = {"two-stage": index_dir, "hamming": hamming_only(index_dir, root)}
+        if baseline is not None:
+            baseline_regimes = {"two-stage": args.baseline_index,
+                                "hamming": hamming_only(args.baseline_index, root, "index-hamming-baseline")}
         pngs = query_pngs(run_dir, 64)
         read_only, mixed = root / "read.lua", root / "mixed.lua"
         wrk_script(read_only, pngs, 0.0, args.k)
         wrk_script(mixed, pngs, args.adds, args.k)
         for regime in searches:
             servers = [start_server(e, ENGINES[e], run_dir, regimes[regime], root, args.onnx_model) for e in engines]
+            if baseline is not None:
+                servers.append(start_server(baseline, [], args.baseline_run, baseline_regimes[regime], root,
+                                            src=args.baseline_src))
             try:
                 infos[regime] = httpx.get(f"{servers[0].base}/api/info", timeout=30).json()
-                agree &= same_answers(servers, pngs[:16])
+                agree &= same_answers([s for s in servers if s.name != baseline], pngs[:16])
                 for server in servers:
                     run_wrk(server, read_only, 16, 2, "warm-up")
                 for n in in_flight:  # the servers side by side, phase by phase: the machine drifts alike
@@ -416,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.append((wait, phase))
             finally:
                 server.stop()
-        for name in (e for e in engines if "--workers" not in ENGINES[e]):
-            server = start_server(name, ENGINES[name], run_dir, regimes[regime], root, args.onnx_model)
+        overloaded = [(e, ENGINES[e], run_dir, regimes[regime], None) for e in engines if "--workers" not in ENGINES[e]]
+        if baseline is not None:
+            overloaded.append((baseline, [], args.baseline_run, baseline_regimes[regime], args.baseline_src))
+        for name, extra, run, index, src in overloaded:
+            server = start_server(name, extra, run, index, root, args.onnx_model, src)
             try:
                 run_wrk(server, read_only, 16, 2, "warm-up")
                 for n, label in ((args.overload, "overload"), (16, "recovery, right after")):
@@ -434,13 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         return next((p for p in phases if (p.server, p.search, p.workload, p.in_flight) == key), None)
 
     ratios = []
-    if "one-at-a-time" in engines:
-        for name in (e for e in engines if e != "one-at-a-time"):
+    for reference in (r for r in ("one-at-a-time", baseline) if r is not None and (r in engines or r == baseline)):
+        for name in (e for e in engines if e not in ("one-at-a-time", reference)):
             for p in (p for p in phases if p.server == name):
-                base = find("one-at-a-time", p.search, p.workload, p.in_flight)
+                base = find(reference, p.search, p.workload, p.in_flight)
                 if base is not None:
                     per_core = (p.throughput / max(p.server_cores, 1e-9)) / (base.throughput / max(base.server_cores, 1e-9))
-                    ratios.append(f"{name} / one-at-a-time, {p.search}, {p.workload}, {p.in_flight} in flight: "
+                    ratios.append(f"{name} / {reference}, {p.search}, {p.workload}, {p.in_flight} in flight: "
                                   f"{p.throughput / base.throughput:.2f}x throughput ({per_core:.2f}x per server core), "
                                   f"p99 {p.p99_ms:.0f} vs {base.p99_ms:.0f} ms")
     errors = sum(p.errors for p in phases) + sum(p.errors for p in sweep_phases(sweep))
@@ -462,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         "`--workers 2` (read-only: it runs the read-only workloads only; its mean batch is n/a, as `/api/health` "
         "speaks for one process; its RSS and CPU are its 3 processes': the supervisor and 2 servers); "
         f"settings: {'; '.join(f'{e}: `' + ' '.join(ENGINES[e]) + '`' for e in engines)}. "
-        f"Same answers from every server for 16 uploads: {'yes' if agree else 'NO'}. Each phase {args.seconds:g} s; "
+        + (f"*{baseline}*: `deephash serve` of the checkout `{args.baseline_src}` (commit {baseline[3:]}), with "
+           f"its own run `{args.baseline_run}` and index `{args.baseline_index}`, made by that checkout from the same "
+           "config (its answers are not compared: another training). " if baseline is not None else "")
+        + f"Same answers from every server for 16 uploads: {'yes' if agree else 'NO'}. Each phase {args.seconds:g} s; "
         "throughput is answered requests (any status) over the phase; errors are non-2xx answers plus socket "
         "errors and timeouts; mean batch from the server's `/api/health` counters over the phase.\n\n"
         f"{HEADER}\n" + "\n".join(row(p) for p in phases) + "\n\n"

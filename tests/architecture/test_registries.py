@@ -287,6 +287,8 @@ def test_split_protocol(name):
 @pytest.mark.parametrize("name", BATCH_SAMPLERS.names())
 def test_batch_sampler(name, world):
     labels = torch.arange(40) % 4
+    if name == "labelled-share":
+        labels = torch.where(torch.arange(40) % 3 == 0, labels, -1)  # 14 labelled, 26 unlabelled
     seen = []
     for rank in range(world):
         sampler = BATCH_SAMPLERS.create(name, labels=labels, n_classes=2, n_samples=3, batch_size=6,
@@ -298,6 +300,9 @@ def test_batch_sampler(name, world):
         seen += [i for b in batches for i in b]
     if name == "random":
         assert len(seen) == len(set(seen))  # no item twice in an epoch, across ranks
+    if name == "labelled-share":  # 3 of 6 labelled in every batch; unlabelled items once an epoch, across ranks
+        unlabelled = [i for i in seen if labels[i] < 0]
+        assert len(unlabelled) == len(set(unlabelled)) == 3 * len(seen) // 6
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())

@@ -82,3 +82,20 @@ def test_only_losses_that_declare_it_train_without_labels():
     free = {name for name in loss_names() if not loss_needs_labels(name)}
     assert free == {"view-hash", "instance-contrastive"}
     config_from_dict(_with(loss={"name": "instance-contrastive"}))
+
+
+def test_the_labelled_share_sampler_needs_labelled_and_unlabelled_items():
+    share = {"kind": "labelled-share", "labelled_share": 0.5}
+    for data in ({"labels": "class", "labelled_fraction": 0.1}, OPEN):
+        config = config_from_dict(_with(data=data, loss={"name": "contrastive-hash"}, sampler=share))
+        assert (config.sampler.kind, config.sampler.labelled_share) == ("labelled-share", 0.5)
+    for data, sampler, message in (
+            ({"labels": "none"}, share, "sampler.kind = 'labelled-share' mixes labelled and unlabelled items"),
+            ({"labels": "class"}, share, "needs data.labelled_fraction < 1"),
+            ({"labels": "class", "labelled_fraction": 0.1, "unlabelled": "drop"}, share, "needs data.labelled_fraction < 1"),
+            ({"labels": "class", "labelled_fraction": 0.1}, {**share, "labelled_share": 1.0},
+             r"sampler.labelled_share must be in \(0, 1\), got 1.0"),
+            ({"labels": "class", "labelled_fraction": 0.1}, {**share, "labelled_share": 0.0},
+             r"sampler.labelled_share must be in \(0, 1\), got 0.0")):
+        with pytest.raises(ConfigError, match=f"{message}.* in <dict>"):
+            config_from_dict(_with(data=data, loss={"name": "contrastive-hash"}, sampler=sampler))

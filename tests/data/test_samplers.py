@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,7 @@ from deephash.data import (
     BalancedBatchSamplerCifar,
     BatchLoader,
     DistributedBalancedBatchSampler,
+    LabelledShareBatchSampler,
 )
 from deephash.errors import DeephashError
 
@@ -147,3 +149,65 @@ def test_batch_loader_generic_dataset():
 
     (x, y), = list(BatchLoader.sequential(Plain(), 5))
     assert x.shape == (5, 1, 2, 2) and y.tolist() == list(range(5)) and x[3, 0, 0, 0] == pytest.approx(0.3)
+
+
+# ------------------------------------------------------------------------------ labelled share
+
+
+def _partly_labelled(n: int, labelled_every: int, seed: int = 0) -> torch.Tensor:
+    labels = torch.from_numpy(np.random.default_rng(seed).integers(0, 5, n))
+    return torch.where(torch.arange(n) % labelled_every == 0, labels, -1)
+
+
+@pytest.mark.parametrize("n, every, batch, share", [(300, 10, 20, 0.5), (301, 3, 16, 0.25), (97, 7, 10, 0.1)])
+def test_labelled_share_batches(n, every, batch, share):
+    labels = _partly_labelled(n, every)
+    sampler = LabelledShareBatchSampler(labels, batch, share, generator=torch.Generator().manual_seed(1))
+    L = min(max(round(share * batch), 1), batch - 1)
+    labelled = sorted(torch.nonzero(labels >= 0).flatten().tolist())
+    unlabelled = torch.nonzero(labels < 0).flatten().tolist()
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == len(unlabelled) // (batch - L)
+    for b in batches:  # L labelled items first, then the unlabelled ones
+        assert len(b) == batch
+        assert (labels[b[:L]] >= 0).all() and (labels[b[L:]] < 0).all()
+    drawn = [i for b in batches for i in b[L:]]
+    assert len(drawn) == len(set(drawn)) == len(batches) * (batch - L)  # unlabelled: once an epoch at most
+    handed = [i for b in batches for i in b[:L]]  # labelled: whole shuffled passes, one after another
+    for start in range(0, len(handed), len(labelled)):
+        chunk = handed[start:start + len(labelled)]
+        assert len(chunk) == len(set(chunk))
+        if len(chunk) == len(labelled):
+            assert sorted(chunk) == labelled
+    assert [i for b in sampler for i in b] != [i for b in batches for i in b]  # a fresh epoch draws again
+
+
+def test_labelled_share_is_seeded_and_ranks_split_one_epoch():
+    labels = _partly_labelled(400, 4)
+    one = list(LabelledShareBatchSampler(labels, 16, 0.5, generator=torch.Generator().manual_seed(5)))
+    assert one == list(LabelledShareBatchSampler(labels, 16, 0.5, generator=torch.Generator().manual_seed(5)))
+    ranks = [LabelledShareBatchSampler(labels, 16, 0.5, seed=9, rank=r, world=3) for r in range(3)]
+    epochs = []
+    for epoch in (0, 1):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        assert all(len(b) == len(ranks[0]) == 300 // (8 * 3) for b in per_rank)
+        everything = [i for b in per_rank for batch in b for i in batch[8:]]
+        assert len(everything) == len(set(everything))  # the ranks' unlabelled items are disjoint
+        whole = LabelledShareBatchSampler(labels, 16, 0.5, seed=9 + epoch, world=1)  # the same draw as one process
+        assert sorted(map(tuple, (b for r in per_rank for b in r))) == sorted(map(tuple, list(whole)[:len(ranks[0]) * 3]))
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("labels, batch, share, message", [
+    (_partly_labelled(50, 5), 10, 0.0, "labelled_share must be in (0, 1)"),
+    (_partly_labelled(50, 5), 10, 1.0, "labelled_share must be in (0, 1)"),
+    (torch.arange(50) % 3, 10, 0.5, "needs labelled and unlabelled items; got 50 labelled and 0 unlabelled"),
+    (torch.full((50,), -1), 10, 0.5, "got 0 labelled and 50 unlabelled"),
+    (_partly_labelled(12, 2), 16, 0.5, "6 unlabelled items fill no batch of 8"),
+])
+def test_labelled_share_errors_say_what_to_change(labels, batch, share, message):
+    with pytest.raises(DeephashError, match=re.escape(message)):
+        LabelledShareBatchSampler(labels, batch, share)

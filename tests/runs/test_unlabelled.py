@@ -37,7 +37,7 @@ code_rule = "{rule}"
 [loss]
 name = "{loss}"
 [sampler]
-kind = "random"
+kind = "{sampler}"
 batch_size = 12
 [train]
 epochs = 2
@@ -71,10 +71,11 @@ def roots(tmp_path_factory, tiny_fmnist):
     return root, garbage
 
 
-def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0, unlabelled="keep"):
+def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0, unlabelled="keep",
+           sampler="random"):
     path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction, unlabelled=unlabelled),
-                    encoding="utf-8")
+    path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction, unlabelled=unlabelled,
+                                  sampler=sampler), encoding="utf-8")
     assert main(["train", str(path), "--out", str(tmp_path / name), "--quiet"]) == 0
     return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
 
@@ -126,7 +127,8 @@ def test_an_unlabelled_itq_run_is_scored_with_the_labels_of_its_splits(tmp_path,
     assert reported == pytest.approx(_stable_map(q, yq, d, yd), abs=1e-9)
 
 
-def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_fmnist):
+@pytest.mark.parametrize("sampler", ["random", "labelled-share"])
+def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_fmnist, sampler):
     root, data = tiny_fmnist
     labels = data["train"][1]
     keep = labelled_mask(len(labels), 0.5, seed=3).numpy()  # the config's seed
@@ -136,9 +138,12 @@ def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_f
         shutil.copytree(root, other)
         garbage = np.where(change, labels[::-1], labels)  # not a renaming of the classes: other groups
         write_idx(other / "train-labels-idx1-ubyte.gz", garbage)
-    real = _train(tmp_path, "real", root, "class", "contrastive-hash", fraction=0.5)
-    assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", "class", "contrastive-hash", fraction=0.5))
-    assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", "class", "contrastive-hash", fraction=0.5))
+    args = dict(labels="class", loss="contrastive-hash", fraction=0.5, sampler=sampler)
+    real = _train(tmp_path, "real", root, **args)
+    assert _same(real, _train(tmp_path, "garbage-unkept", tmp_path / "unkept", **args))
+    assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", **args))
+    if sampler == "labelled-share":  # other batches than the random sampler's
+        assert not _same(real, _train(tmp_path, "random", root, **{**args, "sampler": "random"}))
 
 
 def test_dropping_the_unlabelled_keeps_exactly_the_labelled_share(tiny_fmnist):

@@ -236,7 +236,14 @@ def _validate_labels(config: Config, source: str) -> None:
     if data.train_on_database_unlabelled and data.dataset == "folder":
         raise ConfigError("data.train_on_database_unlabelled works on the in-memory data sets, not a photo folder "
                           f"(data.dataset = 'folder'), in {source}")
-    if labels == "class" and (fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled:
+    all_labelled = (fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled
+    if config.sampler.kind == "labelled-share" and (labels == "none" or all_labelled):
+        raise ConfigError("sampler.kind = 'labelled-share' mixes labelled and unlabelled items in every batch; it needs "
+                          "data.labelled_fraction < 1 (with data.unlabelled = 'keep') or "
+                          f"data.train_on_database_unlabelled, in {source}")
+    if not 0 < config.sampler.labelled_share < 1:
+        raise ConfigError(f"sampler.labelled_share must be in (0, 1), got {config.sampler.labelled_share} in {source}")
+    if labels == "class" and all_labelled:
         return  # every training item has its label
     if labels == "none":
         key, what = "data.labels", "trains without labels"
@@ -264,7 +271,8 @@ def label_readers(config: Config) -> list[str]:
                       not loss_takes_partial_labels(config.loss.name))
     return [key for key, reads in (
         loss_reads,
-        (f"sampler.kind = {config.sampler.kind!r} (use 'random')", config.sampler.kind != "random"),
+        (f"sampler.kind = {config.sampler.kind!r} (use 'random' or 'labelled-share')",
+         config.sampler.kind not in ("random", "labelled-share")),
         ("train.aux_weight > 0 (a class head)", config.model.aux_classes > 0 and config.train.aux_weight > 0),
         ("model.code_rule = 'posterior' (class centers)", config.model.code_rule == "posterior"),
         ("a [selector] (label-based mining)", bool(config.selector.name)),

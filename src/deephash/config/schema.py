@@ -108,12 +108,16 @@ class SelectorConfig:
 
 @dataclass
 class SamplerConfig:
-    """Batches: ``balanced`` = n_classes × n_samples per batch; ``random`` = batch_size shuffled."""
+    """Batches: ``balanced`` = n_classes × n_samples per batch; ``random`` = batch_size shuffled;
+    ``labelled-share`` = batch_size with ``round(labelled_share · batch_size)`` labelled items and
+    unlabelled ones for the rest (with ``data.labelled_fraction < 1`` or
+    ``data.train_on_database_unlabelled``; an epoch is one pass over the unlabelled items)."""
 
     kind: str = "balanced"
     n_classes: int = 10
     n_samples: int = 25
     batch_size: int = 256
+    labelled_share: float = 0.5
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Batch samplers: balanced (P classes × K samples, the seed's BalancedBatchSampler) and random,
-each in a single-process and a distributed (one rank's share) form, chosen by name through
-:data:`BATCH_SAMPLERS`.
+"""Batch samplers: balanced (P classes × K samples, the seed's BalancedBatchSampler), random, and
+labelled-share (a fixed share of labelled items in every batch, for training on a few labels
+beside many unlabelled images), each in a single-process and a distributed (one rank's share)
+form, chosen by name through :data:`BATCH_SAMPLERS`.
 
 Balanced batches:
 An epoch is ``len(labels) // (P*K)`` batches. Each batch picks P distinct classes uniformly at
@@ -19,8 +20,8 @@ import torch
 from deephash.errors import DeephashError
 from deephash.registry import Registry
 
-#: ``factory(labels, n_classes=, n_samples=, batch_size=, generator=, seed=, rank=, world=)``: the batch
-#: sampler of ``sampler.kind``; with ``world > 1`` the rank's disjoint share, seeded by ``seed + epoch``.
+#: ``factory(labels, n_classes=, n_samples=, batch_size=, labelled_share=, generator=, seed=, rank=, world=)``:
+#: the batch sampler of ``sampler.kind``; with ``world > 1`` the rank's disjoint share, seeded by ``seed + epoch``.
 BATCH_SAMPLERS: Registry[torch.utils.data.Sampler] = Registry("sampler kind")
 
 
@@ -229,9 +230,68 @@ class DistributedRandomBatchSampler(torch.utils.data.Sampler[list[int]]):
         yield from order.reshape(n, self.batch_size)[self.rank :: self.num_replicas].tolist()
 
 
+class LabelledShareBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of ``batch_size`` with ``round(share · batch_size)`` labelled items (label ≥ 0) first
+    and unlabelled items (label < 0) after them.
+
+    An epoch passes once over the unlabelled items, without replacement (``n_unlabelled //
+    (batch_size - L)`` batches; the rest is dropped), while the labelled items are handed out in
+    shuffled passes, one after another, as often as the epoch needs them: with 10 % of the items
+    labelled and half of every batch labelled, each labelled item comes about nine times per epoch.
+    Two passes meet inside at most one batch of an epoch, where an item may come twice. The epoch is
+    drawn at once (a random-key sort per pass). With ``world > 1`` every rank draws the same epoch
+    from ``seed + epoch`` (call :meth:`set_epoch`) and takes every ``world``-th batch.
+
+    Raises:
+        DeephashError (a ValueError): ``share`` not in (0, 1), no labelled or no unlabelled item,
+            or fewer unlabelled items than one batch's unlabelled part.
+    """
+
+    def __init__(self, labels: torch.Tensor | np.ndarray | Sequence[int], batch_size: int, share: float,
+                 generator: torch.Generator | None = None, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not 0 < share < 1:
+            raise DeephashError(f"sampler.labelled_share must be in (0, 1), got {share}")
+        if world < 1 or not 0 <= rank < world:
+            raise DeephashError(f"rank must be in [0, world={world}), got {rank}")
+        labels = _as_label_tensor(labels)
+        self.labelled = torch.nonzero(labels >= 0).flatten()
+        self.unlabelled = torch.nonzero(labels < 0).flatten()
+        self.n_labelled = min(max(round(share * batch_size), 1), batch_size - 1)
+        self.n_unlabelled = batch_size - self.n_labelled
+        if len(self.labelled) == 0 or len(self.unlabelled) == 0:
+            raise DeephashError(f"the labelled-share sampler needs labelled and unlabelled items; got "
+                                f"{len(self.labelled)} labelled and {len(self.unlabelled)} unlabelled")
+        if len(self.unlabelled) < self.n_unlabelled * world:
+            raise DeephashError(f"{len(self.unlabelled)} unlabelled items fill no batch of {self.n_unlabelled} "
+                                f"unlabelled items per rank; lower sampler.batch_size or raise sampler.labelled_share")
+        self.generator, self.seed, self.rank, self.world, self.epoch = generator, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches the next iteration yields (used when ``world > 1``)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.unlabelled) // (self.n_unlabelled * self.world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.world > 1 or self.generator is None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        else:
+            generator = self.generator
+        n_batches = len(self) * self.world
+        unlabelled = self.unlabelled[torch.randperm(len(self.unlabelled), generator=generator)]
+        unlabelled = unlabelled[: n_batches * self.n_unlabelled].view(n_batches, self.n_unlabelled)
+        need, n = n_batches * self.n_labelled, len(self.labelled)
+        passes = -(-need // n)
+        order = torch.rand(passes, n, generator=generator).argsort(dim=1)  # one shuffle per pass
+        labelled = self.labelled[order].flatten()[:need].view(n_batches, self.n_labelled)
+        batches = torch.cat([labelled, unlabelled], dim=1)[self.rank :: self.world]
+        yield from batches.tolist()
+
+
 @BATCH_SAMPLERS.register("balanced")
 def _balanced(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int, generator: torch.Generator,
-              seed: int, rank: int = 0, world: int = 1) -> torch.utils.data.Sampler:
+              seed: int, rank: int = 0, world: int = 1, labelled_share: float = 0.5) -> torch.utils.data.Sampler:
     if world > 1:
         return DistributedBalancedBatchSampler(labels, n_classes, n_samples, world, rank, seed=seed)
     return BalancedBatchSampler(labels, n_classes, n_samples, generator=generator)
@@ -239,7 +299,15 @@ def _balanced(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: 
 
 @BATCH_SAMPLERS.register("random")
 def _random(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int, generator: torch.Generator,
-            seed: int, rank: int = 0, world: int = 1) -> torch.utils.data.Sampler:
+            seed: int, rank: int = 0, world: int = 1, labelled_share: float = 0.5) -> torch.utils.data.Sampler:
     if world > 1:
         return DistributedRandomBatchSampler(len(labels), batch_size, world, rank, seed=seed)
     return RandomBatchSampler(len(labels), batch_size, generator)
+
+
+@BATCH_SAMPLERS.register("labelled-share")
+def _labelled_share(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int,
+                    generator: torch.Generator, seed: int, rank: int = 0, world: int = 1,
+                    labelled_share: float = 0.5) -> torch.utils.data.Sampler:
+    return LabelledShareBatchSampler(labels, batch_size, labelled_share, generator=generator if world == 1 else None,
+                                     seed=seed, rank=rank, world=world)

@@ -181,7 +181,8 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
 
     s = config.sampler
     batches = strategy.batch_sampler(s.kind, train_set.targets, n_classes=s.n_classes, n_samples=s.n_samples,
-                                     batch_size=s.batch_size, generator=generators.sampler, seed=config.seed)
+                                     batch_size=s.batch_size, generator=generators.sampler, seed=config.seed,
+                                     labelled_share=s.labelled_share)
     loader = make_loader(train_set, batches, device, config, generators.augment)
     if len(loader) == 0:
         raise DeephashError(f"{len(train_set)} training images make no batch of the sampler's size; lower the sampler's sizes")

@@ -33,11 +33,11 @@ class Strategy:
         return self.rank == 0
 
     def batch_sampler(self, kind: str, labels: torch.Tensor, *, n_classes: int, n_samples: int, batch_size: int,
-                      generator: torch.Generator, seed: int) -> torch.utils.data.Sampler:
+                      generator: torch.Generator, seed: int, labelled_share: float = 0.5) -> torch.utils.data.Sampler:
         """This process's training batches of ``sampler.kind`` (see ``deephash.data.BATCH_SAMPLERS``)."""
         return BATCH_SAMPLERS.create(kind, labels=labels, n_classes=n_classes, n_samples=n_samples,
-                                     batch_size=batch_size, generator=generator, seed=seed,
-                                     rank=self.rank, world=self.world_size)
+                                     batch_size=batch_size, labelled_share=labelled_share, generator=generator,
+                                     seed=seed, rank=self.rank, world=self.world_size)
 
     def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1) -> tuple[nn.Module, Any]:
         """The model and loss that ``fit`` drives (unchanged here); ``n_views``: views per image in a batch."""
