@@ -114,3 +114,69 @@ def test_contrastive_hash_refuses_rows_that_are_not_views() -> None:
     with pytest.raises(DeephashError, match="n_views >= 2"):
         ContrastiveHashLoss(n_views=1)
     assert float(ContrastiveHashLoss(n_views=1, instance_weight=0)(torch.randn(5, 4), torch.arange(5) % 2)) > 0
+
+
+def _pseudo_labels_loop(features, labels, n_views, threshold, temperature):
+    """The oracle: image by image, class by class, in plain Python."""
+    z = torch.nn.functional.normalize(features.double(), dim=1)
+    n = len(labels) // n_views
+    out = labels.clone()
+    classes = sorted({int(v) for v in labels if v >= 0})
+    for image in range(n):
+        if labels[image] >= 0:
+            continue
+        p = torch.zeros(max(classes) + 1, dtype=torch.float64)
+        for view in range(n_views):
+            row = view * n + image
+            scores = {c: sum(float(z[row] @ z[j]) for j in range(len(labels)) if labels[j] == c) /
+                      sum(1 for j in range(len(labels)) if labels[j] == c) for c in classes}
+            top = max(scores.values())
+            weights = {c: math.exp((s - top) / temperature) for c, s in scores.items()}
+            for c in classes:
+                p[c] += weights[c] / sum(weights.values()) / n_views
+        if p.max() >= threshold:
+            out[[view * n + image for view in range(n_views)]] = int(p.argmax())
+    return out
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_pseudo_labels_match_a_loop(n_views) -> None:
+    from deephash.losses.contrastive import in_batch_pseudo_labels
+    torch.manual_seed(n_views)
+    b = 12
+    image_labels = torch.tensor([0, 2, 2, 5, -1, -1, -1, -1, 0, -1, 5, -1])  # class 1, 3, 4 absent
+    labels = image_labels.repeat(n_views)
+    centers = torch.randn(6, 8) * 3
+    features = centers[image_labels.clamp(min=0)].repeat(n_views, 1) + torch.randn(n_views * b, 8)
+    for threshold in (0.3, 0.6, 0.9, 0.999):
+        got = in_batch_pseudo_labels(features, labels, n_views, threshold, temperature=0.2)
+        assert torch.equal(got, _pseudo_labels_loop(features, labels, n_views, threshold, 0.2))
+    assert torch.equal(in_batch_pseudo_labels(features, labels, n_views, 0.3, 0.2)[labels >= 0], labels[labels >= 0])
+    got = in_batch_pseudo_labels(features, labels, n_views, 1e-9, 0.2)  # every unlabelled image takes a class present
+    assert (got >= 0).all() and set(got.tolist()) <= {0, 2, 5}
+
+
+def test_pseudo_labels_threshold_is_inclusive_and_nothing_changes_without_labelled_rows() -> None:
+    from deephash.losses.contrastive import in_batch_pseudo_labels
+    # two classes, one unlabelled image exactly as close to both: p = (1/2, 1/2) in exact arithmetic
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).repeat(2, 1)
+    labels = torch.tensor([0, 1, -1]).repeat(2)
+    assert torch.equal(in_batch_pseudo_labels(features, labels, 2, 0.5, 1.0), torch.tensor([0, 1, 0]).repeat(2))
+    assert torch.equal(in_batch_pseudo_labels(features, labels, 2, 0.5000001, 1.0), labels)
+    unlabelled = torch.full((6,), -1)
+    assert torch.equal(in_batch_pseudo_labels(features, unlabelled, 2, 0.5, 1.0), unlabelled)
+    with pytest.raises(DeephashError, match="threshold in"):
+        in_batch_pseudo_labels(features, labels, 2, 0.0, 1.0)
+
+
+def test_contrastive_hash_with_pseudo_labels_is_supcon_on_them() -> None:
+    from deephash.losses.contrastive import ContrastiveHashLoss, in_batch_pseudo_labels
+    torch.manual_seed(3)
+    u = torch.randn(16, 6, requires_grad=True)
+    labels = torch.tensor([0, 1, -1, -1, 1, -1, 0, -1]).repeat(2)
+    loss = ContrastiveHashLoss(n_views=2, instance_weight=0.0, pseudo_label_threshold=0.4, pseudo_label_temperature=0.5)
+    pseudo = in_batch_pseudo_labels(u, labels, 2, 0.4, 0.5)
+    assert (pseudo >= 0).sum() > (labels >= 0).sum()  # some were taken
+    assert torch.allclose(loss(u, labels), supcon_loss(u, pseudo, 0.2))
+    with pytest.raises(DeephashError, match="pseudo_label_threshold must be 0"):
+        ContrastiveHashLoss(pseudo_label_threshold=1.5)

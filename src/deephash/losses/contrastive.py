@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from deephash.errors import DeephashError
 from deephash.losses.registry import register_loss
 
-__all__ = ["supcon_loss", "ContrastiveHashLoss", "SupConLoss", "InstanceContrastiveLoss", "view_ids"]
+__all__ = ["supcon_loss", "ContrastiveHashLoss", "SupConLoss", "InstanceContrastiveLoss", "in_batch_pseudo_labels",
+           "view_ids"]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -58,6 +59,40 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 def view_ids(batch_size: int, n_views: int = 2, device: torch.device | None = None) -> torch.Tensor:
     """Instance ids ``int64 (n_views * batch_size,)`` for views stacked view-major: ``[0..B-1, 0..B-1, ...]``."""
     return torch.arange(batch_size, device=device).repeat(n_views)
+
+
+def in_batch_pseudo_labels(features: torch.Tensor, labels: torch.Tensor, n_views: int, threshold: float,
+                           temperature: float = 0.1) -> torch.Tensor:
+    """``labels`` with each unlabelled image given the class of the batch's labelled items it is
+    confidently close to (no gradient flows through the choice).
+
+    For every row, the score of class ``c`` is its mean cosine similarity to the batch's labelled
+    rows of class ``c``; ``p = softmax(scores / temperature)`` over the classes present. An image's
+    ``p`` is the mean over its ``n_views`` views (rows ``i, i + B, ...``, view-major); an unlabelled
+    image (label < 0) whose largest ``p`` is at least ``threshold`` takes that class on every view.
+
+    Args:
+        features: float ``(V*B, D)``. labels: int ``(V*B,)``, -1 for no label, equal across an
+            image's views. n_views: V. threshold: in (0, 1]. temperature: > 0.
+
+    Returns:
+        int64 ``(V*B,)``: the labels, pseudo-labelled images changed; unchanged without labelled rows.
+    """
+    if not 0 < threshold <= 1 or not temperature > 0:
+        raise DeephashError(f"pseudo labels need a threshold in (0, 1] and a temperature > 0, got {threshold} and {temperature}")
+    labelled = labels >= 0
+    if not labelled.any() or labelled.all():
+        return labels
+    with torch.no_grad():
+        z = F.normalize(features.detach().float(), dim=1)
+        members = F.one_hot(labels.clamp(min=0), int(labels.max()) + 1).float() * labelled[:, None]  # (N, C)
+        counts = members.sum(0)
+        scores = (z @ (z[labelled].T @ members[labelled])) / counts.clamp(min=1)  # mean similarity per class
+        scores = scores.masked_fill(counts == 0, float("-inf")) / temperature
+        p = scores.softmax(dim=1).view(n_views, -1, members.shape[1]).mean(0)  # (B, C), per image
+        confidence, chosen = p.max(dim=1)
+        take = (confidence >= threshold).repeat(n_views) & ~labelled
+        return torch.where(take, chosen.repeat(n_views), labels)
 
 
 @register_loss("supcon")
@@ -119,17 +154,26 @@ class ContrastiveHashLoss(nn.Module):
         supervised_weight, instance_weight: weights of the two terms (either may be 0).
         supervised_temperature, instance_temperature: their softmax temperatures.
         quantization_weight: weight of the pull of ``u`` towards ±1.
+        pseudo_label_threshold: 0 (off), or in (0, 1]: unlabelled images that are confidently
+            close to one class of the batch's labelled items join the class term with that label
+            (`in_batch_pseudo_labels`, at ``pseudo_label_temperature``).
 
-    Items labelled -1 (``data.labelled_fraction``) enter the class term as negatives only, and the
-    instance term as every item does.
+    Items labelled -1 (``data.labelled_fraction``) enter the class term as negatives only (unless
+    pseudo-labelled), and the instance term as every item does.
     """
 
     partial_labels: ClassVar[bool] = True
 
     def __init__(self, n_views: int = 2, supervised_weight: float = 1.0, instance_weight: float = 1.0,
                  supervised_temperature: float = 0.2, instance_temperature: float = 0.2,
-                 quantization_weight: float = 0.0) -> None:
+                 quantization_weight: float = 0.0, pseudo_label_threshold: float = 0.0,
+                 pseudo_label_temperature: float = 0.1) -> None:
         super().__init__()
+        if pseudo_label_threshold and not 0 < pseudo_label_threshold <= 1:
+            raise DeephashError(f"contrastive-hash's pseudo_label_threshold must be 0 (off) or in (0, 1], got {pseudo_label_threshold}")
+        if not pseudo_label_temperature > 0:
+            raise DeephashError(f"contrastive-hash's pseudo_label_temperature must be > 0, got {pseudo_label_temperature}")
+        self.pseudo_label_threshold, self.pseudo_label_temperature = pseudo_label_threshold, pseudo_label_temperature
         if n_views < 2 and instance_weight > 0:
             raise DeephashError(f"contrastive-hash's instance term needs n_views >= 2 (data.views), got {n_views}")
         self.n_views = n_views
@@ -140,6 +184,9 @@ class ContrastiveHashLoss(nn.Module):
     def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = u.new_zeros(())
         if self.supervised_weight:
+            if self.pseudo_label_threshold:
+                labels = in_batch_pseudo_labels(u, labels, self.n_views, self.pseudo_label_threshold,
+                                                self.pseudo_label_temperature)
             loss = loss + self.supervised_weight * supcon_loss(u, labels, self.supervised_temperature)
         if self.instance_weight:
             if len(u) % self.n_views:
