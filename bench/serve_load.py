@@ -53,11 +53,11 @@ from _report import ROOT, cpu_model, cpu_seconds, write_section  # noqa: E402
 SECTION = "## Search service: dynamic batching (bench/serve_load.py)"
 ENGINES = {
     "one-at-a-time": ["--max-batch", "1"],
-    "batched": ["--max-batch", "32", "--batch-wait-ms", "2"],
-    "batched --workers 2": ["--max-batch", "32", "--batch-wait-ms", "2", "--workers", "2"],  # read-only
-    "onnx": ["--max-batch", "32", "--batch-wait-ms", "2"],  # served with --model EXPORT_DIR instead of --run
-    "batched + encode process": ["--max-batch", "32", "--batch-wait-ms", "2", "--encode-processes", "1"],
-    "onnx + encode process": ["--max-batch", "32", "--batch-wait-ms", "2", "--encode-processes", "1"],
+    "batched": ["--max-batch", "32", "--batch-wait-ms", "0"],
+    "batched --workers 2": ["--max-batch", "32", "--batch-wait-ms", "0", "--workers", "2"],  # read-only
+    "onnx": ["--max-batch", "32", "--batch-wait-ms", "0"],  # served with --model EXPORT_DIR instead of --run
+    "batched + encode process": ["--max-batch", "32", "--batch-wait-ms", "0", "--encode-processes", "1"],
+    "onnx + encode process": ["--max-batch", "32", "--batch-wait-ms", "0", "--encode-processes", "1"],
 }
 TOKEN = "bench-token-" + "5e7a" * 6
 BOUNDARY = "deephashbenchboundary"

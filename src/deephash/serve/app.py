@@ -293,7 +293,7 @@ def create_app(
     write_token: str | None = None,
     fold_every: int = 1000,
     max_batch: int = 32,
-    batch_wait_ms: float = 2.0,
+    batch_wait_ms: float = 0.0,
     max_queue: int = 128,
     reload_s: float = 2.0,
     encoder: ImageEncoder | None = None,

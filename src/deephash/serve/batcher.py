@@ -83,7 +83,7 @@ class DynamicBatcher(Generic[T, R]):
     """
 
     def __init__(self, process: Callable[[Sequence[T]], Sequence[R | BaseException]], max_batch: int = 32,
-                 wait_s: float = 0.002, max_queue: int = 256, threads: int = 1) -> None:
+                 wait_s: float = 0.0, max_queue: int = 256, threads: int = 1) -> None:
         if int(max_batch) < 1:
             raise DeephashError(f"max_batch must be >= 1, got {max_batch}")
         if float(wait_s) < 0:
@@ -218,7 +218,7 @@ class AsyncBatcher(Generic[T, R]):
     """
 
     def __init__(self, process: Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]], max_batch: int = 32,
-                 wait_s: float = 0.002, max_queue: int = 256, concurrency: int = 1) -> None:
+                 wait_s: float = 0.0, max_queue: int = 256, concurrency: int = 1) -> None:
         if int(max_batch) < 1 or float(wait_s) < 0 or int(max_queue) < 1 or int(concurrency) < 1:
             raise DeephashError(f"the batcher needs max_batch, max_queue, concurrency >= 1 and a wait >= 0 ms, got "
                                 f"{max_batch}, {max_queue}, {concurrency}, {wait_s * 1000:g} ms")

@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with writes: fold the journal into a new snapshot after this many changes (default: 1000)")
     parser.add_argument("--max-batch", type=int, default=32,
                         help="most searches encoded and searched together (default: 32; 1: one at a time, no batching)")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
-                        help="how long a batch waits for more searches after its first one (default: 2 ms)")
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0,
+                        help="how long a batch waits for more searches after its first one (default: 0: a batch "
+                             "takes the searches already waiting when a batch thread is free, as Triton's default)")
     parser.add_argument("--max-queue", type=int, default=128,
                         help="most searches admitted at once (being read, waiting for a batch or in one); beyond "
                              "it a search is answered 503 with Retry-After (default: 128)")
