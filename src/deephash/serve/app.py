@@ -551,14 +551,12 @@ def create_app(
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
         """Liveness, the process id, the search batching (batch sizes, queue depth, requests shed),
-        the adds' group commits, the encoder processes and the objects frozen out of the garbage
-        collector's reach."""
+        the encoder processes and the objects frozen out of the garbage collector's reach."""
         if batcher is not None:
             batching = {**batcher.stats(), "admitted": admitted}
         else:
             batching = {"max_batch": 1, "queue_depth": 0, "shed": 0, "mean_batch_size": 1.0}
         return {"status": "ok", "pid": os.getpid(), "size": service.info()["size"], "batching": batching,
-                "adds": service.adds.stats(),
                 "gc_frozen": gc.get_freeze_count(),  # objects a full collection skips (`deephash serve` freezes the loaded ones)
                 "encode_processes": 0 if processes is None else processes.processes}
 

@@ -44,7 +44,6 @@ from deephash.retrieval.item_images import png_bytes
 from deephash.retrieval.living import LivingIndex, ReadWriteLock
 from deephash.retrieval.search import DEFAULT_SHORTLIST, IdLookup, search
 from deephash.serve.encoder import ImageEncoder, TorchEncoder
-from deephash.serve.group_commit import GroupCommit
 
 if TYPE_CHECKING:  # the service itself runs without torch (an ONNX Runtime encoder)
     import torch
@@ -70,17 +69,6 @@ class SearchRequest:
     image: bytes | None = None
     item: int | None = None
     code: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class _NewItem:
-    """An upload to add, decoded and encoded: its pixels (the stored image), packed code ``(1, B)``,
-    re-rank vector ``(D,)`` or None, and stored label ``(1,)`` / ``(1, C)`` or None."""
-
-    image: np.ndarray
-    packed: np.ndarray
-    vector: np.ndarray | None
-    label: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -202,8 +190,6 @@ class SearchService:
             self._snapshot = snapshot_key(self.index_dir)
         self._stored = self._stored_ids()
         self._refresh()
-        #: adds without an id that arrive while one is being made durable are committed together
-        self.adds = GroupCommit(self._commit_adds)
 
     def _refresh(self, changed: Any = None) -> None:
         """Re-read the index's ids, codes and labels (after a change, under the write lock)."""
@@ -580,34 +566,21 @@ class SearchService:
             raise DeephashError(f"id {ident} is outside 0 .. 2**63-1")
         image = decode_image(data, self.input_shape, self.max_pixels, crop_fraction=self.crop_fraction)
         packed, vector = self._encode_pixels(image)
-        item = _NewItem(image, packed, vector, self._label_value(label))
-        if ident is None:
-            return self.adds.submit(item)  # with the adds that arrive while another commits
-        return self._commit_adds([item], int(ident))[0]  # alone: a taken id fails this add only
-
-    def _commit_adds(self, items: Sequence[_NewItem], ident: int | None = None) -> list[int]:
-        """Add encoded items in one durable change (one journal record): their images stored
-        first, then the record, then the index and the service's columns. ``ident``: the id of a
-        single item (None: the index's next ids)."""
+        vectors = None if vector is None or self.index.rerank_vectors is None and self.index.ntotal else vector[None, :]
+        labels = self._label_value(label)
         index_dir = self.index_dir
         from deephash.retrieval.item_images import save_item_image
 
-        keep_vectors = all(i.vector is not None for i in items) and not (
-            self.index.rerank_vectors is None and self.index.ntotal)
-        labels = None if items[0].label is None else np.concatenate([i.label for i in items])
-
         def store(ids: np.ndarray) -> None:
-            for item, new in zip(items, ids.tolist()):
-                save_item_image(index_dir, int(new), item.image)  # on disk before the journal makes it visible
+            save_item_image(index_dir, int(ids[0]), image)  # on disk before the journal makes the item visible
 
         def applied(ids: np.ndarray) -> None:
             self._stored.update(int(i) for i in ids.tolist())
             self._refresh()
 
-        added = self.living.add(np.concatenate([i.packed for i in items]), ids=None if ident is None else [ident],
-                                labels=labels, before=store, after=applied,
-                                rerank=np.stack([i.vector for i in items]) if keep_vectors else None)
-        return [int(i) for i in added]
+        added = self.living.add(packed, ids=None if ident is None else [int(ident)], labels=labels,
+                                before=store, after=applied, rerank=vectors)
+        return int(added[0])
 
     def remove_item(self, ident: int) -> None:
         """Remove an item; durable when it returns.
