@@ -53,6 +53,8 @@ class DataConfig:
     ``train_on_database_unlabelled`` (with a class split, ``database_split = train_split``): training
     also sees the unseen classes' database images, without their labels (a catalogue whose new
     classes are not labelled yet), for a loss that takes partial labels.
+    ``limit`` (> 0): at most that many items of every split: an in-memory data set's first ones, a
+    photo folder's spread evenly over its class-by-class listing (``runs.data.limited_items``).
     """
 
     dataset: str = "fashion-mnist"

@@ -63,6 +63,16 @@ def _protocol_indices(config: Config, pooled_labels: np.ndarray, run_dir: Path |
     return split
 
 
+def limited_items(n: int, limit: int, listed_by_class: bool) -> torch.Tensor:
+    """int64 ``(limit,)``: the items ``data.limit`` keeps of ``n``. An in-memory data set keeps its
+    first ``limit`` items (its order is the data set's own, mixed); a photo folder lists its files
+    class by class, so it keeps ``limit`` items spread evenly over the listing (item
+    ``floor(i · n / limit)`` for ``i < limit``), every class in proportion."""
+    if not listed_by_class:
+        return torch.arange(limit)
+    return torch.div(torch.arange(limit) * n, limit, rounding_mode="floor")
+
+
 def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = None,
                training: bool = False) -> ArrayDataset | ImageFolder:
     """The images of one split, as the config says (protocol, class split and ``data.limit`` applied).
@@ -123,7 +133,7 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         else:
             dataset = drop_labels(dataset, keep)
     if config.data.limit > 0 and len(dataset) > config.data.limit:
-        dataset = dataset.subset(torch.arange(config.data.limit))
+        dataset = dataset.subset(limited_items(len(dataset), config.data.limit, isinstance(dataset, ImageFolder)))
     if len(dataset) == 0:
         which = f" of the {'seen' if training else 'unseen'} classes" if config.data.seen_classes else ""
         raise NotFoundError(f"no images{which} in split {split!r} of {config.data.dataset}")
