@@ -289,7 +289,7 @@ class Phase:
 
 def run_wrk(server: Server, script: Path, in_flight: int, seconds: float, workload: str) -> Phase:
     """``wrk`` with ``in_flight`` connections for ``seconds`` against ``server``."""
-    before, cpu_before = server.health()["batching"], server.cpu_s()
+    before, cpu_before = server.health().get("batching", {}), server.cpu_s()
     tic = time.perf_counter()
     proc = subprocess.Popen(["wrk", "-t", "1", "-c", str(in_flight), "-d", f"{seconds:g}s", "--timeout", "30s",
                              "-s", str(script), server.base], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -301,7 +301,7 @@ def run_wrk(server: Server, script: Path, in_flight: int, seconds: float, worklo
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"wrk failed ({proc.returncode}): {output[-2000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    after, cpu_after = server.health()["batching"], server.cpu_s()
+    after, cpu_after = server.health().get("batching", {}), server.cpu_s()
     batches = after.get("batches", 0) - before.get("batches", 0)
     answered = after.get("requests", 0) - before.get("requests", 0)
     if not server.writable:  # several processes: /api/health speaks for whichever one answered

@@ -301,6 +301,7 @@ def test_batch_sampler(name, world):
     if name == "random":
         assert len(seen) == len(set(seen))  # no item twice in an epoch, across ranks
     if name == "labelled-share":  # 3 of 6 labelled in every batch; unlabelled items once an epoch, across ranks
+        assert all((labels[b[:3]] >= 0).all() and (labels[b[3:]] < 0).all() for b in batches)
         unlabelled = [i for i in seen if labels[i] < 0]
         assert len(unlabelled) == len(set(unlabelled)) == 3 * len(seen) // 6
 

@@ -180,6 +180,8 @@ def test_labelled_share_batches(n, every, batch, share):
         if len(chunk) == len(labelled):
             assert sorted(chunk) == labelled
     assert [i for b in sampler for i in b] != [i for b in batches for i in b]  # a fresh epoch draws again
+    passes = [handed[s:s + len(labelled)] for s in range(0, len(handed) - len(labelled) + 1, len(labelled))]
+    assert len(passes) < 2 or passes[0] != passes[1]  # each pass reshuffled
 
 
 def test_labelled_share_is_seeded_and_ranks_split_one_epoch():
@@ -206,7 +208,10 @@ def test_labelled_share_is_seeded_and_ranks_split_one_epoch():
     (_partly_labelled(50, 5), 10, 1.0, "labelled_share must be in (0, 1)"),
     (torch.arange(50) % 3, 10, 0.5, "needs labelled and unlabelled items; got 50 labelled and 0 unlabelled"),
     (torch.full((50,), -1), 10, 0.5, "got 0 labelled and 50 unlabelled"),
-    (_partly_labelled(12, 2), 16, 0.5, "6 unlabelled items fill no batch of 8"),
+    (torch.cat([torch.zeros(10, dtype=torch.int64), torch.full((6,), -1)]), 16, 0.5,
+     "6 unlabelled items fill no batch of 8"),
+    (_partly_labelled(60, 20), 16, 0.5, "3 labelled items fill no batch's 8 labelled places"),
+    (_partly_labelled(50, 5), 1, 0.5, "batches of at least 2 items, got 1"),
 ])
 def test_labelled_share_errors_say_what_to_change(labels, batch, share, message):
     with pytest.raises(DeephashError, match=re.escape(message)):

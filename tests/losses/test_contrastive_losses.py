@@ -117,15 +117,16 @@ def test_contrastive_hash_refuses_rows_that_are_not_views() -> None:
 
 
 def _pseudo_labels_loop(features, labels, n_views, threshold, temperature):
-    """The oracle: image by image, class by class, in plain Python."""
+    """The oracle: image by image, class by class, in plain Python (a tie goes to the class whose
+    first labelled row comes first)."""
     z = torch.nn.functional.normalize(features.double(), dim=1)
     n = len(labels) // n_views
     out = labels.clone()
-    classes = sorted({int(v) for v in labels if v >= 0})
+    classes = list(dict.fromkeys(int(v) for v in labels if v >= 0))  # in order of first appearance
     for image in range(n):
         if labels[image] >= 0:
             continue
-        p = torch.zeros(max(classes) + 1, dtype=torch.float64)
+        p = dict.fromkeys(classes, 0.0)
         for view in range(n_views):
             row = view * n + image
             scores = {c: sum(float(z[row] @ z[j]) for j in range(len(labels)) if labels[j] == c) /
@@ -134,8 +135,9 @@ def _pseudo_labels_loop(features, labels, n_views, threshold, temperature):
             weights = {c: math.exp((s - top) / temperature) for c, s in scores.items()}
             for c in classes:
                 p[c] += weights[c] / sum(weights.values()) / n_views
-        if p.max() >= threshold:
-            out[[view * n + image for view in range(n_views)]] = int(p.argmax())
+        best = max(classes, key=lambda c: (p[c], -classes.index(c)))
+        if p[best] >= threshold:
+            out[[view * n + image for view in range(n_views)]] = best
     return out
 
 
@@ -143,17 +145,30 @@ def _pseudo_labels_loop(features, labels, n_views, threshold, temperature):
 def test_pseudo_labels_match_a_loop(n_views) -> None:
     from deephash.losses.contrastive import in_batch_pseudo_labels
     torch.manual_seed(n_views)
-    b = 12
-    image_labels = torch.tensor([0, 2, 2, 5, -1, -1, -1, -1, 0, -1, 5, -1])  # class 1, 3, 4 absent
-    labels = image_labels.repeat(n_views)
     centers = torch.randn(6, 8) * 3
-    features = centers[image_labels.clamp(min=0)].repeat(n_views, 1) + torch.randn(n_views * b, 8)
-    for threshold in (0.3, 0.6, 0.9, 0.999):
+    labelled = torch.tensor([5, 2, 2, 5, 0, 0, 2])  # classes 1, 3, 4 absent; 5 first
+    # unlabelled images near classes 2, 5, 0, between 0 and 5, and views that lean different ways
+    near = [centers[2], centers[5], centers[0], (centers[0] + centers[5]) / 2, centers[2], centers[0]]
+    b = len(labelled) + len(near)
+    labels = torch.cat([labelled, torch.full((len(near),), -1)]).repeat(n_views)
+    views = []
+    for v in range(n_views):
+        rows = [centers[c] for c in labelled.tolist()] + near
+        rows[-2] = centers[2] if v == 0 else centers[5]  # first view says 2, the others 5
+        rows[-1] = centers[0] if v < n_views - 1 else centers[2]
+        views.append(torch.stack(rows) + 0.7 * torch.randn(b, 8))
+    features = torch.cat(views)
+    taken = set()
+    for threshold in (0.3, 0.5, 0.7, 0.9, 0.999):
         got = in_batch_pseudo_labels(features, labels, n_views, threshold, temperature=0.2)
         assert torch.equal(got, _pseudo_labels_loop(features, labels, n_views, threshold, 0.2))
-    assert torch.equal(in_batch_pseudo_labels(features, labels, n_views, 0.3, 0.2)[labels >= 0], labels[labels >= 0])
-    got = in_batch_pseudo_labels(features, labels, n_views, 1e-9, 0.2)  # every unlabelled image takes a class present
-    assert (got >= 0).all() and set(got.tolist()) <= {0, 2, 5}
+        assert torch.equal(got[labels >= 0], labels[labels >= 0])
+        taken |= set(got[labels < 0].tolist()) - {-1}
+    assert taken == {0, 2, 5}  # every class present is chosen for some image at some threshold
+    got = in_batch_pseudo_labels(features, labels.int(), n_views, 1e-9, 0.2)  # every unlabelled image takes a class
+    assert got.dtype == torch.int64 and (got >= 0).all()
+    with pytest.raises(DeephashError, match="labels .V\\*B,. for V = 3 views"):
+        in_batch_pseudo_labels(features[:-1], labels[:-1], 3, 0.5)
 
 
 def test_pseudo_labels_threshold_is_inclusive_and_nothing_changes_without_labelled_rows() -> None:

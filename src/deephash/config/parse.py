@@ -241,7 +241,7 @@ def _validate_labels(config: Config, source: str) -> None:
         raise ConfigError("sampler.kind = 'labelled-share' mixes labelled and unlabelled items in every batch; it needs "
                           "data.labelled_fraction < 1 (with data.unlabelled = 'keep') or "
                           f"data.train_on_database_unlabelled, in {source}")
-    if not 0 < config.sampler.labelled_share < 1:
+    if config.sampler.kind == "labelled-share" and not 0 < config.sampler.labelled_share < 1:
         raise ConfigError(f"sampler.labelled_share must be in (0, 1), got {config.sampler.labelled_share} in {source}")
     if labels == "class" and all_labelled:
         return  # every training item has its label

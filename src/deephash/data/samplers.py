@@ -243,14 +243,17 @@ class LabelledShareBatchSampler(torch.utils.data.Sampler[list[int]]):
     from ``seed + epoch`` (call :meth:`set_epoch`) and takes every ``world``-th batch.
 
     Raises:
-        DeephashError (a ValueError): ``share`` not in (0, 1), no labelled or no unlabelled item,
-            or fewer unlabelled items than one batch's unlabelled part.
+        DeephashError (a ValueError): ``share`` not in (0, 1), a batch of fewer than 2 items, no
+            unlabelled item, fewer labelled items than one batch's labelled part, or fewer
+            unlabelled items than one batch's unlabelled part.
     """
 
     def __init__(self, labels: torch.Tensor | np.ndarray | Sequence[int], batch_size: int, share: float,
                  generator: torch.Generator | None = None, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         if not 0 < share < 1:
             raise DeephashError(f"sampler.labelled_share must be in (0, 1), got {share}")
+        if batch_size < 2:
+            raise DeephashError(f"the labelled-share sampler needs batches of at least 2 items, got {batch_size}")
         if world < 1 or not 0 <= rank < world:
             raise DeephashError(f"rank must be in [0, world={world}), got {rank}")
         labels = _as_label_tensor(labels)
@@ -261,6 +264,9 @@ class LabelledShareBatchSampler(torch.utils.data.Sampler[list[int]]):
         if len(self.labelled) == 0 or len(self.unlabelled) == 0:
             raise DeephashError(f"the labelled-share sampler needs labelled and unlabelled items; got "
                                 f"{len(self.labelled)} labelled and {len(self.unlabelled)} unlabelled")
+        if len(self.labelled) < self.n_labelled:
+            raise DeephashError(f"{len(self.labelled)} labelled items fill no batch's {self.n_labelled} labelled "
+                                "places; lower sampler.batch_size or sampler.labelled_share")
         if len(self.unlabelled) < self.n_unlabelled * world:
             raise DeephashError(f"{len(self.unlabelled)} unlabelled items fill no batch of {self.n_unlabelled} "
                                 f"unlabelled items per rank; lower sampler.batch_size or raise sampler.labelled_share")

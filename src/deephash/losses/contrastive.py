@@ -70,6 +70,8 @@ def in_batch_pseudo_labels(features: torch.Tensor, labels: torch.Tensor, n_views
     rows of class ``c``; ``p = softmax(scores / temperature)`` over the classes present. An image's
     ``p`` is the mean over its ``n_views`` views (rows ``i, i + B, ...``, view-major); an unlabelled
     image (label < 0) whose largest ``p`` is at least ``threshold`` takes that class on every view.
+    Tensor algebra on the features' device with no host synchronisation: the classes are found as
+    each labelled row's first row of its class, the scores as ``(N, N)`` products.
 
     Args:
         features: float ``(V*B, D)``. labels: int ``(V*B,)``, -1 for no label, equal across an
@@ -80,19 +82,22 @@ def in_batch_pseudo_labels(features: torch.Tensor, labels: torch.Tensor, n_views
     """
     if not 0 < threshold <= 1 or not temperature > 0:
         raise DeephashError(f"pseudo labels need a threshold in (0, 1] and a temperature > 0, got {threshold} and {temperature}")
-    labelled = labels >= 0
-    if not labelled.any() or labelled.all():
-        return labels
+    if features.ndim != 2 or labels.shape != features.shape[:1] or len(labels) % n_views:
+        raise DeephashError(f"pseudo labels need features (V*B, D) and labels (V*B,) for V = {n_views} views, got "
+                            f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    labels = labels.long()
     with torch.no_grad():
         z = F.normalize(features.detach().float(), dim=1)
-        members = F.one_hot(labels.clamp(min=0), int(labels.max()) + 1).float() * labelled[:, None]  # (N, C)
-        counts = members.sum(0)
-        scores = (z @ (z[labelled].T @ members[labelled])) / counts.clamp(min=1)  # mean similarity per class
-        scores = scores.masked_fill(counts == 0, float("-inf")) / temperature
-        p = scores.softmax(dim=1).view(n_views, -1, members.shape[1]).mean(0)  # (B, C), per image
-        confidence, chosen = p.max(dim=1)
-        take = (confidence >= threshold).repeat(n_views) & ~labelled
-        return torch.where(take, chosen.repeat(n_views), labels)
+        labelled = labels >= 0
+        same = (labels[:, None] == labels[None, :]) & labelled[:, None] & labelled[None, :]  # (N, N) same class
+        first = labelled & ~same.tril(-1).any(dim=1)  # each class once: its first labelled row
+        # column j: the mean similarity of every row to the labelled rows of j's class
+        scores = (z @ z.T) @ same.float() / same.sum(0).clamp(min=1)
+        scores = scores.masked_fill(~first, float("-inf")) / temperature  # softmax over the classes present
+        p = scores.softmax(dim=1).view(n_views, -1, len(labels)).mean(0)  # (B, N), per image; NaN without labels
+        confidence, column = p.max(dim=1)
+        take = (confidence >= threshold).repeat(n_views) & ~labelled  # NaN >= threshold is False
+        return torch.where(take, labels[column].repeat(n_views), labels)
 
 
 @register_loss("supcon")

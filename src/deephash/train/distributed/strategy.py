@@ -33,7 +33,7 @@ class Strategy:
         return self.rank == 0
 
     def batch_sampler(self, kind: str, labels: torch.Tensor, *, n_classes: int, n_samples: int, batch_size: int,
-                      generator: torch.Generator, seed: int, labelled_share: float = 0.5) -> torch.utils.data.Sampler:
+                      generator: torch.Generator, seed: int, labelled_share: float) -> torch.utils.data.Sampler:
         """This process's training batches of ``sampler.kind`` (see ``deephash.data.BATCH_SAMPLERS``)."""
         return BATCH_SAMPLERS.create(kind, labels=labels, n_classes=n_classes, n_samples=n_samples,
                                      batch_size=batch_size, labelled_share=labelled_share, generator=generator,
