@@ -238,7 +238,7 @@ class LabelledShareBatchSampler(torch.utils.data.Sampler[list[int]]):
     (batch_size - L)`` batches; the rest is dropped), while the labelled items are handed out in
     shuffled passes, one after another, as often as the epoch needs them: with 10 % of the items
     labelled and half of every batch labelled, each labelled item comes about nine times per epoch.
-    Two passes meet inside at most one batch of an epoch, where an item may come twice. The epoch is
+    A batch in which one pass ends and the next begins may hold an item twice. The epoch is
     drawn at once (a random-key sort per pass). With ``world > 1`` every rank draws the same epoch
     from ``seed + epoch`` (call :meth:`set_epoch`) and takes every ``world``-th batch.
 
