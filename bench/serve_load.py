@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         return next((p for p in phases if (p.server, p.search, p.workload, p.in_flight) == key), None)
 
     ratios = []
-    for reference in (r for r in ("one-at-a-time", baseline) if r is not None and (r in engines or r == baseline)):
+    references = ["one-at-a-time"] if "one-at-a-time" in engines else []
+    for reference in references + ([baseline] if baseline is not None else []):
         for name in (e for e in engines if e not in ("one-at-a-time", reference)):
             for p in (p for p in phases if p.server == name):
                 base = find(reference, p.search, p.workload, p.in_flight)
