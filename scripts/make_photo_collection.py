@@ -8,6 +8,8 @@ folder is ``OUT/train/<class>/<n>.<ext>`` and ``OUT/test/<class>/<n>.<ext>``, dr
 official train and test splits in proportion (6:1); ``--n 70000`` renders every item.
 
 Everything is seeded: the same ``--seed`` and ``--n`` give the same files, whatever ``--workers``.
+Files are written atomically, and a second run over the same folder renders only the missing ones,
+so an interrupted run resumes.
 
     python scripts/make_photo_collection.py --out photos --n 2000 --workers 2
 """
@@ -28,6 +30,8 @@ from deephash.data import FASHION_MNIST_CLASSES, load_dataset
 #: Share of items per kind: the rest are plain RGB files.
 SHARES = {"corrupt": 0.01, "exif": 0.05, "cmyk": 0.03, "palette": 0.03, "rgba": 0.03}
 FORMATS = (("jpg", 0.6), ("png", 0.25), ("webp", 0.15))
+#: The file type each special kind is stored as (the others take the drawn format).
+EXTENSIONS = {"cmyk": "jpg", "palette": "png", "rgba": "png", "exif": "jpg"}
 
 
 def class_folder(name: str) -> str:
@@ -104,12 +108,17 @@ def make_one(job: tuple[int, int, str, str, np.ndarray, Path]) -> str:
             kind = name
             break
     fmt = str(rng.choice([f for f, _ in FORMATS], p=[p for _, p in FORMATS]))
-    data, ext = encode_file(render(item, rng), "plain" if kind == "corrupt" else kind, fmt, rng)
+    folder = out / split / class_folder(class_name)
+    target = folder / f"{number:05d}.{EXTENSIONS.get(kind, fmt)}"
+    if target.exists():  # written by an earlier, interrupted run: the same seed gives the same bytes
+        return kind
+    data, _ = encode_file(render(item, rng), "plain" if kind == "corrupt" else kind, fmt, rng)
     if kind == "corrupt":
         data = data[: len(data) // 3] if rng.random() < 0.5 else rng.bytes(512)
-    folder = out / split / class_folder(class_name)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{number:05d}.{ext}").write_bytes(data)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(target)  # atomic: a killed run leaves no half-written image behind
     return kind
 
 

@@ -60,3 +60,26 @@ def test_the_collection_is_seeded_and_listed_by_class(script, tiny_fmnist, tmp_p
     assert len(train) + len(train.bad_files) == 12 and set(train.classes) <= {"T-shirt_top", "Trouser", "Pullover"}
     image = Image.open(io.BytesIO((tmp_path / "a" / files[0]).read_bytes()))
     assert image.format in ("JPEG", "PNG", "WEBP")
+
+
+def test_an_interrupted_collection_resumes_to_the_same_files(script, tiny_fmnist, tmp_path):
+    root, _ = tiny_fmnist
+    args = ["--n", "14", "--root", str(root)]
+    assert script.main(["--out", str(tmp_path / "whole"), *args]) == 0
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert script.main(["--out", str(tmp_path / "cut"), *args]) == 0
+    for name in files[::3]:  # as if the run had been killed before these were written
+        (tmp_path / "cut" / name).unlink()
+    kept = {name: (tmp_path / "cut" / name).stat().st_mtime_ns for name in files if (tmp_path / "cut" / name).exists()}
+    assert script.main(["--out", str(tmp_path / "cut"), *args]) == 0
+    resumed = sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut").rglob("*") if p.is_file())
+    assert resumed == files  # no ".partial" file left behind
+    assert all((tmp_path / "cut" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes() for f in files)
+    assert all((tmp_path / "cut" / name).stat().st_mtime_ns == stamp for name, stamp in kept.items())  # not rewritten
+
+
+@pytest.mark.parametrize("kind", sorted(["cmyk", "palette", "rgba", "exif"]))
+def test_the_extension_table_matches_what_each_kind_is_stored_as(script, kind):
+    picture = np.full((130, 140, 3), 90, np.uint8)
+    _, ext = script.encode_file(picture, kind, "webp", np.random.default_rng(0))
+    assert script.EXTENSIONS[kind] == ext
