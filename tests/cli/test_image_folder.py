@@ -431,3 +431,39 @@ def test_a_split_folder_changed_between_two_runs_is_encoded_again(photo_run, tmp
     assert json.loads((copy / "metrics.json").read_text())["protocol"]["n_query"] == n_test
     build_index(copy, split="test", out=tmp_path / "second")
     check(tmp_path / "second")
+
+
+def test_steps_per_epoch_trains_that_many_batches_an_epoch_and_resumes_to_the_same_weights(photo_run, tmp_path):
+    """``train.steps_per_epoch``: every epoch trains the first N batches of a fresh draw; a run
+    interrupted after an epoch and resumed ends with the weights of an uninterrupted one."""
+    from deephash import runs
+
+    run, _ = photo_run
+    sets = ["train.epochs=3", "train.steps_per_epoch=1"]  # 18 good training photos, batches of 9: 2 a whole epoch
+
+    class Steps:
+        def __init__(self):
+            self.per_epoch: dict[int, list[int]] = {}
+
+        def on_step_end(self, epoch, step, loss_value, n_images):
+            self.per_epoch.setdefault(epoch, []).append(n_images)
+
+    counted = Steps()
+    whole = runs.train_run(load_config(run / "config.toml", sets), tmp_path / "whole", progress=False, callbacks=[counted])
+    assert counted.per_epoch == {0: [9], 1: [9], 2: [9]}
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [0, 1, 2]
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_run(load_config(run / "config.toml", sets), tmp_path / "parted", progress=False, callbacks=[Interrupt()])
+    runs.train_run(load_config(run / "config.toml", sets), tmp_path / "parted", resume=True, progress=False)
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "parted" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    two = runs.train_run(load_config(run / "config.toml", ["train.epochs=3"]), tmp_path / "full", progress=False)
+    c = torch.load(two / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # whole epochs train other batches

@@ -216,3 +216,41 @@ def test_labelled_share_is_seeded_and_ranks_split_one_epoch():
 def test_labelled_share_errors_say_what_to_change(labels, batch, share, message):
     with pytest.raises(DeephashError, match=re.escape(message)):
         LabelledShareBatchSampler(labels, batch, share)
+
+
+def test_first_batches_are_the_wrapped_samplers_first_batches_every_epoch():
+    from deephash.data import FirstBatches
+    from deephash.data.samplers import RandomBatchSampler
+
+    wrapped = FirstBatches(RandomBatchSampler(100, 8, torch.Generator().manual_seed(5)), 3)
+    oracle = RandomBatchSampler(100, 8, torch.Generator().manual_seed(5))
+    seen = set()
+    for _ in range(4):  # each epoch: a fresh permutation, its first 3 batches (what an unwrapped epoch starts with)
+        epoch = list(wrapped)
+        assert epoch == list(oracle)[:3] and len(wrapped) == 3
+        items = [i for batch in epoch for i in batch]
+        assert len(items) == len(set(items)) == 24  # without replacement within the epoch
+        seen |= set(items)
+    assert len(seen) > 24  # a new subset every epoch
+    assert len(FirstBatches(RandomBatchSampler(20, 8, torch.Generator()), 10)) == 3  # never more than an epoch has
+    with pytest.raises(DeephashError, match="steps_per_epoch"):
+        FirstBatches(oracle, 0)
+
+
+def test_first_batches_pass_set_epoch_on_so_distributed_ranks_stay_disjoint():
+    from deephash.data import FirstBatches
+
+    labels = make_labels([40, 40, 40, 40])
+    ranks = [FirstBatches(DistributedBalancedBatchSampler(labels, 2, 3, num_replicas=2, rank=r, seed=7), 2) for r in (0, 1)]
+    full = [DistributedBalancedBatchSampler(labels, 2, 3, num_replicas=2, rank=r, seed=7) for r in (0, 1)]
+    for epoch in (0, 3):
+        for r in (0, 1):
+            ranks[r].set_epoch(epoch)
+            full[r].set_epoch(epoch)
+        a, b = list(ranks[0]), list(ranks[1])
+        assert a == list(full[0])[:2] and b == list(full[1])[:2]
+        assert all(not set(x) & set(y) for x, y in zip(a, b))
+    ranks[0].set_epoch(0)
+    first = list(ranks[0])
+    ranks[0].set_epoch(3)
+    assert list(ranks[0]) != first

@@ -146,6 +146,8 @@ def _validate(config: Config, source: str) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value} in {source}")
+    if config.train.steps_per_epoch < 0:
+        raise ConfigError(f"train.steps_per_epoch must be 0 (whole epochs) or positive, got {config.train.steps_per_epoch} in {source}")
     if config.model.code_rule == "posterior":
         m = config.model
         if (m.head != "hash" or m.aux_classes < 2 or config.train.aux_weight <= 0 or config.loss.name != "csq"

@@ -164,6 +164,9 @@ class TrainConfig:
     ``ema_decay``: keep an exponential moving average of the weights, updated after every
     optimizer step with this decay in [0, 1), and save it as the run's model (0 = off).
     ``final_epochs_no_augment``: the last N epochs train without augmentation.
+    ``steps_per_epoch``: train on the first N batches of every epoch's draw (0 = whole epochs):
+    with the random sampler, a fresh random subset of N · batch_size images each epoch, for a
+    collection too big to pass over many times (``data.FirstBatches``).
     ``eval_every``: compute the loss on the query split every N epochs (0 = never).
     ``num_threads``: torch CPU threads (0 = leave torch's default).
     ``mine_globally``: under DDP, mine and apply the loss on the global batch (every rank's
@@ -179,6 +182,7 @@ class TrainConfig:
     tanh_scale: list[float] = field(default_factory=list)
     ema_decay: float = 0.0
     final_epochs_no_augment: int = 0
+    steps_per_epoch: int = 0
     eval_every: int = 0
     num_threads: int = 0
     mine_globally: bool = True

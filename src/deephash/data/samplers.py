@@ -295,6 +295,37 @@ class LabelledShareBatchSampler(torch.utils.data.Sampler[list[int]]):
         yield from batches.tolist()
 
 
+class FirstBatches(torch.utils.data.Sampler[list[int]]):
+    """The first ``n_batches`` batches of every epoch of another batch sampler (``train.steps_per_epoch``).
+
+    A collection too big to pass over in one epoch trains on a fresh part of it every epoch: the
+    random sampler's first batches are a new random subset without replacement each epoch, the
+    balanced sampler's are new balanced batches. ``set_epoch`` is passed on, so DDP ranks stay in
+    step (every rank takes the same number of batches of the same global draw).
+
+    Raises:
+        DeephashError (a ValueError): ``n_batches < 1``.
+    """
+
+    def __init__(self, batch_sampler: torch.utils.data.Sampler[list[int]], n_batches: int) -> None:
+        if n_batches < 1:
+            raise DeephashError(f"train.steps_per_epoch must be at least 1 (or 0 for whole epochs), got {n_batches}")
+        self.batch_sampler, self.n_batches = batch_sampler, n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch of the wrapped sampler, where it has epochs."""
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return min(self.n_batches, len(self.batch_sampler))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.batch_sampler)
+        for _ in range(len(self)):
+            yield next(batches)
+
+
 @BATCH_SAMPLERS.register("balanced")
 def _balanced(labels: torch.Tensor, n_classes: int, n_samples: int, batch_size: int, generator: torch.Generator,
               seed: int, rank: int = 0, world: int = 1, labelled_share: float = 0.5) -> torch.utils.data.Sampler:

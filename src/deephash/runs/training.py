@@ -26,7 +26,7 @@ from deephash.runs.data import load_split, training_stats
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE, SKIPPED_FILE
 from deephash.runs.model_file import save_model
 from deephash.runs.rerank_head import train_rerank_head
-from deephash.data.samplers import RandomBatchSampler
+from deephash.data.samplers import FirstBatches, RandomBatchSampler
 from deephash.train.callbacks import JsonlLogger, read_jsonl
 from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
 from deephash.train.distributed import Strategy, current_strategy
@@ -183,6 +183,8 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     batches = strategy.batch_sampler(s.kind, train_set.targets, n_classes=s.n_classes, n_samples=s.n_samples,
                                      batch_size=s.batch_size, generator=generators.sampler, seed=config.seed,
                                      labelled_share=s.labelled_share)
+    if config.train.steps_per_epoch:
+        batches = FirstBatches(batches, config.train.steps_per_epoch)
     loader = make_loader(train_set, batches, device, config, generators.augment)
     if len(loader) == 0:
         raise DeephashError(f"{len(train_set)} training images make no batch of the sampler's size; lower the sampler's sizes")
