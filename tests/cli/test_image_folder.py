@@ -467,3 +467,20 @@ def test_steps_per_epoch_trains_that_many_batches_an_epoch_and_resumes_to_the_sa
     two = runs.train_run(load_config(run / "config.toml", ["train.epochs=3"]), tmp_path / "full", progress=False)
     c = torch.load(two / "model.pt", weights_only=True)["state_dict"]
     assert not all(torch.equal(a[k], c[k]) for k in a)  # whole epochs train other batches
+
+
+def test_evaluate_lists_the_files_each_split_left_out(photo_run, tmp_path):
+    run, photos = photo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    truncated = photos / "test" / "blue" / "zz-cut.png"
+    truncated.write_bytes((photos / "test" / "blue" / "0.png").read_bytes()[:60])  # its header reads, its pixels do not
+    try:
+        assert main(["evaluate", str(copy)]) == 0
+    finally:
+        truncated.unlink()
+    listed = {split: [line.split("\t")[0] for line in (copy / "codes" / f"{split}.npz.skipped.txt").read_text().splitlines()]
+              for split in ("train", "test")}
+    assert listed == {"train": [str(photos / "train" / "red" / "zz-notes.png")], "test": [str(truncated)]}
+    protocol = json.loads((copy / "metrics.json").read_text())["protocol"]
+    assert (protocol["n_query"], protocol["n_database"]) == (9, 18)  # every other file has its row

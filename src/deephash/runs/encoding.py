@@ -243,7 +243,8 @@ def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, confi
     narrowed in place to the items that have one (:meth:`ImageFolder.keep`), so its images stay
     aligned with the rows (the report's pictures, the near-duplicate queries). A photo folder's
     cache also records its listing (:func:`_listing_digest`: each file's relative path, size and
-    label, taken before any narrowing): a folder changed since is encoded again."""
+    label, taken before any narrowing): a folder changed since is encoded again. The files left out
+    are listed in ``RUN_DIR/codes/SPLIT.npz.skipped.txt`` (:func:`write_skipped`)."""
     run_dir = Path(run_dir)
     stamp = model_digest(run_dir)
     cache = run_dir / CODES_DIR / f"{split}.npz"
@@ -264,6 +265,7 @@ def encode_split_with_rerank(run_dir: str | os.PathLike, model: nn.Module, confi
     extra: dict[str, np.ndarray] = {}
     if isinstance(dataset, ImageFolder):
         codes, labels, vectors, positions = encode_items(model, dataset, num_workers=config.data.num_workers)
+        write_skipped(dataset, cache)  # RUN_DIR/codes/SPLIT.npz.skipped.txt: the files that have no row
         dataset.keep(positions)
         extra["positions"] = positions
         extra["listing_sha256"] = np.str_(listing)
