@@ -213,3 +213,46 @@ def learning_seeds() -> list[int]:
     variable ``DEEPHASH_LEARNING_SEEDS`` (set only to check that a learning test holds for several
     seeds, RELIABILITY.md)."""
     return [int(s) for s in os.environ.get("DEEPHASH_LEARNING_SEEDS", "0").split(",")]
+
+
+#: What the stand-in timm says its pretrained weights expect, by model name (timm's ImageNet values).
+STAND_IN_TIMM_CFG = {
+    "resnet50": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (3, 224, 224)},
+    "tiny": {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.25), "input_size": (3, 160, 160)},
+}
+
+
+def stand_in_pretrained_weight(in_chans: int) -> torch.Tensor:
+    """The stand-in timm's "downloaded" first convolution: fixed random values, (8, in_chans, 3, 3)."""
+    return torch.randn(8, in_chans, 3, 3, generator=torch.Generator().manual_seed(1234))
+
+
+def install_stand_in_timm(monkeypatch) -> list[dict]:
+    """Put a stand-in for timm's public API in ``sys.modules`` (timm cannot be installed beside the
+    pinned CPU torch: it needs torchvision): ``create_model(name, pretrained, num_classes, in_chans,
+    **kwargs)`` returns a small CNN (deephash's ``fmnist-cnn``, 16 features) whose first convolution is
+    :func:`stand_in_pretrained_weight` when ``pretrained`` (the "downloaded weights"), and
+    ``get_pretrained_cfg_value(name, key)`` reads :data:`STAND_IN_TIMM_CFG`. Returns the list of
+    ``create_model`` calls, appended to as made."""
+    import types
+
+    from torch import nn
+
+    calls: list[dict] = []
+
+    def create_model(name, pretrained=False, num_classes=1000, in_chans=3, **kwargs):
+        calls.append({"name": name, "pretrained": pretrained, "num_classes": num_classes, "in_chans": in_chans, **kwargs})
+        from deephash.models.backbones import FMnistCNN
+
+        net = FMnistCNN(in_chans, width=8, depth=(1, 1))  # features: 16, from "features.0" (a 3x3 convolution)
+        net.num_features = 16
+        if pretrained:
+            with torch.no_grad():
+                net.features[0].weight.copy_(stand_in_pretrained_weight(in_chans))
+        return net
+
+    module = types.SimpleNamespace(
+        create_model=create_model,
+        get_pretrained_cfg_value=lambda name, key: STAND_IN_TIMM_CFG.get(name, {}).get(key))
+    monkeypatch.setitem(sys.modules, "timm", module)
+    return calls

@@ -235,6 +235,11 @@ def test_first_batches_are_the_wrapped_samplers_first_batches_every_epoch():
     assert len(FirstBatches(RandomBatchSampler(20, 8, torch.Generator()), 10)) == 3  # never more than an epoch has
     with pytest.raises(DeephashError, match="steps_per_epoch"):
         FirstBatches(oracle, 0)
+    from deephash.config import config_from_dict
+    from deephash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.steps_per_epoch must be 0 .* got -1"):
+        config_from_dict({"train": {"steps_per_epoch": -1}})
 
 
 def test_first_batches_pass_set_epoch_on_so_distributed_ranks_stay_disjoint():

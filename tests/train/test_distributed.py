@@ -352,3 +352,29 @@ def test_nproc_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DistributedError, match="nproc-per-node"):
         launch(print, 2)
+
+
+@pytest.mark.timeout(600)
+def test_a_frozen_first_epoch_from_a_weights_file_trains_under_ddp(tmp_path):
+    """DDP with a backbone frozen for the first epoch (parameters without gradient in some steps:
+    ``find_unused_parameters``) and a scaled backbone rate runs to the end and trains the
+    backbone in its second epoch, starting from a weights file."""
+    from safetensors.torch import save_file
+
+    from deephash.config import load_config
+    from deephash.models import build_model
+
+    _tiny_fashion_mnist(tmp_path / "data")
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(CONFIG.format(root=tmp_path / "data"))
+    start = build_model(load_config(config_path).model).backbone.state_dict()
+    save_file(start, tmp_path / "start.safetensors")
+    sets = [f"model.pretrained_path={str(tmp_path / 'start.safetensors')!r}", "train.freeze_backbone_epochs=1",
+            "optimizer.backbone_lr_scale=0.5"]
+    argv = ["train", str(config_path), "--nproc", "2", "--quiet", *[a for s in sets for a in ("--set", s)]]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    trained = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
+    changed = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(trained[f"backbone.{k}"], v)]
+    assert changed  # the second epoch trained the backbone
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [0.5, 1.0]  # (the frozen epoch itself: tests/models/test_pretrained.py)

@@ -146,6 +146,14 @@ def _validate(config: Config, source: str) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value} in {source}")
+    if not config.optimizer.backbone_lr_scale >= 0:
+        raise ConfigError(f"optimizer.backbone_lr_scale must be >= 0, got {config.optimizer.backbone_lr_scale} in {source}")
+    if not 0 <= config.train.freeze_backbone_epochs < config.train.epochs:
+        raise ConfigError(f"train.freeze_backbone_epochs must be in [0, train.epochs = {config.train.epochs}), got "
+                          f"{config.train.freeze_backbone_epochs} in {source}")
+    if config.model.pretrained and not config.model.backbone.startswith("timm:"):
+        raise ConfigError(f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
+                          f"{config.model.backbone!r}; give a weights file as model.pretrained_path instead, in {source}")
     if config.train.steps_per_epoch < 0:
         raise ConfigError(f"train.steps_per_epoch must be 0 (whole epochs) or positive, got {config.train.steps_per_epoch} in {source}")
     if config.model.code_rule == "posterior":
@@ -186,8 +194,8 @@ def _validate(config: Config, source: str) -> None:
     if config.data.dataset == "folder" and not config.data.images:
         raise ConfigError(f"data.images must name an image folder when data.dataset = 'folder' in {source}")
     d = config.data
-    if d.image_size < 1 or d.channels not in (1, 3) or d.num_workers < 0 or not 0 <= d.max_bad_fraction <= 1:
-        raise ConfigError(f"data.image_size must be >= 1, data.channels 1 or 3, data.num_workers >= 0 and "
+    if d.image_size < 0 or d.channels not in (1, 3) or d.num_workers < 0 or not 0 <= d.max_bad_fraction <= 1:
+        raise ConfigError(f"data.image_size must be >= 0 (0: the backbone's), data.channels 1 or 3, data.num_workers >= 0 and "
                           f"data.max_bad_fraction in [0, 1], in {source}")
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1 or not 0 <= d.color_jitter < 1:
         raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1 and data.color_jitter in [0, 1), in {source}")

@@ -35,8 +35,9 @@ class DataConfig:
     protocol of metric learning: training uses only the seen classes' images, queries and database
     only the unseen classes' (retrieval of classes training never saw).
 
-    A photo folder (``dataset = "folder"``) is streamed from disk: ``image_size`` (pixels, square)
-    and ``channels`` (1 or 3) are what the model sees; ``num_workers`` decoding processes;
+    A photo folder (``dataset = "folder"``) is streamed from disk: ``image_size`` (pixels, square;
+    0: the input size of a pretrained timm backbone's configuration, else 224) and ``channels``
+    (1 or 3) are what the model sees; ``num_workers`` decoding processes;
     training crops a random ``crop_scale`` share of each image, flips it and jitters its colours
     by ``color_jitter``; evaluation resizes the shorter side and crops the centre. Unreadable files
     are skipped (listed in ``RUN_DIR/skipped.txt``) until more than ``max_bad_fraction`` are bad.
@@ -70,7 +71,7 @@ class DataConfig:
     views: int = 1
     seen_classes: list[int] = field(default_factory=list)
     unseen_classes: list[int] = field(default_factory=list)
-    image_size: int = 224
+    image_size: int = 0
     channels: int = 3
     num_workers: int = 0
     max_bad_fraction: float = 0.01
@@ -124,12 +125,15 @@ class SamplerConfig:
 
 @dataclass
 class OptimizerConfig:
-    """``adam``, ``adamw`` or ``sgd``."""
+    """``adam``, ``adamw`` or ``sgd``. ``backbone_lr_scale``: the backbone's learning rate is
+    ``lr`` times this (the heads keep ``lr``), e.g. 0.1 to fine-tune a pretrained backbone gently;
+    every schedule keeps the ratio."""
 
     name: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -164,6 +168,9 @@ class TrainConfig:
     ``ema_decay``: keep an exponential moving average of the weights, updated after every
     optimizer step with this decay in [0, 1), and save it as the run's model (0 = off).
     ``final_epochs_no_augment``: the last N epochs train without augmentation.
+    ``freeze_backbone_epochs``: the first N epochs train the heads alone on a frozen backbone (no
+    gradient, BatchNorm statistics kept): a warm-up that spares pretrained features the random
+    heads' first gradients.
     ``steps_per_epoch``: train on the first N batches of every epoch's draw (0 = whole epochs):
     with the random sampler, a fresh random subset of N · batch_size images each epoch, for a
     collection too big to pass over many times (``data.FirstBatches``).
@@ -182,6 +189,7 @@ class TrainConfig:
     tanh_scale: list[float] = field(default_factory=list)
     ema_decay: float = 0.0
     final_epochs_no_augment: int = 0
+    freeze_backbone_epochs: int = 0
     steps_per_epoch: int = 0
     eval_every: int = 0
     num_threads: int = 0

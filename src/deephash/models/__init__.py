@@ -14,6 +14,7 @@ from deephash.models.backbones import (
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, IdentityHead, Normalize, sign_codes
 from deephash.models.pca_codes import fit_linear_hash, fit_pca_codes, itq_rotation, linear_hash_codes, pca_codes, pca_projection, pca_rows, random_rotation
 from deephash.models.posterior_codes import posterior_path_codes
+from deephash.models.pretrained import load_backbone_weights, load_state_dict_file, timm_input_config
 from deephash.models.retrieval_model import CODE_RULES, RERANK_VECTORS, RetrievalModel, build_model, channels_last_on_cpu, model_spec
 from deephash.models.seed_networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
 from deephash.models.spec import ModelSpec
@@ -47,6 +48,8 @@ __all__ = [
     "linear_hash_codes",
     "itq_rotation",
     "list_backbones",
+    "load_backbone_weights",
+    "load_state_dict_file",
     "model_spec",
     "pca_codes",
     "pca_projection",
@@ -56,4 +59,5 @@ __all__ = [
     "register_backbone",
     "sign_codes",
     "timm_backbone",
+    "timm_input_config",
 ]

@@ -8,12 +8,11 @@ Each maps float (B, C, H, W) images to (B, out_features) features and exposes ``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from deephash.errors import DeephashError, NotFoundError
+from deephash.errors import DeephashError, first_line
 from deephash.models.seed_networks import EmbeddingNet, seed_convnet
 from deephash.registry import Registry
 
@@ -207,21 +206,18 @@ def resnet18_cifar(in_channels: int = 3, width: int = 64) -> ResNetCifar:
     return ResNetCifar(in_channels, width, (2, 2, 2, 2))
 
 
-def timm_backbone(
-    model_name: str, in_channels: int = 3, pretrained_path: str | Path | None = None, **params: object
-) -> nn.Module:
+def timm_backbone(model_name: str, in_channels: int = 3, pretrained: bool = False, **params: object) -> nn.Module:
     """A timm model as a feature extractor (``num_classes=0``).
 
     Args:
         model_name: A timm model name.
         in_channels: Image channels C.
-        pretrained_path: Optional local file with the model's state dict (read with
-            ``weights_only=True``); nothing is downloaded.
+        pretrained: Start from timm's own pretrained weights (its hub cache; downloaded where the
+            machine can reach the hub).
         **params: Further keyword arguments of ``timm.create_model``.
 
     Raises:
-        DeephashError: timm is not installed, or the weights do not fit the model.
-        NotFoundError: ``pretrained_path`` does not exist.
+        DeephashError: timm is not installed, or it could not make the model or its weights.
     """
     try:
         import timm
@@ -229,15 +225,11 @@ def timm_backbone(
         raise DeephashError(
             f"backbone 'timm:{model_name}' needs the timm package; install it with `pip install timm`"
         ) from exc
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_channels, **params)
-    if pretrained_path is not None:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise NotFoundError(f"pretrained weights {path} do not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise DeephashError(f"weights in {path} lack {len(missing)} parameters of {model_name}, e.g. {missing[0]}")
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_channels, **params)
+    except (RuntimeError, OSError, ValueError) as exc:  # unknown model, no weights, hub unreachable
+        what = "pretrained " if pretrained else ""
+        raise DeephashError(f"timm could not make the {what}model {model_name!r}: {first_line(exc)}") from None
     model.out_features = int(model.num_features)
     return model
 

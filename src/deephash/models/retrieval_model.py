@@ -13,6 +13,7 @@ from deephash.models.backbones import create_backbone
 from deephash.models.heads import HEADS, ClassifierHead, EmbeddingHead, HashHead, Normalize, sign_codes
 from deephash.models.pca_codes import PROJECTION_RULES, pca_codes
 from deephash.models.posterior_codes import posterior_path_codes
+from deephash.models.pretrained import load_backbone_weights
 from deephash.models.spec import ModelSpec
 from deephash.registry import Registry
 
@@ -295,14 +296,18 @@ def _pca_rule(model: RetrievalModel, source: torch.Tensor) -> torch.Tensor:
     return pca_codes(source, model.code_mean, model.code_projection, model.code_power)
 
 
-def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
+def build_model(spec: ModelSpec | Mapping[str, Any], weights: bool = True) -> RetrievalModel:
     """Build a RetrievalModel from a :class:`ModelSpec` or a dict of its keys (defaults for the rest).
 
     Empty ``mean``/``std`` become 0 and 1 per channel. ``{"backbone": "seed-embeddingnet",
-    "embedding_dim": 2}`` is the seed's EmbeddingNet with an identity head.
+    "embedding_dim": 2}`` is the seed's EmbeddingNet with an identity head. With ``weights`` the
+    backbone starts from the spec's pretrained weights (``pretrained``, ``pretrained_path``);
+    without, from random ones (a saved model's state dict follows).
 
     Raises:
-        ConfigError: an unknown key or a bad value, naming it.
+        ConfigError: an unknown key or a bad value, naming it; ``pretrained`` on a backbone that
+            is not timm's.
+        DeephashError: the pretrained weights cannot be had or do not fit.
     """
     s = ModelSpec.from_dict(spec)
     s.mean = list(s.mean) or [0.0] * s.in_channels
@@ -310,7 +315,14 @@ def build_model(spec: ModelSpec | Mapping[str, Any]) -> RetrievalModel:
     params = dict(s.backbone_params)
     if s.backbone == "seed-embeddingnet":
         params["embedding_dim"] = s.embedding_dim
+    if s.backbone.startswith("timm:"):
+        params["pretrained"] = weights and (s.pretrained or bool(params.get("pretrained", False)))
+    elif s.pretrained:
+        raise ConfigError(f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
+                          f"{s.backbone!r}; give a weights file as model.pretrained_path instead")
     backbone = create_backbone(s.backbone, in_channels=s.in_channels, **params)
+    if weights and s.pretrained_path:
+        load_backbone_weights(backbone, s.pretrained_path)
     head = HEADS.create(s.head, in_features=backbone.out_features, spec=s)
     model = RetrievalModel(backbone, head, s.mean, s.std, aux_classes=s.aux_classes or None,
                            code_rule=s.code_rule, code_temperature=s.code_temperature, rerank=s.rerank,

@@ -39,7 +39,11 @@ class ModelSpec:
     views, ``train.rerank_weight`` or ``[rerank_head]``; its input, ``rerank_source``, is the
     backbone's features or, for backbones with ``forward_with_map`` (``fmnist-cnn``), ``"map"``:
     the last feature map as the fully connected layer reads it, which keeps more of the image;
-    see ``RERANK_VECTORS``).
+    see ``RERANK_VECTORS``). ``pretrained``: a ``timm:<model>`` backbone starts from timm's own
+    pretrained weights (``timm.create_model(pretrained=True)``: its hub cache, downloaded on
+    machines that can reach it); ``pretrained_path``: the backbone starts from a local state dict
+    (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``weights_only``), for any backbone.
+    Both act when a run starts training; a trained run's ``model.pt`` holds every weight itself.
     """
 
     backbone: str = "seed-cnn"
@@ -59,6 +63,8 @@ class ModelSpec:
     rerank_source: str = "features"
     code_source: str = "features"
     code_power: float = 1.0
+    pretrained: bool = False
+    pretrained_path: str = ""
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> ModelSpec:

@@ -25,10 +25,11 @@ from deephash.losses.registry import LOSSES
 from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.schedules import LinearRamp, Schedule
 from deephash.mining import create_selector
+from deephash.models.pretrained import timm_input_config
 from deephash.train.optim import create_optimizer, create_scheduler
 
 __all__ = ["build_loss", "build_optimizer", "build_scheduler", "loss_schedules", "make_loader", "model_for_data",
-           "training_outputs"]
+           "training_outputs", "with_pretrained_inputs"]
 
 _SELECTOR_KEYS = ("selector", "triplet_selector", "pair_selector")
 
@@ -38,6 +39,22 @@ def model_for_data(config: Config, in_channels: int, mean: list[float], std: lis
     model = dataclasses.replace(config.model, in_channels=in_channels, mean=config.model.mean or mean,
                                 std=config.model.std or std)
     return dataclasses.replace(config, model=model)
+
+
+def with_pretrained_inputs(config: Config) -> Config:
+    """``config`` with what a pretrained timm backbone's weights expect filled in where it is left
+    open: ``model.mean``/``model.std`` (empty) and ``data.image_size`` (0) from timm's pretrained
+    configuration (``model.pretrained``, or a ``model.pretrained_path`` for a ``timm:`` backbone);
+    otherwise unchanged (the mean and std then come from the training images, the size is 224)."""
+    m = config.model
+    if not (m.backbone.startswith("timm:") and (m.pretrained or m.pretrained_path)):
+        return config
+    if m.mean and m.std and (config.data.image_size or config.data.dataset != "folder"):
+        return config
+    expected = timm_input_config(m.backbone[len("timm:"):])
+    model = dataclasses.replace(m, mean=m.mean or expected.get("mean", []), std=m.std or expected.get("std", []))
+    data = dataclasses.replace(config.data, image_size=config.data.image_size or expected.get("image_size", 0))
+    return dataclasses.replace(config, model=model, data=data)
 
 
 def build_loss(config: Config, n_classes: int, selector_generator: torch.Generator | None = None) -> nn.Module:
@@ -81,9 +98,18 @@ def training_outputs(loss: nn.Module) -> dict[str, bool]:
     return {"logits": isinstance(inner, AuxClassificationLoss), "rerank": rerank}
 
 
-def build_optimizer(config: Config, params: Any) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD (with momentum) as ``[optimizer]`` says."""
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (with momentum) over ``model``'s parameters, as ``[optimizer]`` says. With
+    ``backbone_lr_scale`` other than 1, two parameter groups: the backbone's at ``lr · scale`` and
+    the rest at ``lr``, each group's ``lr_scale`` telling a per-batch schedule its share."""
     o = config.optimizer
+    backbone = getattr(model, "backbone", None)
+    if o.backbone_lr_scale == 1 or backbone is None:
+        params: Any = model.parameters()
+    else:
+        own = {id(p) for p in backbone.parameters()}
+        params = [{"params": list(backbone.parameters()), "lr": o.lr * o.backbone_lr_scale, "lr_scale": o.backbone_lr_scale},
+                  {"params": [p for p in model.parameters() if id(p) not in own], "lr": o.lr, "lr_scale": 1.0}]
     return create_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
 

@@ -19,9 +19,11 @@ from deephash.data.unlabelled import drop_labels, labelled_mask
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
-__all__ = ["channel_stats", "eval_crop_fraction", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "channel_stats", "eval_crop_fraction", "folder_image_size", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
 
 #: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
+#: Photo folders' decoded side when ``data.image_size`` is 0 and no pretrained backbone says otherwise.
+DEFAULT_IMAGE_SIZE = 224
 _SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
 
 
@@ -31,7 +33,7 @@ def _load_source(config: Config, split: str) -> ArrayDataset | ImageFolder:
     if data.dataset == "folder":
         folder = Path(data.images)
         folder = folder / split if (folder / split).is_dir() else folder
-        dataset = ImageFolder(folder, image_size=data.image_size, channels=data.channels, train=split == "train",
+        dataset = ImageFolder(folder, image_size=folder_image_size(config), channels=data.channels, train=split == "train",
                               crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=eval_crop_fraction(config))
         dataset.bad_files.max_fraction = data.max_bad_fraction
         dataset.bad_files.check()
@@ -155,12 +157,18 @@ def training_stats(dataset: ArrayDataset | ImageFolder, sample: int = 512, seed:
     return channel_stats(dataset.data)
 
 
+def folder_image_size(config: Config) -> int:
+    """The side (pixels) a photo folder is decoded at: ``data.image_size``, or with 0 the default
+    224 (a run that trains a pretrained timm backbone sets it from timm's configuration first)."""
+    return config.data.image_size or DEFAULT_IMAGE_SIZE
+
+
 def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images the run's model was trained on."""
     if config.data.dataset in _SHAPES:
         return _SHAPES[config.data.dataset]
     if config.data.dataset == "folder":
-        return config.data.channels, config.data.image_size, config.data.image_size
+        return config.data.channels, folder_image_size(config), folder_image_size(config)
     return tuple(load_split(config, config.data.train_split, run_dir).data.shape[1:])
 
 

@@ -46,7 +46,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         config = config_from_dict(saved["config"], str(path))
-        model = build_model(saved["spec"])
+        model = build_model(saved["spec"], weights=False)  # every weight is in the file
         model.load_state_dict(saved["state_dict"])
     except DeephashError:
         raise

@@ -21,13 +21,13 @@ from deephash.losses.schedules import inner_loss
 from deephash.models import build_model, channels_last_on_cpu
 from deephash.models.pca_codes import PROJECTION_RULES, fit_pca_codes
 from deephash.runs.components import (build_loss, build_optimizer, build_scheduler, loss_schedules, make_loader, model_for_data,
-                                      training_outputs)
+                                      training_outputs, with_pretrained_inputs)
 from deephash.runs.data import load_split, training_stats
 from deephash.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, MODEL_FILE, SKIPPED_FILE
 from deephash.runs.model_file import save_model
 from deephash.runs.rerank_head import train_rerank_head
 from deephash.data.samplers import FirstBatches, RandomBatchSampler
-from deephash.train.callbacks import JsonlLogger, read_jsonl
+from deephash.train.callbacks import FreezeBackbone, JsonlLogger, read_jsonl
 from deephash.train.checkpoint import CheckpointCallback, load_checkpoint
 from deephash.train.distributed import Strategy, current_strategy
 from deephash.train.continuation import TanhContinuation
@@ -150,6 +150,7 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     strategy = strategy or current_strategy(config.train.mine_globally)
     progress = progress and strategy.is_main  # only rank 0 writes files and shows progress
     run_dir = Path(out_dir)
+    config = with_pretrained_inputs(config)  # what pretrained weights expect, where the config leaves it open
     last = _prepare_dir(config, run_dir, resume)
     if config.train.num_threads > 0:
         torch.set_num_threads(config.train.num_threads)
@@ -170,11 +171,11 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
 
     n_classes = len(train_set.classes) if train_set.classes else int(train_set.targets.max()) + 1
-    model = channels_last_on_cpu(build_model(config.model).to(device))
+    model = channels_last_on_cpu(build_model(config.model, weights=not resume).to(device))  # resumed: from the checkpoint
     loss_fn = build_loss(config, n_classes, generators.selector).to(device)
     if config.model.code_rule == "posterior":  # the codes are drawn from the loss's class hash centers
         model.set_code_centers(inner_loss(loss_fn, "centers").centers)
-    optimizer = build_optimizer(config, model.parameters())
+    optimizer = build_optimizer(config, model)
     scheduler, per_batch = split_schedule(build_scheduler(config, optimizer))
     outputs = training_outputs(loss_fn)
     trained = _TrainingView(model, **outputs) if any(outputs.values()) else model
@@ -203,7 +204,8 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
         _trim_log(run_dir / LOG_FILE, start_epoch)
 
     unwrapped_loss = loss_fn
-    trained, loss_fn = strategy.wrap(trained, loss_fn, config.data.views)  # after loading: DDP copies rank 0's weights
+    trained, loss_fn = strategy.wrap(trained, loss_fn, config.data.views,
+                                     find_unused=config.train.freeze_backbone_epochs > 0)  # after loading: DDP copies rank 0's weights
     hooks = _hooks(config, run_dir, strategy, model, optimizer, scheduler, generators, history, average, per_batch,
                    loader, val_loader, unwrapped_loss)
     try:
@@ -254,6 +256,8 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
         hooks.insert(0, TanhContinuation(model.head, *config.train.tanh_scale, n_epochs=config.train.epochs))
     if per_batch is not None:
         hooks.insert(0, per_batch)
+    if config.train.freeze_backbone_epochs > 0:
+        hooks.insert(0, FreezeBackbone(model.backbone, config.train.freeze_backbone_epochs))
     if config.train.final_epochs_no_augment > 0 and (loader.augment is not None or getattr(loader, "random_crops", False)):
         hooks.insert(0, _AugmentOff(loader, config.train.epochs, config.train.final_epochs_no_augment))
     if val_loader is not None:

@@ -56,6 +56,26 @@ class History(Callback):
         self.records.append(dict(record))
 
 
+class FreezeBackbone(Callback):
+    """The first ``n_epochs`` epochs train the rest of the model on a frozen ``backbone``: its
+    parameters get no gradient (so the optimizer leaves them, weight decay included) and its
+    BatchNorm layers keep their running statistics (eval mode, set before every batch, since
+    ``fit`` puts the whole model in training mode each epoch). Later epochs train it again; the
+    state follows the epoch alone, so a resumed run freezes exactly as an uninterrupted one."""
+
+    def __init__(self, backbone: Any, n_epochs: int) -> None:
+        self.backbone, self.n_epochs, self.frozen = backbone, n_epochs, False
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.frozen = epoch < self.n_epochs
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(not self.frozen)
+
+    def on_batch_start(self, epoch: int, step: int, n_steps: int | None) -> None:
+        if self.frozen:
+            self.backbone.eval()
+
+
 def _json_value(value: Any) -> Any:
     """Plain JSON: non-finite floats become strings ("nan", "inf", "-inf")."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -50,7 +50,8 @@ class WarmupCosineLR:
 
     A ``fit`` callback (``on_batch_start``), not an epoch-wise scheduler: the rate of step t of T
     (over the whole run) is ``lr·(t+1)/W`` for t < W = ``warmup``·T, then
-    ``eta_min + (lr − eta_min)·(1 + cos(π·(t − W)/(T − W)))/2``. It is a function of the epoch
+    ``eta_min + (lr − eta_min)·(1 + cos(π·(t − W)/(T − W)))/2``, times each parameter group's
+    ``lr_scale`` (1 when it has none). It is a function of the epoch
     and the step alone, so a resumed run gets exactly the rates of an uninterrupted one.
 
     Args:
@@ -79,7 +80,7 @@ class WarmupCosineLR:
     def on_batch_start(self, epoch: int, step: int, n_steps: int | None) -> None:
         rate = self.rate(epoch, step, n_steps or 1)
         for group in self.optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = rate * group.get("lr_scale", 1.0)  # e.g. a backbone's optimizer.backbone_lr_scale
 
 
 @SCHEDULERS.register("none")
@@ -101,8 +102,9 @@ def _step(optimizer: torch.optim.Optimizer, lr: float, epochs: int, **params: An
 
 @SCHEDULERS.register("onecycle")
 def _onecycle(optimizer: torch.optim.Optimizer, lr: float, epochs: int, **params: Any) -> Any:
-    """OneCycleLR with one step per epoch (``max_lr`` defaults to the optimizer's rate)."""
-    params.setdefault("max_lr", lr)
+    """OneCycleLR with one step per epoch (``max_lr`` defaults to the optimizer's rate, times each
+    parameter group's ``lr_scale``)."""
+    params.setdefault("max_lr", [lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups])
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, epochs=epochs, steps_per_epoch=1, **params)
 
 

@@ -39,8 +39,9 @@ class Strategy:
                                      batch_size=batch_size, labelled_share=labelled_share, generator=generator,
                                      seed=seed, rank=self.rank, world=self.world_size)
 
-    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1) -> tuple[nn.Module, Any]:
-        """The model and loss that ``fit`` drives (unchanged here); ``n_views``: views per image in a batch."""
+    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1, find_unused: bool = False) -> tuple[nn.Module, Any]:
+        """The model and loss that ``fit`` drives (unchanged here); ``n_views``: views per image in
+        a batch; ``find_unused``: some parameters get no gradient in some steps (a frozen backbone)."""
         return model, loss_fn
 
     def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
@@ -66,9 +67,11 @@ class DDPStrategy(Strategy):
     def __init__(self, mine_globally: bool = True) -> None:
         self.rank, self.world_size, self.mine_globally = rank(), world_size(), mine_globally
 
-    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1) -> tuple[nn.Module, Any]:
+    def wrap(self, model: nn.Module, loss_fn: Any, n_views: int = 1, find_unused: bool = False) -> tuple[nn.Module, Any]:
         """DistributedDataParallel and :class:`GatherLoss` (which keeps the ``n_views`` views of a
-        batch view-major in the global batch).
+        batch view-major in the global batch). ``find_unused``: DDP looks for the parameters that
+        got no gradient in a step (``find_unused_parameters``), as a backbone frozen for the first
+        epochs needs.
 
         Call after the checkpoint has been loaded: DDP copies rank 0's weights to every rank. On
         CUDA, BatchNorm layers become ``SyncBatchNorm`` (statistics of the global batch); on the
@@ -82,7 +85,8 @@ class DDPStrategy(Strategy):
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), GatherLoss(loss_fn, self.mine_globally, n_views)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+        return ddp, GatherLoss(loss_fn, self.mine_globally, n_views)
 
     def map_shards(self, n_items: int, fn: Callable[[range], tuple[np.ndarray | None, ...]]
                    ) -> tuple[np.ndarray | None, ...]:
