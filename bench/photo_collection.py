@@ -8,7 +8,10 @@ Runs, each as its own ``python -m deephash`` process, on the folder ``COLLECTION
 with ``data.images = COLLECTION``), ``evaluate`` (queries: test, database: train), ``index build
 --images COLLECTION/train``, ``index add --images COLLECTION/test``, ``search`` with three test
 photos, and ``serve``: started, asked ``--requests`` searches by uploaded photo, stopped with SIGTERM.
-``--only`` picks some of them (``train`` first when the run directory is new).
+``--only`` picks some of them (``train`` first when the run directory is new). ``--subset N``
+runs on N of the collection's files instead, hard-linked into ``WORK/collection-N`` (each split's
+share in proportion, spread evenly over its sorted listing, so every class keeps its share):
+the same photos at other sizes, for memory against collection size.
 
 Every 0.1 s the bench sums the resident memory of the command's process and all its descendants
 (the decoding workers included): VmRSS (what ``top`` shows; pages shared between the processes
@@ -143,6 +146,23 @@ def decodes(path: Path) -> bool:
         return False
 
 
+def hard_linked_subset(collection: Path, n: int, out: Path) -> Path:
+    """``out`` holding ``n`` of the collection's files as hard links (see ``--subset``)."""
+    splits = {split: sorted(p for p in (collection / split).rglob("*") if p.is_file()) for split in ("train", "test")}
+    total = sum(len(files) for files in splits.values())
+    if not 0 < n <= total:
+        raise SystemExit(f"--subset must be in 1..{total}, got {n}")
+    for split, files in splits.items():
+        k = round(n * len(files) / total)
+        for i in range(k):
+            source = files[i * len(files) // k]
+            target = out / source.relative_to(collection)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, target)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("collection", type=Path, help="folder with train/ and test/ class folders")
@@ -151,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for train")
     parser.add_argument("--only", nargs="+", choices=COMMANDS, default=list(COMMANDS))
+    parser.add_argument("--subset", type=int, help="run on this many of the collection's files (hard links)")
     parser.add_argument("--requests", type=int, default=50, help="searches sent to the server")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     collection, work = args.collection.resolve(), args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.subset:
+        collection = hard_linked_subset(collection, args.subset, work / f"collection-{args.subset}")
     run, index, log = work / "run", work / "index", work / "commands.log"
     tests = [p for p in sorted((collection / "test").rglob("*.jpg"))[:: 97] if decodes(p)][:20]
     steps = {

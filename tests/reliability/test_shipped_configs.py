@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from config_chain import RECIPES, Chain, DataTree, in_process
+from helpers import install_stand_in_timm
 
 from deephash.cli import main
 from deephash.config import load_config, shipped_config
@@ -57,6 +58,11 @@ def test_the_configs_tested_are_the_shipped_files():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_command_on_a_shipped_config(name: str, data_tree, tmp_path: Path, capsys):
-    tree = data_tree(load_config(shipped_config(name)).data.dataset)
+def test_every_command_on_a_shipped_config(name: str, data_tree, tmp_path: Path, capsys, monkeypatch):
+    config = load_config(shipped_config(name))
+    tree = data_tree(config.data.dataset)
+    if config.model.backbone.startswith("timm:"):  # timm's API stood in for (it does not install beside this torch)
+        calls = install_stand_in_timm(monkeypatch)
     Chain(in_process(capsys), tmp_path, name, tree, serve="process" if name == SERVED_BY_A_PROCESS else "app").go()
+    if config.model.backbone.startswith("timm:"):  # training asked timm for its pretrained weights; loading did not
+        assert [c["pretrained"] for c in calls][0] is config.model.pretrained and not any(c["pretrained"] for c in calls[1:])
