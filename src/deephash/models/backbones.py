@@ -227,7 +227,7 @@ def timm_backbone(model_name: str, in_channels: int = 3, pretrained: bool = Fals
         ) from exc
     try:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_channels, **params)
-    except (RuntimeError, OSError, ValueError) as exc:  # unknown model, no weights, hub unreachable
+    except (RuntimeError, OSError, ValueError, TypeError) as exc:  # unknown model or parameter, no weights, hub unreachable
         what = "pretrained " if pretrained else ""
         raise DeephashError(f"timm could not make the {what}model {model_name!r}: {first_line(exc)}") from None
     model.out_features = int(model.num_features)
