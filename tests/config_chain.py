@@ -200,8 +200,6 @@ def tiny_overrides(config: Config, tree: DataTree) -> list[str]:
         sets.append("train.epochs=1")
     if config.data.num_workers > 2:  # a GPU machine's decoding processes: two show the same
         sets.append("data.num_workers=2")
-    if config.data.dataset == "folder" and config.data.image_size == 0:  # the backbone's size (224): tiny pictures are 24 px
-        sets.append("data.image_size=32")
     if config.train.freeze_backbone_epochs > 0:  # a frozen first epoch, then one that trains the backbone
         sets += ["train.epochs=2", "train.freeze_backbone_epochs=1"]
     if config.train.eval_every > 0:

@@ -484,3 +484,5 @@ def test_evaluate_lists_the_files_each_split_left_out(photo_run, tmp_path):
     assert listed == {"train": [str(photos / "train" / "red" / "zz-notes.png")], "test": [str(truncated)]}
     protocol = json.loads((copy / "metrics.json").read_text())["protocol"]
     assert (protocol["n_query"], protocol["n_database"]) == (9, 18)  # every other file has its row
+    assert main(["evaluate", str(copy)]) == 0  # the truncated file is gone: the test split encodes again, whole
+    assert not (copy / "codes" / "test.npz.skipped.txt").exists() and (copy / "codes" / "train.npz.skipped.txt").exists()

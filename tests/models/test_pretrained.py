@@ -10,6 +10,7 @@ public API (timm itself cannot be installed beside the pinned CPU torch: it need
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from deephash.runs import load_run
 from deephash.runs.components import build_optimizer, with_pretrained_inputs
 from deephash.train import fit
 from deephash.train.callbacks import FreezeBackbone
-from deephash.train.optim import WarmupCosineLR
+from deephash.train.optim import WarmupCosineLR, create_scheduler
 
 SPEC = {"backbone": "fmnist-cnn", "backbone_params": {"width": 4, "depth": [1, 1], "fc": 0}, "in_channels": 3,
         "bits": 16}
@@ -119,13 +120,38 @@ def test_timm_pretrained_goes_through_timms_loader_and_its_input_settings(fake_t
     assert with_pretrained_inputs(scratch) == scratch  # from scratch: the images' own statistics, 224 px
 
 
+def test_grey_images_take_one_mean_and_a_name_without_pretrained_config_takes_none(fake_timm, monkeypatch):
+    table = {"data": {"dataset": "folder", "images": "photos", "channels": 1}, "model": {"backbone": "timm:tiny", "pretrained": True}}
+    grey = with_pretrained_inputs(config_from_dict(table))
+    assert grey.model.mean == pytest.approx([0.4]) and grey.model.std == pytest.approx([0.65 / 3])
+    arrays = with_pretrained_inputs(config_from_dict({"model": {"backbone": "timm:tiny", "pretrained": True}}))  # fashion-mnist
+    assert arrays.model.mean == pytest.approx([0.4])
+
+    def unregistered(name, key):
+        raise RuntimeError(f"Model architecture ({name}) has no pretrained cfg registered.")
+
+    monkeypatch.setattr(sys.modules["timm"], "get_pretrained_cfg_value", unregistered)
+    custom = config_from_dict({"data": {"dataset": "folder", "images": "photos"},
+                               "model": {"backbone": "timm:mine", "pretrained_path": "w.safetensors"}})
+    resolved = with_pretrained_inputs(custom)  # the images' own statistics and 224 px, as from scratch
+    assert (resolved.model.mean, resolved.data.image_size) == ([], 0)
+
+
+def test_a_runs_own_model_file_is_a_weights_file_for_the_same_backbone(tmp_path):
+    torch.manual_seed(5)
+    trained = build_model(SPEC)
+    torch.save({"state_dict": trained.state_dict(), "spec": {"bits": 16}}, tmp_path / "model.pt")  # as save_model keeps it
+    model = build_model({**SPEC, "bits": 32, "pretrained_path": str(tmp_path / "model.pt")})
+    assert all(torch.equal(v, trained.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+
+
 def test_the_backbone_learning_rate_scale_holds_through_a_step_and_the_schedule():
     table = {"model": SPEC, "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0, "backbone_lr_scale": 0.1}}
     torch.manual_seed(0)
     model = build_model(SPEC)
     scaled, plain = copy.deepcopy(model), copy.deepcopy(model)
     opt = build_optimizer(config_from_dict(table), scaled)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.5])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])  # the heads first: the logged rate
     x = torch.rand(6, 3, 16, 16)
     for net in (scaled, plain):
         net(x).square().sum().backward()
@@ -136,7 +162,9 @@ def test_the_backbone_learning_rate_scale_holds_through_a_step_and_the_schedule(
     schedule = WarmupCosineLR(opt, lr=0.5, n_epochs=2, warmup=0.5)
     for step in (1, 3, 7):
         schedule.on_batch_start(0, step, 8)
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * opt.param_groups[1]["lr"])
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
+    cycle = create_scheduler("onecycle", opt, lr=0.5, epochs=4, max_lr=0.2)  # a scalar peak is scaled per group
+    assert [g["max_lr"] for g in cycle.optimizer.param_groups] == pytest.approx([0.2, 0.02])
     with pytest.raises(ConfigError, match="backbone_lr_scale"):
         config_from_dict({"optimizer": {"backbone_lr_scale": -1.0}})
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from config_chain import RECIPES, Chain, DataTree, in_process
-from helpers import install_stand_in_timm
+from helpers import STAND_IN_TIMM_CFG, install_stand_in_timm
 
 from deephash.cli import main
 from deephash.config import load_config, shipped_config
@@ -66,3 +66,5 @@ def test_every_command_on_a_shipped_config(name: str, data_tree, tmp_path: Path,
     Chain(in_process(capsys), tmp_path, name, tree, serve="process" if name == SERVED_BY_A_PROCESS else "app").go()
     if config.model.backbone.startswith("timm:"):  # training asked timm for its pretrained weights; loading did not
         assert [c["pretrained"] for c in calls][0] is config.model.pretrained and not any(c["pretrained"] for c in calls[1:])
+        if config.data.image_size == 0:  # the size came from the (stand-in) pretrained configuration
+            assert load_config(tmp_path / "run" / "config.toml").data.image_size == STAND_IN_TIMM_CFG[config.model.backbone[5:]]["input_size"][-1]

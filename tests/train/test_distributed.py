@@ -374,7 +374,7 @@ def test_a_frozen_first_epoch_from_a_weights_file_trains_under_ddp(tmp_path):
     argv = ["train", str(config_path), "--nproc", "2", "--quiet", *[a for s in sets for a in ("--set", s)]]
     assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
     trained = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
-    changed = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(trained[f"backbone.{k}"], v)]
-    assert changed  # the second epoch trained the backbone
+    weights = dict(build_model(load_config(config_path).model).backbone.named_parameters())  # not BatchNorm's statistics
+    assert any(not torch.equal(trained[f"backbone.{k}"], start[k]) for k in weights)  # the second epoch trained the backbone
     groups = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [g["lr_scale"] for g in groups] == [0.5, 1.0]  # (the frozen epoch itself: tests/models/test_pretrained.py)
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.5]  # (the frozen epoch itself: tests/models/test_pretrained.py)

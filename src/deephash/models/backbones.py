@@ -8,6 +8,7 @@ Each maps float (B, C, H, W) images to (B, out_features) features and exposes ``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,6 +207,16 @@ def resnet18_cifar(in_channels: int = 3, width: int = 64) -> ResNetCifar:
     return ResNetCifar(in_channels, width, (2, 2, 2, 2))
 
 
+def import_timm(model_name: str) -> Any:
+    """The timm package, or a one-line error naming the backbone that needs it."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise DeephashError(f"backbone 'timm:{model_name}' needs the timm package; install it with `pip install timm`"
+                            ) from exc
+    return timm
+
+
 def timm_backbone(model_name: str, in_channels: int = 3, pretrained: bool = False, **params: object) -> nn.Module:
     """A timm model as a feature extractor (``num_classes=0``).
 
@@ -219,12 +230,7 @@ def timm_backbone(model_name: str, in_channels: int = 3, pretrained: bool = Fals
     Raises:
         DeephashError: timm is not installed, or it could not make the model or its weights.
     """
-    try:
-        import timm
-    except ImportError as exc:
-        raise DeephashError(
-            f"backbone 'timm:{model_name}' needs the timm package; install it with `pip install timm`"
-        ) from exc
+    timm = import_timm(model_name)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, in_chans=in_channels, **params)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # unknown model or parameter, no weights, hub unreachable

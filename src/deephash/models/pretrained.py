@@ -1,6 +1,7 @@
 """Pretrained starting points: a backbone's weights from a local file, a timm model's input settings.
 
-``model.pretrained_path`` names a state dict saved by anyone (timm, torchvision, a run of ours):
+``model.pretrained_path`` names a state dict saved by anyone (timm, torchvision, a run of ours,
+whose ``model.pt`` keeps the backbone's tensors under ``backbone.``):
 ``.safetensors`` is read with safetensors (no code can run), anything else with
 ``torch.load(weights_only=True)``. A checkpoint that wraps the state dict (``{"state_dict": ...}``,
 ``{"model": ...}``) or keeps DDP's ``module.`` prefix is unwrapped. The backbone must find every
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from deephash.errors import DeephashError, NotFoundError, first_line
+from deephash.models.backbones import import_timm
 
 __all__ = ["load_backbone_weights", "load_state_dict_file", "timm_input_config"]
 
@@ -68,6 +70,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> list[
     """
     state = load_state_dict_file(path)
     own = backbone.state_dict()
+    if any(name not in state for name in own) and all(f"backbone.{name}" in state for name in own):
+        state = {name: state[f"backbone.{name}"] for name in own}  # a deephash model.pt or checkpoint
     missing = [name for name in own if name not in state]
     if missing:
         raise DeephashError(f"{path} lacks {len(missing)} of the backbone's {len(own)} tensors, e.g. {missing[0]!r}; "
@@ -84,20 +88,18 @@ def timm_input_config(model_name: str) -> dict[str, Any]:
     """What timm's pretrained weights of ``model_name`` expect: ``{"mean": [...], "std": [...],
     "image_size": int}`` (the keys timm's pretrained configuration has; empty without one).
 
+    A model that timm knows no pretrained configuration for (a custom or hub-only name) gives an
+    empty dict: the run then takes the mean and std of its images and 224 px.
+
     Raises:
         DeephashError: timm is not installed.
     """
+    timm = import_timm(model_name)
     try:
-        import timm
-    except ImportError as exc:
-        raise DeephashError(f"backbone 'timm:{model_name}' needs the timm package; install it with `pip install timm`"
-                            ) from exc
-    out: dict[str, Any] = {}
-    for key in ("mean", "std"):
-        value = timm.get_pretrained_cfg_value(model_name, key)
-        if value is not None:
-            out[key] = [float(v) for v in value]
-    size = timm.get_pretrained_cfg_value(model_name, "input_size")
-    if size is not None:
-        out["image_size"] = int(size[-1])
+        values = {key: timm.get_pretrained_cfg_value(model_name, key) for key in ("mean", "std", "input_size")}
+    except RuntimeError:  # no pretrained configuration registered for this name
+        return {}
+    out: dict[str, Any] = {key: [float(v) for v in values[key]] for key in ("mean", "std") if values[key] is not None}
+    if values["input_size"] is not None:
+        out["image_size"] = int(values["input_size"][-1])
     return out

@@ -317,6 +317,7 @@ def build_model(spec: ModelSpec | Mapping[str, Any], weights: bool = True) -> Re
         params["embedding_dim"] = s.embedding_dim
     if s.backbone.startswith("timm:"):
         params["pretrained"] = weights and (s.pretrained or bool(params.get("pretrained", False)))
+        s.pretrained_path = s.pretrained_path or str(params.pop("pretrained_path", "") or "")  # its older place
     elif s.pretrained:
         raise ConfigError(f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
                           f"{s.backbone!r}; give a weights file as model.pretrained_path instead")

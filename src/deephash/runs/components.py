@@ -26,6 +26,7 @@ from deephash.losses.rerank_term import RerankInstanceLoss
 from deephash.losses.schedules import LinearRamp, Schedule
 from deephash.mining import create_selector
 from deephash.models.pretrained import timm_input_config
+from deephash.runs.data import DATASET_SHAPES
 from deephash.train.optim import create_optimizer, create_scheduler
 
 __all__ = ["build_loss", "build_optimizer", "build_scheduler", "loss_schedules", "make_loader", "model_for_data",
@@ -52,6 +53,9 @@ def with_pretrained_inputs(config: Config) -> Config:
     if m.mean and m.std and (config.data.image_size or config.data.dataset != "folder"):
         return config
     expected = timm_input_config(m.backbone[len("timm:"):])
+    channels = config.data.channels if config.data.dataset == "folder" else DATASET_SHAPES.get(config.data.dataset, (3,))[0]
+    if channels == 1:  # grey images into an RGB-pretrained network: one value, the mean of the three
+        expected = {**expected, **{k: [sum(expected[k]) / len(expected[k])] for k in ("mean", "std") if k in expected}}
     model = dataclasses.replace(m, mean=m.mean or expected.get("mean", []), std=m.std or expected.get("std", []))
     data = dataclasses.replace(config.data, image_size=config.data.image_size or expected.get("image_size", 0))
     return dataclasses.replace(config, model=model, data=data)
@@ -100,16 +104,17 @@ def training_outputs(loss: nn.Module) -> dict[str, bool]:
 
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (with momentum) over ``model``'s parameters, as ``[optimizer]`` says. With
-    ``backbone_lr_scale`` other than 1, two parameter groups: the backbone's at ``lr · scale`` and
-    the rest at ``lr``, each group's ``lr_scale`` telling a per-batch schedule its share."""
+    ``backbone_lr_scale`` other than 1, two parameter groups: the rest at ``lr`` first (the rate
+    the training log shows), then the backbone's at ``lr · scale``, each group's ``lr_scale``
+    telling a schedule its share."""
     o = config.optimizer
     backbone = getattr(model, "backbone", None)
     if o.backbone_lr_scale == 1 or backbone is None:
         params: Any = model.parameters()
     else:
         own = {id(p) for p in backbone.parameters()}
-        params = [{"params": list(backbone.parameters()), "lr": o.lr * o.backbone_lr_scale, "lr_scale": o.backbone_lr_scale},
-                  {"params": [p for p in model.parameters() if id(p) not in own], "lr": o.lr, "lr_scale": 1.0}]
+        params = [{"params": [p for p in model.parameters() if id(p) not in own], "lr": o.lr, "lr_scale": 1.0},
+                  {"params": list(backbone.parameters()), "lr": o.lr * o.backbone_lr_scale, "lr_scale": o.backbone_lr_scale}]
     return create_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
 

@@ -19,12 +19,12 @@ from deephash.data.unlabelled import drop_labels, labelled_mask
 from deephash.errors import DataFormatError, DeephashError, NotFoundError
 from deephash.runs.layout import SPLIT_FILE
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "channel_stats", "eval_crop_fraction", "folder_image_size", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
+__all__ = ["DATASET_SHAPES", "DEFAULT_IMAGE_SIZE", "channel_stats", "eval_crop_fraction", "folder_image_size", "load_split", "model_input_shape", "query_images", "source_dataset", "training_stats"]
 
-#: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
 #: Photo folders' decoded side when ``data.image_size`` is 0 and no pretrained backbone says otherwise.
 DEFAULT_IMAGE_SIZE = 224
-_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
+#: Image shapes ``(C, H, W)`` of the named data sets, so a run need not read its data to know them.
+DATASET_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
 
 
 def _load_source(config: Config, split: str) -> ArrayDataset | ImageFolder:
@@ -165,8 +165,8 @@ def folder_image_size(config: Config) -> int:
 
 def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images the run's model was trained on."""
-    if config.data.dataset in _SHAPES:
-        return _SHAPES[config.data.dataset]
+    if config.data.dataset in DATASET_SHAPES:
+        return DATASET_SHAPES[config.data.dataset]
     if config.data.dataset == "folder":
         return config.data.channels, folder_image_size(config), folder_image_size(config)
     return tuple(load_split(config, config.data.train_split, run_dir).data.shape[1:])

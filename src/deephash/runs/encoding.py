@@ -314,10 +314,11 @@ def encode_run(run_dir: str | os.PathLike, split: str | None = None, images: str
 
 def write_skipped(dataset: Any, out: str | os.PathLike) -> Path | None:
     """``OUT.skipped.txt`` beside an output: the photo files left out (one ``path<TAB>reason`` line
-    each); None (and no file) when none were."""
+    each); None (and no file, an earlier one removed) when none were."""
     bad = getattr(dataset, "bad_files", None)
-    if bad is None or not len(bad):
-        return None
     path = Path(out).with_name(Path(out).name + ".skipped.txt")
+    if bad is None or not len(bad):
+        path.unlink(missing_ok=True)  # an earlier run's list no longer holds
+        return None
     bad.write(path)
     return path

@@ -102,9 +102,12 @@ def _step(optimizer: torch.optim.Optimizer, lr: float, epochs: int, **params: An
 
 @SCHEDULERS.register("onecycle")
 def _onecycle(optimizer: torch.optim.Optimizer, lr: float, epochs: int, **params: Any) -> Any:
-    """OneCycleLR with one step per epoch (``max_lr`` defaults to the optimizer's rate, times each
-    parameter group's ``lr_scale``)."""
-    params.setdefault("max_lr", [lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups])
+    """OneCycleLR with one step per epoch (``max_lr``, the optimizer's rate by default, times each
+    parameter group's ``lr_scale``; a list is taken as it is)."""
+    peak = params.pop("max_lr", lr)
+    if isinstance(peak, (int, float)):
+        peak = [peak * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    params["max_lr"] = peak
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, epochs=epochs, steps_per_epoch=1, **params)
 
 

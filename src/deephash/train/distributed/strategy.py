@@ -71,7 +71,7 @@ class DDPStrategy(Strategy):
         """DistributedDataParallel and :class:`GatherLoss` (which keeps the ``n_views`` views of a
         batch view-major in the global batch). ``find_unused``: DDP looks for the parameters that
         got no gradient in a step (``find_unused_parameters``), as a backbone frozen for the first
-        epochs needs.
+        epochs needs; it costs a walk over the autograd graph every step of the run.
 
         Call after the checkpoint has been loaded: DDP copies rank 0's weights to every rank. On
         CUDA, BatchNorm layers become ``SyncBatchNorm`` (statistics of the global batch); on the
