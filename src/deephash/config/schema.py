@@ -127,8 +127,8 @@ class SamplerConfig:
 class OptimizerConfig:
     """``adam``, ``adamw`` or ``sgd``. ``backbone_lr_scale``: the backbone's learning rate is
     ``lr`` times this (the heads keep ``lr``), e.g. 0.1 to fine-tune a pretrained backbone gently;
-    the schedules keep the ratio (``warmup-cosine``'s and ``cosine``'s ``eta_min`` is one floor
-    for both)."""
+    the schedules keep the ratio (``warmup-cosine`` scales its ``eta_min`` too; ``cosine``'s
+    ``eta_min`` is one floor for both groups)."""
 
     name: str = "adam"
     lr: float = 1e-3
