@@ -151,9 +151,9 @@ def _validate(config: Config, source: str) -> None:
     if not 0 <= config.train.freeze_backbone_epochs < config.train.epochs:
         raise ConfigError(f"train.freeze_backbone_epochs must be in [0, train.epochs = {config.train.epochs}), got "
                           f"{config.train.freeze_backbone_epochs} in {source}")
-    if config.model.pretrained and not config.model.backbone.startswith("timm:"):
-        raise ConfigError(f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
-                          f"{config.model.backbone!r}; give a weights file as model.pretrained_path instead, in {source}")
+    problem = config.model.pretrained_problem()
+    if problem:
+        raise ConfigError(f"{problem}, in {source}")
     if config.train.steps_per_epoch < 0:
         raise ConfigError(f"train.steps_per_epoch must be 0 (whole epochs) or positive, got {config.train.steps_per_epoch} in {source}")
     if config.model.code_rule == "posterior":

@@ -315,12 +315,12 @@ def build_model(spec: ModelSpec | Mapping[str, Any], weights: bool = True) -> Re
     params = dict(s.backbone_params)
     if s.backbone == "seed-embeddingnet":
         params["embedding_dim"] = s.embedding_dim
+    problem = s.pretrained_problem()
+    if problem:
+        raise ConfigError(problem)
     if s.backbone.startswith("timm:"):
         params["pretrained"] = weights and (s.pretrained or bool(params.get("pretrained", False)))
         s.pretrained_path = s.pretrained_path or str(params.pop("pretrained_path", "") or "")  # its older place
-    elif s.pretrained:
-        raise ConfigError(f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
-                          f"{s.backbone!r}; give a weights file as model.pretrained_path instead")
     backbone = create_backbone(s.backbone, in_channels=s.in_channels, **params)
     if weights and s.pretrained_path:
         load_backbone_weights(backbone, s.pretrained_path)

@@ -93,6 +93,13 @@ class ModelSpec:
             raise ConfigError("model spec backbone_params must be a table/dict")
         return cls(**values)
 
+    def pretrained_problem(self) -> str | None:
+        """Why ``pretrained`` cannot act on this backbone (a one-line message), or None."""
+        if self.pretrained and not self.backbone.startswith("timm:"):
+            return (f"model.pretrained = true takes timm's weights of a 'timm:<model>' backbone, not of "
+                    f"{self.backbone!r}; give a weights file as model.pretrained_path instead")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and scalars (what ``model.pt`` stores)."""
         return dataclasses.asdict(self)
