@@ -12,6 +12,7 @@ algebra (a random-key sort per class pass), not item by item.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -321,9 +322,7 @@ class FirstBatches(torch.utils.data.Sampler[list[int]]):
         return min(self.n_batches, len(self.batch_sampler))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = iter(self.batch_sampler)
-        for _ in range(len(self)):
-            yield next(batches)
+        return itertools.islice(self.batch_sampler, len(self))
 
 
 @BATCH_SAMPLERS.register("balanced")

@@ -168,7 +168,8 @@ def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
     if config.data.dataset in DATASET_SHAPES:
         return DATASET_SHAPES[config.data.dataset]
     if config.data.dataset == "folder":
-        return config.data.channels, folder_image_size(config), folder_image_size(config)
+        side = folder_image_size(config)
+        return config.data.channels, side, side
     return tuple(load_split(config, config.data.train_split, run_dir).data.shape[1:])
 
 
