@@ -99,3 +99,25 @@ def test_the_labelled_share_sampler_needs_labelled_and_unlabelled_items():
              r"sampler.labelled_share must be in \(0, 1\), got 0.0")):
         with pytest.raises(ConfigError, match=f"{message}.* in <dict>"):
             config_from_dict(_with(data=data, loss={"name": "contrastive-hash"}, sampler=sampler))
+
+
+def test_pseudo_labels_need_unlabelled_images_of_the_labelled_classes_in_memory():
+    semi = {"labels": "class", "labelled_fraction": 0.1}
+    on = {"from_epoch": 2, "k": 5, "agreement": 0.8}
+    config = config_from_dict(_with(data=semi, loss={"name": "contrastive-hash"}, train={"epochs": 3}, pseudo_labels=on))
+    assert (config.pseudo_labels.from_epoch, config.pseudo_labels.k, config.pseudo_labels.agreement) == (2, 5, 0.8)
+    assert config_from_dict({}).pseudo_labels.from_epoch == 0  # off by default
+    for data, pseudo, epochs, message in (
+            (semi, {**on, "k": 0}, 3, "pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in"),
+            (semi, {**on, "agreement": 0.0}, 3, "agreement in .0, 1.,"),
+            (semi, {**on, "agreement": 1.01}, 3, "agreement in .0, 1.,"),
+            (semi, {**on, "from_epoch": -1}, 3, "from_epoch >= 0"),
+            (semi, on, 2, "pseudo_labels.from_epoch = 2 is not before train.epochs = 2"),
+            ({"labels": "none"}, on, 3, "labels the training images that data.labelled_fraction < 1 leaves"),
+            ({"labels": "class"}, on, 3, "there are none here"),
+            ({**semi, "unlabelled": "drop"}, on, 3, "there are none here"),
+            (OPEN, on, 3, "cannot go with data.train_on_database_unlabelled"),
+            ({**semi, "dataset": "folder", "images": "/photos"}, on, 3, "not a photo folder")):
+        with pytest.raises(ConfigError, match=f"{message}.* in <dict>"):
+            loss = "view-hash" if data["labels"] == "none" else "contrastive-hash"
+            config_from_dict(_with(data=data, loss={"name": loss}, train={"epochs": epochs}, pseudo_labels=pseudo))

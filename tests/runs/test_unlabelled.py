@@ -3,6 +3,7 @@ or labels that raise when read, give bit-identical weights; evaluate still score
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -72,10 +73,10 @@ def roots(tmp_path_factory, tiny_fmnist):
 
 
 def _train(tmp_path, name, root, labels="none", loss="view-hash", rule="sign", fraction=1.0, unlabelled="keep",
-           sampler="random"):
+           sampler="random", extra=""):
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(root=root, labels=labels, loss=loss, rule=rule, fraction=fraction, unlabelled=unlabelled,
-                                  sampler=sampler), encoding="utf-8")
+                                  sampler=sampler) + extra, encoding="utf-8")
     assert main(["train", str(path), "--out", str(tmp_path / name), "--quiet"]) == 0
     return torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"]
 
@@ -144,6 +145,43 @@ def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_f
     assert not _same(real, _train(tmp_path, "garbage-kept", tmp_path / "kept", **args))
     if sampler == "labelled-share":  # other batches than the random sampler's
         assert not _same(real, _train(tmp_path, "random", root, **{**args, "sampler": "random"}))
+
+
+PSEUDO = "[pseudo_labels]\nfrom_epoch = 1\nk = 3\nagreement = 0.6\n"
+
+
+def test_pseudo_labels_come_from_their_epoch_on_read_only_the_kept_labels_and_resume_exactly(tmp_path, tiny_fmnist):
+    from deephash import runs
+    from deephash.config import load_config
+    from deephash.train.callbacks import read_jsonl
+
+    root, data = tiny_fmnist
+    labels = data["train"][1]
+    keep = labelled_mask(len(labels), 0.5, seed=3).numpy()  # the config's seed
+    other = tmp_path / "unkept"
+    shutil.copytree(root, other)
+    write_idx(other / "train-labels-idx1-ubyte.gz", np.where(~keep, labels[::-1], labels))
+    args = dict(labels="class", loss="contrastive-hash", fraction=0.5, sampler="labelled-share", extra=PSEUDO)
+    real = _train(tmp_path, "real", root, **args)
+    epochs = [e for e in read_jsonl(tmp_path / "real" / "metrics.jsonl") if e["type"] == "epoch"]
+    assert "pseudo_labelled" not in epochs[0] and 0 < epochs[1]["pseudo_labelled"] <= len(labels) // 2
+    assert _same(real, _train(tmp_path, "garbage-unkept", other, **args))  # the vote reads only the kept labels
+    assert not _same(real, _train(tmp_path, "without", root, **{**args, "extra": ""}))
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, record):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    config = load_config(tmp_path / "real.toml", overrides=["train.epochs=3"])
+    whole = runs.train_run(config, tmp_path / "whole", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # stopped after an epoch with pseudo labels
+        runs.train_run(config, tmp_path / "parted", progress=False, callbacks=[Interrupt()])
+    runs.train_run(config, tmp_path / "parted", resume=True, progress=False)
+    assert _same(*(torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (whole, tmp_path / "parted")))
+    logged = [e for e in read_jsonl(tmp_path / "parted" / "metrics.jsonl") if e["type"] == "epoch"]
+    assert [e.get("pseudo_labelled") for e in logged] == [
+        e.get("pseudo_labelled") for e in read_jsonl(whole / "metrics.jsonl") if e["type"] == "epoch"]
 
 
 def test_dropping_the_unlabelled_keeps_exactly_the_labelled_share(tiny_fmnist):
@@ -259,3 +297,27 @@ def test_training_on_the_unlabelled_database_of_a_photo_folder_is_refused_at_loa
     with pytest.raises(ConfigError, match="not a photo folder"):
         load_config("fashion-mnist-open-48", ['data.dataset="folder"', 'data.images="photos"',
                                               "data.train_on_database_unlabelled=true", 'loss.name="contrastive-hash"'])
+
+
+def test_the_vote_reads_the_tanh_codes_at_scale_one_whatever_the_continuation_has_reached(tmp_path, tiny_fmnist):
+    # a resumed run starts with the head's scale at 1, an uninterrupted one at the continuation's β:
+    # voting at a fixed scale keeps the two runs' labels equal
+    from deephash.config import load_config
+    from deephash.models import build_model
+    from deephash.runs.training import _pseudo_labels
+    from deephash.train.distributed import SingleProcess
+
+    path = tmp_path / "c.toml"
+    path.write_text(CONFIG.format(root=tiny_fmnist[0], labels="class", loss="contrastive-hash", rule="sign", fraction=0.5,
+                                  unlabelled="keep", sampler="random") + PSEUDO, encoding="utf-8")
+    config = load_config(path)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(config.model, in_channels=1))
+    dataset = ArrayDataset(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), [0, 1, -1, -1])
+    callback = _pseudo_labels(config, dataset, model, SingleProcess())
+    x = torch.rand(5, 1, 28, 28)
+    model.eval()
+    model.head.scale = 7.0
+    with torch.no_grad():
+        assert torch.equal(callback.embed(x), model.relaxed(x, scale=1.0))
+        assert not torch.allclose(callback.embed(x), model.relaxed(x))

@@ -378,3 +378,37 @@ def test_a_frozen_first_epoch_from_a_weights_file_trains_under_ddp(tmp_path):
     assert any(not torch.equal(trained[f"backbone.{k}"], start[k]) for k in weights)  # the second epoch trained the backbone
     groups = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["lr_scale"] for g in groups] == [1.0, 0.5]  # (the frozen epoch itself: tests/models/test_pretrained.py)
+
+
+def _pseudo_label_job(out: Path, config_path: Path) -> None:
+    """Each rank trains with pseudo labels and saves the labels its training set holds each epoch."""
+    from deephash import runs
+    from deephash.config import load_config
+    from deephash.train import pseudo_labels
+
+    relabel = pseudo_labels.PseudoLabels.on_epoch_start
+
+    def recorded(self, epoch: int) -> None:
+        relabel(self, epoch)
+        torch.save(self.dataset.targets.clone(), out / f"labels-rank{rank()}-epoch{epoch}.pt")
+
+    pseudo_labels.PseudoLabels.on_epoch_start = recorded
+    sets = ["data.labelled_fraction=0.5", "loss.name='contrastive-hash'", "loss.params={instance_weight=0.0}", "sampler.kind='random'", "sampler.batch_size=16",
+            "pseudo_labels.from_epoch=1", "pseudo_labels.k=3", "pseudo_labels.agreement=0.6"]
+    runs.train_run(load_config(config_path, overrides=sets), out / "run", progress=False)
+
+
+@pytest.mark.timeout(600)
+def test_pseudo_labels_under_ddp_are_rank_zeros_on_every_rank(tmp_path):
+    _tiny_fashion_mnist(tmp_path / "data")
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(CONFIG.format(root=tmp_path / "data"))
+    spawn_workers(_pseudo_label_job, WORLD, (tmp_path, config_path), start_method="fork", timeout_s=300)
+    for epoch in (0, 1):
+        zero, one = (torch.load(tmp_path / f"labels-rank{r}-epoch{epoch}.pt") for r in range(WORLD))
+        assert torch.equal(zero, one)
+    start, voted = (torch.load(tmp_path / f"labels-rank0-epoch{e}.pt") for e in (0, 1))
+    assert int((start < 0).sum()) == N_TRAIN // 2  # epoch 0: before from_epoch, the kept half only
+    assert torch.equal(voted[start >= 0], start[start >= 0]) and int((voted >= 0).sum()) > N_TRAIN // 2
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.get("pseudo_labelled") for e in logged if e["type"] == "epoch"] == [None, int((voted >= 0).sum()) - N_TRAIN // 2]

@@ -220,6 +220,7 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError("loss.memory needs train.mine_globally = true: every rank must hold the same memory (the "
                           f"gathered global batch) for rank 0's checkpoint to carry it, in {source}")
     _validate_labels(config, source)
+    _validate_pseudo_labels(config, source)
     if config.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {config.optimizer.lr} in {source}")
     check_names(config, source)
@@ -264,6 +265,27 @@ def _validate_labels(config: Config, source: str) -> None:
     readers = label_readers(config)
     if readers:
         raise ConfigError(f"{key}: {what}, but {readers[0]} needs them, in {source}")
+
+
+def _validate_pseudo_labels(config: Config, source: str) -> None:
+    """``pseudo_labels``: sane values, and, when on, unlabelled images of the labelled classes in
+    an in-memory training set, an epoch left to use them, and a head whose outputs vote."""
+    pseudo, data = config.pseudo_labels, config.data
+    if pseudo.from_epoch < 0 or pseudo.k < 1 or not 0 < pseudo.agreement <= 1:
+        raise ConfigError(f"pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in (0, 1], got {pseudo}, in {source}")
+    if pseudo.from_epoch == 0:
+        return
+    if data.train_on_database_unlabelled:
+        raise ConfigError("pseudo_labels cannot go with data.train_on_database_unlabelled: those images are of classes "
+                          f"that no labelled image has, so a vote would give them a wrong class, in {source}")
+    if data.labels != "class" or data.labelled_fraction == 1 or data.unlabelled != "keep":
+        raise ConfigError("pseudo_labels.from_epoch labels the training images that data.labelled_fraction < 1 leaves "
+                          f"unlabelled (with data.unlabelled = 'keep'); there are none here, in {source}")
+    if data.dataset == "folder":
+        raise ConfigError(f"pseudo_labels works on the in-memory data sets, not a photo folder (data.dataset = 'folder'), in {source}")
+    if pseudo.from_epoch >= config.train.epochs:
+        raise ConfigError(f"pseudo_labels.from_epoch = {pseudo.from_epoch} is not before train.epochs = "
+                          f"{config.train.epochs}: no epoch would use the labels, in {source}")
 
 
 def label_readers(config: Config) -> list[str]:

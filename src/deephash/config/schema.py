@@ -15,7 +15,7 @@ from deephash.retrieval.search import DEFAULT_SHORTLIST
 #: The model section is the model spec (one schema): ``[model]`` of a config is a ``ModelSpec``.
 ModelConfig = ModelSpec
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "NearDuplicateConfig", "ModelSpec", "OptimizerConfig",
+__all__ = ["Config", "DataConfig", "EvalConfig", "LossConfig", "MemoryConfig", "ModelConfig", "NearDuplicateConfig", "ModelSpec", "OptimizerConfig", "PseudoLabelConfig",
            "RerankHeadConfig", "SamplerConfig", "ScheduleConfig", "SchedulerConfig", "SelectorConfig", "TrainConfig"]
 
 
@@ -213,6 +213,21 @@ class RerankHeadConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Self-training (``deephash.train.pseudo_labels``): from the 0-based epoch ``from_epoch`` on
+    (0 = off), every epoch starts by giving each unlabelled training image the class that a share
+    ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine similarity of
+    the head's continuous outputs (a hash head's tanh codes); images without such a majority stay
+    unlabelled for that epoch. Needs ``data.labelled_fraction < 1`` on an in-memory data set and a
+    loss that takes partial labels; not with ``data.train_on_database_unlabelled`` (those images
+    are of classes that no labelled image has)."""
+
+    from_epoch: int = 0
+    k: int = 10
+    agreement: float = 0.9
+
+
+@dataclass
 class NearDuplicateConfig:
     """Near-duplicate retrieval: ``n`` database images (0 = off), each perturbed, searched for in the
     whole database; relevant = the original item. Perturbations, drawn per image with ``seed``:
@@ -262,4 +277,5 @@ class Config:
     schedules: list[ScheduleConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     rerank_head: RerankHeadConfig = field(default_factory=RerankHeadConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

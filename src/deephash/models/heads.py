@@ -69,10 +69,12 @@ class HashHead(nn.Module):
         self.scale = 1.0
         self.linear = nn.Linear(in_features, bits)
 
-    def relaxed(self, x: torch.Tensor) -> torch.Tensor:
-        """tanh codes ``tanh(scale · a)`` in (-1, 1), whatever the mode: float (B, bits)."""
+    def relaxed(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """tanh codes ``tanh(scale · a)`` in (-1, 1), whatever the mode, at ``scale`` (default: the
+        head's own): float (B, bits)."""
         a = self.linear(x)
-        return torch.tanh(a if self.scale == 1.0 else self.scale * a)
+        scale = self.scale if scale is None else scale
+        return torch.tanh(a if scale == 1.0 else scale * a)
 
     def binary(self, x: torch.Tensor) -> torch.Tensor:
         """±1 codes (0 ↦ +1), whatever the mode: float (B, bits)."""

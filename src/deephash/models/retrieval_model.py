@@ -203,6 +203,12 @@ class RetrievalModel(nn.Module):
         """What the code rule reads: the code source (``"pca"``) or the features."""
         return mapped if self.code_source == "map" else feats
 
+    def relaxed(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """The head's continuous output whatever the mode, float (B, D): a hash head's tanh codes
+        at ``scale`` (default: the head's current one), other heads' embedding."""
+        feats = self.features(x)
+        return self.head.relaxed(feats, scale) if isinstance(self.head, HashHead) else self.head(feats)
+
     def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Same as forward (the seed's interface)."""
         return self.forward(x)

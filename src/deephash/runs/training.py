@@ -33,6 +33,7 @@ from deephash.train.distributed import Strategy, current_strategy
 from deephash.train.continuation import TanhContinuation
 from deephash.train.ema import WeightAverage
 from deephash.train.fit import fit
+from deephash.train.pseudo_labels import PseudoLabels
 from deephash.train.optim import split_schedule
 
 __all__ = ["train_run"]
@@ -241,8 +242,8 @@ def _write_skipped(run_dir: Path, train_set: Any, val_loader: Any) -> None:
 def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: Any, generators: _Generators, history: list[dict], average: WeightAverage | None,
            per_batch: Any, loader: Any, val_loader: Any, loss_fn: nn.Module) -> list[Any]:
-    """``fit``'s callbacks in the order they run: validation switch, augmentation switch, per-batch
-    LR, weight average, then the logger and the checkpointer (rank 0 writes)."""
+    """``fit``'s callbacks in the order they run: validation switch, pseudo labels, augmentation
+    switch, per-batch LR, weight average, then the logger and the checkpointer (rank 0 writes)."""
     hooks: list[Any] = [
         JsonlLogger(run_dir / LOG_FILE, is_main_process=strategy.is_main),
         CheckpointCallback(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler,
@@ -260,9 +261,20 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
         hooks.insert(0, FreezeBackbone(model.backbone, config.train.freeze_backbone_epochs))
     if config.train.final_epochs_no_augment > 0 and (loader.augment is not None or getattr(loader, "random_crops", False)):
         hooks.insert(0, _AugmentOff(loader, config.train.epochs, config.train.final_epochs_no_augment))
+    if config.pseudo_labels.from_epoch > 0:
+        hooks.insert(0, _pseudo_labels(config, loader.dataset, model, strategy))
     if val_loader is not None:
         hooks.insert(0, val_loader)
     return hooks
+
+
+def _pseudo_labels(config: Config, train_set: Any, model: nn.Module, strategy: Strategy) -> PseudoLabels:
+    """Self-training's relabelling, voting with the hash head's tanh codes at scale 1 (not the
+    continuation's current β, so a resumed run votes as an uninterrupted one)."""
+    pseudo = config.pseudo_labels
+    device = next(model.parameters()).device
+    return PseudoLabels(train_set, model, lambda x: model.relaxed(x, scale=1.0), pseudo.from_epoch, pseudo.k,
+                        pseudo.agreement, device, broadcast=strategy.broadcast, is_main=strategy.is_main)
 
 
 def _checkpoint_extra(average: WeightAverage | None, loss_fn: nn.Module | None) -> Any:

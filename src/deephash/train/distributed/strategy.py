@@ -49,6 +49,10 @@ class Strategy:
         """``fn(range(n_items))``: the whole job's arrays (a tuple of ``(n, ...)`` arrays or None) in item order."""
         return fn(range(n_items))
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every process (this one's, here)."""
+        return tensor
+
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for here)."""
 
@@ -100,6 +104,11 @@ class DDPStrategy(Strategy):
             return (None,) * len(part)
         shards = [s for s in shards if len(s[1])] or shards[:1]
         return tuple(None if s0 is None else np.concatenate([s[i] for s in shards]) for i, s0 in enumerate(shards[0]))
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every process (received in place: same shape and dtype on each)."""
+        dist.broadcast(tensor, src=0)
+        return tensor
 
     def barrier(self) -> None:
         barrier()
