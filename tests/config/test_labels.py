@@ -42,7 +42,7 @@ def test_what_reads_labels_is_refused_without_them(changes, message):
     ({"labelled_fraction": 0.0}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
     ({"labelled_fraction": 1.5}, "contrastive-hash", r"labelled_fraction must be in \(0, 1\]"),
     ({"labelled_fraction": 0.5, "labels": "none"}, "view-hash", "1 with data.labels = 'none'"),
-    ({"labelled_fraction": 0.5, "labels": "class"}, "csq", "loss.name = 'csq' .choose one that takes partial labels"),
+    ({"labelled_fraction": 0.5, "labels": "class"}, "dsh", "loss.name = 'dsh' .choose one that takes partial labels"),
 ])
 def test_a_labelled_fraction_needs_a_loss_that_takes_partial_labels(data, loss, message):
     with pytest.raises(ConfigError, match=message):
@@ -71,8 +71,8 @@ OPEN = {"seen_classes": [0, 2], "unseen_classes": [1, 3], "labels": "class", "tr
 
 def test_training_on_the_unlabelled_database_needs_a_class_split_and_partial_labels():
     assert config_from_dict(_with(data=OPEN, loss={"name": "contrastive-hash"})).data.train_on_database_unlabelled
-    with pytest.raises(ConfigError, match="train_on_database_unlabelled: adds items without labels, but loss.name = 'csq'"):
-        config_from_dict(_with(data=OPEN, loss={"name": "csq"}))
+    with pytest.raises(ConfigError, match="train_on_database_unlabelled: adds items without labels, but loss.name = 'dsh'"):
+        config_from_dict(_with(data=OPEN, loss={"name": "dsh"}))
     for data in ({"seen_classes": [], "unseen_classes": []}, {"database_split": "test"}):
         with pytest.raises(ConfigError, match="needs a class split .* data.database_split = data.train_split"):
             config_from_dict(_with(data={**OPEN, **data}, loss={"name": "contrastive-hash"}))

@@ -279,3 +279,43 @@ def test_regularisers_match_loops():
     assert torch.allclose(grad_of(bit_balance_loss(u), u), grad_of(bb, u), atol=1e-12)
     balanced = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
     assert bit_balance_loss(balanced).item() == 0.0 and quantization_loss(balanced).item() == 0.0
+
+
+def test_csq_with_partial_labels_is_the_labelled_rows_bce_plus_everyones_quantization():
+    torch.manual_seed(0)
+    u = torch.tanh(torch.randn(12, 16, dtype=torch.float64))
+    labels = torch.tensor([2, -1, 0, 1, -1, -1, 2, 0, -1, 1, 1, -1])
+    loss = CSQLoss(16, 3, quantization_weight=0.3).double()
+    kept = labels >= 0
+    quantization = ((u.abs() - 1) ** 2).mean()
+    expected = loss(u[kept], labels[kept]) - 0.3 * ((u[kept].abs() - 1) ** 2).mean() + 0.3 * quantization
+    assert float(loss(u, labels)) == pytest.approx(float(expected), rel=1e-12)
+    everyone = torch.tensor([2, 1, 0, 1, 0, 0, 2, 0, 1, 1, 1, 2])  # all labelled: the plain mean as before
+    target = (loss.centers[everyone].double() + 1) / 2
+    p = ((u + 1) / 2).clamp(1e-6, 1 - 1e-6)
+    plain = -(target * p.log() + (1 - target) * (1 - p).log()).mean() + 0.3 * quantization
+    assert float(loss(u, everyone)) == pytest.approx(float(plain), rel=1e-12)
+    none = torch.full((12,), -1)
+    free = u.clone().requires_grad_(True)
+    value = loss(free, none)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(float(0.3 * quantization), rel=1e-12) and torch.isfinite(free.grad).all()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_aux_cross_entropy_leaves_out_unlabelled_items(smoothing):
+    from deephash.losses.aux import AuxClassificationLoss
+
+    torch.manual_seed(1)
+    u, logits = torch.tanh(torch.randn(10, 16)), torch.randn(10, 3)
+    labels = torch.tensor([0, -1, 2, 2, -1, 1, 0, -1, 1, 2])
+    inner = CSQLoss(16, 3)
+    loss = AuxClassificationLoss(inner, 0.5, label_smoothing=smoothing)
+    kept = labels >= 0
+    rows = [torch.nn.functional.cross_entropy(logits[i:i + 1], labels[i:i + 1], label_smoothing=smoothing)
+            for i in range(10) if labels[i] >= 0]  # one labelled row at a time, then their mean
+    expected = inner(u, labels) + 0.5 * torch.stack(rows).mean()
+    assert float(loss(u, logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+    assert int(kept.sum()) == len(rows) == 7
+    none = torch.full((10,), -1)
+    assert float(loss(u, logits, none)) == pytest.approx(float(inner(u, none)), abs=1e-7)

@@ -279,10 +279,10 @@ def test_a_flat_folder_with_a_loss_that_needs_labels_is_refused_naming_the_loss(
     assert err.count("\n") == 1 and "24 of 24 training images have no label" in err and "loss.name = 'csq'" in err, err
 
 
-def test_a_flat_folder_with_a_partial_label_loss_but_a_class_head_is_refused_naming_the_head(tmp_path, capsys):
+def test_a_flat_folder_with_a_label_free_loss_but_a_class_head_is_refused_naming_the_head(tmp_path, capsys):
     _flat_photo_folder(tmp_path / "photos")
     sets = [x for s in [*FLAT_FOLDER_SETS, f'data.images="{tmp_path / "photos"}"', 'data.labels="class"',
-                        'loss.name="contrastive-hash"', "loss.params={}", 'model.code_rule="sign"', "model.aux_classes=3",
+                        'loss.name="view-hash"', "loss.params={}", 'model.code_rule="sign"', "model.aux_classes=3",
                         "train.aux_weight=0.5"]
             for x in ("--set", s)]
     assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2

@@ -288,14 +288,16 @@ def _validate_pseudo_labels(config: Config, source: str) -> None:
                           f"{config.train.epochs}: no epoch would use the labels, in {source}")
 
 
-def label_readers(config: Config) -> list[str]:
-    """What in ``config``'s training reads a label that some training items lack (``data.labels =
-    "none"``: every item; otherwise the unlabelled ones): the loss (one that needs labels, or, with
-    some labelled, one that does not take partial labels), a balanced sampler, a class head, the
-    posterior rule's class centers, a selector, a memory. Each as the config key to change."""
+def label_readers(config: Config, every_item: bool | None = None) -> list[str]:
+    """What in ``config``'s training reads a label that some training items lack: with no label at
+    all (``data.labels = "none"``, or ``every_item`` unlabelled, as a folder without class
+    sub-folders), a loss that needs labels, a class head and the posterior rule's class centers;
+    with some labelled, a loss that does not take partial labels; in both cases a balanced sampler,
+    a selector and a memory. Each as the config key to change."""
     from deephash.losses.registry import loss_needs_labels, loss_takes_partial_labels
 
-    if config.data.labels == "none":
+    none = config.data.labels == "none" or bool(every_item)
+    if none:
         loss_reads = (f"loss.name = {config.loss.name!r} (choose one that needs no labels, e.g. 'view-hash')",
                       loss_needs_labels(config.loss.name))
     else:
@@ -305,8 +307,8 @@ def label_readers(config: Config) -> list[str]:
         loss_reads,
         (f"sampler.kind = {config.sampler.kind!r} (use 'random' or 'labelled-share')",
          config.sampler.kind not in ("random", "labelled-share")),
-        ("train.aux_weight > 0 (a class head)", config.model.aux_classes > 0 and config.train.aux_weight > 0),
-        ("model.code_rule = 'posterior' (class centers)", config.model.code_rule == "posterior"),
+        ("train.aux_weight > 0 (a class head)", none and config.model.aux_classes > 0 and config.train.aux_weight > 0),
+        ("model.code_rule = 'posterior' (class centers)", none and config.model.code_rule == "posterior"),
         ("a [selector] (label-based mining)", bool(config.selector.name)),
         ("loss.memory (label-based mining)", config.loss.memory.size > 0),
     ) if reads]

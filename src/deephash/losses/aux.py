@@ -11,7 +11,8 @@ __all__ = ["AuxClassificationLoss"]
 
 
 class AuxClassificationLoss(nn.Module):
-    """``loss(u, labels) + weight * cross_entropy(logits, labels)``.
+    """``loss(u, labels) + weight * cross_entropy(logits, labels)``; the cross-entropy leaves out the
+    items labelled -1 (no label).
 
     Called as ``(u, logits, labels)``: what a model's ``forward_with_logits`` returns, then labels.
 
@@ -32,5 +33,10 @@ class AuxClassificationLoss(nn.Module):
         return getattr(self.loss, "num_selected", None)
 
     def forward(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if labels.ndim == 1:  # items labelled -1 (no label) are left out: the mean of the others, 0 without any
+            total = nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, ignore_index=-1,
+                                                reduction="sum")
+            ce = total / (labels >= 0).sum().clamp(min=1)
+        else:
+            ce = nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return self.loss(u, labels) + self.weight * ce

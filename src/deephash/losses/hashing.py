@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +331,9 @@ class CSQLoss(nn.Module):
 
     as in DeepHash-pytorch's CSQ. BCE is written out on p clamped to [1e-6, 1 − 1e-6], so saturated
     codes u = ±1 keep a finite loss and gradient, and a NaN u gives a NaN loss (fit stops on it). Multi-label targets (B, K) multi-hot use the center
-    sign(Σ of the label centers) with 0 ↦ +1.
+    sign(Σ of the label centers) with 0 ↦ +1. Items labelled -1 (no label, ``data.labelled_fraction``)
+    take no part in the BCE term, which then averages over the labelled rows (0 in a batch without
+    one); the quantization term takes every row.
 
     Args:
         bits: Code length.
@@ -345,6 +347,7 @@ class CSQLoss(nn.Module):
     """
 
     centers: torch.Tensor
+    partial_labels: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -371,10 +374,15 @@ class CSQLoss(nn.Module):
         """``u`` float (B, bits), ``labels`` int64 (B,) or multi-hot (B, K) -> scalar."""
         _check_bits(u, self.bits)
         u = upcast_half(u)
-        target = (self.targets(labels, u.dtype) + 1) / 2
+        labelled = labels >= 0 if labels.ndim == 1 else None
+        target = (self.targets(labels if labelled is None else labels.clamp(min=0), u.dtype) + 1) / 2
         # p is kept 1e-6 away from 0 and 1: BCE's gradient 1/(p(1-p)) at a saturated wrong bit would
         # be ~1e12 (inf once cast back to a float16 u); tanh's own gradient is 0 there anyway.
         # BCE written out: F.binary_cross_entropy raises on NaN input, hiding divergence from fit.
         p = ((u + 1) / 2).clamp(_CSQ_EPS, 1 - _CSQ_EPS)
-        center = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+        bce = -(target * p.log() + (1 - target) * (1 - p).log())
+        if labelled is None:
+            center = bce.mean()
+        else:  # a mean over the labelled rows, without a host sync
+            center = (bce.mean(dim=1) * labelled).sum() / labelled.sum().clamp(min=1)
         return center + self.quantization_weight * quantization_loss(u)

@@ -162,7 +162,7 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
 
     train_set = load_split(config, config.data.train_split, run_dir, training=True)
     unlabelled = int((train_set.targets < 0).sum())
-    readers = label_readers(config) if unlabelled else []
+    readers = label_readers(config, every_item=unlabelled == len(train_set.targets)) if unlabelled else []
     if readers:  # e.g. a folder without class sub-folders: the config's checks could not know
         raise DeephashError(f"{train_set.name}: {unlabelled} of {len(train_set.targets)} training images have no label "
                             f"(no class sub-folder), but {readers[0]} needs them; without labels use "
