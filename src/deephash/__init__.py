@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "OnlineContrastiveLoss": "deephash.losses",
     "OnlineTripletLoss": "deephash.losses",
     "pack_codes": "deephash.retrieval",
+    "knn_pseudo_labels": "deephash.train",
+    "PseudoLabels": "deephash.train",
     "sign": "deephash.signs",
     "PairSelector": "deephash.mining",
     "pairwise_distances": "deephash.distances",

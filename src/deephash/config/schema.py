@@ -47,7 +47,9 @@ class DataConfig:
     needs none, e.g. ``view-hash``); evaluation still scores with the labels where the data has them.
     ``labelled_fraction`` (with ``labels = "class"``): the share of the training images, drawn with
     ``seed``, that keep their label; the others are unlabelled (target -1) for a loss that takes
-    partial labels (``contrastive-hash``: its class term on the labelled, its view term on all).
+    partial labels (``contrastive-hash``: its class term on the labelled, its view term on all;
+    ``csq``: its center term on the labelled; an aux classifier's cross-entropy likewise), and for
+    ``[pseudo_labels]``.
     ``unlabelled``: what training does with those others: ``"keep"`` (the default: train on them
     without labels) or ``"drop"`` (leave them out: the labels-only baseline on the same labelled
     share; needs ``labelled_fraction < 1``, and then any loss trains).

@@ -13,6 +13,7 @@ from deephash.train.continuation import TanhContinuation
 from deephash.train.ema import WeightAverage
 from deephash.train.fit import evaluate_epoch, fit, train_epoch
 from deephash.train.metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric
+from deephash.train.pseudo_labels import PseudoLabels, knn_pseudo_labels
 
 __all__ = [
     "AccumulatedAccuracyMetric",
@@ -22,11 +23,13 @@ __all__ = [
     "History",
     "JsonlLogger",
     "Metric",
+    "PseudoLabels",
     "StopTraining",
     "TanhContinuation",
     "WeightAverage",
     "evaluate_epoch",
     "fit",
+    "knn_pseudo_labels",
     "latest_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
