@@ -26,9 +26,9 @@ def probe(run: str, k: int | None, agreement: float | None) -> dict[str, float]:
     model, config = load_run(run, device="cpu")
     k = k or config.pseudo_labels.k
     agreement = agreement or config.pseudo_labels.agreement
-    seen = load_split(config, config.data.train_split, training=True)
+    seen = load_split(config, config.data.train_split, run, training=True)
     full = load_split(dataclasses.replace(config, data=dataclasses.replace(config.data, labelled_fraction=1.0)),
-                      config.data.train_split, training=True)
+                      config.data.train_split, run, training=True)
     embeddings = torch.cat([model.relaxed(seen.data[i:i + 1024].float().div_(255), scale=1.0)
                             for i in range(0, len(seen.data), 1024)])
     voted = knn_pseudo_labels(embeddings, seen.targets, k, agreement)

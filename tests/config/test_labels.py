@@ -117,7 +117,11 @@ def test_pseudo_labels_need_unlabelled_images_of_the_labelled_classes_in_memory(
             ({"labels": "class"}, on, 3, "there are none here"),
             ({**semi, "unlabelled": "drop"}, on, 3, "there are none here"),
             (OPEN, on, 3, "cannot go with data.train_on_database_unlabelled"),
-            ({**semi, "dataset": "folder", "images": "/photos"}, on, 3, "not a photo folder")):
+            ({**semi, "dataset": "folder", "images": "/photos"}, on, 3, "not a photo folder"),
+            ({**semi, "loss": "view-hash"}, on, 3, "loss.name = 'view-hash' reads no labels"),
+            ({**semi, "loss_params": {"pseudo_label_threshold": 0.9}}, on, 3, "both label the unlabelled images")):
         with pytest.raises(ConfigError, match=f"{message}.* in <dict>"):
-            loss = "view-hash" if data["labels"] == "none" else "contrastive-hash"
-            config_from_dict(_with(data=data, loss={"name": loss}, train={"epochs": epochs}, pseudo_labels=pseudo))
+            data = dict(data)
+            loss = {"name": data.pop("loss", "view-hash" if data["labels"] == "none" else "contrastive-hash"),
+                    "params": data.pop("loss_params", {})}
+            config_from_dict(_with(data=data, loss=loss, train={"epochs": epochs}, pseudo_labels=pseudo))

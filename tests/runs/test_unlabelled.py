@@ -269,14 +269,15 @@ def test_a_flat_folder_of_unlabelled_photos_trains_without_labels_and_is_encoded
     assert sorted(codes.paths.tolist()) == sorted(p.name for p in (tmp_path / "photos" / "test").iterdir())
 
 
-def test_a_flat_folder_with_a_loss_that_needs_labels_is_refused_naming_the_loss(tmp_path, capsys):
+@pytest.mark.parametrize("loss", ["csq", "contrastive-hash"])  # partial labels, but no label at all here
+def test_a_flat_folder_with_a_loss_that_needs_labels_is_refused_naming_the_loss(tmp_path, capsys, loss):
     _flat_photo_folder(tmp_path / "photos")
     sets = [x for s in [*FLAT_FOLDER_SETS, f'data.images="{tmp_path / "photos"}"', 'data.labels="class"',
-                        'loss.name="csq"', "loss.params={}", 'model.code_rule="sign"', "data.views=1"]
+                        f'loss.name="{loss}"', "loss.params={}", 'model.code_rule="sign"', "data.views=1"]
             for x in ("--set", s)]
     assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "24 of 24 training images have no label" in err and "loss.name = 'csq'" in err, err
+    assert err.count("\n") == 1 and "24 of 24 training images have no label" in err and f"loss.name = '{loss}'" in err, err
 
 
 def test_a_flat_folder_with_a_label_free_loss_but_a_class_head_is_refused_naming_the_head(tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 
 import deephash.train.pseudo_labels as pseudo_module
 from deephash.data.datasets import ArrayDataset
+from deephash.errors import DeephashError
 from deephash.train.pseudo_labels import PseudoLabels, knn_pseudo_labels
 
 
@@ -84,7 +85,7 @@ def test_chunks_give_the_same_labels(monkeypatch):
     torch.manual_seed(0)
     embeddings, labels = torch.randn(50, 5), torch.randint(-1, 3, (50,))
     whole = knn_pseudo_labels(embeddings, labels, 4, 0.5)
-    monkeypatch.setattr(pseudo_module, "_CHUNK", 3)
+    monkeypatch.setattr(pseudo_module, "_CHUNK_VALUES", 60)  # about 37 labelled rows: one unlabelled row at a time
     assert torch.equal(knn_pseudo_labels(embeddings, labels, 4, 0.5), whole)
 
 
@@ -150,9 +151,9 @@ def test_a_process_other_than_rank_zero_takes_the_broadcast_labels_without_compu
     sent = torch.tensor([0, 0, 1, 1, 1, 1, 1])
     received: list[torch.Tensor] = []
 
-    def broadcast(labels: torch.Tensor) -> torch.Tensor:
+    def broadcast(labels: torch.Tensor) -> torch.Tensor:  # in place, as torch.distributed.broadcast
         received.append(labels.clone())
-        return sent
+        return labels.copy_(sent)
 
     callback = PseudoLabels(dataset, probe, probe.embed, from_epoch=1, k=2, agreement=1.0, device="cpu",
                             broadcast=broadcast, is_main=False)
@@ -162,3 +163,31 @@ def test_a_process_other_than_rank_zero_takes_the_broadcast_labels_without_compu
     record: dict = {}
     callback.on_epoch_end(1, record)
     assert record["pseudo_labelled"] == 3
+    callback.on_train_end([])  # the starting labels were not overwritten by the broadcast
+    assert dataset.targets.tolist() == [0, 0, 1, 1, -1, -1, -1]
+
+
+def _failing_embed(x: torch.Tensor) -> torch.Tensor:
+    raise MemoryError("no room for the pass")
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_a_failed_pass_on_rank_zero_raises_on_every_rank_instead_of_hanging(is_main):
+    dataset, probe = _dataset(), _Probe()
+
+    def broadcast(labels: torch.Tensor) -> torch.Tensor:  # rank 0's failure signal reaches the others
+        return labels.fill_(-2)
+
+    callback = PseudoLabels(dataset, probe, _failing_embed, from_epoch=1, k=2, agreement=1.0, device="cpu",
+                            broadcast=broadcast, is_main=is_main)
+    with pytest.raises(MemoryError if is_main else DeephashError, match="no room" if is_main else "rank 0's pass failed"):
+        callback.on_epoch_start(1)
+    assert dataset.targets.tolist() == [0, 0, 1, 1, -1, -1, -1]
+    alone = PseudoLabels(dataset, probe, _failing_embed, from_epoch=1, k=2, agreement=1.0, device="cpu")
+    with pytest.raises(MemoryError):
+        alone.on_epoch_start(1)
+
+
+def test_mismatched_shapes_are_a_one_line_error():
+    with pytest.raises(DeephashError, match=r"embeddings \(N, D\) and labels \(N,\), got \(4, 3\) and \(5,\)"):
+        knn_pseudo_labels(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), 2, 0.5)

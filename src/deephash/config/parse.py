@@ -269,7 +269,10 @@ def _validate_labels(config: Config, source: str) -> None:
 
 def _validate_pseudo_labels(config: Config, source: str) -> None:
     """``pseudo_labels``: sane values, and, when on, unlabelled images of the labelled classes in
-    an in-memory training set, an epoch left to use them, and a head whose outputs vote."""
+    an in-memory training set, an epoch left to use them, and a loss that reads the labels (and
+    does not pseudo-label within the batch as well)."""
+    from deephash.losses.registry import loss_needs_labels
+
     pseudo, data = config.pseudo_labels, config.data
     if pseudo.from_epoch < 0 or pseudo.k < 1 or not 0 < pseudo.agreement <= 1:
         raise ConfigError(f"pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in (0, 1], got {pseudo}, in {source}")
@@ -283,6 +286,12 @@ def _validate_pseudo_labels(config: Config, source: str) -> None:
                           f"unlabelled (with data.unlabelled = 'keep'); there are none here, in {source}")
     if data.dataset == "folder":
         raise ConfigError(f"pseudo_labels works on the in-memory data sets, not a photo folder (data.dataset = 'folder'), in {source}")
+    if not loss_needs_labels(config.loss.name):
+        raise ConfigError(f"pseudo_labels: loss.name = {config.loss.name!r} reads no labels, so pseudo labels would change "
+                          f"nothing; use one that takes partial labels (e.g. 'contrastive-hash'), in {source}")
+    if config.loss.params.get("pseudo_label_threshold"):
+        raise ConfigError("pseudo_labels and loss.params.pseudo_label_threshold both label the unlabelled images; "
+                          f"choose one, in {source}")
     if pseudo.from_epoch >= config.train.epochs:
         raise ConfigError(f"pseudo_labels.from_epoch = {pseudo.from_epoch} is not before train.epochs = "
                           f"{config.train.epochs}: no epoch would use the labels, in {source}")

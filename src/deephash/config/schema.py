@@ -221,8 +221,10 @@ class PseudoLabelConfig:
     ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine similarity of
     the head's continuous outputs (a hash head's tanh codes); images without such a majority stay
     unlabelled for that epoch. Needs ``data.labelled_fraction < 1`` on an in-memory data set and a
-    loss that takes partial labels; not with ``data.train_on_database_unlabelled`` (those images
-    are of classes that no labelled image has)."""
+    loss that reads partial labels (``contrastive-hash`` without its own ``pseudo_label_threshold``,
+    ``csq``); not with ``data.train_on_database_unlabelled`` (those images are of classes that no
+    labelled image has). A ``labelled-share`` sampler keeps its lists: pseudo-labelled images stay
+    in the unlabelled part of each batch."""
 
     from_epoch: int = 0
     k: int = 10

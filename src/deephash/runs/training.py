@@ -274,7 +274,8 @@ def _pseudo_labels(config: Config, train_set: Any, model: nn.Module, strategy: S
     pseudo = config.pseudo_labels
     device = next(model.parameters()).device
     return PseudoLabels(train_set, model, lambda x: model.relaxed(x, scale=1.0), pseudo.from_epoch, pseudo.k,
-                        pseudo.agreement, device, broadcast=strategy.broadcast, is_main=strategy.is_main)
+                        pseudo.agreement, device, batch_size=config.sampler.batch_size,
+                        broadcast=strategy.broadcast if strategy.world_size > 1 else None, is_main=strategy.is_main)
 
 
 def _checkpoint_extra(average: WeightAverage | None, loss_fn: nn.Module | None) -> Any:

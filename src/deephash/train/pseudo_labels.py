@@ -5,7 +5,9 @@ it stands (eval mode, no augmentation) and giving each unlabelled item the class
 share ``agreement`` of its ``k`` nearest labelled items (cosine similarity) carry; the others stay
 unlabelled for that epoch. The labelled items keep their labels, and the pseudo labels are drawn
 afresh every epoch from the labels the run started with, so a wrong one is not kept once the model
-knows better. A loss that takes partial labels (``contrastive-hash``) then uses them like labels.
+knows better. A loss that takes partial labels (``contrastive-hash``, ``csq``, an aux classifier)
+then uses them like labels. A ``labelled-share`` sampler keeps the lists it was built with: the
+pseudo-labelled images stay in the unlabelled part of each batch.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from deephash.data.unlabelled import NO_LABEL
+from deephash.errors import DeephashError
 from deephash.train.callbacks import Callback
 
 __all__ = ["PseudoLabels", "knn_pseudo_labels"]
 
-#: Unlabelled rows whose similarities to the labelled rows are computed at once.
-_CHUNK = 4096
+#: Similarities computed at once (unlabelled rows × labelled rows): 2^25 float32 values, 128 MiB.
+_CHUNK_VALUES = 2 ** 25
+#: A label that no vote gives: rank 0's signal that its pass failed (under DDP).
+_FAILED = -2
 
 
 @torch.no_grad()
@@ -39,26 +44,31 @@ def knn_pseudo_labels(embeddings: torch.Tensor, labels: torch.Tensor, k: int, ag
         int64 ``(N,)`` on ``labels``' device: the labelled rows' labels unchanged; each unlabelled
         row the class with the most votes (the lowest such class on a tie) where it has enough of
         them, else ``NO_LABEL``. Which of several equally similar labelled rows vote follows
-        ``torch.topk``.
+        ``torch.topk``. The work runs on ``embeddings``' device.
     """
-    has_label = labels >= 0
-    out = labels.clone()
+    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+        raise DeephashError(f"knn_pseudo_labels needs embeddings (N, D) and labels (N,), got "
+                            f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
+    out = labels.to(embeddings.device, copy=True)
+    has_label = out >= 0
     if not bool(has_label.any()) or bool(has_label.all()):
-        return out
+        return out.to(labels.device)
     reference = F.normalize(embeddings[has_label].float(), dim=1)
-    reference_labels = labels[has_label]
+    reference_labels = out[has_label]
     n_classes = int(reference_labels.max()) + 1
     k = min(int(k), len(reference))
     rows = (~has_label).nonzero().squeeze(1)
-    for start in range(0, len(rows), _CHUNK):
-        chunk = rows[start:start + _CHUNK]
+    chunk_rows = max(1, _CHUNK_VALUES // len(reference))
+    for start in range(0, len(rows), chunk_rows):
+        chunk = rows[start:start + chunk_rows]
         similarity = F.normalize(embeddings[chunk].float(), dim=1) @ reference.T
         voters = reference_labels[similarity.topk(k, dim=1).indices]  # (C, k)
-        votes = F.one_hot(voters, n_classes).sum(dim=1)  # (C, n_classes)
+        votes = torch.zeros(len(chunk), n_classes, dtype=torch.int32, device=out.device)
+        votes.scatter_add_(1, voters, torch.ones_like(voters, dtype=torch.int32))  # (C, n_classes)
         count, winner = votes.max(dim=1)  # max returns the first (lowest) class among ties
         enough = count.double() / k >= agreement
         out[chunk] = torch.where(enough, winner, torch.full_like(winner, NO_LABEL))
-    return out
+    return out.to(labels.device)
 
 
 class PseudoLabels(Callback):
@@ -76,7 +86,8 @@ class PseudoLabels(Callback):
         device: where the pass runs.
         batch_size: images per forward pass.
         broadcast: makes every process hold rank 0's labels (under DDP); None in one process.
-        is_main: whether this process computes the labels (the others receive them).
+        is_main: whether this process computes the labels (the others receive them; if rank 0's
+            pass fails, every rank raises instead of waiting).
 
     The labels depend only on the weights at the epoch's start, so a resumed run relabels exactly
     as an uninterrupted one; nothing is stored in the checkpoints.
@@ -108,11 +119,21 @@ class PseudoLabels(Callback):
         if epoch < self.from_epoch:
             self.n_labelled = None
             return
-        labels = self.start_labels.to(self.device)
+        labels = self.start_labels.to(self.device, copy=True)  # a broadcast writes into it
+        failure: BaseException | None = None
         if self.is_main:
-            labels = knn_pseudo_labels(self._embeddings(), labels, self.k, self.agreement)
+            try:
+                labels = knn_pseudo_labels(self._embeddings(), labels, self.k, self.agreement)
+            except Exception as error:  # tell the other ranks, which wait in the broadcast
+                if self.broadcast is None:
+                    raise
+                failure, labels = error, torch.full_like(labels, _FAILED)
         if self.broadcast is not None:
             labels = self.broadcast(labels)
+        if failure is not None:
+            raise failure
+        if bool((labels == _FAILED).any()):
+            raise DeephashError(f"pseudo labels of epoch {epoch + 1}: rank 0's pass failed (its error says why)")
         self.dataset.targets = labels.cpu()
         self.n_labelled = int((self.dataset.targets >= 0).sum() - (self.start_labels >= 0).sum())
 
