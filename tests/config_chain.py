@@ -46,6 +46,7 @@ from helpers import free_port, write_idx
 from deephash.config import Config, load_config, shipped_config
 from deephash.retrieval.codes import CodeSet, load_codes
 from deephash.retrieval.index import HashIndex
+from deephash.train.callbacks import read_jsonl
 
 #: ``runner(*args) -> (exit status, stdout, stderr)`` for one ``deephash ARGS...`` command line.
 Runner = Callable[..., tuple[int, str, str]]
@@ -204,6 +205,10 @@ def tiny_overrides(config: Config, tree: DataTree) -> list[str]:
         sets += ["train.epochs=2", "train.freeze_backbone_epochs=1"]
     if config.train.eval_every > 0:
         sets.append("train.eval_every=1")
+    if config.data.labelled_fraction < 1:  # a tenth of a tiny set fills no labelled half of a batch
+        sets.append("data.labelled_fraction=0.5")
+    if config.pseudo_labels.from_epoch > 0:  # an epoch on the starting labels, then one on pseudo labels
+        sets += ["train.epochs=2", "pseudo_labels.from_epoch=1"]
     if config.sampler.kind == "balanced":
         sets += [f"sampler.n_classes={min(config.sampler.n_classes, tree.n_classes)}", "sampler.n_samples=2"]
     else:
@@ -325,6 +330,9 @@ class Chain:
             assert (self.run / key).is_file(), f"train wrote no {key}"
         if self.config.rerank_head.epochs > 0:  # the re-rank head's own stage ran and logged
             assert (self.run / "rerank_head_log.jsonl").read_text().strip(), "the re-rank head stage logged nothing"
+        if self.config.pseudo_labels.from_epoch > 0:  # the second epoch trained on pseudo labels
+            epochs = [e for e in read_jsonl(self.run / "metrics.jsonl") if e["type"] == "epoch"]
+            assert "pseudo_labelled" not in epochs[0] and epochs[1]["pseudo_labelled"] >= 0, epochs
         self.hash = self.config.model.head == "hash"
         from deephash.runs import load_run
 
