@@ -154,6 +154,20 @@ def test_class_folders_at_any_depth_and_flat_folders(tmp_path):
     assert not tree.labelled and len(tree) == 6
 
 
+def test_an_unlabelled_sub_folder_is_no_class_and_lists_its_images_unlabelled_or_not_at_all(tmp_path):
+    write_photos(tmp_path)
+    write_photos(tmp_path / "new-stock" / "deep")  # 6 images two levels down
+    paths, labels, classes = list_image_folder(tmp_path, unlabelled_dir="new-stock")
+    assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 0, 1, 1, 1] + [-1] * 6
+    assert all(p.relative_to(tmp_path).parts[0] == "new-stock" for p in paths[6:])
+    paths, labels, classes = list_image_folder(tmp_path, unlabelled_dir="new-stock", with_unlabelled=False)
+    assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 0, 1, 1, 1] and len(paths) == 6
+    assert list_image_folder(tmp_path)[2] == ["cat", "dog", "new-stock"]  # without the name it is a class
+    assert list_image_folder(tmp_path, unlabelled_dir="absent")[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    folder = ImageFolder(tmp_path, image_size=8, unlabelled_dir="new-stock")
+    assert folder.classes == ["cat", "dog"] and (folder.targets == -1).sum() == 6
+
+
 def test_bad_files_are_skipped_with_one_warning_each_and_counted(tmp_path, caplog):
     write_photos(tmp_path)
     (tmp_path / "cat" / "notes.jpg").write_bytes(b"this is not an image at all")

@@ -322,3 +322,65 @@ def test_the_vote_reads_the_tanh_codes_at_scale_one_whatever_the_continuation_ha
     with torch.no_grad():
         assert torch.equal(callback.embed(x), model.relaxed(x, scale=1.0))
         assert not torch.allclose(callback.embed(x), model.relaxed(x))
+
+
+def _catalogue(root, extra: int) -> None:
+    """train/ and test/ with 3 class sub-folders of 6 and 2 images; train/new-stock/ with ``extra``
+    images in no class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    (root / "train" / "new-stock" / "deep").mkdir(parents=True)
+    for i in range(extra):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "train" / "new-stock" / "deep" / f"{i}.jpg")
+
+
+CATALOGUE_SETS = [*FLAT_FOLDER_SETS, 'data.labels="class"', 'loss.name="contrastive-hash"', "loss.params={}", 'model.code_rule="sign"',
+                  'sampler.kind="labelled-share"', "sampler.labelled_share=0.5"]
+
+
+def test_an_unlabelled_sub_folder_trains_without_labels_beside_the_classes_and_stays_out_of_evaluation(tmp_path):
+    from deephash.config import load_config
+    from deephash.runs import load_split
+
+    _catalogue(tmp_path / "photos", extra=12)
+    sets = [*CATALOGUE_SETS, f'data.images="{tmp_path / "photos"}"', 'data.unlabelled_folder="new-stock"']
+    config = load_config("fashion-mnist-unlabelled-48", sets)
+    training = load_split(config, "train", training=True)
+    assert training.classes == ["a", "b", "c"] and training.targets.tolist() == [0] * 6 + [1] * 6 + [2] * 6 + [-1] * 12
+    assert len(load_split(config, "train")) == 18 and len(load_split(config, "test")) == 6  # database, queries
+    argv = [x for s in sets for x in ("--set", s)]
+    assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *argv]) == 0
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    with np.load(tmp_path / "run" / "codes" / "train.npz") as database:  # what evaluate encoded: the classes' images
+        assert database["codes"].shape[0] == 18 and (database["labels"] >= 0).all()
+    trained = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
+    # the unlabelled images are trained on: other pixels there give other weights
+    shutil.copytree(tmp_path / "photos", tmp_path / "other")
+    for path in (tmp_path / "other" / "train" / "new-stock" / "deep").iterdir():
+        from PIL import Image
+
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    other = [x for s in [*CATALOGUE_SETS, f'data.images="{tmp_path / "other"}"', 'data.unlabelled_folder="new-stock"']
+             for x in ("--set", s)]
+    assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run2"), "--quiet", *other]) == 0
+    assert not _same(trained, torch.load(tmp_path / "run2" / "model.pt", weights_only=True)["state_dict"])
+
+
+@pytest.mark.parametrize("sets, message", [
+    (['loss.name="dsh"', "loss.params={}", "data.views=1"], "data.unlabelled_folder: adds items without labels, but loss.name = 'dsh'"),
+    (['data.unlabelled_folder="a/b"'], "names a sub-folder .a plain name."),
+    (['data.dataset="fashion-mnist"'], "names a sub-folder .a plain name. of a photo folder"),
+])
+def test_an_unlabelled_folder_is_refused_where_it_cannot_train(sets, message):
+    from deephash.config import load_config
+    from deephash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("fashion-mnist-unlabelled-48", [*CATALOGUE_SETS, 'data.images="photos"', 'data.unlabelled_folder="new"',
+                                                    *sets])

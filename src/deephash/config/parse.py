@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import tomllib
 import typing
+from pathlib import Path
 from typing import Any
 
 from deephash.config.names import check_names
@@ -247,10 +248,16 @@ def _validate_labels(config: Config, source: str) -> None:
     if data.train_on_database_unlabelled and data.dataset == "folder":
         raise ConfigError("data.train_on_database_unlabelled works on the in-memory data sets, not a photo folder "
                           f"(data.dataset = 'folder'), in {source}")
-    all_labelled = (fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled
+    plain_name = Path(data.unlabelled_folder).name == data.unlabelled_folder and not data.unlabelled_folder.startswith(".")
+    if data.unlabelled_folder and (data.dataset != "folder" or labels != "class" or not plain_name):
+        raise ConfigError("data.unlabelled_folder names a sub-folder (a plain name) of a photo folder with class "
+                          f"sub-folders (data.dataset = 'folder', data.labels = 'class'), got {data.unlabelled_folder!r} "
+                          f"in {source}")
+    all_labelled = ((fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled
+                    and not data.unlabelled_folder)
     if config.sampler.kind == "labelled-share" and (labels == "none" or all_labelled):
         raise ConfigError("sampler.kind = 'labelled-share' mixes labelled and unlabelled items in every batch; it needs "
-                          "data.labelled_fraction < 1 (with data.unlabelled = 'keep') or "
+                          "data.labelled_fraction < 1 (with data.unlabelled = 'keep'), data.unlabelled_folder or "
                           f"data.train_on_database_unlabelled, in {source}")
     if config.sampler.kind == "labelled-share" and not 0 < config.sampler.labelled_share < 1:
         raise ConfigError(f"sampler.labelled_share must be in (0, 1), got {config.sampler.labelled_share} in {source}")
@@ -260,6 +267,8 @@ def _validate_labels(config: Config, source: str) -> None:
         key, what = "data.labels", "trains without labels"
     elif fraction < 1:
         key, what = "data.labelled_fraction", f"{fraction} leaves items without labels"
+    elif data.unlabelled_folder:
+        key, what = "data.unlabelled_folder", "adds items without labels"
     else:
         key, what = "data.train_on_database_unlabelled", "adds items without labels"
     readers = label_readers(config)

@@ -53,6 +53,10 @@ class DataConfig:
     ``unlabelled``: what training does with those others: ``"keep"`` (the default: train on them
     without labels) or ``"drop"`` (leave them out: the labels-only baseline on the same labelled
     share; needs ``labelled_fraction < 1``, and then any loss trains).
+    ``unlabelled_folder`` (with ``dataset = "folder"``): the name of a sub-folder of the training
+    folder, beside the class sub-folders, whose images (at any depth) train without labels, for a
+    loss that takes partial labels (a catalogue with a labelled part); not a class, and left out of
+    the query and database splits.
     ``train_on_database_unlabelled`` (with a class split, ``database_split = train_split``): training
     also sees the unseen classes' database images, without their labels (a catalogue whose new
     classes are not labelled yet), for a loss that takes partial labels.
@@ -83,6 +87,7 @@ class DataConfig:
     labelled_fraction: float = 1.0
     unlabelled: str = "keep"
     train_on_database_unlabelled: bool = False
+    unlabelled_folder: str = ""
 
 
 @dataclass

@@ -45,7 +45,8 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def list_image_folder(root: str | os.PathLike, labelled: bool | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+def list_image_folder(root: str | os.PathLike, labelled: bool | None = None, unlabelled_dir: str = "",
+                      with_unlabelled: bool = True) -> tuple[list[Path], np.ndarray, list[str]]:
     """List a folder of images: one sub-folder per class (at any depth below it), or unlabelled.
 
     Args:
@@ -53,6 +54,9 @@ def list_image_folder(root: str | os.PathLike, labelled: bool | None = None) -> 
         labelled: True: the sorted sub-folder names are the classes; False: every image file
             under ``root`` at any depth, unlabelled; None: labelled unless image files lie
             directly in ``root`` (a flat folder).
+        unlabelled_dir: in a labelled folder, the name of a sub-folder that is not a class: its
+            images (at any depth) are listed unlabelled after the classes' ones when
+            ``with_unlabelled``, and left out otherwise.
 
     Returns:
         ``(paths, labels int64 (N,), classes)``: a label is the index of its class, ``-1`` for
@@ -72,11 +76,16 @@ def list_image_folder(root: str | os.PathLike, labelled: bool | None = None) -> 
     labels: list[int] = []
     classes: list[str] = []
     if labelled:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith(".") and p.name != unlabelled_dir)
         for index, name in enumerate(classes):
             files = _image_files(root / name)
             paths += files
             labels += [index] * len(files)
+        if unlabelled_dir and with_unlabelled and (root / unlabelled_dir).is_dir():
+            files = _image_files(root / unlabelled_dir)
+            paths += files
+            labels += [-1] * len(files)
     else:
         paths = _image_files(root)
         labels = [-1] * len(paths)

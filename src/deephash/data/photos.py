@@ -166,7 +166,7 @@ class ImageFolder(torch.utils.data.Dataset):
         image_size: the model's input side in pixels.
         channels: 1 (grey) or 3 (RGB).
         train: value of the ``train`` attribute.
-        labelled: see :func:`~deephash.data.images.list_image_folder`.
+        labelled, unlabelled_dir, with_unlabelled: see :func:`~deephash.data.images.list_image_folder`.
         check: read every file's header when listing (cheap; no pixel data).
         crop_scale: the training crop's share of the image area.
         color_jitter: the training colour jitter strength.
@@ -184,13 +184,14 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, image_size: int = 224, channels: int = 3, train: bool = True,
                  labelled: bool | None = None, check: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
-                 color_jitter: float = 0.4, crop_fraction: float = EVAL_CROP_FRACTION) -> None:
+                 color_jitter: float = 0.4, crop_fraction: float = EVAL_CROP_FRACTION, unlabelled_dir: str = "",
+                 with_unlabelled: bool = True) -> None:
         if channels not in (1, 3):
             raise DeephashError(f"ImageFolder needs 1 or 3 channels, got {channels}")
         if int(image_size) < 1:
             raise DeephashError(f"ImageFolder needs image_size >= 1, got {image_size}")
         self.root = Path(root)
-        files, labels, classes = list_image_folder(self.root, labelled)
+        files, labels, classes = list_image_folder(self.root, labelled, unlabelled_dir, with_unlabelled)
         self.bad_files = BadFiles(len(files))
         keep = np.ones(len(files), dtype=bool)
         if check:

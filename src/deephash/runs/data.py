@@ -27,14 +27,16 @@ DEFAULT_IMAGE_SIZE = 224
 DATASET_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
 
 
-def _load_source(config: Config, split: str) -> ArrayDataset | ImageFolder:
-    """One split of the configured data set (no protocol, no limit); a photo folder is streamed."""
+def _load_source(config: Config, split: str, training: bool = False) -> ArrayDataset | ImageFolder:
+    """One split of the configured data set (no protocol, no limit); a photo folder is streamed,
+    with the images of its ``data.unlabelled_folder`` (unlabelled) only when ``training``."""
     data = config.data
     if data.dataset == "folder":
         folder = Path(data.images)
         folder = folder / split if (folder / split).is_dir() else folder
         dataset = ImageFolder(folder, image_size=folder_image_size(config), channels=data.channels, train=split == "train",
-                              crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=eval_crop_fraction(config))
+                              crop_scale=data.crop_scale, color_jitter=data.color_jitter, crop_fraction=eval_crop_fraction(config),
+                              unlabelled_dir=data.unlabelled_folder, with_unlabelled=training)
         dataset.bad_files.max_fraction = data.max_bad_fraction
         dataset.bad_files.check()
         return dataset
@@ -116,7 +118,7 @@ def load_split(config: Config, split: str, run_dir: str | os.PathLike | None = N
         dataset = pooled.subset(torch.from_numpy(indices))
         dataset.name, dataset.train = f"{pooled.name}/{split}", split == "train"
     else:
-        dataset = _load_source(config, split)
+        dataset = _load_source(config, split, training)
     if config.data.seen_classes:
         keep = config.data.seen_classes if training else config.data.unseen_classes
         kept = dataset.subset(torch.nonzero(torch.isin(dataset.targets, torch.tensor(keep))).flatten())
