@@ -61,7 +61,7 @@ def test_dropping_the_unlabelled_needs_a_labelled_fraction_and_then_any_loss_tra
     for data, message in (({"labelled_fraction": 1.0}, "needs a labelled_fraction < 1"),
                           ({"unlabelled": "ignore"}, "data.unlabelled must be 'keep' or 'drop', got 'ignore'"),
                           ({"seen_classes": [0], "unseen_classes": [1], "train_on_database_unlabelled": True},
-                           "no train_on_database_unlabelled")):
+                           "neither train_on_database_unlabelled")):
         with pytest.raises(ConfigError, match=message):
             config_from_dict(_with(data={**drop, **data}, loss={"name": "csq"}))
 

@@ -18,7 +18,7 @@ from PIL import Image
 from deephash.data import BadFiles, DecodeFailure, ImageFolder, StreamLoader
 from deephash.data.images import check_image_header, list_image_folder, open_image, read_image
 from deephash.data.transforms import eval_resize_side, eval_transform, random_resized_box, train_transform
-from deephash.errors import DataFormatError
+from deephash.errors import DataFormatError, NotFoundError
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -163,9 +163,12 @@ def test_an_unlabelled_sub_folder_is_no_class_and_lists_its_images_unlabelled_or
     paths, labels, classes = list_image_folder(tmp_path, unlabelled_dir="new-stock", with_unlabelled=False)
     assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 0, 1, 1, 1] and len(paths) == 6
     assert list_image_folder(tmp_path)[2] == ["cat", "dog", "new-stock"]  # without the name it is a class
-    assert list_image_folder(tmp_path, unlabelled_dir="absent")[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+    left_out = list_image_folder(tmp_path, unlabelled_dir="absent", with_unlabelled=False)  # only training needs it
+    assert left_out[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2]
     folder = ImageFolder(tmp_path, image_size=8, unlabelled_dir="new-stock")
     assert folder.classes == ["cat", "dog"] and (folder.targets == -1).sum() == 6
+    with pytest.raises(NotFoundError, match="absent: no such folder .the unlabelled images' sub-folder"):
+        list_image_folder(tmp_path, unlabelled_dir="absent")
 
 
 def test_bad_files_are_skipped_with_one_warning_each_and_counted(tmp_path, caplog):

@@ -341,7 +341,8 @@ def _catalogue(root, extra: int) -> None:
 
 
 CATALOGUE_SETS = [*FLAT_FOLDER_SETS, 'data.labels="class"', 'loss.name="contrastive-hash"', "loss.params={}", 'model.code_rule="sign"',
-                  'sampler.kind="labelled-share"', "sampler.labelled_share=0.5"]
+                  'sampler.kind="labelled-share"', "sampler.labelled_share=0.5",
+                  "model.mean=[0.5, 0.5, 0.5]", "model.std=[0.25, 0.25, 0.25]"]  # not from the images: only training sees them
 
 
 def test_an_unlabelled_sub_folder_trains_without_labels_beside_the_classes_and_stays_out_of_evaluation(tmp_path):
@@ -354,6 +355,10 @@ def test_an_unlabelled_sub_folder_trains_without_labels_beside_the_classes_and_s
     training = load_split(config, "train", training=True)
     assert training.classes == ["a", "b", "c"] and training.targets.tolist() == [0] * 6 + [1] * 6 + [2] * 6 + [-1] * 12
     assert len(load_split(config, "train")) == 18 and len(load_split(config, "test")) == 6  # database, queries
+    from deephash.runs.data import source_dataset
+
+    encoded = source_dataset(config, tmp_path, None, tmp_path / "photos" / "train")  # `encode --images`: no class either
+    assert encoded.classes == ["a", "b", "c"] and len(encoded) == 18
     argv = [x for s in sets for x in ("--set", s)]
     assert main(["train", "fashion-mnist-unlabelled-48", "--out", str(tmp_path / "run"), "--quiet", *argv]) == 0
     assert main(["evaluate", str(tmp_path / "run")]) == 0
@@ -376,6 +381,9 @@ def test_an_unlabelled_sub_folder_trains_without_labels_beside_the_classes_and_s
     (['loss.name="dsh"', "loss.params={}", "data.views=1"], "data.unlabelled_folder: adds items without labels, but loss.name = 'dsh'"),
     (['data.unlabelled_folder="a/b"'], "names a sub-folder .a plain name."),
     (['data.dataset="fashion-mnist"'], "names a sub-folder .a plain name. of a photo folder"),
+    (["data.seen_classes=[0]", "data.unseen_classes=[1]"], "cannot go with a class split"),
+    (["data.labelled_fraction=0.5", 'data.unlabelled="drop"'], "nor unlabelled_folder"),
+    (["pseudo_labels.from_epoch=1", "train.epochs=2"], "pseudo_labels works on the in-memory data sets, not a photo folder"),
 ])
 def test_an_unlabelled_folder_is_refused_where_it_cannot_train(sets, message):
     from deephash.config import load_config

@@ -239,9 +239,10 @@ def _validate_labels(config: Config, source: str) -> None:
     data = config.data
     if data.unlabelled not in ("keep", "drop"):
         raise ConfigError(f"data.unlabelled must be 'keep' or 'drop', got {data.unlabelled!r} in {source}")
-    if data.unlabelled == "drop" and (fraction == 1 or data.train_on_database_unlabelled):
+    if data.unlabelled == "drop" and (fraction == 1 or data.train_on_database_unlabelled or data.unlabelled_folder):
         raise ConfigError("data.unlabelled = 'drop' leaves out the images that data.labelled_fraction < 1 leaves "
-                          f"without labels; it needs a labelled_fraction < 1 and no train_on_database_unlabelled, in {source}")
+                          "without labels; it needs a labelled_fraction < 1 and neither train_on_database_unlabelled "
+                          f"nor unlabelled_folder, in {source}")
     if data.train_on_database_unlabelled and (not data.seen_classes or data.database_split != data.train_split):
         raise ConfigError("data.train_on_database_unlabelled needs a class split (data.seen_classes) and "
                           f"data.database_split = data.train_split, in {source}")
@@ -253,6 +254,9 @@ def _validate_labels(config: Config, source: str) -> None:
         raise ConfigError("data.unlabelled_folder names a sub-folder (a plain name) of a photo folder with class "
                           f"sub-folders (data.dataset = 'folder', data.labels = 'class'), got {data.unlabelled_folder!r} "
                           f"in {source}")
+    if data.unlabelled_folder and data.seen_classes:
+        raise ConfigError("data.unlabelled_folder cannot go with a class split (data.seen_classes): its images are of "
+                          f"no known class, so the split would leave them out, in {source}")
     all_labelled = ((fraction == 1 or data.unlabelled == "drop") and not data.train_on_database_unlabelled
                     and not data.unlabelled_folder)
     if config.sampler.kind == "labelled-share" and (labels == "none" or all_labelled):
@@ -287,14 +291,14 @@ def _validate_pseudo_labels(config: Config, source: str) -> None:
         raise ConfigError(f"pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in (0, 1], got {pseudo}, in {source}")
     if pseudo.from_epoch == 0:
         return
+    if data.dataset == "folder":
+        raise ConfigError(f"pseudo_labels works on the in-memory data sets, not a photo folder (data.dataset = 'folder'), in {source}")
     if data.train_on_database_unlabelled:
         raise ConfigError("pseudo_labels cannot go with data.train_on_database_unlabelled: those images are of classes "
                           f"that no labelled image has, so a vote would give them a wrong class, in {source}")
     if data.labels != "class" or data.labelled_fraction == 1 or data.unlabelled != "keep":
         raise ConfigError("pseudo_labels.from_epoch labels the training images that data.labelled_fraction < 1 leaves "
                           f"unlabelled (with data.unlabelled = 'keep'); there are none here, in {source}")
-    if data.dataset == "folder":
-        raise ConfigError(f"pseudo_labels works on the in-memory data sets, not a photo folder (data.dataset = 'folder'), in {source}")
     if not loss_needs_labels(config.loss.name):
         raise ConfigError(f"pseudo_labels: loss.name = {config.loss.name!r} reads no labels, so pseudo labels would change "
                           f"nothing; use one that takes partial labels (e.g. 'contrastive-hash'), in {source}")

@@ -56,7 +56,7 @@ def list_image_folder(root: str | os.PathLike, labelled: bool | None = None, unl
             directly in ``root`` (a flat folder).
         unlabelled_dir: in a labelled folder, the name of a sub-folder that is not a class: its
             images (at any depth) are listed unlabelled after the classes' ones when
-            ``with_unlabelled``, and left out otherwise.
+            ``with_unlabelled`` (then the sub-folder must exist), and left out otherwise.
 
     Returns:
         ``(paths, labels int64 (N,), classes)``: a label is the index of its class, ``-1`` for
@@ -64,7 +64,7 @@ def list_image_folder(root: str | os.PathLike, labelled: bool | None = None, unl
         extension are skipped.
 
     Raises:
-        NotFoundError: no such folder, or no images in it.
+        NotFoundError: no such folder (or unlabelled sub-folder), or no images in it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -82,7 +82,10 @@ def list_image_folder(root: str | os.PathLike, labelled: bool | None = None, unl
             files = _image_files(root / name)
             paths += files
             labels += [index] * len(files)
-        if unlabelled_dir and with_unlabelled and (root / unlabelled_dir).is_dir():
+        if unlabelled_dir and with_unlabelled:
+            if not (root / unlabelled_dir).is_dir():
+                raise NotFoundError(f"{root / unlabelled_dir}: no such folder (the unlabelled images' sub-folder, "
+                                    "beside the class sub-folders)")
             files = _image_files(root / unlabelled_dir)
             paths += files
             labels += [-1] * len(files)

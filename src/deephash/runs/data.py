@@ -178,12 +178,14 @@ def model_input_shape(config: Config, run_dir: Path) -> tuple[int, int, int]:
 def source_dataset(config: Config, run_dir: Path, split: str | None, images: str | os.PathLike | None,
                    labelled: bool | None = None) -> ArrayDataset | ImageFolder:
     """A split of the run's data (protocol and limit applied), or a photo folder streamed at the
-    model's input size (``labelled``: see :func:`~deephash.data.images.list_image_folder`)."""
+    model's input size (``labelled``: see :func:`~deephash.data.images.list_image_folder`; the
+    run's ``data.unlabelled_folder`` is no class there and is left out, as from its splits)."""
     if images is None:
         return load_split(config, split, run_dir)
     channels, height, _ = model_input_shape(config, run_dir)
     return ImageFolder(images, image_size=height, channels=channels, train=False, labelled=labelled,
-                       crop_fraction=eval_crop_fraction(config))
+                       crop_fraction=eval_crop_fraction(config), unlabelled_dir=config.data.unlabelled_folder,
+                       with_unlabelled=False)
 
 
 def eval_crop_fraction(config: Config) -> float:
