@@ -70,8 +70,9 @@ lr = 0.01
 [train]
 epochs = 2
 log_interval = 2
-# one intra-op thread in every rank: the spawned run and the forked resume (a forked child of a
-# process that already used its thread pool runs single-threaded) must add up floats alike
+# one intra-op thread in every rank: the CLI's run and the job's resume must add up floats alike
+# (the jobs are spawned, not forked: a child forked after the test process used MKL's OpenMP pool
+# deadlocks in its first float64 matrix product)
 num_threads = 1
 """
 
@@ -199,7 +200,7 @@ def jobs(tmp_path_factory):
     config_path.write_text(CONFIG.format(root=out / "data"))
     full_run = out / "full"
     assert cli.main(["train", str(config_path), "--out", str(full_run), "--nproc", "2", "--quiet"]) == 0
-    spawn_workers(_job, WORLD, (out, config_path, full_run), start_method="fork", timeout_s=120)
+    spawn_workers(_job, WORLD, (out, config_path, full_run), timeout_s=120)
     return out
 
 
@@ -403,7 +404,7 @@ def test_pseudo_labels_under_ddp_are_rank_zeros_on_every_rank(tmp_path):
     _tiny_fashion_mnist(tmp_path / "data")
     config_path = tmp_path / "tiny.toml"
     config_path.write_text(CONFIG.format(root=tmp_path / "data"))
-    spawn_workers(_pseudo_label_job, WORLD, (tmp_path, config_path), start_method="fork", timeout_s=300)
+    spawn_workers(_pseudo_label_job, WORLD, (tmp_path, config_path), timeout_s=300)
     for epoch in (0, 1):
         zero, one = (torch.load(tmp_path / f"labels-rank{r}-epoch{epoch}.pt") for r in range(WORLD))
         assert torch.equal(zero, one)
