@@ -103,12 +103,14 @@ def test_the_labelled_share_sampler_needs_labelled_and_unlabelled_items():
 
 def test_pseudo_labels_need_unlabelled_images_of_the_labelled_classes_in_memory():
     semi = {"labels": "class", "labelled_fraction": 0.1}
-    on = {"from_epoch": 2, "k": 5, "agreement": 0.8}
+    on = {"from_epoch": 2, "k": 5, "agreement": 0.8, "every": 3}
     config = config_from_dict(_with(data=semi, loss={"name": "contrastive-hash"}, train={"epochs": 3}, pseudo_labels=on))
     assert (config.pseudo_labels.from_epoch, config.pseudo_labels.k, config.pseudo_labels.agreement) == (2, 5, 0.8)
-    assert config_from_dict({}).pseudo_labels.from_epoch == 0  # off by default
+    assert config.pseudo_labels.every == 3
+    assert (config_from_dict({}).pseudo_labels.from_epoch, config_from_dict({}).pseudo_labels.every) == (0, 1)  # off; each epoch
     for data, pseudo, epochs, message in (
-            (semi, {**on, "k": 0}, 3, "pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in"),
+            (semi, {**on, "k": 0}, 3, "pseudo_labels needs from_epoch >= 0, every >= 1, k >= 1 and agreement in"),
+            (semi, {**on, "every": 0}, 3, "every >= 1"),
             (semi, {**on, "agreement": 0.0}, 3, "agreement in .0, 1.,"),
             (semi, {**on, "agreement": 1.01}, 3, "agreement in .0, 1.,"),
             (semi, {**on, "from_epoch": -1}, 3, "from_epoch >= 0"),

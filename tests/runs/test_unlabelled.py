@@ -150,9 +150,11 @@ def test_with_a_labelled_fraction_only_the_kept_labels_are_read(tmp_path, tiny_f
 PSEUDO = "[pseudo_labels]\nfrom_epoch = 1\nk = 3\nagreement = 0.6\n"
 
 
-def test_pseudo_labels_come_from_their_epoch_on_read_only_the_kept_labels_and_resume_exactly(tmp_path, tiny_fmnist):
+def test_pseudo_labels_come_from_their_epoch_on_read_only_the_kept_labels_and_resume_exactly(tmp_path, tiny_fmnist,
+                                                                                               monkeypatch):
     from deephash import runs
     from deephash.config import load_config
+    from deephash.train import pseudo_labels
     from deephash.train.callbacks import read_jsonl
 
     root, data = tiny_fmnist
@@ -173,12 +175,22 @@ def test_pseudo_labels_come_from_their_epoch_on_read_only_the_kept_labels_and_re
             if epoch == 1:
                 raise KeyboardInterrupt
 
-    config = load_config(tmp_path / "real.toml", overrides=["train.epochs=3"])
+    votes: list[int] = []
+    vote = pseudo_labels.knn_pseudo_labels
+    monkeypatch.setattr(pseudo_labels, "knn_pseudo_labels", lambda *args: votes.append(1) or vote(*args))
+    # votes in epochs 1 and 3 (0-based): the run stops after epoch 1 and resumes between the votes,
+    # on the checkpoint's labels (not a vote of its own)
+    config = load_config(tmp_path / "real.toml", overrides=["train.epochs=4", "pseudo_labels.every=2"])
     whole = runs.train_run(config, tmp_path / "whole", progress=False)
+    assert len(votes) == 2
     with pytest.raises(KeyboardInterrupt):  # stopped after an epoch with pseudo labels
         runs.train_run(config, tmp_path / "parted", progress=False, callbacks=[Interrupt()])
+    assert len(votes) == 3
     runs.train_run(config, tmp_path / "parted", resume=True, progress=False)
+    assert len(votes) == 4
     assert _same(*(torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (whole, tmp_path / "parted")))
+    whole_epochs = [e for e in read_jsonl(whole / "metrics.jsonl") if e["type"] == "epoch"]
+    assert whole_epochs[1]["pseudo_labelled"] == whole_epochs[2]["pseudo_labelled"]  # epoch 2 keeps epoch 1's vote
     logged = [e for e in read_jsonl(tmp_path / "parted" / "metrics.jsonl") if e["type"] == "epoch"]
     assert [e.get("pseudo_labelled") for e in logged] == [
         e.get("pseudo_labelled") for e in read_jsonl(whole / "metrics.jsonl") if e["type"] == "epoch"]

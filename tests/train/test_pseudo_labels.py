@@ -140,6 +140,40 @@ def test_the_callback_relabels_from_its_epoch_on_from_the_starting_labels_each_t
     assert torch.equal(dataset.targets, start)
 
 
+def test_every_votes_on_its_epochs_only_and_the_epochs_between_train_on_the_last_vote():
+    dataset, probe = _dataset(), _Probe()
+    callback = PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", batch_size=3,
+                            every=3)
+    voted = [0, 0, 1, 1, 0, 1, -1]
+    callback.on_epoch_start(2)
+    assert dataset.targets.tolist() == voted and len(probe.modes) == 3
+    dataset.data[4, 0, 0] = torch.tensor(_pixels(52), dtype=torch.uint8)  # a vote now would drop its label
+    record: dict = {}
+    for epoch in (3, 4):  # between votes: no pass, the last vote's labels
+        callback.on_epoch_start(epoch)
+        callback.on_epoch_end(epoch, record)
+        assert dataset.targets.tolist() == voted and len(probe.modes) == 3 and record["pseudo_labelled"] == 2
+    callback.on_epoch_start(5)  # from_epoch + every: votes again
+    assert dataset.targets.tolist() == [0, 0, 1, 1, -1, 1, -1] and len(probe.modes) == 6
+    state = callback.state_dict()
+    callback.on_train_end([])
+
+    # a run resumed between two votes continues on the checkpoint's labels, and only on those
+    resumed = PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=3)
+    dataset.data[4, 0, 0] = torch.tensor(_pixels(10), dtype=torch.uint8)  # a vote now would label it again
+    resumed.load_state_dict(state)
+    resumed.on_epoch_start(6)
+    assert dataset.targets.tolist() == [0, 0, 1, 1, -1, 1, -1] and len(probe.modes) == 6
+    resumed.on_epoch_start(8)
+    assert dataset.targets.tolist() == voted and len(probe.modes) == 7
+    with pytest.raises(DeephashError, match="epoch 7 trains on the pseudo labels of an earlier vote, but none were restored"):
+        PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=3).on_epoch_start(6)
+    with pytest.raises(DeephashError, match=r"must be a tensor of shape \(7,\)"):
+        resumed.load_state_dict({"labels": torch.zeros(6, dtype=torch.int64)})
+    with pytest.raises(DeephashError, match="every >= 1, got 0"):
+        PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=0)
+
+
 def test_a_lower_agreement_labels_the_split_vote_with_the_lower_class():
     dataset, probe = _dataset(), _Probe()
     PseudoLabels(dataset, probe, probe.embed, from_epoch=1, k=2, agreement=0.5, device="cpu").on_epoch_start(1)

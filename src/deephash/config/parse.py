@@ -287,8 +287,9 @@ def _validate_pseudo_labels(config: Config, source: str) -> None:
     from deephash.losses.registry import loss_needs_labels
 
     pseudo, data = config.pseudo_labels, config.data
-    if pseudo.from_epoch < 0 or pseudo.k < 1 or not 0 < pseudo.agreement <= 1:
-        raise ConfigError(f"pseudo_labels needs from_epoch >= 0, k >= 1 and agreement in (0, 1], got {pseudo}, in {source}")
+    if pseudo.from_epoch < 0 or pseudo.every < 1 or pseudo.k < 1 or not 0 < pseudo.agreement <= 1:
+        raise ConfigError(f"pseudo_labels needs from_epoch >= 0, every >= 1, k >= 1 and agreement in (0, 1], got {pseudo}, "
+                          f"in {source}")
     if pseudo.from_epoch == 0:
         return
     if data.dataset == "folder":

@@ -195,6 +195,7 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
     history: list[dict] = []
     start_epoch = 0
     average = WeightAverage(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    pseudo = _pseudo_labels(config, train_set, model, strategy) if config.pseudo_labels.from_epoch > 0 else None
     if resume:
         state = load_checkpoint(last, model, optimizer, scheduler, generators=generators.all())
         start_epoch, history = int(state["epoch"]), list(state["history"])
@@ -202,13 +203,15 @@ def train_run(config: Config, out_dir: str | os.PathLike, resume: bool = False, 
             _restore_average(average, state, last)
         if config.loss.memory.size > 0:
             _restore_loss_state(loss_fn, state, last)
+        if pseudo is not None:
+            _restore_pseudo_labels(pseudo, state, last)
         _trim_log(run_dir / LOG_FILE, start_epoch)
 
     unwrapped_loss = loss_fn
     trained, loss_fn = strategy.wrap(trained, loss_fn, config.data.views,
                                      find_unused=config.train.freeze_backbone_epochs > 0)  # after loading: DDP copies rank 0's weights
     hooks = _hooks(config, run_dir, strategy, model, optimizer, scheduler, generators, history, average, per_batch,
-                   loader, val_loader, unwrapped_loss)
+                   loader, val_loader, unwrapped_loss, pseudo)
     try:
         fit(loader, val_loader, trained, loss_fn, optimizer, scheduler, config.train.epochs, device,
             config.train.log_interval, start_epoch=start_epoch, schedules=loss_schedules(config),
@@ -241,7 +244,7 @@ def _write_skipped(run_dir: Path, train_set: Any, val_loader: Any) -> None:
 
 def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: Any, generators: _Generators, history: list[dict], average: WeightAverage | None,
-           per_batch: Any, loader: Any, val_loader: Any, loss_fn: nn.Module) -> list[Any]:
+           per_batch: Any, loader: Any, val_loader: Any, loss_fn: nn.Module, pseudo: PseudoLabels | None) -> list[Any]:
     """``fit``'s callbacks in the order they run: validation switch, pseudo labels, augmentation
     switch, per-batch LR, weight average, then the logger and the checkpointer (rank 0 writes)."""
     hooks: list[Any] = [
@@ -249,7 +252,7 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
         CheckpointCallback(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler,
                            monitor="val_loss" if val_loader is not None else "train_loss",
                            generators=generators.all(), history=history, is_main_process=strategy.is_main,
-                           extra=_checkpoint_extra(average, loss_fn if config.loss.memory.size > 0 else None)),
+                           extra=_checkpoint_extra(average, loss_fn if config.loss.memory.size > 0 else None, pseudo)),
     ]
     if average is not None:
         hooks.insert(0, average)
@@ -261,8 +264,8 @@ def _hooks(config: Config, run_dir: Path, strategy: Strategy, model: nn.Module, 
         hooks.insert(0, FreezeBackbone(model.backbone, config.train.freeze_backbone_epochs))
     if config.train.final_epochs_no_augment > 0 and (loader.augment is not None or getattr(loader, "random_crops", False)):
         hooks.insert(0, _AugmentOff(loader, config.train.epochs, config.train.final_epochs_no_augment))
-    if config.pseudo_labels.from_epoch > 0:
-        hooks.insert(0, _pseudo_labels(config, loader.dataset, model, strategy))
+    if pseudo is not None:
+        hooks.insert(0, pseudo)
     if val_loader is not None:
         hooks.insert(0, val_loader)
     return hooks
@@ -275,13 +278,15 @@ def _pseudo_labels(config: Config, train_set: Any, model: nn.Module, strategy: S
     device = next(model.parameters()).device
     return PseudoLabels(train_set, model, lambda x: model.relaxed(x, scale=1.0), pseudo.from_epoch, pseudo.k,
                         pseudo.agreement, device, batch_size=config.sampler.batch_size,
-                        broadcast=strategy.broadcast if strategy.world_size > 1 else None, is_main=strategy.is_main)
+                        broadcast=strategy.broadcast if strategy.world_size > 1 else None, is_main=strategy.is_main,
+                        every=pseudo.every)
 
 
-def _checkpoint_extra(average: WeightAverage | None, loss_fn: nn.Module | None) -> Any:
-    """What the checkpoints carry besides the model and optimizer: the weight average and the
-    loss's state (its cross-batch memory), each only when there is one; None when neither."""
-    if average is None and loss_fn is None:
+def _checkpoint_extra(average: WeightAverage | None, loss_fn: nn.Module | None, pseudo: PseudoLabels | None) -> Any:
+    """What the checkpoints carry besides the model and optimizer: the weight average, the loss's
+    state (its cross-batch memory) and the last vote's pseudo labels, each only when there is one;
+    None when none."""
+    if average is None and loss_fn is None and pseudo is None:
         return None
 
     def extra() -> dict[str, Any]:
@@ -290,6 +295,8 @@ def _checkpoint_extra(average: WeightAverage | None, loss_fn: nn.Module | None) 
             out["weight_average"] = average.state_dict()
         if loss_fn is not None:
             out["loss_state"] = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in loss_fn.state_dict().items()}
+        if pseudo is not None:
+            out["pseudo_labels"] = pseudo.state_dict()
         return out
 
     return extra
@@ -304,6 +311,15 @@ def _restore_loss_state(loss_fn: nn.Module, state: dict, path: Path) -> None:
         loss_fn.load_state_dict(saved)
     except (KeyError, RuntimeError, TypeError, ValueError) as error:
         raise DataFormatError(f"checkpoint {path} holds a loss state that does not fit the loss ({error})") from None
+
+
+def _restore_pseudo_labels(pseudo: PseudoLabels, state: dict, path: Path) -> None:
+    """Continue from the last vote's pseudo labels stored in a checkpoint's ``extra`` (a checkpoint
+    written before any vote, or by a version without them, holds none: the next vote makes them)."""
+    try:
+        pseudo.load_state_dict(state["extra"].get("pseudo_labels") or {})
+    except (AttributeError, DeephashError) as error:
+        raise DataFormatError(f"checkpoint {path} holds pseudo labels that do not fit the training set ({error})") from None
 
 
 def _restore_average(average: WeightAverage, state: dict, path: Path) -> None:

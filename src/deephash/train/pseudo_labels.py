@@ -1,11 +1,11 @@
 """Self-training: the unlabelled training items take the class of their labelled neighbours.
 
-From a chosen epoch on, every epoch starts by embedding the whole training set with the model as
-it stands (eval mode, no augmentation) and giving each unlabelled item the class that at least a
-share ``agreement`` of its ``k`` nearest labelled items (cosine similarity) carry; the others stay
-unlabelled for that epoch. The labelled items keep their labels, and the pseudo labels are drawn
-afresh every epoch from the labels the run started with, so a wrong one is not kept once the model
-knows better. A loss that takes partial labels (``contrastive-hash``, ``csq``, an aux classifier)
+From a chosen epoch on, every ``every``-th epoch starts by embedding the whole training set with
+the model as it stands (eval mode, no augmentation) and giving each unlabelled item the class that
+at least a share ``agreement`` of its ``k`` nearest labelled items (cosine similarity) carry; the
+others stay unlabelled until the next vote. The labelled items keep their labels, and the pseudo
+labels are drawn afresh at every vote from the labels the run started with, so a wrong one is not
+kept once the model knows better. A loss that takes partial labels (``contrastive-hash``, ``csq``, an aux classifier)
 then uses them like labels. A ``labelled-share`` sampler keeps the lists it was built with: the
 pseudo-labelled images stay in the unlabelled part of each batch.
 """
@@ -72,8 +72,10 @@ def knn_pseudo_labels(embeddings: torch.Tensor, labels: torch.Tensor, k: int, ag
 
 
 class PseudoLabels(Callback):
-    """A ``fit`` callback that relabels ``dataset``'s unlabelled items at the start of every epoch
-    from ``from_epoch`` on (:func:`knn_pseudo_labels`), and records how many got a label.
+    """A ``fit`` callback that relabels ``dataset``'s unlabelled items (:func:`knn_pseudo_labels`)
+    at the start of epochs ``from_epoch``, ``from_epoch + every``, ...; the epochs between train
+    with the last vote's labels. Each epoch from ``from_epoch`` on records how many items carry a
+    pseudo label.
 
     Args:
         dataset: has ``data`` uint8 ``(N, C, H, W)`` and ``targets`` int64 ``(N,)`` (-1:
@@ -82,6 +84,7 @@ class PseudoLabels(Callback):
         embed: float ``[0, 1]`` images ``(B, C, H, W)`` -> float ``(B, D)`` (e.g. the hash head's
             tanh codes), run under ``no_grad``.
         from_epoch: the first (0-based) epoch that trains with pseudo labels.
+        every: epochs from one vote to the next (1: every epoch).
         k, agreement: the vote (see :func:`knn_pseudo_labels`).
         device: where the pass runs.
         batch_size: images per forward pass.
@@ -89,19 +92,35 @@ class PseudoLabels(Callback):
         is_main: whether this process computes the labels (the others receive them; if rank 0's
             pass fails, every rank raises instead of waiting).
 
-    The labels depend only on the weights at the epoch's start, so a resumed run relabels exactly
-    as an uninterrupted one; nothing is stored in the checkpoints.
+    A vote depends only on the weights at its epoch's start, and :meth:`state_dict` holds the
+    last vote's labels (for the checkpoints), so a resumed run trains on exactly the labels of an
+    uninterrupted one, also when it resumes between two votes.
     """
 
     def __init__(self, dataset: Any, model: torch.nn.Module, embed: Callable[[torch.Tensor], torch.Tensor],
                  from_epoch: int, k: int, agreement: float, device: torch.device | str, batch_size: int = 1024,
-                 broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None, is_main: bool = True) -> None:
+                 broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None, is_main: bool = True,
+                 every: int = 1) -> None:
+        if every < 1:
+            raise DeephashError(f"PseudoLabels needs every >= 1, got {every}")
         self.dataset, self.model, self.embed = dataset, model, embed
         self.start_labels = dataset.targets.clone()
-        self.from_epoch, self.k, self.agreement = from_epoch, k, agreement
+        self.from_epoch, self.every, self.k, self.agreement = from_epoch, every, k, agreement
         self.device, self.batch_size = torch.device(device), batch_size
         self.broadcast, self.is_main = broadcast, is_main
+        self.labels: torch.Tensor | None = None  # the last vote's labels (None before the first)
         self.n_labelled: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The last vote's labels, int64 ``(N,)`` on the CPU (None before the first vote)."""
+        return {"labels": None if self.labels is None else self.labels.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s labels (a resumed run between two votes trains on them)."""
+        labels = state.get("labels")
+        if labels is not None and (not torch.is_tensor(labels) or labels.shape != self.start_labels.shape):
+            raise DeephashError(f"pseudo labels to restore must be a tensor of shape {tuple(self.start_labels.shape)}")
+        self.labels = None if labels is None else labels.to(torch.int64, copy=True)
 
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
@@ -119,6 +138,20 @@ class PseudoLabels(Callback):
         if epoch < self.from_epoch:
             self.n_labelled = None
             return
+        if (epoch - self.from_epoch) % self.every == 0:
+            self._use(self._vote(epoch))
+        elif self.labels is None:
+            raise DeephashError(f"epoch {epoch + 1} trains on the pseudo labels of an earlier vote, but none "
+                                "were restored (a checkpoint without them?)")
+        else:
+            self._use(self.labels)
+
+    def _use(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+        self.dataset.targets = labels
+        self.n_labelled = int((labels >= 0).sum() - (self.start_labels >= 0).sum())
+
+    def _vote(self, epoch: int) -> torch.Tensor:
         labels = self.start_labels.to(self.device, copy=True)  # a broadcast writes into it
         failure: BaseException | None = None
         if self.is_main:
@@ -134,8 +167,7 @@ class PseudoLabels(Callback):
             raise failure
         if bool((labels == _FAILED).any()):
             raise DeephashError(f"pseudo labels of epoch {epoch + 1}: rank 0's pass failed (its error says why)")
-        self.dataset.targets = labels.cpu()
-        self.n_labelled = int((self.dataset.targets >= 0).sum() - (self.start_labels >= 0).sum())
+        return labels.cpu()
 
     def on_epoch_end(self, epoch: int, record: dict) -> None:
         if self.n_labelled is not None:
