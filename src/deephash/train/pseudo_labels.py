@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from deephash.data.loader import BatchLoader
 from deephash.data.unlabelled import NO_LABEL
 from deephash.errors import DeephashError
 from deephash.train.callbacks import Callback
@@ -124,12 +125,10 @@ class PseudoLabels(Callback):
 
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
-        data = self.dataset.data
         was_training = self.model.training
         self.model.eval()
         try:
-            parts = [self.embed(data[i:i + self.batch_size].to(self.device).float().div_(255))
-                     for i in range(0, len(data), self.batch_size)]
+            parts = [self.embed(x) for x, _ in BatchLoader.sequential(self.dataset, self.batch_size, self.device)]
         finally:
             self.model.train(was_training)
         return torch.cat(parts)

@@ -160,7 +160,8 @@ def spawn_workers(fn: Callable[..., Any], nproc: int, args: tuple = (), backend:
     function). Returns when every process has finished; when one fails the others are stopped.
 
     ``start_method="fork"`` skips re-importing torch in the children (much faster to start) but is
-    safe only in a process that has not initialised CUDA or started threads; ``timeout_s`` bounds
+    safe only in a process that has not initialised CUDA, started threads or used MKL's OpenMP
+    pool (seen: a forked child's first float64 matrix product deadlocked); ``timeout_s`` bounds
     how long a collective waits for a missing rank.
 
     Raises:
