@@ -189,6 +189,10 @@ def test_pseudo_labels_come_from_their_epoch_on_read_only_the_kept_labels_and_re
     runs.train_run(config, tmp_path / "parted", resume=True, progress=False)
     assert len(votes) == 4
     assert _same(*(torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (whole, tmp_path / "parted")))
+    stored = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["extra"]["pseudo_labels"]["labels"]
+              for d in (whole, tmp_path / "parted")]
+    assert stored[0].dtype == torch.int64 and torch.equal(*stored)  # the last vote's labels (not the starting ones)
+    assert int((stored[0] >= 0).sum()) > int(keep.sum())
     whole_epochs = [e for e in read_jsonl(whole / "metrics.jsonl") if e["type"] == "epoch"]
     assert whole_epochs[1]["pseudo_labelled"] == whole_epochs[2]["pseudo_labelled"]  # epoch 2 keeps epoch 1's vote
     logged = [e for e in read_jsonl(tmp_path / "parted" / "metrics.jsonl") if e["type"] == "epoch"]

@@ -395,7 +395,8 @@ def _pseudo_label_job(out: Path, config_path: Path) -> None:
 
     pseudo_labels.PseudoLabels.on_epoch_start = recorded
     sets = ["data.labelled_fraction=0.5", "loss.name='contrastive-hash'", "loss.params={instance_weight=0.0}", "sampler.kind='random'", "sampler.batch_size=16",
-            "pseudo_labels.from_epoch=1", "pseudo_labels.k=3", "pseudo_labels.agreement=0.6"]
+            "pseudo_labels.from_epoch=1", "pseudo_labels.k=3", "pseudo_labels.agreement=0.6", "pseudo_labels.every=2",
+            "train.epochs=3"]  # votes in epoch 1; epoch 2 trains on that vote's labels
     runs.train_run(load_config(config_path, overrides=sets), out / "run", progress=False)
 
 
@@ -405,11 +406,13 @@ def test_pseudo_labels_under_ddp_are_rank_zeros_on_every_rank(tmp_path):
     config_path = tmp_path / "tiny.toml"
     config_path.write_text(CONFIG.format(root=tmp_path / "data"))
     spawn_workers(_pseudo_label_job, WORLD, (tmp_path, config_path), timeout_s=300)
-    for epoch in (0, 1):
+    for epoch in (0, 1, 2):
         zero, one = (torch.load(tmp_path / f"labels-rank{r}-epoch{epoch}.pt") for r in range(WORLD))
         assert torch.equal(zero, one)
-    start, voted = (torch.load(tmp_path / f"labels-rank0-epoch{e}.pt") for e in (0, 1))
+    start, voted, kept = (torch.load(tmp_path / f"labels-rank0-epoch{e}.pt") for e in (0, 1, 2))
     assert int((start < 0).sum()) == N_TRAIN // 2  # epoch 0: before from_epoch, the kept half only
     assert torch.equal(voted[start >= 0], start[start >= 0]) and int((voted >= 0).sum()) > N_TRAIN // 2
+    assert torch.equal(kept, voted)  # between two votes, on every rank
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [e.get("pseudo_labelled") for e in logged if e["type"] == "epoch"] == [None, int((voted >= 0).sum()) - N_TRAIN // 2]
+    n_voted = int((voted >= 0).sum()) - N_TRAIN // 2
+    assert [e.get("pseudo_labelled") for e in logged if e["type"] == "epoch"] == [None, n_voted, n_voted]

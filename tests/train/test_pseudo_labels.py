@@ -166,10 +166,25 @@ def test_every_votes_on_its_epochs_only_and_the_epochs_between_train_on_the_last
     assert dataset.targets.tolist() == [0, 0, 1, 1, -1, 1, -1] and len(probe.modes) == 6
     resumed.on_epoch_start(8)
     assert dataset.targets.tolist() == voted and len(probe.modes) == 7
+    resumed.on_train_end([])  # back to the starting labels, which the next runs start from
+    at_a_vote = PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=3)
+    at_a_vote.load_state_dict(state)  # resumed at a vote's epoch: votes, with the weights it has now
+    at_a_vote.on_epoch_start(5)
+    assert dataset.targets.tolist() == voted and len(probe.modes) == 8
+    at_a_vote.on_train_end([])
+    for nothing in ({}, {"labels": None}):  # an older checkpoint, or one from before the first vote
+        before = PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=3)
+        before.load_state_dict(nothing)
+        before.on_epoch_start(2)
+        assert before.state_dict()["labels"].tolist() == voted and before.state_dict()["labels"].dtype == torch.int64
+        before.on_train_end([])
     with pytest.raises(DeephashError, match="epoch 7 trains on the pseudo labels of an earlier vote, but none were restored"):
         PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=3).on_epoch_start(6)
-    with pytest.raises(DeephashError, match=r"must be a tensor of shape \(7,\)"):
-        resumed.load_state_dict({"labels": torch.zeros(6, dtype=torch.int64)})
+    start = torch.tensor([0, 0, 1, 1, -1, -1, -1])
+    for bad in (torch.zeros(6, dtype=torch.int64), start.float(), torch.tensor([0, 0, 1, 1, -2, 0, 0]),
+                torch.tensor([1, 0, 1, 1, 0, 0, 0]), [0, 0, 1, 1, 0, 0, 0]):
+        with pytest.raises(DeephashError, match=r"pseudo labels to restore must be int64 \(7,\), >= -1, with the run's "):
+            resumed.load_state_dict({"labels": bad})
     with pytest.raises(DeephashError, match="every >= 1, got 0"):
         PseudoLabels(dataset, probe, probe.embed, from_epoch=2, k=2, agreement=1.0, device="cpu", every=0)
 

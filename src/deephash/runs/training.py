@@ -316,9 +316,12 @@ def _restore_loss_state(loss_fn: nn.Module, state: dict, path: Path) -> None:
 def _restore_pseudo_labels(pseudo: PseudoLabels, state: dict, path: Path) -> None:
     """Continue from the last vote's pseudo labels stored in a checkpoint's ``extra`` (a checkpoint
     written before any vote, or by a version without them, holds none: the next vote makes them)."""
+    saved = state["extra"].get("pseudo_labels")
+    if saved is not None and not isinstance(saved, dict):
+        raise DataFormatError(f"checkpoint {path} holds pseudo labels that are not a dict")
     try:
-        pseudo.load_state_dict(state["extra"].get("pseudo_labels") or {})
-    except (AttributeError, DeephashError) as error:
+        pseudo.load_state_dict(saved or {})
+    except DeephashError as error:
         raise DataFormatError(f"checkpoint {path} holds pseudo labels that do not fit the training set ({error})") from None
 
 

@@ -119,9 +119,15 @@ class PseudoLabels(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s labels (a resumed run between two votes trains on them)."""
         labels = state.get("labels")
-        if labels is not None and (not torch.is_tensor(labels) or labels.shape != self.start_labels.shape):
-            raise DeephashError(f"pseudo labels to restore must be a tensor of shape {tuple(self.start_labels.shape)}")
-        self.labels = None if labels is None else labels.to(torch.int64, copy=True)
+        if labels is None:
+            self.labels = None
+            return
+        kept = self.start_labels >= 0
+        if (not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != self.start_labels.shape
+                or bool((labels < NO_LABEL).any()) or not torch.equal(labels[kept].cpu(), self.start_labels[kept])):
+            raise DeephashError(f"pseudo labels to restore must be int64 {tuple(self.start_labels.shape)}, >= -1, with the "
+                                "run's own labels where it has them (a checkpoint of another labelled draw?)")
+        self.labels = labels.to("cpu", copy=True)
 
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
