@@ -387,13 +387,15 @@ def _pseudo_label_job(out: Path, config_path: Path) -> None:
     from deephash.config import load_config
     from deephash.train import pseudo_labels
 
-    relabel = pseudo_labels.PseudoLabels.on_epoch_start
+    relabel, vote, votes = pseudo_labels.PseudoLabels.on_epoch_start, pseudo_labels.knn_pseudo_labels, []
 
     def recorded(self, epoch: int) -> None:
         relabel(self, epoch)
         torch.save(self.dataset.targets.clone(), out / f"labels-rank{rank()}-epoch{epoch}.pt")
+        (out / f"votes-rank{rank()}-epoch{epoch}.txt").write_text(str(len(votes)))
 
     pseudo_labels.PseudoLabels.on_epoch_start = recorded
+    pseudo_labels.knn_pseudo_labels = lambda *args: votes.append(1) or vote(*args)
     sets = ["data.labelled_fraction=0.5", "loss.name='contrastive-hash'", "loss.params={instance_weight=0.0}", "sampler.kind='random'", "sampler.batch_size=16",
             "pseudo_labels.from_epoch=1", "pseudo_labels.k=3", "pseudo_labels.agreement=0.6", "pseudo_labels.every=2",
             "train.epochs=3"]  # votes in epoch 1; epoch 2 trains on that vote's labels
@@ -413,6 +415,8 @@ def test_pseudo_labels_under_ddp_are_rank_zeros_on_every_rank(tmp_path):
     assert int((start < 0).sum()) == N_TRAIN // 2  # epoch 0: before from_epoch, the kept half only
     assert torch.equal(voted[start >= 0], start[start >= 0]) and int((voted >= 0).sum()) > N_TRAIN // 2
     assert torch.equal(kept, voted)  # between two votes, on every rank
+    counts = [[int((tmp_path / f"votes-rank{r}-epoch{e}.txt").read_text()) for e in range(3)] for r in range(WORLD)]
+    assert counts == [[0, 1, 1], [0, 0, 0]]  # rank 0 votes once, in epoch 1; rank 1 only receives
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     n_voted = int((voted >= 0).sum()) - N_TRAIN // 2
     assert [e.get("pseudo_labelled") for e in logged if e["type"] == "epoch"] == [None, n_voted, n_voted]

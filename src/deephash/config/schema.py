@@ -222,8 +222,8 @@ class RerankHeadConfig:
 @dataclass
 class PseudoLabelConfig:
     """Self-training (``deephash.train.pseudo_labels``): from the 0-based epoch ``from_epoch`` on
-    (0 = off), every ``every``-th epoch starts by giving each unlabelled training image the class
-    that a share ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine
+    (0 = off), epochs ``from_epoch``, ``from_epoch + every``, ... start by giving each unlabelled
+    training image the class that a share ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine
     similarity of the head's continuous outputs (a hash head's tanh codes); images without such a
     majority stay unlabelled until the next vote, and the epochs between votes train on the last
     vote's labels (kept in the checkpoints). Needs ``data.labelled_fraction < 1`` on an in-memory data set and a

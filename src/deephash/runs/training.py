@@ -314,8 +314,9 @@ def _restore_loss_state(loss_fn: nn.Module, state: dict, path: Path) -> None:
 
 
 def _restore_pseudo_labels(pseudo: PseudoLabels, state: dict, path: Path) -> None:
-    """Continue from the last vote's pseudo labels stored in a checkpoint's ``extra`` (a checkpoint
-    written before any vote, or by a version without them, holds none: the next vote makes them)."""
+    """Continue from the last vote's pseudo labels stored in a checkpoint's ``extra``. A checkpoint
+    written before the first vote, or by a version without them, holds none: a run resumed from it
+    at a vote's epoch votes; between two votes, the first epoch raises DeephashError."""
     saved = state["extra"].get("pseudo_labels")
     if saved is not None and not isinstance(saved, dict):
         raise DataFormatError(f"checkpoint {path} holds pseudo labels that are not a dict")

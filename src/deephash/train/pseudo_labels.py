@@ -1,7 +1,7 @@
 """Self-training: the unlabelled training items take the class of their labelled neighbours.
 
-From a chosen epoch on, every ``every``-th epoch starts by embedding the whole training set with
-the model as it stands (eval mode, no augmentation) and giving each unlabelled item the class that
+Epochs ``from_epoch``, ``from_epoch + every``, ... (0-based) start by embedding the whole training
+set with the model as it stands (eval mode, no augmentation) and giving each unlabelled item the class that
 at least a share ``agreement`` of its ``k`` nearest labelled items (cosine similarity) carry; the
 others stay unlabelled until the next vote. The labelled items keep their labels, and the pseudo
 labels are drawn afresh at every vote from the labels the run started with, so a wrong one is not
