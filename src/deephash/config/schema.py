@@ -221,14 +221,14 @@ class RerankHeadConfig:
 
 @dataclass
 class PseudoLabelConfig:
-    """Self-training (``deephash.train.pseudo_labels``): from the 0-based epoch ``from_epoch`` on
-    (0 = off), epochs ``from_epoch``, ``from_epoch + every``, ... start by giving each unlabelled
-    training image the class that a share ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine
+    """Self-training (``deephash.train.pseudo_labels``): the 0-based epochs ``from_epoch`` (0 =
+    off), ``from_epoch + every``, ... start by giving each unlabelled training image the class that
+    a share ``agreement`` (in (0, 1]) of its ``k`` nearest labelled images carry, by cosine
     similarity of the head's continuous outputs (a hash head's tanh codes); images without such a
     majority stay unlabelled until the next vote, and the epochs between votes train on the last
-    vote's labels (kept in the checkpoints). Needs ``data.labelled_fraction < 1`` on an in-memory data set and a
-    loss that reads partial labels (``contrastive-hash`` without its own ``pseudo_label_threshold``,
-    ``csq``); not with ``data.train_on_database_unlabelled`` (those images are of classes that no
+    vote's labels (kept in the checkpoints). Needs ``data.labelled_fraction < 1`` on an in-memory
+    data set and a loss that reads partial labels (``contrastive-hash`` without its own
+    ``pseudo_label_threshold``, ``csq``); not with ``data.train_on_database_unlabelled`` (those images are of classes that no
     labelled image has). A ``labelled-share`` sampler keeps its lists: pseudo-labelled images stay
     in the unlabelled part of each batch."""
 

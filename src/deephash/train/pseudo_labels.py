@@ -1,12 +1,12 @@
 """Self-training: the unlabelled training items take the class of their labelled neighbours.
 
 Epochs ``from_epoch``, ``from_epoch + every``, ... (0-based) start by embedding the whole training
-set with the model as it stands (eval mode, no augmentation) and giving each unlabelled item the class that
-at least a share ``agreement`` of its ``k`` nearest labelled items (cosine similarity) carry; the
-others stay unlabelled until the next vote. The labelled items keep their labels, and the pseudo
-labels are drawn afresh at every vote from the labels the run started with, so a wrong one is not
-kept once the model knows better. A loss that takes partial labels (``contrastive-hash``, ``csq``, an aux classifier)
-then uses them like labels. A ``labelled-share`` sampler keeps the lists it was built with: the
+set with the model as it stands (eval mode, no augmentation) and giving each unlabelled item the
+class that at least a share ``agreement`` of its ``k`` nearest labelled items (cosine similarity)
+carry; the others stay unlabelled until the next vote. The labelled items keep their labels, and
+the pseudo labels are drawn afresh at every vote from the labels the run started with, so a wrong
+one is not kept once the model knows better. A loss that takes partial labels
+(``contrastive-hash``, ``csq``, an aux classifier) then uses them like labels. A ``labelled-share`` sampler keeps the lists it was built with: the
 pseudo-labelled images stay in the unlabelled part of each batch.
 """
 
