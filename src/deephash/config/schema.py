@@ -228,9 +228,9 @@ class PseudoLabelConfig:
     majority stay unlabelled until the next vote, and the epochs between votes train on the last
     vote's labels (kept in the checkpoints). Needs ``data.labelled_fraction < 1`` on an in-memory
     data set and a loss that reads partial labels (``contrastive-hash`` without its own
-    ``pseudo_label_threshold``, ``csq``); not with ``data.train_on_database_unlabelled`` (those images are of classes that no
-    labelled image has). A ``labelled-share`` sampler keeps its lists: pseudo-labelled images stay
-    in the unlabelled part of each batch."""
+    ``pseudo_label_threshold``, ``csq``); not with ``data.train_on_database_unlabelled`` (those
+    images are of classes that no labelled image has). A ``labelled-share`` sampler keeps its lists:
+    pseudo-labelled images stay in the unlabelled part of each batch."""
 
     from_epoch: int = 0
     every: int = 1
