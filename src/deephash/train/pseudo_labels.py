@@ -6,8 +6,9 @@ class that at least a share ``agreement`` of its ``k`` nearest labelled items (c
 carry; the others stay unlabelled until the next vote. The labelled items keep their labels, and
 the pseudo labels are drawn afresh at every vote from the labels the run started with, so a wrong
 one is not kept once the model knows better. A loss that takes partial labels
-(``contrastive-hash``, ``csq``, an aux classifier) then uses them like labels. A ``labelled-share`` sampler keeps the lists it was built with: the
-pseudo-labelled images stay in the unlabelled part of each batch.
+(``contrastive-hash``, ``csq``, an aux classifier) then uses them like labels. A
+``labelled-share`` sampler keeps the lists it was built with: the pseudo-labelled images stay in
+the unlabelled part of each batch.
 """
 
 from __future__ import annotations
